@@ -1,0 +1,1 @@
+"""The Data Product Manager server (ESO daqDpmServer role)."""

@@ -1,0 +1,1 @@
+"""The detector simulator: binds a ZeroMQ source and sends frames."""
