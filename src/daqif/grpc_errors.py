@@ -34,7 +34,7 @@ def from_rpc_error(error: grpc.RpcError, id: str = "") -> DaqException:
     code = ErrorCode[code_enum.name] if code_enum.name in ErrorCode.__members__ else ErrorCode.UNKNOWN
     message = (error.details() if hasattr(error, "details") else None) or str(error)
     try:
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        status = rpc_status.from_call(error)
     except Exception:  # a status whose details do not match its code: keep code and text
         status = None
     if status is not None:

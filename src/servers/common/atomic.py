@@ -5,6 +5,7 @@ After a crash a reader sees either the old content or the new one, never a torn 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -33,10 +34,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     if durable:
         fsync_directory(path.parent)

@@ -13,7 +13,9 @@ from daqif.errors import DaqException
 from daqif.grpc_errors import to_rpc_status
 
 
-def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Iterable[str]
+) -> health.aio.HealthServicer:
     """Register `grpc.health.v1` (every service SERVING) and server reflection on `server`."""
     names = list(service_names)
     servicer = health.aio.HealthServicer()
@@ -28,7 +30,7 @@ async def mark_serving(servicer: health.aio.HealthServicer, service_names: Itera
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: DaqException) -> NoReturn:  # type: ignore[type-arg]
+async def abort_with(context: grpc.aio.ServicerContext, exc: DaqException) -> NoReturn:
     """End the call with the status and rich details that carry `exc`."""
     await context.abort_with_status(to_rpc_status(exc))
     raise AssertionError("abort_with_status returned")  # pragma: no cover

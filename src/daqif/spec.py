@@ -1,0 +1,314 @@
+"""The Data Product Specification: its JSON Schema, the one loader, and typed objects.
+
+`load_specification(text)` is the only way a specification enters the system (the DPM server,
+`daqif-dpm-merge` and the client CLI all call it). Every problem is reported as a
+`SpecificationError` whose message starts with where it is (`sources[1].location: ...`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import PurePosixPath
+from typing import Any
+
+import jsonschema
+
+SCHEMA_RESOURCE = "data-product-specification.schema.json"
+
+
+class SpecificationError(ValueError):
+    """An invalid specification. `where` is the JSON path of the problem ("" for the document)."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}" if where else problem)
+        self.where = where
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Location:
+    """A source location: a local absolute path, or `[user@]host:/path` fetched with rsync."""
+
+    path: str
+    host: str | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return self.host is not None
+
+    @classmethod
+    def parse(cls, text: str) -> Location:
+        if text.startswith("/"):
+            return cls(path=text)
+        host, _, path = text.partition(":")
+        return cls(path=path, host=host)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.path}" if self.host else self.path
+
+
+class KeywordKind(enum.Enum):
+    VALUE = "valueKeyword"
+    ESO = "esoKeyword"
+    LITERAL = "literalKeyword"
+
+
+@dataclass(frozen=True)
+class Keyword:
+    """A FITS keyword. ESO keywords are named without the `ESO ` prefix (`DET DIT`); a literal
+    keyword has no name and its `value` is the whole card text (e.g. `COMMENT free text`)."""
+
+    kind: KeywordKind
+    value: str | int | float | bool
+    name: str = ""
+    comment: str = ""
+
+    @property
+    def attribute_name(self) -> str:
+        """The HDF5 root attribute name of this keyword (`OBJECT`, `ESO DET DIT`)."""
+        return f"ESO {self.name}" if self.kind is KeywordKind.ESO else self.name
+
+
+@dataclass(frozen=True)
+class FilterRule:
+    """Keep (+) or drop (-) ESO (`e`) or value (`v`) keywords by glob patterns, in order."""
+
+    selection_patterns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TransformRule:
+    """Rename the selected keywords with `re.sub(regex, format, name)`."""
+
+    selection_patterns: tuple[str, ...]
+    regex: str
+    format: str
+
+
+KeywordRule = FilterRule | TransformRule
+
+
+@dataclass(frozen=True)
+class FitsKeywordsSource:
+    source_name: str
+    keywords: tuple[Keyword, ...]
+
+
+@dataclass(frozen=True)
+class Hdf5FileSource:
+    """An HDF5 file. `keyword_rules` None: copy every user keyword; empty: copy none."""
+
+    source_name: str
+    location: Location
+    keyword_rules: tuple[KeywordRule, ...] | None = None
+
+
+Source = FitsKeywordsSource | Hdf5FileSource
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """An `olasReceiver`: a directory the product is released to (remote when `host` is set)."""
+
+    path: str
+    host: str | None = None
+    allow_symlink: bool = False
+
+
+@dataclass(frozen=True)
+class Specification:
+    """A validated Data Product Specification; `sources` ordered highest priority first."""
+
+    id: str
+    file_id: str
+    sources: tuple[Source, ...]
+    receivers: tuple[Receiver, ...] = ()
+    target_source: Hdf5FileSource | None = None
+    keyword_dictionaries: tuple[str, ...] = ()
+    document: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def product_name(self) -> str:
+        return f"{self.file_id}.h5"
+
+    @property
+    def hdf5_sources(self) -> tuple[Hdf5FileSource, ...]:
+        """Every HDF5 source, the target source first when there is one."""
+        base = (self.target_source,) if self.target_source else ()
+        return base + tuple(s for s in self.sources if isinstance(s, Hdf5FileSource))
+
+    def to_json(self) -> str:
+        return json.dumps(self.document, sort_keys=True)
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The JSON Schema shipped in `daqif/schema/`."""
+    text = resources.files("daqif").joinpath("schema", SCHEMA_RESOURCE).read_text("utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema())
+
+
+def json_path(parts: Any) -> str:
+    """`["sources", 1, "location"]` → `sources[1].location`."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _schema_problem(error: jsonschema.ValidationError) -> SpecificationError:
+    where = json_path(error.absolute_path)
+    keyword = error.validator
+    if keyword == "additionalProperties":
+        return SpecificationError(where, f"{error.message}")
+    if keyword == "required":
+        return SpecificationError(where, error.message)
+    if keyword == "enum" and error.absolute_path and error.absolute_path[-1] == "type":
+        expected = ", ".join(str(v) for v in error.validator_value)  # type: ignore[union-attr]
+        return SpecificationError(where, f"unknown type {error.instance!r}; expected one of: {expected}")
+    if keyword == "maxLength":
+        return SpecificationError(
+            where, f"{error.instance!r} is too long (at most {error.validator_value} characters)"
+        )
+    if keyword == "minLength":
+        return SpecificationError(
+            where, f"{error.instance!r} is too short (at least {error.validator_value})"
+        )
+    if keyword == "pattern":
+        hint = _PATTERN_HINTS.get(str(error.validator_value), f"must match {error.validator_value}")
+        return SpecificationError(where, f"{error.instance!r} is not valid: {hint}")
+    if keyword == "type":
+        return SpecificationError(where, f"{error.instance!r} is not of type {error.validator_value}")
+    return SpecificationError(where, error.message)
+
+
+_PATTERN_HINTS = {
+    "^[A-Za-z0-9][A-Za-z0-9_.:+-]*$": "use letters, digits and _ . : + - (starting with a letter or digit)",
+    "^[A-Za-z0-9_][A-Za-z0-9_.-]*$": "use letters, digits and _ . -",
+    "^(([A-Za-z0-9_.-]+@)?[A-Za-z0-9_.-]+:)?/": "expected an absolute path or [user@]host:/absolute/path",
+    "^[A-Z0-9_-]+$": "FITS keyword names use upper-case letters, digits, _ and -",
+    "^[A-Z0-9_-]+( [A-Z0-9_-]+)*$": "ESO keyword names are upper-case words separated by single spaces",
+    "^[+-][ev] \\S.*$": (
+        "a selection pattern is '+' or '-', then 'e' (ESO) or 'v' (value), a space and a glob"
+    ),
+    "^([A-Za-z0-9_.-]+@)?[A-Za-z0-9_.-]+$": "expected a host name, optionally user@host",
+}
+
+
+def _check_path(where: str, path: str) -> None:
+    if not path.startswith("/"):
+        raise SpecificationError(where, f"{path!r} is not an absolute path")
+    if ".." in PurePosixPath(path).parts:
+        raise SpecificationError(where, f"{path!r} contains '..'; give the path without it")
+    if "\x00" in path:
+        raise SpecificationError(where, "path contains a NUL byte")
+
+
+def _rules(where: str, raw: list[dict[str, Any]] | None) -> tuple[KeywordRule, ...] | None:
+    if raw is None:
+        return None
+    rules: list[KeywordRule] = []
+    for i, rule in enumerate(raw):
+        patterns = tuple(rule["selectionPatterns"])
+        if rule["type"] == "filter":
+            rules.append(FilterRule(patterns))
+            continue
+        try:
+            re.compile(rule["regex"])
+        except re.error as exc:
+            raise SpecificationError(
+                f"{where}[{i}].regex", f"{rule['regex']!r} is not a valid regular expression: {exc}"
+            ) from None
+        rules.append(TransformRule(patterns, rule["regex"], rule["format"]))
+    return tuple(rules)
+
+
+def _hdf5_source(where: str, raw: dict[str, Any]) -> Hdf5FileSource:
+    location = Location.parse(raw["location"])
+    _check_path(f"{where}.location", location.path)
+    return Hdf5FileSource(
+        source_name=raw["sourceName"],
+        location=location,
+        keyword_rules=_rules(f"{where}.keywordRules", raw.get("keywordRules")),
+    )
+
+
+def _keyword(raw: dict[str, Any]) -> Keyword:
+    kind = KeywordKind(raw["type"])
+    return Keyword(kind=kind, value=raw["value"], name=raw.get("name", ""), comment=raw.get("comment", ""))
+
+
+def load_specification(text: str | bytes | dict[str, Any]) -> Specification:
+    """Parse and validate a Data Product Specification; raise `SpecificationError` on any problem."""
+    if isinstance(text, dict):
+        document = text
+    else:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecificationError(
+                "", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise SpecificationError("", f"not valid UTF-8: {exc}") from None
+    if not isinstance(document, dict):
+        raise SpecificationError("", f"expected a JSON object, got {type(document).__name__}")
+    errors = sorted(
+        _validator().iter_errors(document), key=lambda e: (list(map(str, e.absolute_path)), str(e.validator))
+    )
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise _schema_problem(best if best is not None else errors[0])
+
+    target = document["target"]
+    target_source = _hdf5_source("target.source", target["source"]) if "source" in target else None
+    sources: list[Source] = []
+    seen: dict[str, str] = {}
+    if target_source is not None:
+        seen[target_source.source_name] = "target.source"
+    for i, raw in enumerate(document["sources"]):
+        where = f"sources[{i}]"
+        name = raw["sourceName"]
+        if name in seen:
+            raise SpecificationError(f"{where}.sourceName", f"{name!r} is already used by {seen[name]}")
+        seen[name] = where
+        if raw["type"] == "hdf5File":
+            sources.append(_hdf5_source(where, raw))
+        else:
+            sources.append(FitsKeywordsSource(name, tuple(_keyword(k) for k in raw["keywords"])))
+    if not sources and target_source is None:
+        raise SpecificationError("sources", "no sources: give at least one source or target.source")
+
+    receivers: list[Receiver] = []
+    for i, raw in enumerate(document.get("receivers", [])):
+        _check_path(f"receivers[{i}].path", raw["path"])
+        receivers.append(
+            Receiver(
+                path=raw["path"],
+                host=raw.get("host"),
+                allow_symlink=bool(raw.get("options", {}).get("allowSymlink", False)),
+            )
+        )
+    return Specification(
+        id=document["id"],
+        file_id=target["fileId"],
+        sources=tuple(sources),
+        receivers=tuple(receivers),
+        target_source=target_source,
+        keyword_dictionaries=tuple(document.get("keywordDictionaries", [])),
+        document=document,
+    )

@@ -1,0 +1,206 @@
+"""The Data Product Specification loader: valid documents become typed objects; every invalid one
+is refused with a message that starts with where the problem is."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+
+from daqif.spec import (
+    FilterRule,
+    FitsKeywordsSource,
+    Hdf5FileSource,
+    KeywordKind,
+    Location,
+    SpecificationError,
+    TransformRule,
+    load_specification,
+    schema,
+)
+
+VALID: dict[str, Any] = {
+    "id": "TEST.2026-11-22T10:00:00.000",
+    "target": {"fileId": "TEST.2026-11-22T10:00:00.000"},
+    "sources": [
+        {
+            "type": "fitsKeywords",
+            "sourceName": "ocm",
+            "keywords": [
+                {"type": "valueKeyword", "name": "OBJECT", "value": "M31", "comment": "target"},
+                {"type": "esoKeyword", "name": "DET DIT", "value": 0.5},
+                {"type": "literalKeyword", "value": "COMMENT free text"},
+            ],
+        },
+        {
+            "type": "hdf5File",
+            "sourceName": "det1",
+            "location": "/data/det1.h5",
+            "keywordRules": [
+                {"type": "filter", "selectionPatterns": ["+e INS *", "-e INS TEMP[12] *", "+v OBJECT"]},
+                {"type": "transform", "selectionPatterns": ["+e INS *"], "regex": "^INS ", "format": "INS2 "},
+            ],
+        },
+        {"type": "hdf5File", "sourceName": "det2", "location": "user@daq-host:/data/det2.h5"},
+    ],
+    "receivers": [{"type": "olasReceiver", "path": "/data/olas", "options": {"allowSymlink": True}}],
+    "keywordDictionaries": [],
+}
+
+
+def with_change(path: str, value: Any) -> dict[str, Any]:
+    """VALID with the value at dotted `path` (`sources.1.location`) replaced; `...` deletes it."""
+    doc = copy.deepcopy(VALID)
+    *parents, last = path.split(".")
+    node: Any = doc
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    key: Any = int(last) if last.isdigit() else last
+    if value is ...:
+        del node[key]
+    else:
+        node[key] = value
+    return doc
+
+
+def test_shipped_schema_is_a_valid_draft_2020_12_schema() -> None:
+    jsonschema.Draft202012Validator.check_schema(schema())
+
+
+def test_valid_specification_becomes_typed_objects() -> None:
+    spec = load_specification(json.dumps(VALID))
+    assert spec.id == VALID["id"]
+    assert spec.product_name == "TEST.2026-11-22T10:00:00.000.h5"
+    ocm, det1, det2 = spec.sources
+    assert isinstance(ocm, FitsKeywordsSource)
+    assert [k.kind for k in ocm.keywords] == [KeywordKind.VALUE, KeywordKind.ESO, KeywordKind.LITERAL]
+    assert ocm.keywords[1].attribute_name == "ESO DET DIT"
+    assert isinstance(det1, Hdf5FileSource) and det1.location == Location("/data/det1.h5")
+    assert det1.keyword_rules is not None
+    assert isinstance(det1.keyword_rules[0], FilterRule)
+    assert isinstance(det1.keyword_rules[1], TransformRule)
+    assert isinstance(det2, Hdf5FileSource) and det2.keyword_rules is None
+    assert det2.location.is_remote and det2.location.host == "user@daq-host"
+    assert str(det2.location) == "user@daq-host:/data/det2.h5"
+    assert spec.receivers[0].allow_symlink is True
+    assert [s.source_name for s in spec.hdf5_sources] == ["det1", "det2"]
+
+
+def test_empty_rule_list_is_kept_apart_from_no_rules() -> None:
+    spec = load_specification(with_change("sources.1.keywordRules", []))
+    det1 = spec.sources[1]
+    assert isinstance(det1, Hdf5FileSource) and det1.keyword_rules == ()
+
+
+def test_target_source_is_the_first_hdf5_source() -> None:
+    doc = with_change("target.source", {"type": "hdf5File", "sourceName": "base", "location": "/data/b.h5"})
+    spec = load_specification(doc)
+    assert [s.source_name for s in spec.hdf5_sources] == ["base", "det1", "det2"]
+
+
+INVALID: list[tuple[str, Any, str, str]] = [
+    ("bad JSON", "{", "", "not valid JSON"),
+    ("not an object", "[1, 2]", "", "expected a JSON object"),
+    ("missing id", with_change("id", ...), "", "'id' is a required property"),
+    ("id of wrong type", with_change("id", 42), "id", "is not of type"),
+    ("id with a slash", with_change("id", "a/b"), "id", "is not valid"),
+    ("missing fileId", with_change("target.fileId", ...), "target", "'fileId' is a required property"),
+    ("unknown top-level key", {**VALID, "colour": "red"}, "", "'colour' was unexpected"),
+    ("unknown source type", with_change("sources.0.type", "fitsFile"), "sources[0].type", "unknown type"),
+    (
+        "relative location",
+        with_change("sources.1.location", "data/det1.h5"),
+        "sources[1].location",
+        "absolute",
+    ),
+    (
+        "traversing location",
+        with_change("sources.1.location", "/data/../etc/passwd"),
+        "sources[1].location",
+        "'..'",
+    ),
+    (
+        "remote traversing location",
+        with_change("sources.2.location", "h:/data/../x"),
+        "sources[2].location",
+        "'..'",
+    ),
+    (
+        "too long value keyword name",
+        with_change("sources.0.keywords.0.name", "OBJECTNAME"),
+        "sources[0].keywords[0].name",
+        "too long (at most 8",
+    ),
+    (
+        "lower-case keyword name",
+        with_change("sources.0.keywords.0.name", "object"),
+        "sources[0].keywords[0].name",
+        "upper-case",
+    ),
+    (
+        "keyword value of wrong type",
+        with_change("sources.0.keywords.1.value", [1]),
+        "sources[0].keywords[1].value",
+        "is not of type",
+    ),
+    (
+        "unknown keyword type",
+        with_change("sources.0.keywords.2.type", "cardKeyword"),
+        "sources[0].keywords[2].type",
+        "unknown type",
+    ),
+    (
+        "bad selection pattern",
+        with_change("sources.1.keywordRules.0.selectionPatterns", ["INS *"]),
+        "sources[1].keywordRules[0].selectionPatterns[0]",
+        "selection pattern",
+    ),
+    (
+        "bad transform regex",
+        with_change("sources.1.keywordRules.1.regex", "(INS"),
+        "sources[1].keywordRules[1].regex",
+        "not a valid regular expression",
+    ),
+    (
+        "transform without format",
+        with_change("sources.1.keywordRules.1.format", ...),
+        "sources[1].keywordRules[1]",
+        "'format' is a required property",
+    ),
+    (
+        "unknown rule type",
+        with_change("sources.1.keywordRules.0.type", "rename"),
+        "sources[1].keywordRules[0].type",
+        "unknown type",
+    ),
+    (
+        "duplicate source name",
+        with_change("sources.2.sourceName", "det1"),
+        "sources[2].sourceName",
+        "already used by sources[1]",
+    ),
+    ("relative receiver path", with_change("receivers.0.path", "olas"), "receivers[0].path", "absolute"),
+    (
+        "receiver option of wrong type",
+        with_change("receivers.0.options", {"allowSymlink": "yes"}),
+        "receivers[0].options.allowSymlink",
+        "is not of type",
+    ),
+    ("no sources at all", with_change("sources", []), "sources", "no sources"),
+]
+
+
+@pytest.mark.parametrize(("case", "document", "where", "fragment"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_specification_is_refused_with_where_and_what(
+    case: str, document: Any, where: str, fragment: str
+) -> None:
+    text = document if isinstance(document, str) else json.dumps(document)
+    with pytest.raises(SpecificationError) as info:
+        load_specification(text)
+    assert info.value.where == where, str(info.value)
+    assert fragment in str(info.value)
+    if where:
+        assert str(info.value).startswith(f"{where}: ")

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up daqif on a fresh machine: system packages, a virtual environment in .venv with daqif
+# installed (editable, with the test extras when --test is given), and the pinned buf CLI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
+if ((${#need_apt[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "setup: installing ${need_apt[*]} with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: please install ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
+  fi
+fi
+
+python=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if ((want_test)); then
+  .venv/bin/python -m pip install -q -e '.[test]'
+  if [[ ! -x tools/buf/node_modules/.bin/buf ]]; then
+    npm install --prefix tools/buf --no-audit --no-fund --silent >/dev/null
+  fi
+else
+  .venv/bin/python -m pip install -q -e .
+fi
+echo "setup: ready (.venv)"
