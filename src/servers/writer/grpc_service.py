@@ -7,7 +7,7 @@ call with its canonical code and a `daqif.v1.DaqException` in the rich status de
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -22,8 +22,8 @@ from servers.writer.core import (
     Deployment,
     StatusChanged,
     Tick,
-    WriteRequest,
     WriterCore,
+    WriteRequest,
     WriterState,
     WriterStatus,
 )
@@ -99,7 +99,9 @@ def config_to_pb(config: DaqConfig) -> writer_pb2.DaqConfig:
 def config_update_from_pb(message: writer_pb2.DaqConfig) -> dict[str, Any]:
     """The partial update a `SetConfig` carries: the fields that are set (a non-empty
     `module_positions` replaces the whole mapping)."""
-    update: dict[str, Any] = {name: getattr(message, name) for name in _CONFIG_SCALARS if message.HasField(name)}
+    update: dict[str, Any] = {
+        name: getattr(message, name) for name in _CONFIG_SCALARS if message.HasField(name)
+    }
     if message.module_positions:
         update["module_positions"] = {
             key: list(position.coordinates) for key, position in message.module_positions.items()
@@ -140,7 +142,7 @@ def _write_request(output_file: str, n_images: int, run_id: str) -> WriteRequest
     return WriteRequest(output_file=output_file, n_images=n_images, run_id=run_id or None)
 
 
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Context: TypeAlias = grpc.aio.ServicerContext
 
 
 class WriterControlService(writer_pb2_grpc.WriterControlServicer):
@@ -149,7 +151,9 @@ class WriterControlService(writer_pb2_grpc.WriterControlServicer):
     def __init__(self, core: WriterCore) -> None:
         self._core = core
 
-    async def GetStatus(self, request: writer_pb2.GetStatusRequest, context: Context) -> writer_pb2.WriterStatus:
+    async def GetStatus(
+        self, request: writer_pb2.GetStatusRequest, context: Context
+    ) -> writer_pb2.WriterStatus:
         return status_to_pb(self._core.status())
 
     async def GetConfig(self, request: writer_pb2.GetConfigRequest, context: Context) -> writer_pb2.DaqConfig:
@@ -162,7 +166,9 @@ class WriterControlService(writer_pb2_grpc.WriterControlServicer):
             await abort_with(context, exc)
         return config_to_pb(config)
 
-    async def GetLogs(self, request: writer_pb2.GetLogsRequest, context: Context) -> writer_pb2.GetLogsResponse:
+    async def GetLogs(
+        self, request: writer_pb2.GetLogsRequest, context: Context
+    ) -> writer_pb2.GetLogsResponse:
         return writer_pb2.GetLogsResponse(
             logs=[acquisition_to_pb(entry) for entry in self._core.logs(request.n_last_logs)]
         )
@@ -197,21 +203,22 @@ class WriterControlService(writer_pb2_grpc.WriterControlServicer):
             await abort_with(context, exc)
         return status_to_pb(status)
 
-    async def StopWriter(self, request: writer_pb2.StopWriterRequest, context: Context) -> writer_pb2.WriterStatus:
+    async def StopWriter(
+        self, request: writer_pb2.StopWriterRequest, context: Context
+    ) -> writer_pb2.WriterStatus:
         try:
             status = await self._core.stop()
         except DaqException as exc:
             await abort_with(context, exc)
         return status_to_pb(status)
 
-    async def WatchStatus(  # type: ignore[override]
+    async def WatchStatus(
         self, request: writer_pb2.WatchStatusRequest, context: Context
     ) -> AsyncIterator[writer_pb2.WriterStatus]:
         async with self._core.subscribe() as events:
             yield status_to_pb(self._core.status())
             while True:
                 event = await events.get()
-                if isinstance(event, StatusChanged):
-                    yield status_to_pb(event.status)
-                elif isinstance(event, Tick) and event.status.state is WriterState.WRITING:
+                periodic = isinstance(event, Tick) and event.status.state is WriterState.WRITING
+                if isinstance(event, StatusChanged | Tick) and (periodic or isinstance(event, StatusChanged)):
                     yield status_to_pb(event.status)

@@ -14,7 +14,6 @@ entries are kept (bounded) and sent once Redis is back.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections import deque
@@ -102,7 +101,9 @@ class RedisStreams:
                 await self._redis.xadd(stream, fields, id="*", maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
         except (RedisError, OSError) as exc:
             if not self._down:
-                _log.error("redis at %s unreachable (%s); will retry, the writer keeps running", self._url, exc)
+                _log.error(
+                    "redis at %s unreachable (%s); will retry, the writer keeps running", self._url, exc
+                )
                 self._down = True
             return False
         if self._down:

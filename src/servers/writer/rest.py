@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from daqif.errors import DaqException
-from servers.writer.core import WriteRequest, WriterCore
+from servers.writer.core import WriterCore, WriteRequest
 
 _log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ def parse_write_request(body: Any) -> WriteRequest:
         raise MalformedRequest("mandatory field missing: n_images")
     output_file, n_images, run_id = body["output_file"], body["n_images"], body.get("run_id")
     if not isinstance(output_file, str):
-        raise MalformedRequest(f"output_file must be a string (an absolute path), got {json.dumps(output_file)}")
+        raise MalformedRequest(
+            f"output_file must be a string (an absolute path), got {json.dumps(output_file)}"
+        )
     if isinstance(n_images, bool) or not isinstance(n_images, int):
         raise MalformedRequest(f"n_images must be an integer >= 1, got {json.dumps(n_images)}")
     if n_images < 1:

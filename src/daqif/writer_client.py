@@ -1,0 +1,256 @@
+"""Typed clients of the writer's gRPC `WriterControl` (the std_daq operations over gRPC).
+
+    with WriterClient("127.0.0.1:12084") as writer:
+        writer.start_writer_async("/data/run_001.h5", n_images=100)
+        status = writer.wait_until_ready()       # READY again: the write ended
+        print(status.acquisition.message)        # "Completed."
+
+Every failed call raises `daqif.errors.DaqException` with the server's message and code
+(FAILED_PRECONDITION: writer busy/unknown; INVALID_ARGUMENT: bad request or path).
+`AsyncWriterClient` offers the same calls for asyncio.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from daqif.errors import DaqException, ErrorCode
+from daqif.grpc_errors import from_rpc_error
+from daqif.v1 import writer_pb2, writer_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:12084"
+
+WriterStatus = writer_pb2.WriterStatus
+DaqConfig = writer_pb2.DaqConfig
+DaqStats = writer_pb2.DaqStats
+DeploymentStatus = writer_pb2.DeploymentStatus
+Acquisition = writer_pb2.Acquisition
+
+
+def writer_state_name(value: int) -> str:
+    """`WRITER_STATE_READY` → `READY`."""
+    return writer_pb2.WriterState.Name(value).removeprefix("WRITER_STATE_")
+
+
+def acquisition_state_name(value: int) -> str:
+    """`ACQUISITION_STATE_FINISHED` → `FINISHED` (`UNDEFINED`: no acquisition yet)."""
+    return writer_pb2.AcquisitionState.Name(value).removeprefix("ACQUISITION_STATE_")
+
+
+def config_message(config: Mapping[str, Any] | DaqConfig) -> DaqConfig:
+    """A `DaqConfig` message from a (partial) std_daq config dict; only the given fields are set."""
+    if isinstance(config, writer_pb2.DaqConfig):
+        return config
+    fields = dict(config)
+    positions = fields.pop("module_positions", None)
+    message = writer_pb2.DaqConfig(**fields)
+    for key, coordinates in (positions or {}).items():
+        message.module_positions[str(key)].coordinates.extend(coordinates)
+    return message
+
+
+def _start_request(output_file: str, n_images: int, run_id: str | int | None) -> dict[str, Any]:
+    return {"output_file": output_file, "n_images": n_images, "run_id": "" if run_id is None else str(run_id)}
+
+
+class WriterClient:
+    """Blocking client of one writer's `WriterControl`."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = writer_pb2_grpc.WriterControlStub(self._channel)
+
+    def __enter__(self) -> WriterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def wait_for_server(self, timeout: float = 10.0) -> None:
+        """Block until the server accepts connections; raise `DaqException` (UNAVAILABLE) if not."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise DaqException("", f"no writer answers at {self.address}", ErrorCode.UNAVAILABLE) from None
+
+    def get_status(self) -> WriterStatus:
+        status: WriterStatus = self._call(self._stub.GetStatus, writer_pb2.GetStatusRequest())
+        return status
+
+    def get_config(self) -> DaqConfig:
+        config: DaqConfig = self._call(self._stub.GetConfig, writer_pb2.GetConfigRequest())
+        return config
+
+    def set_config(self, config: Mapping[str, Any] | DaqConfig) -> DaqConfig:
+        """Apply a partial or full config; returns the config now in force."""
+        request = writer_pb2.SetConfigRequest(config=config_message(config))
+        applied: DaqConfig = self._call(self._stub.SetConfig, request, timeout=max(self.timeout or 0, 60.0))
+        return applied
+
+    def get_logs(self, n_last_logs: int) -> Sequence[Acquisition]:
+        """The last logged acquisitions, newest first."""
+        return list(self._call(self._stub.GetLogs, writer_pb2.GetLogsRequest(n_last_logs=n_last_logs)).logs)
+
+    def get_stats(self) -> DaqStats:
+        stats: DaqStats = self._call(self._stub.GetStats, writer_pb2.GetStatsRequest())
+        return stats
+
+    def get_deployment_status(self) -> DeploymentStatus:
+        status: DeploymentStatus = self._call(
+            self._stub.GetDeploymentStatus, writer_pb2.GetDeploymentStatusRequest()
+        )
+        return status
+
+    def start_writer_async(
+        self, output_file: str, n_images: int, run_id: str | int | None = None
+    ) -> WriterStatus:
+        """Start a write; returns once the output file is open."""
+        request = writer_pb2.StartWriterAsyncRequest(**_start_request(output_file, n_images, run_id))
+        status: WriterStatus = self._call(self._stub.StartWriterAsync, request)
+        return status
+
+    def start_writer_sync(
+        self, output_file: str, n_images: int, run_id: str | int | None = None, *, timeout: float = 0.0
+    ) -> WriterStatus:
+        """Write and return when the write has ended (server cap: `timeout` if smaller, 0 = the cap)."""
+        request = writer_pb2.StartWriterSyncRequest(
+            **_start_request(output_file, n_images, run_id), timeout=timeout
+        )
+        call_timeout = None if self.timeout is None else (timeout or 3600.0) + self.timeout
+        status: WriterStatus = self._call(self._stub.StartWriterSync, request, timeout=call_timeout)
+        return status
+
+    def stop_writer(self) -> WriterStatus:
+        """Stop a write; resets an UNKNOWN writer to READY."""
+        status: WriterStatus = self._call(self._stub.StopWriter, writer_pb2.StopWriterRequest())
+        return status
+
+    def watch_status(self, *, timeout: float | None = None) -> Iterator[WriterStatus]:
+        """The current status, then every change (at least once a second while writing)."""
+        stream = self._stub.WatchStatus(writer_pb2.WatchStatusRequest(), timeout=timeout)
+        try:
+            yield from stream
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                raise from_rpc_error(error) from None
+        finally:
+            stream.cancel()
+
+    def wait_until_ready(self, timeout: float = 60.0) -> WriterStatus:
+        """Follow the status until the writer is no longer WRITING; return that status."""
+        deadline = time.monotonic() + timeout
+        try:
+            for status in self.watch_status(timeout=timeout):
+                if status.state != writer_pb2.WRITER_STATE_WRITING:
+                    return status
+        except DaqException as exc:
+            if exc.code is not ErrorCode.DEADLINE_EXCEEDED:
+                raise
+        left = max(0.0, deadline - time.monotonic())
+        raise DaqException(
+            "",
+            f"the writer was still writing after {timeout} s ({left:.1f} s left)",
+            ErrorCode.DEADLINE_EXCEEDED,
+        )
+
+
+class AsyncWriterClient:
+    """asyncio client of one writer's `WriterControl` (grpc.aio)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = writer_pb2_grpc.WriterControlStub(self._channel)
+
+    async def __aenter__(self) -> AsyncWriterClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def get_status(self) -> WriterStatus:
+        status: WriterStatus = await self._call(self._stub.GetStatus, writer_pb2.GetStatusRequest())
+        return status
+
+    async def get_config(self) -> DaqConfig:
+        config: DaqConfig = await self._call(self._stub.GetConfig, writer_pb2.GetConfigRequest())
+        return config
+
+    async def set_config(self, config: Mapping[str, Any] | DaqConfig) -> DaqConfig:
+        request = writer_pb2.SetConfigRequest(config=config_message(config))
+        applied: DaqConfig = await self._call(
+            self._stub.SetConfig, request, timeout=max(self.timeout or 0, 60.0)
+        )
+        return applied
+
+    async def get_logs(self, n_last_logs: int) -> Sequence[Acquisition]:
+        response = await self._call(self._stub.GetLogs, writer_pb2.GetLogsRequest(n_last_logs=n_last_logs))
+        return list(response.logs)
+
+    async def get_stats(self) -> DaqStats:
+        stats: DaqStats = await self._call(self._stub.GetStats, writer_pb2.GetStatsRequest())
+        return stats
+
+    async def get_deployment_status(self) -> DeploymentStatus:
+        status: DeploymentStatus = await self._call(
+            self._stub.GetDeploymentStatus, writer_pb2.GetDeploymentStatusRequest()
+        )
+        return status
+
+    async def start_writer_async(
+        self, output_file: str, n_images: int, run_id: str | int | None = None
+    ) -> WriterStatus:
+        request = writer_pb2.StartWriterAsyncRequest(**_start_request(output_file, n_images, run_id))
+        status: WriterStatus = await self._call(self._stub.StartWriterAsync, request)
+        return status
+
+    async def start_writer_sync(
+        self, output_file: str, n_images: int, run_id: str | int | None = None, *, timeout: float = 0.0
+    ) -> WriterStatus:
+        request = writer_pb2.StartWriterSyncRequest(
+            **_start_request(output_file, n_images, run_id), timeout=timeout
+        )
+        call_timeout = None if self.timeout is None else (timeout or 3600.0) + self.timeout
+        status: WriterStatus = await self._call(self._stub.StartWriterSync, request, timeout=call_timeout)
+        return status
+
+    async def stop_writer(self) -> WriterStatus:
+        status: WriterStatus = await self._call(self._stub.StopWriter, writer_pb2.StopWriterRequest())
+        return status
+
+    async def watch_status(self) -> AsyncIterator[WriterStatus]:
+        """The current status, then every change (at least once a second while writing)."""
+        call = self._stub.WatchStatus(writer_pb2.WatchStatusRequest())
+        try:
+            async for status in call:
+                yield status
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                raise from_rpc_error(error) from None
+        finally:
+            call.cancel()

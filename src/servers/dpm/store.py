@@ -1,0 +1,169 @@
+"""The DPM workspace on disk: one directory per DAQ, written atomically, rebuilt at start-up.
+
+Layout (under the workspace directory):
+
+    daqs/<id>/daq.json            status + specification + queue position (one atomic file)
+    daqs/<id>/sources/<name>.h5   collected sources
+    daqs/<id>/specification.json  the specification handed to the merge program
+    daqs/<id>/<fileId>.h5         the product being built by the merge
+    daqs/<id>/logs/merge.log      output of every merge attempt
+    products/<id>/<fileId>.h5     the merged product (the DAQ's `result`), released from here
+    archive/<id>/                 completed and aborted DAQs (daq.json, logs; sources removed)
+
+The product lives outside the DAQ directory so that archiving (a rename of the DAQ directory)
+never moves a file a receiver may hold a symlink to.
+
+Durability: `daq.json` is replaced with the one atomic-write helper (temp, fsync, rename, fsync
+of the directory). Creating a DAQ costs one more fsync (of `daqs/`, for the new directory entry).
+All writes go through one writer thread, so writes of one DAQ land in the order they were made
+and the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from servers.common.atomic import atomic_write_bytes, fsync_directory
+from servers.dpm.model import DaqRecord
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "daq.json"
+
+
+def checked_dir_name(daq_id: str) -> str:
+    """`daq_id` as a directory name; the specification pattern already guarantees this holds."""
+    if not daq_id or "/" in daq_id or "\x00" in daq_id or daq_id.startswith("."):
+        raise ValueError(f"DAQ id {daq_id!r} cannot be used as a directory name")
+    return daq_id
+
+
+@dataclass
+class LoadedWorkspace:
+    """What start-up finds: active records (queue order), and every id already used."""
+
+    active: list[DaqRecord]
+    archived: set[str]
+    next_seq: int
+
+
+class Workspace:
+    """Persistence of DAQ records in the workspace directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.daqs = self.root / "daqs"
+        self.archive_dir = self.root / "archive"
+        self.products = self.root / "products"
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpm-store")
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def daq_dir(self, daq_id: str) -> Path:
+        return self.daqs / checked_dir_name(daq_id)
+
+    def archived_dir(self, daq_id: str) -> Path:
+        return self.archive_dir / checked_dir_name(daq_id)
+
+    def product_dir(self, daq_id: str) -> Path:
+        return self.products / checked_dir_name(daq_id)
+
+    def sources_dir(self, daq_id: str) -> Path:
+        return self.daq_dir(daq_id) / "sources"
+
+    def merge_log(self, daq_id: str) -> Path:
+        return self.daq_dir(daq_id) / "logs" / "merge.log"
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def load(self) -> LoadedWorkspace:
+        """Create the layout if needed and read every DAQ; archived ones by name only."""
+        for directory in (self.daqs, self.archive_dir, self.products):
+            directory.mkdir(parents=True, exist_ok=True)
+        archived = set(os.listdir(self.archive_dir))
+        active: list[DaqRecord] = []
+        with os.scandir(self.daqs) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                record = self._read(Path(entry.path))
+                if record is None:
+                    continue
+                if record.id in archived:
+                    # Crashed between the final status write and the archive rename's
+                    # cleanup: the archived copy is the truth.
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    continue
+                active.append(record)
+        active.sort(key=lambda r: r.seq)
+        next_seq = max((r.seq for r in active), default=0) + 1
+        # Archived DAQs' sequence numbers are not needed: seq only orders the active queue.
+        return LoadedWorkspace(active=active, archived=archived, next_seq=next_seq)
+
+    def _read(self, directory: Path) -> DaqRecord | None:
+        path = directory / STATUS_FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            # A directory whose status never became durable: QueueDaq did not reply for it.
+            log.warning("removing %s: it has no %s (queueing was interrupted before it replied)", directory, STATUS_FILE)
+            shutil.rmtree(directory, ignore_errors=True)
+            return None
+        try:
+            return DaqRecord.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as exc:
+            # Cannot happen with atomic writes unless someone edited the file; keep it for
+            # the operator and move it aside so start-up is not blocked.
+            aside = directory.with_name(f".unreadable-{directory.name}")
+            log.error("cannot read %s (%s); moved aside to %s", path, exc, aside)
+            os.replace(directory, aside)
+            return None
+
+    # -- writes (all on the writer thread) -----------------------------------------------------
+
+    async def create(self, record: DaqRecord) -> None:
+        """Make a new DAQ durable: its directory, its status file, and the directory entry."""
+        data = _encode(record)
+        directory = self.daq_dir(record.id)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._create_sync, directory, data)
+
+    def _create_sync(self, directory: Path, data: bytes) -> None:
+        directory.mkdir()
+        atomic_write_bytes(directory / STATUS_FILE, data)
+        fsync_directory(self.daqs)
+
+    async def save(self, record: DaqRecord) -> None:
+        """Replace the DAQ's status file with the record as it is now."""
+        data = _encode(record)
+        path = self.daq_dir(record.id) / STATUS_FILE
+        await asyncio.get_running_loop().run_in_executor(self._writer, atomic_write_bytes, path, data)
+
+    async def archive(self, record: DaqRecord) -> Path:
+        """Move a final DAQ's directory to the archive (collected sources removed first)."""
+        data = _encode(record)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self._archive_sync, record.id, data)
+
+    def _archive_sync(self, daq_id: str, data: bytes) -> Path:
+        directory = self.daq_dir(daq_id)
+        atomic_write_bytes(directory / STATUS_FILE, data)
+        shutil.rmtree(directory / "sources", ignore_errors=True)
+        target = self.archived_dir(daq_id)
+        os.replace(directory, target)
+        fsync_directory(self.archive_dir)
+        fsync_directory(self.daqs)
+        return target
+
+
+def _encode(record: DaqRecord) -> bytes:
+    return json.dumps(record.to_json(), separators=(",", ":")).encode()

@@ -1,0 +1,217 @@
+"""`daqif-writer`: the Standard DAQ compatible writer (REST + gRPC control, data path process).
+
+    daqif-writer --stream tcp://127.0.0.1:9999 [--config DETECTOR.json] [--rest-port 5000]
+                 [--grpc-port 12084] [--redis-url redis://127.0.0.1:6379/0] [--allowed-root DIR ...]
+
+REST (uvicorn) and gRPC run in one asyncio loop in this process; the data path (ZeroMQ → HDF5)
+runs in its own process. Servers bind 127.0.0.1 unless `--host` says otherwise. A port of 0 picks
+a free one; the line printed when ready gives the ports in use:
+
+    daqif-writer ready rest=http://127.0.0.1:5000 grpc=127.0.0.1:12084
+
+SIGINT/SIGTERM stop cleanly: an open file is closed as interrupted, the data path is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+import uvicorn
+
+from daqif.errors import DaqException
+from daqif.v1 import writer_pb2_grpc
+from servers.common.grpc_server import add_health_and_reflection, mark_serving
+from servers.common.paths import resolve_roots
+from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DaqConfig, WriterCore, load_config
+from servers.writer.datapath_api import DataPathHandle
+from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
+from servers.writer.redis_streams import DEFAULT_MAXLEN, RedisStreams
+from servers.writer.rest import create_app
+
+DEFAULT_REST_PORT = 5000
+DEFAULT_GRPC_PORT = 12084
+READY_PREFIX = "daqif-writer ready"
+
+_log = logging.getLogger("daqif-writer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="daqif-writer",
+        description="Standard DAQ compatible detector writer: ZeroMQ frames to HDF5, controlled over "
+        "the std_daq REST API and gRPC WriterControl.",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface REST and gRPC bind to (default %(default)s)"
+    )
+    parser.add_argument(
+        "--rest-port",
+        type=int,
+        default=DEFAULT_REST_PORT,
+        help="std_daq REST port, 0 = any free (default %(default)s)",
+    )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=DEFAULT_GRPC_PORT,
+        help="gRPC WriterControl port, 0 = any free (default %(default)s)",
+    )
+    parser.add_argument(
+        "--stream", required=True, help="ZeroMQ endpoint of the frame source, e.g. tcp://127.0.0.1:9999"
+    )
+    parser.add_argument(
+        "--socket",
+        choices=("pull", "sub"),
+        default="pull",
+        help="ZeroMQ socket type to connect with (default pull)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="detector config JSON (full or partial, merged into the embedded defaults); "
+        "config changes are saved to it",
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=Path("data"), help="data root (default ./data, created)"
+    )
+    parser.add_argument(
+        "--allowed-root",
+        type=Path,
+        action="append",
+        default=[],
+        help="directory output files must lie under (repeatable; default: the data root)",
+    )
+    parser.add_argument("--redis-url", help="publish daq:status/config/log/stat streams to this Redis")
+    parser.add_argument(
+        "--redis-maxlen",
+        type=int,
+        default=DEFAULT_MAXLEN,
+        help="approximate length streams are trimmed to (default %(default)s)",
+    )
+    parser.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=DEFAULT_SYNC_TIMEOUT,
+        help="longest wait of a write_sync call, seconds (default %(default)s)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    return parser
+
+
+def make_datapath_factory(stream: str, socket_type: str) -> type[DataPathHandle] | object:
+    """A callable `config -> DataPathHandle` for the real data path process."""
+    from servers.writer.datapath import DataPathProcess  # the data path's own module; imported late
+
+    def factory(config: DaqConfig) -> DataPathHandle:
+        return DataPathProcess(stream, socket_type=socket_type)
+
+    return factory
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: this process handles SIGINT/SIGTERM once for both servers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind_rest_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    data_root: Path = args.data_root.resolve()
+    data_root.mkdir(parents=True, exist_ok=True)
+    roots = resolve_roots(args.allowed_root or [data_root])
+    core = WriterCore(
+        make_datapath_factory(args.stream, args.socket),  # type: ignore[arg-type]
+        config,
+        allowed_roots=roots,
+        config_file=args.config,
+        sync_timeout=args.sync_timeout,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    await core.start()
+    grpc_server = grpc.aio.server()
+    writer_pb2_grpc.add_WriterControlServicer_to_server(WriterControlService(core), grpc_server)
+    health = add_health_and_reflection(grpc_server, [SERVICE_NAME])
+    grpc_port = grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}")
+    if grpc_port == 0:
+        raise OSError(f"cannot bind gRPC to {args.host}:{args.grpc_port}")
+    await grpc_server.start()
+    await mark_serving(health, [SERVICE_NAME])
+
+    rest_socket = _bind_rest_socket(args.host, args.rest_port)
+    rest_port = rest_socket.getsockname()[1]
+    rest = _Uvicorn(uvicorn.Config(create_app(core), log_level="warning", lifespan="off", access_log=False))
+    rest_task = asyncio.create_task(rest.serve(sockets=[rest_socket]), name="rest")
+    redis: RedisStreams | None = None
+    redis_task: asyncio.Task[None] | None = None
+    if args.redis_url:
+        redis = RedisStreams(core, args.redis_url, maxlen=args.redis_maxlen)
+        redis_task = asyncio.create_task(redis.run(), name="redis")
+    while not rest.started and not rest_task.done():
+        await asyncio.sleep(0.02)
+    if rest_task.done():
+        rest_task.result()
+        return 1
+
+    print(f"{READY_PREFIX} rest=http://{args.host}:{rest_port} grpc={args.host}:{grpc_port}", flush=True)
+    stop_task = asyncio.create_task(stop.wait())
+    await asyncio.wait({stop_task, rest_task}, return_when=asyncio.FIRST_COMPLETED)
+    _log.info("shutting down")
+
+    rest.should_exit = True
+    await grpc_server.stop(grace=1.0)
+    with contextlib.suppress(Exception):
+        await rest_task
+    if redis_task is not None and redis is not None:
+        redis_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await redis_task
+        await redis.close()
+    await core.close()
+    stop_task.cancel()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `daqif-writer`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(serve(args))
+    except DaqException as exc:
+        print(f"daqif-writer: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"daqif-writer: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Fixtures for the writer's tests: a real simulator, a real writer process, a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from servers.writer.launch import WriterProcess, start_writer
+
+SHAPE = (48, 32)
+DETECTOR_NAME = "TESTDET"
+SIM_RATE = 400.0
+
+
+@dataclass
+class Simulator:
+    process: subprocess.Popen[str]
+    endpoint: str
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_simulator(rate: float = SIM_RATE, count: int = 0, shape: tuple[int, int] = SHAPE) -> Simulator:
+    """`daqif-sim` on a free port, sending `shape` uint16 frames with the Standard DAQ header."""
+    command = [
+        sys.executable,
+        "-m",
+        "servers.sim.main",
+        "--endpoint",
+        "tcp://127.0.0.1:*",
+        "--shape",
+        str(shape[0]),
+        str(shape[1]),
+        "--dtype",
+        "uint16",
+        "--rate",
+        str(rate),
+        "--count",
+        str(count),
+        "--header",
+        "stddaq",
+        "--linger",
+        "0",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or []], daemon=True).start()
+    try:
+        line = lines.get(timeout=30)
+    except queue.Empty:
+        process.kill()
+        raise RuntimeError("the simulator did not report its endpoint") from None
+    match = re.search(r"bound (tcp://\S+)", line)
+    if not match:
+        process.kill()
+        raise RuntimeError(f"unexpected simulator output: {line!r}")
+    return Simulator(process, match.group(1))
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def simulator() -> Iterator[Simulator]:
+    sim = start_simulator()
+    yield sim
+    stop_process(sim.process)
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def detector_config(tmp_path: Path) -> Path:
+    """A detector config file matching the simulator's frames (the writer saves changes to it)."""
+    path = tmp_path / "detector.json"
+    path.write_text(
+        json.dumps(
+            {
+                "detector_name": DETECTOR_NAME,
+                "detector_type": "eiger",
+                "bit_depth": 16,
+                "image_pixel_height": SHAPE[0],
+                "image_pixel_width": SHAPE[1],
+            }
+        )
+    )
+    return path
+
+
+WriterFactory = Callable[..., WriterProcess]
+
+
+@pytest.fixture
+def writer_factory(tmp_path: Path, data_root: Path, detector_config: Path) -> Iterator[WriterFactory]:
+    """Start writers (connected to a given stream) that are stopped after the test."""
+    started: list[WriterProcess] = []
+
+    def start(stream: str, **options: Any) -> WriterProcess:
+        options.setdefault("config", detector_config)
+        options.setdefault("log_file", tmp_path / f"writer{len(started)}.log")
+        process = start_writer(stream, data_root=data_root, **options)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def writer(writer_factory: WriterFactory, simulator: Simulator) -> WriterProcess:
+    """A writer fed by the simulator, output confined to `data_root`."""
+    return writer_factory(simulator.endpoint)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll until `predicate()` is truthy; return its value (a generous wait, not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def rest_status(writer: WriterProcess) -> dict[str, Any]:
+    body: dict[str, Any] = requests.get(writer.rest_url + "/writer/status", timeout=10).json()["writer"]
+    return body
+
+
+@dataclass
+class RedisServer:
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, no persistence. Small stream nodes so that
+    approximate (`MAXLEN ~`) trimming is visible after a few entries."""
+    executable = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.path.exists(executable):
+        pytest.fail("redis-server is not installed")
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            executable,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--stream-node-max-entries",
+            "4",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port)
+    try:
+        wait_for(lambda: _pings(client), timeout=20)
+        yield RedisServer(process, port)
+    finally:
+        client.close()
+        stop_process(process)
+
+
+def _pings(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
