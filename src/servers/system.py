@@ -54,6 +54,7 @@ class SystemConfig:
     sim_compress: str = "none"
     redis_url: str | None = None
     extra_allowed_roots: list[Path] = field(default_factory=list)
+    detector_overrides: dict[str, object] = field(default_factory=dict)
 
     @property
     def raw_dir(self) -> Path:
@@ -103,7 +104,8 @@ class SystemConfig:
         for directory in (self.data_root, self.raw_dir, self.workspace, self.receiver_dir, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
         if not self.writer_config_file.exists():
-            self.writer_config_file.write_text(json.dumps(DEFAULT_DETECTOR, indent=2) + "\n")
+            detector = {**DEFAULT_DETECTOR, **self.detector_overrides}
+            self.writer_config_file.write_text(json.dumps(detector, indent=2) + "\n")
 
 
 _DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
