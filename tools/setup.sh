@@ -27,9 +27,12 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 if ((want_test)); then
   .venv/bin/python -m pip install -q -e '.[test]'
-  if [[ ! -x tools/buf/node_modules/.bin/buf ]]; then
-    npm install --prefix tools/buf --no-audit --no-fund --silent >/dev/null
-  fi
+  # Pinned npm packages: buf (lints proto/) and the Node.js example client's gRPC libraries.
+  for dir in tools/buf examples/node-client; do
+    if [[ ! -d $dir/node_modules ]]; then
+      npm ci --prefix "$dir" --no-audit --no-fund --silent >/dev/null
+    fi
+  done
 else
   .venv/bin/python -m pip install -q -e .
 fi

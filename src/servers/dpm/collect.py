@@ -102,7 +102,9 @@ async def _collect_local(path_text: str, destination: Path, allowed_roots: Seque
     return Collected(outcome, destination, nbytes, st.st_size, st.st_mtime_ns)
 
 
-async def _collect_remote(location: Location, destination: Path, rsync_command: str, remote_shell: str) -> Collected:
+async def _collect_remote(
+    location: Location, destination: Path, rsync_command: str, remote_shell: str
+) -> Collected:
     tmp = temp_path(destination)
     remove_quietly(tmp)
     argv = rsync_argv(rsync_command, remote_shell, str(location), str(tmp))
@@ -132,4 +134,11 @@ def source_changed(path_text: str, size: int, mtime_ns: int) -> str | None:
     return None
 
 
-__all__ = ["Collected", "TransferError", "collect_source", "collected_path", "remove_stale_temps", "source_changed"]
+__all__ = [
+    "Collected",
+    "TransferError",
+    "collect_source",
+    "collected_path",
+    "remove_stale_temps",
+    "source_changed",
+]

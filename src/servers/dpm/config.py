@@ -125,8 +125,9 @@ def _parse_file_settings(raw: Any) -> dict[str, Any]:
             delays: dict[str, float] = {}
             for name, seconds in value.items():
                 if name not in DEBUG_DELAY_SUBSTATES:
+                    expected = ", ".join(DEBUG_DELAY_SUBSTATES)
                     raise ConfigError(
-                        f"key 'debug_delays.{name}': unknown substate; expected one of {', '.join(DEBUG_DELAY_SUBSTATES)}"
+                        f"key 'debug_delays.{name}': unknown substate; expected one of {expected}"
                     )
                 delays[name] = _float(f"debug_delays.{name}", seconds, 0.0)
             out[key] = delays
@@ -170,7 +171,9 @@ def build_config(
         settings["allowed_roots"] = tuple(Path(r).absolute() for r in allowed_roots)
 
     if "data_root" not in settings:
-        settings["data_root"] = settings["workspace"].parent if "workspace" in settings else Path("data").absolute()
+        settings["data_root"] = (
+            settings["workspace"].parent if "workspace" in settings else Path("data").absolute()
+        )
     if "workspace" not in settings:
         settings["workspace"] = settings["data_root"] / "dpm"
     if "allowed_roots" not in settings:

@@ -163,14 +163,20 @@ class DaqRecord:
             "timestamp": self.timestamp,
             "result": self.result,
             "alerts": [
-                {"id": a.id, "severity": a.severity.value, "description": a.description, "timestamp": a.timestamp}
+                {
+                    "id": a.id,
+                    "severity": a.severity.value,
+                    "description": a.description,
+                    "timestamp": a.timestamp,
+                }
                 for a in self.alerts.values()
             ],
             "sources": [asdict(s) for s in self.sources],
             "receivers": [asdict(r) for r in self.receivers],
             "attempts": dict(self.attempts),
             "history": [
-                {"substate": h.substate.value, "timestamp": h.timestamp, "message": h.message} for h in self.history
+                {"substate": h.substate.value, "timestamp": h.timestamp, "message": h.message}
+                for h in self.history
             ],
         }
 

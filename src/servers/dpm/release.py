@@ -20,7 +20,14 @@ from pathlib import Path
 
 from servers.common.atomic import fsync_directory
 from servers.common.paths import PathNotAllowed, confine
-from servers.dpm.transfer import TransferError, copy_in_thread, remove_quietly, rsync_argv, run_process, same_content
+from servers.dpm.transfer import (
+    TransferError,
+    copy_in_thread,
+    remove_quietly,
+    rsync_argv,
+    run_process,
+    same_content,
+)
 
 TEMP_SUFFIX = ".daqif-tmp"
 
@@ -52,7 +59,9 @@ def remove_stale_temp(path_text: str, name: str, allowed_roots: Sequence[Path]) 
         remove_quietly(directory / temp_name(name))
 
 
-async def release_local(product: Path, path_text: str, allow_symlink: bool, allowed_roots: Sequence[Path]) -> Released:
+async def release_local(
+    product: Path, path_text: str, allow_symlink: bool, allowed_roots: Sequence[Path]
+) -> Released:
     """Deliver `product` into the receiver directory `path_text`; raise `TransferError` why not."""
     directory = confine_receiver(path_text, allowed_roots)
     if not directory.exists():
@@ -115,7 +124,9 @@ def _already_released(product: Path, destination: Path) -> str | None:
     raise TransferError(f"{destination} already exists and is not this product; remove it, then retry")
 
 
-async def release_remote(product: Path, host: str, path_text: str, rsync_command: str, remote_shell: str) -> Released:
+async def release_remote(
+    product: Path, host: str, path_text: str, rsync_command: str, remote_shell: str
+) -> Released:
     """Deliver `product` to `host:path_text/<name>` with rsync."""
     target = f"{path_text.rstrip('/')}/{product.name}"
     argv = rsync_argv(rsync_command, remote_shell, str(product), f"{host}:{target}")

@@ -2,6 +2,7 @@
 
 Layout (under the workspace directory):
 
+    .lock                         held (flock) by the server using the workspace
     daqs/<id>/daq.json            status + specification + queue position (one atomic file)
     daqs/<id>/sources/<name>.h5   collected sources
     daqs/<id>/specification.json  the specification handed to the merge program
@@ -22,6 +23,7 @@ and the event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -36,6 +38,11 @@ from servers.dpm.model import DaqRecord
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "daq.json"
+LOCK_FILE = ".lock"
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another server holds the workspace."""
 
 
 def checked_dir_name(daq_id: str) -> str:
@@ -63,9 +70,32 @@ class Workspace:
         self.archive_dir = self.root / "archive"
         self.products = self.root / "products"
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpm-store")
+        self._lock_fd: int | None = None
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def lock(self) -> None:
+        """Take the workspace for this process; raise `WorkspaceBusy` if another server has it.
+
+        An advisory `flock`, released by the kernel when the process dies (even by `kill -9`).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise WorkspaceBusy(
+                f"workspace {self.root} is in use by another daqif-dpm-server (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -88,6 +118,7 @@ class Workspace:
 
     def load(self) -> LoadedWorkspace:
         """Create the layout if needed and read every DAQ; archived ones by name only."""
+        self.lock()
         for directory in (self.daqs, self.archive_dir, self.products):
             directory.mkdir(parents=True, exist_ok=True)
         archived = set(os.listdir(self.archive_dir))
@@ -116,7 +147,11 @@ class Workspace:
             raw = path.read_bytes()
         except FileNotFoundError:
             # A directory whose status never became durable: QueueDaq did not reply for it.
-            log.warning("removing %s: it has no %s (queueing was interrupted before it replied)", directory, STATUS_FILE)
+            log.warning(
+                "removing %s: it has no %s (queueing was interrupted before it replied)",
+                directory,
+                STATUS_FILE,
+            )
             shutil.rmtree(directory, ignore_errors=True)
             return None
         try:

@@ -9,6 +9,7 @@ child; cancelling a copy stops it at its next chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -138,7 +139,5 @@ def same_content(a: Path, b: Path) -> bool:
 
 
 def remove_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

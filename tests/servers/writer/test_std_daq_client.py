@@ -87,7 +87,10 @@ def test_published_client_drives_all_nine_methods(writer: WriterProcess, data_ro
 
     stats = wait_for(lambda: (s := client.get_stats())["detector"]["images_per_second"] > 0 and s)
     assert set(stats["detector"]) == set(stats["writer"]) == {"bytes_per_second", "images_per_second"}
-    assert stats["detector"]["bytes_per_second"] >= stats["detector"]["images_per_second"] * SHAPE[0] * SHAPE[1] * 2
+    assert (
+        stats["detector"]["bytes_per_second"]
+        >= stats["detector"]["images_per_second"] * SHAPE[0] * SHAPE[1] * 2
+    )
     assert stats["counters"]["written"] == 35
     assert stats["counters"]["received"] >= 35
 
@@ -151,7 +154,9 @@ def test_malformed_request_answers_422_naming_the_field(writer: WriterProcess) -
     assert rest_status(writer)["state"] == "READY", "the writer stays up"
 
 
-def test_bad_output_paths_are_refused_saying_which(writer: WriterProcess, data_root: Path, tmp_path: Path) -> None:
+def test_bad_output_paths_are_refused_saying_which(
+    writer: WriterProcess, data_root: Path, tmp_path: Path
+) -> None:
     client = StdDaqClient(url_base=writer.rest_url)
     (data_root / "adir").mkdir()
     cases = [
@@ -191,7 +196,9 @@ def test_symlinks_cannot_lead_a_write_out_of_the_allowed_roots(
     assert client.get_logs(10) == []
 
 
-def test_stop_mid_write_finishes_interrupted_and_shrinks_the_file(writer: WriterProcess, data_root: Path) -> None:
+def test_stop_mid_write_finishes_interrupted_and_shrinks_the_file(
+    writer: WriterProcess, data_root: Path
+) -> None:
     client = StdDaqClient(url_base=writer.rest_url)
     output = data_root / "interrupted.h5"
     client.start_writer_async({"output_file": str(output), "n_images": 100_000, "run_id": 42})
@@ -276,7 +283,9 @@ def test_invalid_config_is_refused_with_a_message(
     assert json.loads(detector_config.read_text())["detector_name"] == DETECTOR_NAME
 
 
-def test_config_update_is_partial_persisted_and_deployed(writer: WriterProcess, detector_config: Path) -> None:
+def test_config_update_is_partial_persisted_and_deployed(
+    writer: WriterProcess, detector_config: Path
+) -> None:
     client = StdDaqClient(url_base=writer.rest_url)
     before = client.get_config()
     first_id = client.get_deployment_status()["config_id"]

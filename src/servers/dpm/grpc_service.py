@@ -1,0 +1,263 @@
+"""The gRPC edge of the DPM: `DpmControl` and `DpmDaqControl` over grpc.aio.
+
+Thin: each method calls the core (`lifecycle.DataProductManager`) and maps its dataclasses to
+`daqif.v1` messages. Every refusal is a `DaqException` from the core, turned into a status with
+rich details by `abort_with`, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import cast
+
+import grpc
+from google.protobuf import empty_pb2
+
+from daqif.errors import DaqException, ErrorCode
+from daqif.v1 import dpm_pb2, dpm_pb2_grpc
+from servers.common.grpc_server import abort_with
+from servers.dpm.events import WatcherDropped
+from servers.dpm.lifecycle import DataProductManager
+from servers.dpm.model import Alert, DaqStatusView, InternalStatus, StorageStatus
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    dpm_pb2.DESCRIPTOR.services_by_name["DpmControl"].full_name,
+    dpm_pb2.DESCRIPTOR.services_by_name["DpmDaqControl"].full_name,
+)
+
+# The generated enums are ints at run time; cast so mypy sees the enum types the stubs expect.
+_SUBSTATE = cast(
+    dict[str, dpm_pb2.DaqSubState],
+    {name.removeprefix("DAQ_SUB_STATE_"): value for name, value in dpm_pb2.DaqSubState.items()},
+)
+_STATE = cast(
+    dict[str, dpm_pb2.DaqState],
+    {name.removeprefix("DAQ_STATE_"): value for name, value in dpm_pb2.DaqState.items()},
+)
+_SEVERITY = cast(
+    dict[str, dpm_pb2.AlertSeverity],
+    {name.removeprefix("ALERT_SEVERITY_"): value for name, value in dpm_pb2.AlertSeverity.items()},
+)
+
+
+def alert_message(alert: Alert) -> dpm_pb2.DaqAlert:
+    return dpm_pb2.DaqAlert(
+        id=alert.id,
+        severity=_SEVERITY[alert.severity.value],
+        description=alert.description,
+        timestamp=alert.timestamp,
+    )
+
+
+class StatusMessages:
+    """`DaqStatus` messages of status views, built once per view (GetActiveDaqs with 10,000)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[DaqStatusView, dpm_pb2.DaqStatus]] = {}
+
+    def __call__(self, view: DaqStatusView) -> dpm_pb2.DaqStatus:
+        hit = self._cache.get(view.id)
+        if hit is not None and hit[0] is view:
+            return hit[1]
+        message = dpm_pb2.DaqStatus(
+            id=view.id,
+            file_id=view.file_id,
+            state=_STATE[view.state.value],
+            substate=_SUBSTATE[view.substate.value],
+            error=view.error,
+            alerts=[alert_message(a) for a in view.alerts],
+            result=view.result,
+            message=view.message,
+            timestamp=view.timestamp,
+        )
+        if view.substate.is_final:
+            self._cache.pop(view.id, None)
+        else:
+            self._cache[view.id] = (view, message)
+        return message
+
+
+def internal_message(internal: InternalStatus, status: dpm_pb2.DaqStatus) -> dpm_pb2.InternalDaqStatus:
+    return dpm_pb2.InternalDaqStatus(
+        status=status,
+        workspace=internal.workspace,
+        specification=internal.specification,
+        sources=[
+            dpm_pb2.SourceRecord(
+                source_name=s.source_name,
+                location=s.location,
+                local_path=s.local_path,
+                bytes=s.bytes,
+                outcome=s.outcome,
+                timestamp=s.timestamp,
+            )
+            for s in internal.sources
+        ],
+        receivers=[
+            dpm_pb2.ReleaseRecord(
+                index=r.index,
+                path=r.path,
+                host=r.host,
+                released_path=r.released_path,
+                outcome=r.outcome,
+                timestamp=r.timestamp,
+            )
+            for r in internal.receivers
+        ],
+        merge_log=internal.merge_log,
+        attempts=[dpm_pb2.AttemptCounter(step=step, attempts=n) for step, n in internal.attempts],
+        history=[
+            dpm_pb2.SubStateChange(
+                substate=_SUBSTATE[h.substate.value], timestamp=h.timestamp, message=h.message
+            )
+            for h in internal.history
+        ],
+    )
+
+
+def storage_message(storage: StorageStatus) -> dpm_pb2.StorageStatus:
+    return dpm_pb2.StorageStatus(
+        path=storage.path,
+        capacity=storage.capacity,
+        free=storage.free,
+        available=storage.available,
+        timestamp=storage.timestamp,
+    )
+
+
+class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
+    """`daqif.v1.DpmDaqControl` on the core."""
+
+    def __init__(self, dpm: DataProductManager) -> None:
+        self._dpm = dpm
+        self._status = StatusMessages()
+
+    async def QueueDaq(
+        self, request: dpm_pb2.QueueDaqRequest, context: grpc.aio.ServicerContext
+    ) -> dpm_pb2.DaqReply:
+        try:
+            daq_id = await self._dpm.queue(request.specification)
+        except DaqException as exc:
+            await abort_with(context, exc)
+        return dpm_pb2.DaqReply(id=daq_id, error=False)
+
+    async def AbortDaq(
+        self, request: dpm_pb2.AbortDaqRequest, context: grpc.aio.ServicerContext
+    ) -> dpm_pb2.DaqReply:
+        try:
+            await self._dpm.abort(request.id)
+        except DaqException as exc:
+            await abort_with(context, exc)
+        return dpm_pb2.DaqReply(id=request.id, error=False)
+
+    async def RetryMergeDaq(
+        self, request: dpm_pb2.RetryMergeDaqRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        try:
+            self._dpm.retry(request.id)
+        except DaqException as exc:
+            await abort_with(context, exc)
+        return empty_pb2.Empty()
+
+    async def GetDaqStatus(
+        self, request: dpm_pb2.GetDaqStatusRequest, context: grpc.aio.ServicerContext
+    ) -> dpm_pb2.DaqStatus:
+        try:
+            view = self._dpm.status(request.id)
+        except DaqException as exc:
+            await abort_with(context, exc)
+        return self._status(view)
+
+    async def GetActiveDaqs(
+        self,
+        request: dpm_pb2.GetActiveDaqsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> dpm_pb2.GetActiveDaqsResponse:
+        return dpm_pb2.GetActiveDaqsResponse(daqs=[self._status(v) for v in self._dpm.active()])
+
+    async def GetInternalDaqStatus(
+        self,
+        request: dpm_pb2.GetInternalDaqStatusRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> dpm_pb2.InternalDaqStatus:
+        try:
+            internal = self._dpm.internal(request.id)
+        except DaqException as exc:
+            await abort_with(context, exc)
+        return internal_message(internal, self._status(internal.status))
+
+    async def WatchDaqStatus(
+        self,
+        request: dpm_pb2.WatchDaqStatusRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[dpm_pb2.DaqStatus]:
+        watcher = self._dpm.watch(request.id)
+        try:
+            while True:
+                try:
+                    view = await watcher.next()
+                except WatcherDropped as exc:
+                    await abort_with(
+                        context, DaqException(request.id, f"{exc}; watch again", ErrorCode.UNAVAILABLE)
+                    )
+                yield self._status(view)
+        finally:
+            watcher.close()
+
+
+class DpmControlService(dpm_pb2_grpc.DpmControlServicer):
+    """`daqif.v1.DpmControl`: storage status and Exit."""
+
+    def __init__(self, dpm: DataProductManager, exit_requested: asyncio.Event) -> None:
+        self._dpm = dpm
+        self._exit_requested = exit_requested
+
+    async def QueryStorageStatus(
+        self,
+        request: dpm_pb2.QueryStorageStatusRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> dpm_pb2.StorageStatus:
+        try:
+            storage = await asyncio.to_thread(self._dpm.storage)
+        except OSError as exc:
+            await abort_with(context, DaqException.internal(f"cannot query the workspace file system: {exc}"))
+        return storage_message(storage)
+
+    async def WatchStorageStatus(
+        self,
+        request: dpm_pb2.WatchStorageStatusRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[dpm_pb2.StorageStatus]:
+        if request.interval < 0:
+            await abort_with(
+                context, DaqException.invalid_argument(f"interval {request.interval} is negative")
+            )
+        interval = request.interval or self._dpm.config.storage_report_interval_s
+        while True:
+            try:
+                storage = await asyncio.to_thread(self._dpm.storage)
+            except OSError as exc:
+                await abort_with(
+                    context, DaqException.internal(f"cannot query the workspace file system: {exc}")
+                )
+            yield storage_message(storage)
+            await asyncio.sleep(interval)
+
+    async def Exit(
+        self, request: dpm_pb2.ExitRequest, context: grpc.aio.ServicerContext
+    ) -> dpm_pb2.ExitResponse:
+        # The reply goes out first; main() stops the server when it sees the event.
+        asyncio.get_running_loop().call_later(0.05, self._exit_requested.set)
+        return dpm_pb2.ExitResponse(message="daqif-dpm-server exiting")
+
+
+def add_services(server: grpc.aio.Server, dpm: DataProductManager, exit_requested: asyncio.Event) -> None:
+    dpm_pb2_grpc.add_DpmDaqControlServicer_to_server(DpmDaqControlService(dpm), server)
+    dpm_pb2_grpc.add_DpmControlServicer_to_server(DpmControlService(dpm, exit_requested), server)
+
+
+__all__ = ["SERVICE_NAMES", "DpmControlService", "DpmDaqControlService", "add_services"]

@@ -1,0 +1,127 @@
+"""`daqif-dpm-server`: the Data Product Manager gRPC server.
+
+    daqif-dpm-server --workspace /data/dpm [--host 127.0.0.1] [--port 12083]
+                     [--allowed-root DIR ...] [--data-root DIR] [--config FILE]
+
+Prints one line `daqif-dpm-server ready HOST:PORT` on stdout once it serves (with `--port 0`
+the port is the one the system picked). SIGINT/SIGTERM or the `Exit` call stop it gracefully;
+every DAQ resumes from its persisted substate at the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+from servers.common.grpc_server import add_health_and_reflection, mark_serving
+from servers.dpm.config import ConfigError, DpmConfig, build_config
+from servers.dpm.grpc_service import SERVICE_NAMES, add_services
+from servers.dpm.lifecycle import DataProductManager
+from servers.dpm.store import WorkspaceBusy
+
+log = logging.getLogger("daqif-dpm-server")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 12083
+READY_PREFIX = "daqif-dpm-server ready"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="daqif-dpm-server",
+        description="Data Product Manager: collects, merges and releases the data product of each DAQ.",
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port; 0 picks a free one (default {DEFAULT_PORT})"
+    )
+    parser.add_argument("--workspace", type=Path, help="workspace directory (default <data root>/dpm)")
+    parser.add_argument(
+        "--allowed-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="local sources and receivers must lie under DIR (repeatable; default: the data root)",
+    )
+    parser.add_argument(
+        "--data-root", type=Path, help="data root (default: the workspace's parent, else ./data)"
+    )
+    parser.add_argument("--config", type=Path, help="JSON settings file (see servers.dpm.config)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+async def serve(config: DpmConfig, host: str, port: int) -> int:
+    """Run the server until SIGINT/SIGTERM or Exit; return the exit code."""
+    dpm = DataProductManager(config)
+    try:
+        await dpm.start()
+    except WorkspaceBusy as exc:
+        print(f"daqif-dpm-server: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"daqif-dpm-server: cannot open workspace {config.workspace}: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    server = grpc.aio.server()
+    add_services(server, dpm, stop)
+    health = add_health_and_reflection(server, SERVICE_NAMES)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        bound = 0
+        log.error("cannot bind %s:%d: %s", host, port, exc)
+    if bound == 0:
+        print(
+            f"daqif-dpm-server: cannot listen on {host}:{port} (in use or not a local address)",
+            file=sys.stderr,
+        )
+        await dpm.stop()
+        return 1
+    await server.start()
+    await mark_serving(health, SERVICE_NAMES)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"{READY_PREFIX} {host}:{bound}", flush=True)
+    log.info(
+        "serving on %s:%d, workspace %s, allowed roots %s",
+        host,
+        bound,
+        config.workspace,
+        ", ".join(map(str, config.allowed_roots)),
+    )
+    await stop.wait()
+    log.info("stopping")
+    await server.stop(grace=2.0)
+    await dpm.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = build_config(
+            config_file=args.config,
+            workspace=args.workspace,
+            data_root=args.data_root,
+            allowed_roots=args.allowed_root,
+        )
+    except ConfigError as exc:
+        print(f"daqif-dpm-server: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config, args.host, args.port))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""`daqif demo` runs the whole chain and leaves a product that verifies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+
+
+def test_demo_exits_zero_and_leaves_a_verified_product(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daqif.cli.main",
+            "demo",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--frames",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    products = list((tmp_path / "data" / "olas").glob("DEMO.*.h5"))
+    assert len(products) == 1, result.stdout
+    assert f"data product: {products[0]}" in result.stdout.replace("\n", "")
+    verify = subprocess.run(
+        [sys.executable, "-m", "servers.dpm.merge_cli", "--verify", str(products[0])],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    with h5py.File(products[0], "r") as product:
+        assert product.attrs["OBJECT"] == "DEMO"
+        data = product["det1/SIM1/data"]
+        assert data.shape == (40, 512, 512)
+        assert list(product["det1/SIM1/image_id"][:]) == sorted(product["det1/SIM1/image_id"][:])

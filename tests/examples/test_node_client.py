@@ -1,0 +1,80 @@
+"""The Node.js example client loads proto/ as it is and drives a real DPM server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import h5py
+import pytest
+
+from daqif.testing import DpmServer
+
+CLIENT = Path(__file__).resolve().parents[2] / "examples" / "node-client" / "dpm-client.js"
+
+
+@pytest.fixture
+def node() -> str:
+    path = shutil.which("node")
+    assert path, "node is required for the second-language client test"
+    assert (CLIENT.parent / "node_modules" / "@grpc" / "grpc-js").exists(), "run tools/setup.sh --test"
+    return path
+
+
+def test_node_client_queues_follows_to_completed_and_reads_storage(
+    node: str, dpm_server: DpmServer, tmp_path: Path
+) -> None:
+    source = dpm_server.data_root / "raw" / "node.h5"
+    with h5py.File(source, "w") as f:
+        f["frames"] = list(range(10))
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "id": "NODE.1",
+                "target": {"fileId": "NODE.1"},
+                "sources": [{"type": "hdf5File", "sourceName": "det", "location": str(source)}],
+                "receivers": [{"type": "olasReceiver", "path": str(dpm_server.receiver_dir)}],
+            }
+        )
+    )
+    result = subprocess.run(
+        [node, str(CLIENT), "--address", dpm_server.address, "--spec", str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[0] == {"event": "queued", "reply": {"id": "NODE.1", "error": False}}
+    substates = [e["status"]["substate"] for e in events if e["event"] == "status"]
+    assert substates[-1] == "DAQ_SUB_STATE_COMPLETED"
+    assert events[-1]["event"] == "storage" and events[-1]["storage"]["capacity"] > 0
+    assert (dpm_server.receiver_dir / "NODE.1.h5").exists()
+
+
+def test_node_client_reports_the_daq_exception_of_a_refused_spec(
+    node: str, dpm_server: DpmServer, tmp_path: Path
+) -> None:
+    spec = tmp_path / "bad.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "id": "NODE.2",
+                "target": {"fileId": "NODE.2"},
+                "sources": [{"type": "hdf5File", "sourceName": "det", "location": "relative.h5"}],
+            }
+        )
+    )
+    result = subprocess.run(
+        [node, str(CLIENT), "--address", dpm_server.address, "--spec", str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "DaqException INVALID_ARGUMENT" in result.stderr
+    assert 'id="NODE.2"' in result.stderr
+    assert "sources[0].location" in result.stderr
