@@ -1,0 +1,139 @@
+"""Helpers of the DPM server tests: real server subprocesses, real HDF5 files, real rsync."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from daqif.dpm_client import DpmClient
+from servers.dpm.launch import DpmServerProcess
+
+# Stands in for ssh: rsync runs `<shell> [-l user] host rsync --server ...`; the shim drops the
+# ssh-style options and the host and runs the "remote" rsync locally.
+REMOTE_SHELL_SHIM = """#!/bin/sh
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -l) shift 2 ;;
+    -*) shift ;;
+    *) break ;;
+  esac
+done
+shift
+exec "$@"
+"""
+
+
+def write_source(
+    path: Path,
+    group: str,
+    *,
+    frames: int = 4,
+    shape: tuple[int, int] = (16, 16),
+    seed: int = 0,
+    attrs: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """An HDF5 source like the writer's: `/<group>/data` one frame per chunk, root attributes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(seed).integers(0, 4000, size=(frames, *shape), dtype=np.uint16)
+    with h5py.File(path, "w") as f:
+        f.create_dataset(f"{group}/data", data=data, chunks=(1, *shape))
+        f.create_dataset(f"{group}/image_id", data=np.arange(frames, dtype=np.uint64))
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+    return data
+
+
+def hdf5_source(name: str, location: str | Path, **extra: Any) -> dict[str, Any]:
+    return {"type": "hdf5File", "sourceName": name, "location": str(location), **extra}
+
+
+def keyword_source(name: str = "ocm") -> dict[str, Any]:
+    return {
+        "type": "fitsKeywords",
+        "sourceName": name,
+        "keywords": [
+            {"type": "valueKeyword", "name": "OBJECT", "value": "M31", "comment": "target"},
+            {"type": "esoKeyword", "name": "DET DIT", "value": 0.5},
+            {"type": "literalKeyword", "value": "COMMENT queued by the DPM tests"},
+        ],
+    }
+
+
+def make_spec(
+    daq_id: str,
+    sources: list[dict[str, Any]],
+    receivers: list[str | Path | dict[str, Any]] = (),  # type: ignore[assignment]
+    file_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": daq_id,
+        "target": {"fileId": file_id or f"{daq_id}.product"},
+        "sources": sources,
+        "receivers": [
+            r if isinstance(r, dict) else {"type": "olasReceiver", "path": str(r)} for r in receivers
+        ],
+    }
+
+
+class DpmHarness:
+    """Starts DPM servers for one test and stops every one of them afterwards."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.data = base / "data"
+        self.data.mkdir()
+        self.receiver = self.data / "olas"
+        self.receiver.mkdir()
+        self.servers: list[DpmServerProcess] = []
+        self.clients: list[DpmClient] = []
+
+    def start(self, config: dict[str, Any] | None = None, **kwargs: Any) -> DpmServerProcess:
+        kwargs.setdefault("allowed_roots", [self.data])
+        server = DpmServerProcess(self.base / f"server{len(self.servers)}", config=config, **kwargs)
+        self.servers.append(server)
+        return server.start()
+
+    def client(self, server: DpmServerProcess, timeout: float = 30.0) -> DpmClient:
+        client = DpmClient(server.address, timeout=timeout)
+        self.clients.append(client)
+        return client
+
+    def source(self, name: str, **kwargs: Any) -> Path:
+        path = self.data / "raw" / f"{name}.h5"
+        write_source(path, name, **kwargs)
+        return path
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        for server in self.servers:
+            server.stop()
+
+
+def substate(name: str) -> int:
+    from daqif.v1 import dpm_pb2
+
+    return int(dpm_pb2.DaqSubState.Value(f"DAQ_SUB_STATE_{name}"))
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy (a generous wait, not a timing check)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def visible_files(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
