@@ -41,6 +41,7 @@ __all__ = [
     "Compression",
     "FrameError",
     "FrameHeader",
+    "HeaderEncoder",
     "HeaderFormat",
     "check_data",
     "compress_bslz4",
@@ -162,9 +163,7 @@ def _shape_problem(height: int, width: int, itemsize: int) -> str | None:
         return f"frame shape {height}x{width} has a zero dimension"
     nbytes = height * width * itemsize
     if nbytes > MAX_FRAME_BYTES:
-        return (
-            f"frame shape {height}x{width} ({nbytes} bytes) exceeds the 4 GiB limit of one HDF5 chunk"
-        )
+        return f"frame shape {height}x{width} ({nbytes} bytes) exceeds the 4 GiB limit of one HDF5 chunk"
     return None
 
 
@@ -229,6 +228,59 @@ def encode_daqif_header(
         message.padding = b"\0"
         encoded = message.SerializeToString()
     return encoded
+
+
+class HeaderEncoder:
+    """Encodes the headers of one stream (fixed shape, dtype, format, compression) quickly:
+    everything is validated once here, and `encode` only fills in the image id and time."""
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        dtype: npt.DTypeLike,
+        header_format: HeaderFormat = HeaderFormat.STDDAQ,
+        compression: Compression = Compression.NONE,
+        *,
+        status: int = 0,
+        source_id: int = 0,
+    ) -> None:
+        if header_format is HeaderFormat.STDDAQ:
+            if compression is not Compression.NONE:
+                raise FrameError(
+                    "the Standard DAQ header cannot say a frame is compressed; use the daqif header"
+                )
+            # Everything after the image id is constant.
+            self._stddaq_tail: bytes | None = encode_stddaq_header(
+                0, height, width, dtype, status, source_id
+            )[8:]
+        else:
+            self._stddaq_tail = None
+            encode_daqif_header(
+                0, height, width, dtype, status=status, source_id=source_id, compression=compression
+            )
+        self._message = frame_pb2.FrameHeader(
+            height=height,
+            width=width,
+            dtype=dtype_code(dtype),  # type: ignore[arg-type]  # the enum numbers are the codes
+            status=status,
+            compression=_COMPRESSION_PB[compression],
+            source_id=source_id,
+        )
+
+    def encode(self, image_id: int, timestamp: float | None = None) -> bytes:
+        """The header of frame `image_id` (`timestamp` defaults to now; daqif form only)."""
+        if self._stddaq_tail is not None:
+            return image_id.to_bytes(8, "little") + self._stddaq_tail
+        message = self._message
+        message.image_id = image_id
+        message.timestamp = time.time() if timestamp is None else timestamp
+        message.ClearField("padding")
+        encoded = message.SerializeToString()
+        if len(encoded) == STDDAQ_HEADER_SIZE:
+            message.padding = b"\0"
+            encoded = message.SerializeToString()
+        return encoded
 
 
 def encode_header(header: FrameHeader) -> bytes:

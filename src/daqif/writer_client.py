@@ -42,14 +42,19 @@ def acquisition_state_name(value: int) -> str:
 
 
 def config_message(config: Mapping[str, Any] | DaqConfig) -> DaqConfig:
-    """A `DaqConfig` message from a (partial) std_daq config dict; only the given fields are set."""
+    """A `DaqConfig` message from a (partial) std_daq config dict; only the given fields are set.
+
+    A field that does not exist or has the wrong type raises `DaqException` (INVALID_ARGUMENT)."""
     if isinstance(config, writer_pb2.DaqConfig):
         return config
     fields = dict(config)
     positions = fields.pop("module_positions", None)
-    message = writer_pb2.DaqConfig(**fields)
-    for key, coordinates in (positions or {}).items():
-        message.module_positions[str(key)].coordinates.extend(coordinates)
+    try:
+        message = writer_pb2.DaqConfig(**fields)
+        for key, coordinates in (positions or {}).items():
+            message.module_positions[str(key)].coordinates.extend(coordinates)
+    except (TypeError, ValueError) as exc:
+        raise DaqException.invalid_argument(f"invalid config: {exc}") from None
     return message
 
 

@@ -114,7 +114,7 @@ async def _collect_remote(
         raise TransferError(f"cannot run rsync ({argv[0]}): {exc.strerror}") from None
     if result.returncode != 0:
         remove_quietly(tmp)
-        why = result.last_error_line or f"exit code {result.returncode}"
+        why = result.rsync_reason or f"exit code {result.returncode}"
         raise TransferError(f"rsync of {location} failed: {why}")
     os.replace(tmp, destination)
     size = os.stat(destination).st_size

@@ -8,9 +8,10 @@ rich details by `abort_with`, here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator
-from typing import cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 import grpc
 from google.protobuf import empty_pb2
@@ -129,6 +130,30 @@ def storage_message(storage: StorageStatus) -> dpm_pb2.StorageStatus:
     )
 
 
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def edge(handler: Handler) -> Handler:
+    """Map what a unary handler raises to the call's status: `DaqException` as it is, anything
+    unexpected as INTERNAL (logged), so a client never sees a bare UNKNOWN."""
+
+    @functools.wraps(handler)
+    async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except DaqException as exc:
+            await abort_with(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("%s failed", handler.__name__)
+            await abort_with(
+                context, DaqException.internal(f"{handler.__name__}: {type(exc).__name__}: {exc}")
+            )
+
+    return guarded
+
+
 class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
     """`daqif.v1.DpmDaqControl` on the core."""
 
@@ -136,58 +161,43 @@ class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
         self._dpm = dpm
         self._status = StatusMessages()
 
+    @edge
     async def QueueDaq(
         self, request: dpm_pb2.QueueDaqRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.DaqReply:
-        try:
-            daq_id = await self._dpm.queue(request.specification)
-        except DaqException as exc:
-            await abort_with(context, exc)
-        return dpm_pb2.DaqReply(id=daq_id, error=False)
+        return dpm_pb2.DaqReply(id=await self._dpm.queue(request.specification), error=False)
 
+    @edge
     async def AbortDaq(
         self, request: dpm_pb2.AbortDaqRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.DaqReply:
-        try:
-            await self._dpm.abort(request.id)
-        except DaqException as exc:
-            await abort_with(context, exc)
+        await self._dpm.abort(request.id)
         return dpm_pb2.DaqReply(id=request.id, error=False)
 
+    @edge
     async def RetryMergeDaq(
         self, request: dpm_pb2.RetryMergeDaqRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        try:
-            self._dpm.retry(request.id)
-        except DaqException as exc:
-            await abort_with(context, exc)
+        await self._dpm.retry(request.id)
         return empty_pb2.Empty()
 
+    @edge
     async def GetDaqStatus(
         self, request: dpm_pb2.GetDaqStatusRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.DaqStatus:
-        try:
-            view = self._dpm.status(request.id)
-        except DaqException as exc:
-            await abort_with(context, exc)
-        return self._status(view)
+        return self._status(self._dpm.status(request.id))
 
+    @edge
     async def GetActiveDaqs(
-        self,
-        request: dpm_pb2.GetActiveDaqsRequest,
-        context: grpc.aio.ServicerContext,
+        self, request: dpm_pb2.GetActiveDaqsRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.GetActiveDaqsResponse:
         return dpm_pb2.GetActiveDaqsResponse(daqs=[self._status(v) for v in self._dpm.active()])
 
+    @edge
     async def GetInternalDaqStatus(
-        self,
-        request: dpm_pb2.GetInternalDaqStatusRequest,
-        context: grpc.aio.ServicerContext,
+        self, request: dpm_pb2.GetInternalDaqStatusRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.InternalDaqStatus:
-        try:
-            internal = self._dpm.internal(request.id)
-        except DaqException as exc:
-            await abort_with(context, exc)
+        internal = self._dpm.internal(request.id)
         return internal_message(internal, self._status(internal.status))
 
     async def WatchDaqStatus(
@@ -216,16 +226,11 @@ class DpmControlService(dpm_pb2_grpc.DpmControlServicer):
         self._dpm = dpm
         self._exit_requested = exit_requested
 
+    @edge
     async def QueryStorageStatus(
-        self,
-        request: dpm_pb2.QueryStorageStatusRequest,
-        context: grpc.aio.ServicerContext,
+        self, request: dpm_pb2.QueryStorageStatusRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.StorageStatus:
-        try:
-            storage = await asyncio.to_thread(self._dpm.storage)
-        except OSError as exc:
-            await abort_with(context, DaqException.internal(f"cannot query the workspace file system: {exc}"))
-        return storage_message(storage)
+        return storage_message(await asyncio.to_thread(self._dpm.storage))
 
     async def WatchStorageStatus(
         self,
@@ -236,7 +241,8 @@ class DpmControlService(dpm_pb2_grpc.DpmControlServicer):
             await abort_with(
                 context, DaqException.invalid_argument(f"interval {request.interval} is negative")
             )
-        interval = request.interval or self._dpm.config.storage_report_interval_s
+        # At most 100 reports a second: a watcher must not be able to keep the server busy.
+        interval = max(request.interval or self._dpm.config.storage_report_interval_s, 0.01)
         while True:
             try:
                 storage = await asyncio.to_thread(self._dpm.storage)
@@ -247,6 +253,7 @@ class DpmControlService(dpm_pb2_grpc.DpmControlServicer):
             yield storage_message(storage)
             await asyncio.sleep(interval)
 
+    @edge
     async def Exit(
         self, request: dpm_pb2.ExitRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.ExitResponse:

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +41,7 @@ from daqif.errors import DaqException
 from daqif.spec import Hdf5FileSource, Location, Specification, SpecificationError, load_specification
 from servers.common.atomic import fsync_directory
 from servers.common.paths import PathNotAllowed, confine, resolve_roots
-from servers.dpm import collect, release
+from servers.dpm import collect, merge_runner, release
 from servers.dpm.config import DpmConfig
 from servers.dpm.events import StatusBus, StatusWatcher
 from servers.dpm.model import (
@@ -58,7 +57,7 @@ from servers.dpm.model import (
     SubState,
 )
 from servers.dpm.store import Workspace
-from servers.dpm.transfer import TransferError, run_process
+from servers.dpm.transfer import TransferError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +75,7 @@ _NEXT: dict[SubState, frozenset[SubState]] = {
 STORAGE_ALERT = "storage"
 MERGING_ALERT = "merging"
 ABORTING_ALERT = "aborting"
+INTERNAL_ALERT = "internal"
 
 
 def collecting_alert(source_name: str) -> str:
@@ -127,13 +127,14 @@ class DataProductManager:
         self._slots = asyncio.Semaphore(config.max_active_daqs)
         self._transfers = asyncio.Semaphore(config.max_transfers)
         self._merges = asyncio.Semaphore(config.max_merges)
-        self._stopping = False
 
     # -- start / stop --------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Rebuild the index from the workspace and resume every active DAQ."""
         loaded = await asyncio.to_thread(self.workspace.load)
+        # The merge fork server imports h5py & co. once, in the background (this only spawns it).
+        merge_runner.warm_up()
         self._archived = loaded.archived
         self._seq = itertools.count(loaded.next_seq)
         for record in loaded.active:
@@ -149,7 +150,6 @@ class DataProductManager:
 
     async def stop(self) -> None:
         """Stop every driver (their state is persisted; they resume at the next start)."""
-        self._stopping = True
         tasks = [d.task for d in self._active.values() if d.task is not None and not d.task.done()]
         for task in tasks:
             task.cancel()
@@ -165,6 +165,8 @@ class DataProductManager:
             spec = load_specification(text)
         except SpecificationError as exc:
             raise DaqException.invalid_argument(str(exc), id=_id_of(text)) from None
+        except RecursionError:
+            raise DaqException.invalid_argument("the specification is nested too deeply") from None
         self._check_paths(spec)
         if spec.id in self._active or spec.id in self._archived or spec.id in self._reserved:
             where = "is archived" if spec.id in self._archived else "is active"
@@ -207,11 +209,17 @@ class DataProductManager:
                 task.cancel()
                 await asyncio.wait({task})
             if daq.record.substate is not S.ABORTING:
+                # The failed steps will not run again: their conditions end with the abort.
+                daq.record.alerts.clear()
                 await self._transition(daq, S.ABORTING, "abort requested")
             await self._finish_abort(daq)
 
-    def retry(self, daq_id: str) -> None:
-        """Unblock a DAQ waiting after a failed step; FAILED_PRECONDITION says why if it is not."""
+    async def retry(self, daq_id: str) -> None:
+        """Unblock a DAQ waiting after a failed step; FAILED_PRECONDITION says why if it is not.
+
+        The step's ERROR alerts are cleared now (the DAQ is no longer in error while the step
+        runs again) and raised again if it fails again.
+        """
         daq = self._get(daq_id)
         if not daq.waiting_for_retry:
             substate = daq.record.substate
@@ -223,7 +231,13 @@ class DataProductManager:
                 why = "has no failed step to retry"
             raise DaqException.failed_precondition(f"DAQ {daq_id} is {substate.value} and {why}", id=daq_id)
         daq.waiting_for_retry = False
+        r = daq.record
+        for alert in [a for a in r.alerts.values() if a.severity is Severity.ERROR]:
+            self._clear_alert(daq, alert.id)
+        r.message = f"retrying {r.substate.value}"
+        r.timestamp = time.time()
         daq.retry.set()
+        await self._commit(daq)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -323,7 +337,12 @@ class DataProductManager:
 
     async def _commit(self, daq: _Daq) -> None:
         """Persist the record, then publish the status if it changed."""
-        await self.workspace.save(daq.record)
+        try:
+            await self.workspace.save(daq.record)
+        except OSError as exc:
+            raise DaqException.internal(
+                f"cannot persist DAQ {daq.record.id}: {exc}", id=daq.record.id
+            ) from None
         self._publish(daq)
 
     def _publish(self, daq: _Daq) -> None:
@@ -334,7 +353,10 @@ class DataProductManager:
 
     async def _archive(self, daq: _Daq) -> None:
         r = daq.record
-        await self.workspace.archive(r)
+        try:
+            await self.workspace.archive(r)
+        except OSError as exc:
+            raise _persist_error(daq, exc) from None
         self._archived.add(r.id)
         self._active.pop(r.id, None)
         self._publish(daq)
@@ -360,17 +382,25 @@ class DataProductManager:
 
     async def _drive(self, daq: _Daq) -> None:
         try:
-            await self._run_lifecycle(daq)
-        except asyncio.CancelledError:
-            raise
-        except DaqException as exc:
-            log.error("DAQ %s: %s", daq.record.id, exc.message)
-        except Exception:
-            # A bug must not go unnoticed nor kill the server: the DAQ waits with an alert.
-            log.exception("DAQ %s: unexpected failure in %s", daq.record.id, daq.record.substate.value)
-            self._set_alert(daq, "internal", Severity.ERROR, "unexpected server failure; see the server log")
-            with contextlib.suppress(Exception):
-                await self._commit(daq)
+            while True:
+                try:
+                    await self._run_lifecycle(daq)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # A bug or a broken disk must neither go unnoticed nor kill the server:
+                    # the DAQ waits with an alert, and RetryMergeDaq runs its step again.
+                    log.exception(
+                        "DAQ %s: unexpected failure in %s", daq.record.id, daq.record.substate.value
+                    )
+                    description = (
+                        f"unexpected failure in {daq.record.substate.value}: {exc}; see the server log"
+                    )
+                    self._set_alert(daq, INTERNAL_ALERT, Severity.ERROR, description)
+                    with contextlib.suppress(Exception):
+                        await self._commit(daq)
+                    await self._wait_for_retry(daq)
         finally:
             self._release_slot(daq)
 
@@ -422,7 +452,10 @@ class DataProductManager:
         # A DAQ waiting for an operator must not block the queue behind it.
         self._release_slot(daq)
         daq.waiting_for_retry = True
-        await daq.retry.wait()
+        try:
+            await daq.retry.wait()
+        finally:
+            daq.waiting_for_retry = False
         daq.retry.clear()
         await self._acquire_slot(daq)
 
@@ -504,30 +537,24 @@ class DataProductManager:
         async with self._merges:
             await asyncio.to_thread(self._discard_partial_product, daq)
             self._count_attempt(daq, "merge")
+            await self._commit(daq)  # an attempt cut short by a crash still counts
             spec_path = daq_dir / "specification.json"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(spec_path.write_text, r.specification, "utf-8")
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(f"=== merge attempt {r.attempts['merge']} at {_utc_now()} ===\n")
-            argv = [
-                sys.executable,
-                "-m",
-                "servers.dpm.merge_cli",
-                str(spec_path),
-                "--root",
-                str(daq_dir),
-                "--outfile",
-                str(product),
-            ]
+            argv = [str(spec_path), "--root", str(daq_dir), "--outfile", str(product)]
+            failure: str | None = None
             try:
-                result = await run_process(argv, log_path=log_path)
+                result = await merge_runner.run_merge(argv, log_path)
+            except OSError as exc:
+                failure = f"cannot start the merge program: {exc}"
+            else:
                 failure = (
                     None
                     if result.returncode == 0
                     else (result.last_error_line or f"exit {result.returncode}")
                 )
-            except OSError as exc:
-                failure = f"cannot start the merge program: {exc.strerror}"
         if failure is None and not product.is_file():
             failure = f"the merge program exited 0 but did not write {product}"
         if failure is not None:
@@ -547,17 +574,15 @@ class DataProductManager:
                 self._set_alert(daq, modified_alert(source.source_name), Severity.WARNING, change)
 
     def _discard_partial_product(self, daq: _Daq) -> None:
-        """Remove what an interrupted merge may have left: anything but our own bookkeeping."""
+        """Remove what an interrupted merge may have left: the product and its temporary files."""
         r = daq.record
-        daq_dir = self.workspace.daq_dir(r.id)
-        keep = {"daq.json", "sources", "logs", "specification.json"}
-        for entry in os.scandir(daq_dir):
-            if entry.name in keep:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                os.unlink(entry.path)
+        name = f"{r.file_id}.h5"
+        for entry in os.scandir(self.workspace.daq_dir(r.id)):
+            if entry.name == name or entry.name.startswith(f".{name}"):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
         shutil.rmtree(self.workspace.product_dir(r.id), ignore_errors=True)
 
     def _publish_product(self, daq_id: str, built: Path) -> str:
@@ -622,8 +647,6 @@ class DataProductManager:
             await self._commit(daq)
             raise DaqException.internal(message, id=daq.record.id) from None
         self._clear_alert(daq, ABORTING_ALERT)
-        for alert_id in [a for a in daq.record.alerts if a != ABORTING_ALERT]:
-            self._clear_alert(daq, alert_id)  # the conditions ended with the DAQ
         await self._transition(daq, S.ABORTED, "aborted")
 
     def _abort_cleanup(self, daq: _Daq) -> None:
@@ -648,6 +671,10 @@ class DataProductManager:
         if any(rr.outcome == "symlink" for rr in r.receivers):
             return
         self._discard_partial_product(daq)
+
+
+def _persist_error(daq: _Daq, exc: OSError) -> DaqException:
+    return DaqException.internal(f"cannot persist DAQ {daq.record.id}: {exc}", id=daq.record.id)
 
 
 def _still_there(source: SourceRecord) -> bool:

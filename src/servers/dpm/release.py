@@ -135,6 +135,6 @@ async def release_remote(
     except OSError as exc:
         raise TransferError(f"cannot run rsync ({argv[0]}): {exc.strerror}") from None
     if result.returncode != 0:
-        why = result.last_error_line or f"exit code {result.returncode}"
+        why = result.rsync_reason or f"exit code {result.returncode}"
         raise TransferError(f"rsync to {host}:{path_text} failed: {why}")
     return Released("rsync", f"{host}:{target}")

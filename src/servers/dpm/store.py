@@ -3,6 +3,7 @@
 Layout (under the workspace directory):
 
     .lock                         held (flock) by the server using the workspace
+    queue-journal.<n>             DAQs queued since the last checkpoint (one JSON line each)
     daqs/<id>/daq.json            status + specification + queue position (one atomic file)
     daqs/<id>/sources/<name>.h5   collected sources
     daqs/<id>/specification.json  the specification handed to the merge program
@@ -14,15 +15,21 @@ Layout (under the workspace directory):
 The product lives outside the DAQ directory so that archiving (a rename of the DAQ directory)
 never moves a file a receiver may hold a symlink to.
 
-Durability: `daq.json` is replaced with the one atomic-write helper (temp, fsync, rename, fsync
-of the directory). Creating a DAQ costs one more fsync (of `daqs/`, for the new directory entry).
-All writes go through one writer thread, so writes of one DAQ land in the order they were made
-and the event loop never waits on the disk.
+Durability. QueueDaq must not reply before the DAQ is durable, and must be fast: the new DAQ is
+appended to the queue journal with one `fdatasync` (an append to an open file: no new inode, no
+directory to sync) and its `daq.json` is written atomically but without syncing. Every later
+change replaces `daq.json` with the one atomic-write helper (temp, fsync, rename, fsync of the
+directory; the first one also syncs `daqs/`). A checkpoint thread makes the DAQs of a full
+journal durable one by one and then deletes that journal; at start-up every journal is replayed
+(a DAQ whose `daq.json` is missing is rebuilt from its line) and removed. All writes go through
+one writer thread, so the writes of one DAQ land in the order they were made and the event loop
+never waits on the disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = "daq.json"
 LOCK_FILE = ".lock"
+JOURNAL_PREFIX = "queue-journal."
+JOURNAL_CHECKPOINT_LINES = 1000
 
 
 class WorkspaceBusy(RuntimeError):
@@ -70,10 +79,20 @@ class Workspace:
         self.archive_dir = self.root / "archive"
         self.products = self.root / "products"
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpm-store")
+        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpm-checkpoint")
         self._lock_fd: int | None = None
+        # Owned by the writer thread:
+        self._journal_fd: int | None = None
+        self._journal_number = 0
+        self._journal_ids: list[str] = []
+        self._unsettled: set[str] = set()  # DAQ directories whose entry in daqs/ is not synced
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
+        self._checkpointer.shutdown(wait=True)
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -136,6 +155,9 @@ class Workspace:
                     shutil.rmtree(entry.path, ignore_errors=True)
                     continue
                 active.append(record)
+        known = {r.id for r in active} | archived
+        for record in self._replay_journals(known):
+            active.append(record)
         active.sort(key=lambda r: r.seq)
         next_seq = max((r.seq for r in active), default=0) + 1
         # Archived DAQs' sequence numbers are not needed: seq only orders the active queue.
@@ -146,12 +168,8 @@ class Workspace:
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            # A directory whose status never became durable: QueueDaq did not reply for it.
-            log.warning(
-                "removing %s: it has no %s (queueing was interrupted before it replied)",
-                directory,
-                STATUS_FILE,
-            )
+            # Queueing was interrupted: if QueueDaq replied, the journal rebuilds the DAQ.
+            log.warning("removing %s: it has no %s", directory, STATUS_FILE)
             shutil.rmtree(directory, ignore_errors=True)
             return None
         try:
@@ -167,21 +185,98 @@ class Workspace:
     # -- writes (all on the writer thread) -----------------------------------------------------
 
     async def create(self, record: DaqRecord) -> None:
-        """Make a new DAQ durable: its directory, its status file, and the directory entry."""
+        """Make a new DAQ durable (journal line), and write its directory and status file."""
         data = _encode(record)
-        directory = self.daq_dir(record.id)
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._create_sync, directory, data)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self._create_sync, record.id, data)
 
-    def _create_sync(self, directory: Path, data: bytes) -> None:
+    def _create_sync(self, daq_id: str, data: bytes) -> None:
+        assert self._journal_fd is not None, "load() opens the journal"
+        os.write(self._journal_fd, data + b"\n")
+        os.fdatasync(self._journal_fd)
+        directory = self.daq_dir(daq_id)
         directory.mkdir()
-        atomic_write_bytes(directory / STATUS_FILE, data)
-        fsync_directory(self.daqs)
+        atomic_write_bytes(directory / STATUS_FILE, data, durable=False)
+        self._unsettled.add(daq_id)
+        self._journal_ids.append(daq_id)
+        if len(self._journal_ids) >= JOURNAL_CHECKPOINT_LINES:
+            self._rotate_journal()
 
     async def save(self, record: DaqRecord) -> None:
-        """Replace the DAQ's status file with the record as it is now."""
+        """Replace the DAQ's status file with the record as it is now (durably)."""
         data = _encode(record)
-        path = self.daq_dir(record.id) / STATUS_FILE
-        await asyncio.get_running_loop().run_in_executor(self._writer, atomic_write_bytes, path, data)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._save_sync, record.id, data)
+
+    def _save_sync(self, daq_id: str, data: bytes) -> None:
+        atomic_write_bytes(self.daq_dir(daq_id) / STATUS_FILE, data)
+        if daq_id in self._unsettled:
+            fsync_directory(self.daqs)
+            self._unsettled.discard(daq_id)
+
+    # -- the queue journal ---------------------------------------------------------------------
+
+    def _journal_path(self, number: int) -> Path:
+        return self.root / f"{JOURNAL_PREFIX}{number}"
+
+    def _open_journal(self, number: int) -> None:
+        self._journal_number = number
+        self._journal_fd = os.open(self._journal_path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fsync_directory(self.root)
+        self._journal_ids = []
+
+    def _rotate_journal(self) -> None:
+        """Start a new journal; the checkpoint thread settles the old one's DAQs, then deletes it."""
+        assert self._journal_fd is not None
+        os.close(self._journal_fd)
+        old_path, old_ids = self._journal_path(self._journal_number), self._journal_ids
+        self._open_journal(self._journal_number + 1)
+        self._unsettled.difference_update(old_ids)
+        self._checkpointer.submit(self._checkpoint, old_path, old_ids)
+
+    def _checkpoint(self, journal: Path, ids: list[str]) -> None:
+        for daq_id in ids:
+            directory = self.daq_dir(daq_id)
+            try:
+                fd = os.open(directory / STATUS_FILE, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # archived meanwhile: archiving is durable on its own
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                fsync_directory(directory)
+        fsync_directory(self.daqs)
+        os.unlink(journal)
+        fsync_directory(self.root)
+
+    def _replay_journals(self, known: set[str]) -> list[DaqRecord]:
+        """DAQs of the journals that have no directory (yet); makes them durable, removes journals."""
+        journals = sorted(
+            (int(p.name.removeprefix(JOURNAL_PREFIX)), p)
+            for p in self.root.glob(f"{JOURNAL_PREFIX}*")
+            if p.name.removeprefix(JOURNAL_PREFIX).isdigit()
+        )
+        rebuilt: list[DaqRecord] = []
+        for _, path in journals:
+            for line in path.read_bytes().split(b"\n"):
+                try:
+                    record = DaqRecord.from_json(json.loads(line))
+                except (ValueError, KeyError, TypeError):
+                    continue  # the torn last line of a crash during an append: never acknowledged
+                if record.id in known:
+                    continue
+                directory = self.daq_dir(record.id)
+                directory.mkdir(exist_ok=True)
+                atomic_write_bytes(directory / STATUS_FILE, line)
+                known.add(record.id)
+                rebuilt.append(record)
+        if journals:
+            fsync_directory(self.daqs)
+            for _, path in journals:
+                path.unlink()
+        self._open_journal(journals[-1][0] + 1 if journals else 1)
+        return rebuilt
 
     async def archive(self, record: DaqRecord) -> Path:
         """Move a final DAQ's directory to the archive (collected sources removed first)."""

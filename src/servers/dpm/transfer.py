@@ -1,27 +1,26 @@
 """File moving primitives shared by collecting and releasing: copy, rsync, child processes.
 
 Every child process (rsync, the merge program) is started so that it dies with the server
-(`PR_SET_PDEATHSIG`): after a `kill -9` of the server no orphan keeps writing into the
-workspace while the restarted server redoes the step. Cancelling the awaiting task kills the
-child; cancelling a copy stops it at its next chunk.
+(`PR_SET_PDEATHSIG` through `setpriv`, when installed): after a `kill -9` of the server no
+orphan keeps writing into the workspace while the restarted server redoes the step. Cancelling
+the awaiting task kills the child; cancelling a copy stops it at its next chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
+import errno
 import hashlib
 import os
 import shlex
-import signal
+import shutil
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
 _COPY_CHUNK = 64 * 1024 * 1024
 
 
@@ -29,26 +28,34 @@ class TransferError(Exception):
     """A copy, link or rsync that failed; the message says what and why."""
 
 
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name, use_errno=True) if name else None
-    except OSError:
-        return None
+# `setpriv --pdeathsig KILL` (util-linux) sets PR_SET_PDEATHSIG and execs the command. Doing it
+# with a Python `preexec_fn` instead forces a plain fork() of a process running gRPC threads,
+# whose fork handlers then write errors into the child's stderr.
+_SETPRIV = shutil.which("setpriv")
 
 
-_LIBC = _libc()
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _dying_with_server(argv: Sequence[str]) -> list[str]:
+    if _SETPRIV is None:
+        return list(argv)
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
 @dataclass(frozen=True)
 class ProcessResult:
     returncode: int
-    last_error_line: str
+    error_lines: tuple[str, ...]  # the last non-empty stderr lines (at most 50)
+
+    @property
+    def last_error_line(self) -> str:
+        return self.error_lines[-1] if self.error_lines else ""
+
+    @property
+    def rsync_reason(self) -> str:
+        """rsync's first own complaint (`rsync: ...`), which names the cause; else the last line."""
+        for line in self.error_lines:
+            if line.startswith("rsync: "):
+                return line.removeprefix("rsync: ")
+        return self.last_error_line
 
 
 async def run_process(argv: Sequence[str], *, log_path: Path | None = None) -> ProcessResult:
@@ -60,28 +67,27 @@ async def run_process(argv: Sequence[str], *, log_path: Path | None = None) -> P
     log_handle = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 - closed below
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *_dying_with_server(argv),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log_handle if log_handle is not None else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_die_with_parent,
         )
         assert proc.stderr is not None
-        last = ""
+        lines: deque[str] = deque(maxlen=50)
         try:
             async for raw in proc.stderr:
                 if log_handle is not None:
                     log_handle.write(raw)
                 line = raw.decode("utf-8", "replace").strip()
                 if line:
-                    last = line
+                    lines.append(line)
             code = await proc.wait()
         except asyncio.CancelledError:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
             raise
-        return ProcessResult(code, last)
+        return ProcessResult(code, tuple(lines))
     finally:
         if log_handle is not None:
             log_handle.close()
@@ -100,16 +106,37 @@ def copy_file(source: Path, destination: Path, stop: threading.Event) -> int:
     copied = 0
     with open(source, "rb") as src, open(destination, "wb") as dst:
         size = os.fstat(src.fileno()).st_size
+        in_kernel = _copy_file_range
         while copied < size:
             if stop.is_set():
                 raise TransferError(f"copy of {source} was stopped")
-            n = os.copy_file_range(src.fileno(), dst.fileno(), min(_COPY_CHUNK, size - copied))
+            count = min(_COPY_CHUNK, size - copied)
+            try:
+                n = in_kernel(src.fileno(), dst.fileno(), copied, count)
+            except OSError as exc:
+                # copy_file_range refuses some file system pairs (EXDEV on many kernels).
+                if in_kernel is _sendfile or exc.errno not in _FALL_BACK:
+                    raise
+                in_kernel = _sendfile
+                continue
             if n == 0:
                 break
             copied += n
         dst.flush()
         os.fsync(dst.fileno())
     return copied
+
+
+_FALL_BACK = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+
+
+def _copy_file_range(src: int, dst: int, offset: int, count: int) -> int:
+    return os.copy_file_range(src, dst, count, offset, offset)
+
+
+def _sendfile(src: int, dst: int, offset: int, count: int) -> int:
+    os.lseek(dst, offset, os.SEEK_SET)
+    return os.sendfile(dst, src, offset, count)
 
 
 async def copy_in_thread(source: Path, destination: Path) -> int:

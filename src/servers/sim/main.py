@@ -34,11 +34,10 @@ from daqif.frame import (
     PATTERN_PERIOD,
     Compression,
     FrameError,
+    HeaderEncoder,
     HeaderFormat,
     compress_bslz4,
     dtype_code,
-    encode_daqif_header,
-    encode_stddaq_header,
     expected_frame,
 )
 
@@ -78,7 +77,9 @@ class SimConfig:
         if self.first_id < 0:
             raise ValueError(f"--first-id {self.first_id}: must be >= 0")
         if self.header is HeaderFormat.STDDAQ and self.compress is not Compression.NONE:
-            raise ValueError("--compress bslz4 needs --header daqif (the Standard DAQ header has no such field)")
+            raise ValueError(
+                "--compress bslz4 needs --header daqif (the Standard DAQ header has no such field)"
+            )
         if self.socket not in ("push", "pub"):
             raise ValueError(f"--socket {self.socket}: must be push or pub")
 
@@ -134,8 +135,7 @@ class Simulator:
         assert sock is not None
         cfg = self.config
         height, width = cfg.shape
-        code = dtype_code(cfg.dtype)
-        daqif_header = cfg.header is HeaderFormat.DAQIF
+        encoder = HeaderEncoder(height, width, cfg.dtype, cfg.header, cfg.compress)
         payloads = self._payloads
         period = 1.0 / cfg.rate if cfg.rate > 0 else 0.0
         poller = zmq.Poller()
@@ -145,30 +145,27 @@ class Simulator:
         sent_bytes = 0
         max_lag = 0.0
         image_id = cfg.first_id
-        t_start = time.perf_counter()
-        t_last = t_start
+        t_start = 0.0  # set at the first send: waiting for a receiver is not sending time
+        t_last = 0.0
         try:
             while not stop.is_set() and (cfg.count == 0 or sent < cfg.count):
-                if period:
+                if period and sent:
                     due = t_start + sent * period
                     now = time.perf_counter()
                     if due > now:
                         time.sleep(due - now)
                     else:
                         max_lag = max(max_lag, now - due)
-                if daqif_header:
-                    header = encode_daqif_header(
-                        image_id, height, width, cfg.dtype, compression=cfg.compress
-                    )
-                else:
-                    header = encode_stddaq_header(image_id, height, width, code)
+                header = encoder.encode(image_id)
                 payload = payloads[image_id % PATTERN_PERIOD]
                 if not _send(sock, poller, header, payload, stop):
                     break
+                if not sent:
+                    t_start = time.perf_counter()
                 sent += 1
                 sent_bytes += len(payload)
                 image_id += 1
-            t_last = time.perf_counter()
+            t_last = time.perf_counter() if sent else 0.0
         finally:
             sock.close()
             self._socket = None
@@ -227,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "frames with deterministic pixels (daqif.frame.expected_frame), image ids from 1.",
     )
     parser.add_argument(
-        "--endpoint", required=True, help="address to bind, e.g. tcp://127.0.0.1:9999 (port * = any free port)"
+        "--endpoint",
+        required=True,
+        help="address to bind, e.g. tcp://127.0.0.1:9999 (port *: any free one)",
     )
     parser.add_argument("--shape", nargs=2, type=int, metavar=("H", "W"), default=[256, 128])
     parser.add_argument("--dtype", default="uint16", help="numpy dtype name (default uint16)")

@@ -139,9 +139,6 @@ class DaqConfig:
         """The uid files are written for; None (< 1) means the user the service runs as."""
         return self.writer_user_id if self.writer_user_id >= 1 else None
 
-    def frame_geometry(self) -> tuple[int, int, str]:
-        return (self.image_pixel_height, self.image_pixel_width, self.dtype)
-
     def to_json(self) -> dict[str, Any]:
         """The JSON object with the seed's keys."""
         return {
@@ -455,8 +452,8 @@ def _config_id(now: float, last: str | None) -> str:
 class WriterCore:
     """The Standard DAQ writer: one data path process, one acquisition at a time.
 
-    `datapath_factory(config)` makes an unstarted data path for a config; the core starts it,
-    restarts it when it died (on `stop`) and re-creates it when the frame geometry changes.
+    `datapath_factory(config)` makes an unstarted data path for a config; the core starts it and
+    replaces it with a new one when it died (on `stop`, or a config change while UNKNOWN).
     """
 
     def __init__(
@@ -649,8 +646,8 @@ class WriterCore:
     async def set_config(self, update: Mapping[str, Any]) -> DaqConfig:
         """Merge a partial or full config into the current one and put it in force.
 
-        Refused while writing. Persisted atomically to the config file, if one was given. The
-        data path is re-created when the frame geometry changed.
+        Refused while writing. Persisted atomically to the config file, if one was given. The next
+        write uses the new frame geometry (each write tells the data path what to expect).
         """
         async with self._lock:
             if self._state is WriterState.WRITING:
@@ -673,10 +670,9 @@ class WriterCore:
             try:
                 if self._config_file is not None:
                     await asyncio.to_thread(atomic_write_json, self._config_file, new_config.to_json())
-                if (
-                    new_config.frame_geometry() != old_config.frame_geometry()
-                    or self._state is WriterState.UNKNOWN
-                ):
+                # Each write carries its frame geometry, so a running data path serves the new
+                # config as it is; only a dead one is restarted.
+                if self._state is WriterState.UNKNOWN:
                     await self._restart_datapath()
             except (OSError, DaqException) as exc:
                 message = (
@@ -854,8 +850,7 @@ class WriterCore:
                     n_write_requested=progress.n_written,
                 )
         if not alive:
-            code = _exit_description(datapath)
-            self._become_unknown(f"the data path process died{code}")
+            self._become_unknown("the data path process died")
         self._publish_status()
 
     async def _progress_loop(self) -> None:
@@ -933,8 +928,3 @@ def _add_counters(a: FrameCounters, b: FrameCounters) -> FrameCounters:
         bytes_received=a.bytes_received + b.bytes_received,
         bytes_written=a.bytes_written + b.bytes_written,
     )
-
-
-def _exit_description(datapath: DataPathHandle) -> str:
-    code = getattr(datapath, "exitcode", None)
-    return f" (exit code {code})" if isinstance(code, int) else ""

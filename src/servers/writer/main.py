@@ -31,7 +31,8 @@ from daqif.errors import DaqException
 from daqif.v1 import writer_pb2_grpc
 from servers.common.grpc_server import add_health_and_reflection, mark_serving
 from servers.common.paths import resolve_roots
-from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DaqConfig, WriterCore, load_config
+from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DaqConfig, DataPathFactory, WriterCore, load_config
+from servers.writer.datapath import ProcessDataPath, SocketKind
 from servers.writer.datapath_api import DataPathHandle
 from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
 from servers.writer.redis_streams import DEFAULT_MAXLEN, RedisStreams
@@ -107,12 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_datapath_factory(stream: str, socket_type: str) -> type[DataPathHandle] | object:
-    """A callable `config -> DataPathHandle` for the real data path process."""
-    from servers.writer.datapath import DataPathProcess  # the data path's own module; imported late
+def make_datapath_factory(stream: str, socket_kind: str) -> DataPathFactory:
+    """A callable `config -> DataPathHandle` making the real data path process for `stream`.
+
+    The config does not shape the process: each write carries its frame geometry (`WriteJob`).
+    """
+    kind: SocketKind = "sub" if socket_kind == "sub" else "pull"
 
     def factory(config: DaqConfig) -> DataPathHandle:
-        return DataPathProcess(stream, socket_type=socket_type)
+        return ProcessDataPath(stream, kind)
 
     return factory
 
@@ -140,7 +144,7 @@ async def serve(args: argparse.Namespace) -> int:
     data_root.mkdir(parents=True, exist_ok=True)
     roots = resolve_roots(args.allowed_root or [data_root])
     core = WriterCore(
-        make_datapath_factory(args.stream, args.socket),  # type: ignore[arg-type]
+        make_datapath_factory(args.stream, args.socket),
         config,
         allowed_roots=roots,
         config_file=args.config,
@@ -163,13 +167,22 @@ async def serve(args: argparse.Namespace) -> int:
 
     rest_socket = _bind_rest_socket(args.host, args.rest_port)
     rest_port = rest_socket.getsockname()[1]
-    rest = _Uvicorn(uvicorn.Config(create_app(core), log_level="warning", lifespan="off", access_log=False))
+    rest = _Uvicorn(
+        uvicorn.Config(
+            create_app(core),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+    )
     rest_task = asyncio.create_task(rest.serve(sockets=[rest_socket]), name="rest")
     redis: RedisStreams | None = None
     redis_task: asyncio.Task[None] | None = None
     if args.redis_url:
         redis = RedisStreams(core, args.redis_url, maxlen=args.redis_maxlen)
         redis_task = asyncio.create_task(redis.run(), name="redis")
+        redis_task.add_done_callback(_log_unexpected_end)
     while not rest.started and not rest_task.done():
         await asyncio.sleep(0.02)
     if rest_task.done():
@@ -183,6 +196,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     rest.should_exit = True
     await grpc_server.stop(grace=1.0)
+    # Closing the core ends an open write (as interrupted), which also releases a waiting write_sync.
+    await core.close()
     with contextlib.suppress(Exception):
         await rest_task
     if redis_task is not None and redis is not None:
@@ -190,9 +205,13 @@ async def serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await redis_task
         await redis.close()
-    await core.close()
     stop_task.cancel()
     return 0
+
+
+def _log_unexpected_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("%s stopped", task.get_name(), exc_info=task.exception())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

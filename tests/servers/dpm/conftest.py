@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dpm_helpers import REMOTE_SHELL_SHIM, DpmHarness
+
+from .dpm_helpers import REMOTE_SHELL_SHIM, DpmHarness
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def keyword_source(name: str = "ocm") -> dict[str, Any]:
 def make_spec(
     daq_id: str,
     sources: list[dict[str, Any]],
-    receivers: list[str | Path | dict[str, Any]] = (),  # type: ignore[assignment]
+    receivers: Sequence[str | Path | dict[str, Any]] = (),
     file_id: str | None = None,
 ) -> dict[str, Any]:
     return {
@@ -137,3 +137,108 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = 
 
 def visible_files(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
+
+
+def archived_record(server: DpmServerProcess, daq_id: str) -> dict[str, Any]:
+    """The final persisted record of an archived DAQ (GetDaqStatus answers NOT_FOUND for it)."""
+    import json
+
+    return json.loads((server.workspace / "archive" / daq_id / "daq.json").read_text())  # type: ignore[no-any-return]
+
+
+def wait_archived(
+    client: DpmClient, server: DpmServerProcess, daq_id: str, timeout: float = 90.0
+) -> dict[str, Any]:
+    """Wait until `daq_id` is archived; return its final record.
+
+    Fails at once if the DAQ raises an ERROR alert on the way (it would wait for a retry).
+    """
+    from daqif.errors import DaqException, ErrorCode
+
+    def archived() -> bool:
+        try:
+            status = client.get_daq_status(daq_id)
+        except DaqException as exc:
+            if exc.code is ErrorCode.NOT_FOUND:
+                return True
+            raise
+        if status.error:
+            alerts = "; ".join(f"{a.id}: {a.description}" for a in status.alerts)
+            raise AssertionError(f"DAQ {daq_id} waits with an error instead of completing: {alerts}")
+        return False
+
+    wait_until(archived, timeout, f"DAQ {daq_id} to be archived")
+    return archived_record(server, daq_id)
+
+
+def wait_substate(client: DpmClient, daq_id: str, name: str, timeout: float = 60.0) -> Any:
+    """Wait until `daq_id` is in substate `name`; return its status."""
+
+    def reached() -> Any:
+        status = client.get_daq_status(daq_id)
+        return status if status.substate == substate(name) else None
+
+    return wait_until(reached, timeout, f"DAQ {daq_id} in {name}")
+
+
+def wait_alert(client: DpmClient, daq_id: str, alert_id: str, timeout: float = 60.0) -> Any:
+    """Wait until `daq_id` has the alert `alert_id`; return its status."""
+
+    def raised() -> Any:
+        status = client.get_daq_status(daq_id)
+        return status if any(a.id == alert_id for a in status.alerts) else None
+
+    return wait_until(raised, timeout, f"alert {alert_id} on DAQ {daq_id}")
+
+
+def error_of(call: Callable[[], Any]) -> Any:
+    """The `DaqException` `call` raises (fails the test if it raises nothing)."""
+    from daqif.errors import DaqException
+
+    try:
+        call()
+    except DaqException as exc:
+        return exc
+    raise AssertionError("the call did not raise DaqException")
+
+
+SENTINEL = "SENTINEL"
+
+
+def follow_from_now(harness: DpmHarness, client: DpmClient) -> Any:
+    """A `WatchDaqStatus("")` stream that is known to be subscribed before the caller goes on.
+
+    A sentinel DAQ that waits in COLLECTING (its source does not exist) is queued first; once
+    the stream has delivered it, every later change reaches the stream. Returns the iterator.
+    """
+    client.queue_daq(make_spec(SENTINEL, [hdf5_source("never", harness.data / "never" / "there.h5")]))
+    stream = client.watch_daq_status("", timeout=120)
+    for status in stream:
+        if status.id == SENTINEL:
+            return stream
+    raise AssertionError("the watch stream ended before it delivered the sentinel")
+
+
+def statuses_until_final(stream: Any, daq_id: str) -> list[Any]:
+    """Statuses of `daq_id` from `stream` up to and including COMPLETED or ABORTED."""
+    seen = []
+    final = {substate("COMPLETED"), substate("ABORTED")}
+    for status in stream:
+        if status.id != daq_id:
+            continue
+        seen.append(status)
+        if status.substate in final:
+            return seen
+    raise AssertionError(f"the watch stream ended before {daq_id} was final")
+
+
+def substate_names(statuses: list[Any]) -> list[str]:
+    """Substate names in order, consecutive repeats (alert changes) folded."""
+    from daqif.dpm_client import substate_name
+
+    names: list[str] = []
+    for status in statuses:
+        name = substate_name(status.substate)
+        if not names or names[-1] != name:
+            names.append(name)
+    return names

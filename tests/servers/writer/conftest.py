@@ -66,7 +66,12 @@ def start_simulator(rate: float = SIM_RATE, count: int = 0, shape: tuple[int, in
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or []], daemon=True).start()
+
+    def pump() -> None:  # keeps the simulator's stdout drained
+        for text in process.stdout or []:
+            lines.put(text)
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
         line = lines.get(timeout=30)
     except queue.Empty:

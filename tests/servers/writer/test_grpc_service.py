@@ -17,7 +17,7 @@ from daqif.v1 import writer_pb2
 from daqif.writer_client import AsyncWriterClient, WriterClient, acquisition_state_name, writer_state_name
 from servers.writer.launch import WriterProcess
 
-from .conftest import DETECTOR_NAME, SHAPE
+from .conftest import DETECTOR_NAME, SHAPE, wait_for
 from .test_std_daq_client import assert_file_holds_simulator_frames
 
 SERVICE = "daqif.v1.WriterControl"
@@ -71,8 +71,8 @@ def test_every_rpc_works_through_the_writer_client(writer: WriterProcess, data_r
 
         logs = client.get_logs(5)
         assert [entry.info.run_id for entry in logs] == ["g-2", "g-1"]
-        stats = client.get_stats()
-        assert stats.counters.written == 18
+        stats = wait_for(lambda: (s := client.get_stats()).counters.written == 18 and s)  # refreshed at 1 Hz
+        assert stats.counters.received >= 18
         assert writer_state_name(client.stop_writer().state) == "READY"
 
 
@@ -91,6 +91,11 @@ def test_errors_carry_a_daq_exception(writer: WriterProcess, data_root: Path, tm
         with pytest.raises(DaqException) as info:
             client.set_config({"detector_type": "pilatus"})
         assert info.value.code is ErrorCode.INVALID_ARGUMENT
+        assert "detector_type must be one of" in info.value.message
+        for bad in ({"bit_depth": True}, {"bit_dept": 16}):
+            with pytest.raises(DaqException) as info:
+                client.set_config(bad)
+            assert info.value.code is ErrorCode.INVALID_ARGUMENT
 
         client.start_writer_async(str(data_root / "long.h5"), 100_000)
         with pytest.raises(DaqException) as info:
@@ -128,7 +133,7 @@ def test_async_client_and_watch_status(writer: WriterProcess, data_root: Path) -
                 states.append(item.state)
                 if item.state == writer_pb2.WRITER_STATE_READY and item.acquisition.info.run_id == "7":
                     break
-            await stream.aclose()
+            await stream.aclose()  # type: ignore[attr-defined]
             assert (await client.get_logs(1))[0].info.run_id == "7"
             assert (await client.get_config()).detector_name == DETECTOR_NAME
             return states

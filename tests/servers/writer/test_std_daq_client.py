@@ -22,8 +22,11 @@ from servers.writer.launch import WriterProcess
 from .conftest import DETECTOR_NAME, SHAPE, rest_status, wait_for
 
 
-def assert_file_holds_simulator_frames(path: Path, n_images: int, run_id: Any) -> np.ndarray:
-    """The file has `n_images` consecutive simulator frames, pixel for pixel; returns the image ids."""
+def assert_file_holds_simulator_frames(
+    path: Path, n_images: int, run_id: Any, n_requested: int | None = None
+) -> np.ndarray:
+    """The file has `n_images` consecutive simulator frames, pixel for pixel (`n_requested`: the
+    `n_images` attribute, when the write was interrupted); returns the image ids."""
     with h5py.File(path, "r") as f:
         group = f[DETECTOR_NAME]
         data, image_ids, status = group["data"], group["image_id"][:], group["status"][:]
@@ -35,9 +38,9 @@ def assert_file_holds_simulator_frames(path: Path, n_images: int, run_id: Any) -
         for index, image_id in enumerate(image_ids):
             np.testing.assert_array_equal(data[index], expected_frame(int(image_id), SHAPE, "uint16"))
         assert f.attrs["detector_name"] == DETECTOR_NAME
-        assert int(f.attrs["n_images"]) == n_images
+        assert int(f.attrs["n_images"]) == (n_images if n_requested is None else n_requested)
         assert str(f.attrs["run_id"]) == str(run_id)
-        return image_ids
+        return np.asarray(image_ids)
 
 
 def test_published_client_drives_all_nine_methods(writer: WriterProcess, data_root: Path) -> None:
@@ -85,13 +88,18 @@ def test_published_client_drives_all_nine_methods(writer: WriterProcess, data_ro
     assert client.get_logs(1) == logs[:1]
     assert logs[0]["info"]["run_id"] == "scan-7"
 
-    stats = wait_for(lambda: (s := client.get_stats())["detector"]["images_per_second"] > 0 and s)
+    stats = wait_for(  # refreshed once a second
+        lambda: (
+            (s := client.get_stats())["counters"]["written"] == 35
+            and s["detector"]["images_per_second"] > 0
+            and s
+        )
+    )
     assert set(stats["detector"]) == set(stats["writer"]) == {"bytes_per_second", "images_per_second"}
     assert (
         stats["detector"]["bytes_per_second"]
         >= stats["detector"]["images_per_second"] * SHAPE[0] * SHAPE[1] * 2
     )
-    assert stats["counters"]["written"] == 35
     assert stats["counters"]["received"] >= 35
 
     status = client.stop_writer()
@@ -112,31 +120,32 @@ def test_start_while_writing_is_refused(writer: WriterProcess, data_root: Path) 
     client.stop_writer()
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"output_file": "/x.h5"},
-        {"output_file": "/x.h5", "n_images": 0},
-        {"output_file": "/x.h5", "n_images": -3},
-        {"output_file": "/x.h5", "n_images": "x"},
-        {"output_file": "/x.h5", "n_images": True},
-        {"output_file": "/x.h5", "n_images": 2.5},
-        {"n_images": 5},
-        {"output_file": 17, "n_images": 5},
-        {"output_file": "/x.h5", "n_images": 5, "run_id": [1]},
-    ],
-)
-def test_malformed_write_request_raises_runtime_error(writer: WriterProcess, body: dict[str, Any]) -> None:
+MALFORMED_BODIES: list[dict[str, Any]] = [
+    {"output_file": "/x.h5"},
+    {"output_file": "/x.h5", "n_images": 0},
+    {"output_file": "/x.h5", "n_images": -3},
+    {"output_file": "/x.h5", "n_images": "x"},
+    {"output_file": "/x.h5", "n_images": True},
+    {"output_file": "/x.h5", "n_images": 2.5},
+    {"n_images": 5},
+    {"output_file": 17, "n_images": 5},
+    {"output_file": "/x.h5", "n_images": 5, "run_id": [1]},
+]
+
+
+def test_malformed_write_request_raises_runtime_error(writer: WriterProcess) -> None:
     client = StdDaqClient(url_base=writer.rest_url)
-    with pytest.raises(RuntimeError):
-        client.start_writer_async(body)
-    with pytest.raises(RuntimeError):
-        client.start_writer_sync(body)
+    for body in MALFORMED_BODIES:
+        with pytest.raises(RuntimeError):
+            client.start_writer_async(body)
+        with pytest.raises(RuntimeError):
+            client.start_writer_sync(body)
+    assert client.get_status()["acquisition"]["info"]["output_file"] is None, "nothing was started"
 
 
 def test_malformed_request_answers_422_naming_the_field(writer: WriterProcess) -> None:
     url = writer.rest_url + "/writer/write_async"
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"json": {"output_file": "/x.h5"}}, "n_images"),
         ({"json": {"output_file": "/x.h5", "n_images": 0}}, "n_images"),
         ({"json": {"output_file": "/x.h5", "n_images": "x"}}, "n_images"),
@@ -213,7 +222,7 @@ def test_stop_mid_write_finishes_interrupted_and_shrinks_the_file(
     with h5py.File(output, "r") as f:
         assert f[DETECTOR_NAME]["data"].shape[0] == written
         assert f[DETECTOR_NAME]["image_id"].shape[0] == written
-    assert_file_holds_simulator_frames(output, written, 42)
+    assert_file_holds_simulator_frames(output, written, 42, n_requested=100_000)
     logs = client.get_logs(1)
     assert logs[0]["message"] == "Interrupted." and logs[0]["info"]["run_id"] == 42
 
@@ -259,28 +268,29 @@ def test_data_path_killed_mid_write_reports_unknown_and_stop_recovers(
     assert_file_holds_simulator_frames(after, 5, status["acquisition"]["info"]["run_id"])
 
 
-@pytest.mark.parametrize(
-    ("update", "expected"),
-    [
-        ({"detector_type": "pilatus"}, "detector_type must be one of"),
-        ({"bit_depth": 16.5}, "bit_depth must be an integer"),
-        ({"image_pixel_height": "48"}, "image_pixel_height must be an integer"),
-        ({"n_modules": False}, "n_modules must be an integer"),
-        ({"bit_depth": 24}, "bit_depth must be one of 8, 16, 32"),
-        ({"image_pixel_width": -1}, "image_pixel_width must be > 0"),
-        ({"writer_user_id": 1.0}, "writer_user_id must be an integer"),
-        ({"nonsense": 1}, "unknown field(s) nonsense"),
-    ],
-)
-def test_invalid_config_is_refused_with_a_message(
-    writer: WriterProcess, detector_config: Path, update: dict[str, Any], expected: str
-) -> None:
+INVALID_CONFIGS: list[tuple[dict[str, Any], str]] = [
+    ({"detector_type": "pilatus"}, "detector_type must be one of"),
+    ({"bit_depth": 16.5}, "bit_depth must be an integer"),
+    ({"image_pixel_height": "48"}, "image_pixel_height must be an integer"),
+    ({"n_modules": False}, "n_modules must be an integer"),
+    ({"bit_depth": 24}, "bit_depth must be one of 8, 16, 32"),
+    ({"image_pixel_width": -1}, "image_pixel_width must be > 0"),
+    ({"writer_user_id": 1.0}, "writer_user_id must be an integer"),
+    ({"nonsense": 1}, "unknown field(s) nonsense"),
+]
+
+
+def test_invalid_config_is_refused_with_a_message(writer: WriterProcess, detector_config: Path) -> None:
     client = StdDaqClient(url_base=writer.rest_url)
     before = client.get_config()
-    with pytest.raises(StdDaqAdminException, match=re.escape(expected)):
-        client.set_config(update)
+    file_before = detector_config.read_text()
+    deployment_before = client.get_deployment_status()
+    for update, expected in INVALID_CONFIGS:
+        with pytest.raises(StdDaqAdminException, match=re.escape(expected)):
+            client.set_config(update)
     assert client.get_config() == before
-    assert json.loads(detector_config.read_text())["detector_name"] == DETECTOR_NAME
+    assert detector_config.read_text() == file_before
+    assert client.get_deployment_status() == deployment_before, "a refused config is not deployed"
 
 
 def test_config_update_is_partial_persisted_and_deployed(
@@ -304,3 +314,17 @@ def test_config_update_is_partial_persisted_and_deployed(
     assert (applied["image_pixel_height"], applied["bit_depth"]) == (64, 32)
     assert client.get_deployment_status()["status"] == "SUCCESS"
     assert client.get_status()["state"] == "READY", "the data path runs with the new geometry"
+
+
+def test_data_path_dying_while_idle_makes_the_writer_unknown_until_stop(
+    writer: WriterProcess, data_root: Path
+) -> None:
+    client = StdDaqClient(url_base=writer.rest_url)
+    os.kill(_data_path_pid(writer), signal.SIGKILL)
+    wait_for(lambda: client.get_status()["state"] == "UNKNOWN")
+    with pytest.raises(StdDaqAdminException, match="call stop"):
+        client.start_writer_sync({"output_file": str(data_root / "refused.h5"), "n_images": 3})
+    assert not (data_root / "refused.h5").exists()
+    assert client.stop_writer()["state"] == "READY"
+    status = client.start_writer_sync({"output_file": str(data_root / "ok.h5"), "n_images": 3})
+    assert status["acquisition"]["message"] == "Completed."

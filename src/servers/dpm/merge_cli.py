@@ -1,0 +1,103 @@
+"""`daqif-dpm-merge`: the standalone merge the DPM server runs, and the product checker.
+
+    daqif-dpm-merge SPEC.json --root DIR [--outfile F] [--dry-run]
+    daqif-dpm-merge --verify FILE
+
+Log lines go to stdout (the server appends them to the DAQ's `logs/merge.log`); an error is one
+line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from daqif.spec import SpecificationError, load_specification
+from servers.dpm.merge import MergeError, ProductUnreadableError, merge, resolve_sources, verify
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # merge failed, or --verify found a mismatch
+EXIT_UNREADABLE = 2  # --verify: the file cannot be read as an HDF5 product
+EXIT_USAGE = 2  # bad command line (argparse's own code)
+EXIT_BAD_SPEC = 3  # the specification is unreadable or invalid
+
+_EPILOG = """\
+exit codes:
+  0  merged (or --dry-run passed, or --verify: checksums match)
+  1  the merge failed (the message says what and where); --verify: checksum mismatch
+  2  --verify: the file cannot be read as an HDF5 product; or a bad command line
+  3  the specification file cannot be read or is invalid
+
+The product is written as .<name>.part beside the output file and renamed when complete,
+so the output file never holds a partial product. Sources are read from
+<root>/sources/<sourceName>.h5 when that exists (a DPM workspace), else from their local
+location.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="daqif-dpm-merge",
+        description="Merge the sources of a Data Product Specification into <fileId>.h5; verify a product.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("specification", nargs="?", type=Path, help="the Data Product Specification (JSON)")
+    parser.add_argument(
+        "--root", type=Path, help="directory with sources/<sourceName>.h5; default output directory"
+    )
+    parser.add_argument("--outfile", type=Path, help="product path (default <root>/<fileId>.h5)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check and print what would be merged; write nothing"
+    )
+    parser.add_argument("--verify", type=Path, metavar="FILE", help="recompute the checksums of a product")
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"daqif-dpm-merge: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verify is not None:
+        if args.specification is not None or args.root is not None or args.outfile or args.dry_run:
+            parser.error("--verify FILE takes no other arguments")
+        return _verify(args.verify)
+    if args.specification is None or args.root is None:
+        parser.error("give SPEC.json and --root DIR (or --verify FILE)")
+    try:
+        text = args.specification.read_bytes()
+    except OSError as exc:
+        return _fail(f"cannot read the specification {args.specification}: {exc.strerror}", EXIT_BAD_SPEC)
+    try:
+        spec = load_specification(text)
+    except SpecificationError as exc:
+        return _fail(f"{args.specification}: {exc}", EXIT_BAD_SPEC)
+    outfile = args.outfile if args.outfile is not None else args.root / spec.product_name
+    try:
+        sources = resolve_sources(spec, args.root)
+        merge(spec, sources, outfile, log=sys.stdout, dry_run=args.dry_run)
+    except MergeError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted; no product written", EXIT_FAILED)
+    return EXIT_OK
+
+
+def _verify(path: Path) -> int:
+    try:
+        result = verify(path)
+    except ProductUnreadableError as exc:
+        return _fail(f"unreadable: {exc}", EXIT_UNREADABLE)
+    if result.ok:
+        print(result.message, flush=True)
+        return EXIT_OK
+    return _fail(result.message, EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Collecting sources: missing files, rsync over a remote shell, copies across file systems."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from daqif.v1 import dpm_pb2
+from servers.dpm.merge import verify
+
+from .dpm_helpers import DpmHarness, hdf5_source, make_spec, wait_alert, wait_archived, write_source
+
+
+def test_missing_source_waits_in_collecting_until_created_and_retried(dpm: DpmHarness) -> None:
+    server = dpm.start()
+    client = dpm.client(server)
+    missing = dpm.data / "raw" / "late.h5"
+    client.queue_daq(make_spec("LATE1", [hdf5_source("late", missing)], [dpm.receiver]))
+
+    status = wait_alert(client, "LATE1", "collecting:late")
+    assert status.substate == dpm_pb2.DAQ_SUB_STATE_COLLECTING
+    assert status.error
+    (alert,) = status.alerts
+    assert alert.severity == dpm_pb2.ALERT_SEVERITY_ERROR
+    assert alert.description == f"source {missing} does not exist"
+    internal = client.get_internal_daq_status("LATE1")
+    assert internal.sources[0].outcome.startswith("failed: ")
+
+    data = write_source(missing, "late", seed=3)
+    client.retry_merge_daq("LATE1")
+
+    record = wait_archived(client, server, "LATE1")
+    assert record["substate"] == "COMPLETED" and record["alerts"] == []
+    assert record["attempts"]["collect"] == 2
+    with h5py.File(dpm.receiver / "LATE1.product.h5", "r") as f:
+        np.testing.assert_array_equal(f["late/late/data"][()], data)
+
+
+def test_remote_source_is_fetched_with_rsync_through_the_remote_shell(
+    dpm: DpmHarness, remote_shell: str
+) -> None:
+    # The "remote" file lies outside the allowed roots: remote locations are not confined
+    # locally, they are whatever the remote shell gives access to.
+    remote_dir = dpm.base / "remote-host"
+    data = write_source(remote_dir / "det9.h5", "det9", seed=9)
+    server = dpm.start({"rsync_remote_shell": remote_shell})
+    client = dpm.client(server)
+    location = f"operator@detector-host:{remote_dir / 'det9.h5'}"
+    client.queue_daq(make_spec("REMOTE1", [hdf5_source("det9", location)], [dpm.receiver]))
+
+    record = wait_archived(client, server, "REMOTE1")
+    assert record["substate"] == "COMPLETED", record["alerts"]
+    (source,) = record["sources"]
+    assert (source["location"], source["outcome"]) == (location, "rsync")
+    assert source["bytes"] == (remote_dir / "det9.h5").stat().st_size
+    with h5py.File(dpm.receiver / "REMOTE1.product.h5", "r") as f:
+        np.testing.assert_array_equal(f["det9/det9/data"][()], data)
+
+
+def test_unreachable_remote_source_raises_an_error_alert_with_rsyncs_reason(
+    dpm: DpmHarness, remote_shell: str
+) -> None:
+    server = dpm.start({"rsync_remote_shell": remote_shell})
+    client = dpm.client(server)
+    client.queue_daq(make_spec("REMOTE2", [hdf5_source("det9", "host:/nonexistent/det9.h5")], [dpm.receiver]))
+    status = wait_alert(client, "REMOTE2", "collecting:det9")
+    (alert,) = status.alerts
+    assert alert.description.startswith("rsync of host:/nonexistent/det9.h5 failed: ")
+    assert "No such file or directory" in alert.description
+
+
+@pytest.fixture
+def other_file_system() -> Iterator[Path]:
+    """A directory on tmpfs (/dev/shm): not the workspace's file system, so links fail."""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    directory = Path(tempfile.mkdtemp(prefix="daqif-dpm-test-", dir="/dev/shm"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_source_on_another_file_system_is_copied(dpm: DpmHarness, other_file_system: Path) -> None:
+    source = other_file_system / "det1.h5"
+    data = write_source(source, "det1", seed=4)
+    server = dpm.start(allowed_roots=[dpm.data, other_file_system])
+    client = dpm.client(server)
+    client.queue_daq(make_spec("COPY1", [hdf5_source("det1", source)], [dpm.receiver]))
+
+    record = wait_archived(client, server, "COPY1")
+    assert record["sources"][0]["outcome"] == "copied"
+    assert record["sources"][0]["bytes"] == source.stat().st_size
+    product = dpm.receiver / "COPY1.product.h5"
+    assert verify(product).ok
+    with h5py.File(product, "r") as f:
+        np.testing.assert_array_equal(f["det1/det1/data"][()], data)
+
+
+def test_target_source_is_collected_and_becomes_the_base_of_the_product(dpm: DpmHarness) -> None:
+    base = write_source(dpm.data / "raw" / "base.h5", "base", seed=7, attrs={"ORIGIN": "ESO"})
+    det1 = dpm.source("det1", seed=8)
+    server = dpm.start()
+    client = dpm.client(server)
+    spec = make_spec("BASE1", [hdf5_source("det1", det1)], [dpm.receiver])
+    spec["target"]["source"] = hdf5_source("base", dpm.data / "raw" / "base.h5")
+    client.queue_daq(spec)
+
+    record = wait_archived(client, server, "BASE1")
+    assert [(s["source_name"], s["outcome"]) for s in record["sources"]] == [
+        ("base", "linked"),
+        ("det1", "linked"),
+    ]
+    with h5py.File(dpm.receiver / "BASE1.product.h5", "r") as f:
+        np.testing.assert_array_equal(f["base/data"][()], base)  # the base's layout, at the root
+        assert "det1/det1/data" in f
+        assert f.attrs["ORIGIN"] == "ESO"

@@ -1,0 +1,176 @@
+"""The DAQ lifecycle through a real DPM server: substates, abort, retry, free-space reserve."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+
+from daqif.errors import ErrorCode
+from daqif.v1 import dpm_pb2
+from servers.dpm.merge import verify
+
+from .dpm_helpers import (
+    DpmHarness,
+    error_of,
+    follow_from_now,
+    hdf5_source,
+    keyword_source,
+    make_spec,
+    statuses_until_final,
+    substate_names,
+    wait_alert,
+    wait_archived,
+    wait_substate,
+    write_source,
+)
+
+
+def test_daq_with_two_hdf5_sources_and_keywords_passes_every_substate_to_the_receiver(
+    dpm: DpmHarness,
+) -> None:
+    server = dpm.start()
+    client = dpm.client(server)
+    det1 = write_source(dpm.data / "raw" / "det1.h5", "det1", seed=1, attrs={"ESO INS MODE": "A"})
+    det2 = write_source(
+        dpm.data / "raw" / "det2.h5", "det2", seed=2, attrs={"ESO INS MODE": "B", "EXPTIME": 2.0}
+    )
+    stream = follow_from_now(dpm, client)
+
+    spec = make_spec(
+        "LIFE.2026-11-22T10:00:00.000",
+        [
+            hdf5_source("det1", dpm.data / "raw" / "det1.h5"),
+            hdf5_source("det2", dpm.data / "raw" / "det2.h5"),
+            keyword_source("ocm"),
+        ],
+        [dpm.receiver],
+        file_id="LIFE_PRODUCT",
+    )
+    reply = client.queue_daq(spec)
+    assert (reply.id, reply.error) == ("LIFE.2026-11-22T10:00:00.000", False)
+    statuses = statuses_until_final(stream, reply.id)
+
+    assert substate_names(statuses) == ["SCHEDULED", "COLLECTING", "MERGING", "RELEASING", "COMPLETED"]
+    assert all(s.state == dpm_pb2.DAQ_STATE_MERGING for s in statuses[:-1])
+    final = statuses[-1]
+    assert final.state == dpm_pb2.DAQ_STATE_COMPLETED
+    assert not final.error and list(final.alerts) == []
+    assert final.file_id == "LIFE_PRODUCT"
+    assert final.result == str(server.workspace / "products" / reply.id / "LIFE_PRODUCT.h5")
+
+    released = dpm.receiver / "LIFE_PRODUCT.h5"
+    assert sorted(os.listdir(dpm.receiver)) == ["LIFE_PRODUCT.h5"]
+    assert os.stat(released).st_ino == os.stat(final.result).st_ino  # a hard link, not a copy
+    assert os.stat(released).st_nlink == 2
+    assert verify(released).ok
+    with h5py.File(released, "r") as f:
+        np.testing.assert_array_equal(f["det1/det1/data"][()], det1)
+        np.testing.assert_array_equal(f["det2/det2/data"][()], det2)
+        assert f.attrs["ESO INS MODE"] == "A"  # det1 comes first: it wins the collision
+        assert f.attrs["EXPTIME"] == 2.0
+        assert f.attrs["OBJECT"] == "M31"
+        assert f.attrs["ESO DET DIT"] == 0.5
+        assert "queued by the DPM tests" in " ".join(map(str, f.attrs["COMMENT"]))
+        assert f.attrs["ARCFILE"] == "LIFE_PRODUCT.h5"
+
+    exc = error_of(lambda: client.get_daq_status(reply.id))
+    assert exc.code is ErrorCode.NOT_FOUND
+    record = wait_archived(client, server, reply.id)
+    assert [h["substate"] for h in record["history"]] == substate_names(statuses)
+    assert [s["outcome"] for s in record["sources"]] == ["linked", "linked"]
+    assert record["receivers"][0]["outcome"] == "hardlink"
+    assert (server.workspace / "archive" / reply.id / "logs" / "merge.log").stat().st_size > 0
+    assert not (server.workspace / "archive" / reply.id / "sources").exists()
+
+
+HOLD: dict[str, dict[str, Any]] = {
+    "SCHEDULED": {"max_active_daqs": 0},
+    "COLLECTING": {"debug_delays": {"COLLECTING": 600}},
+    "MERGING": {"debug_delays": {"MERGING": 600}},
+    "RELEASING": {"debug_delays": {"RELEASING": 600}},
+}
+
+
+@pytest.mark.parametrize("held_in", list(HOLD))
+def test_abort_ends_the_daq_aborted_from_each_non_final_substate(dpm: DpmHarness, held_in: str) -> None:
+    server = dpm.start(HOLD[held_in])
+    client = dpm.client(server)
+    source = dpm.source("det1")
+    stream = follow_from_now(dpm, client)
+    client.queue_daq(make_spec("ABORT1", [hdf5_source("det1", source)], [dpm.receiver]))
+    wait_substate(client, "ABORT1", held_in)
+
+    assert client.abort_daq("ABORT1").id == "ABORT1"
+
+    statuses = statuses_until_final(stream, "ABORT1")
+    assert substate_names(statuses)[-3:] == [held_in, "ABORTING", "ABORTED"]
+    assert statuses[-1].state == dpm_pb2.DAQ_STATE_COMPLETED
+    assert wait_archived(client, server, "ABORT1")["substate"] == "ABORTED"
+    assert os.listdir(dpm.receiver) == []  # nothing released, no temporary file left
+    assert not (server.workspace / "daqs" / "ABORT1").exists()
+    assert source.is_file()  # the original is never touched
+
+
+def test_abort_of_an_archived_daq_is_not_found_and_its_id_cannot_be_queued_again(dpm: DpmHarness) -> None:
+    server = dpm.start()
+    client = dpm.client(server)
+    spec = make_spec("DONE1", [keyword_source()], [dpm.receiver])
+    client.queue_daq(spec)
+    assert wait_archived(client, server, "DONE1")["substate"] == "COMPLETED"
+
+    exc = error_of(lambda: client.abort_daq("DONE1"))
+    assert (exc.code, exc.id) == (ErrorCode.NOT_FOUND, "DONE1")
+    assert "archived" in exc.message
+    exc = error_of(lambda: client.queue_daq(spec))
+    assert (exc.code, exc.id) == (ErrorCode.ALREADY_EXISTS, "DONE1")
+
+
+def test_free_space_reserve_holds_the_daq_scheduled_with_a_storage_warning(dpm: DpmHarness) -> None:
+    server = dpm.start({"free_space_reserve_bytes": 2**62, "storage_report_interval_s": 0.1})
+    client = dpm.client(server)
+    client.queue_daq(make_spec("SPACE1", [hdf5_source("det1", dpm.source("det1"))], [dpm.receiver]))
+    status = wait_alert(client, "SPACE1", "storage")
+    assert status.substate == dpm_pb2.DAQ_SUB_STATE_SCHEDULED
+    assert not status.error  # a warning: nothing failed, the DAQ waits
+    (alert,) = status.alerts
+    assert alert.severity == dpm_pb2.ALERT_SEVERITY_WARNING
+    assert "reserve is 4611686018427387904 bytes" in alert.description
+
+    # The reserve is a server setting: the operator lowers it and restarts the server.
+    server.stop()
+    server.config["free_space_reserve_bytes"] = 1024
+    server.start()
+    record = wait_archived(client, server, "SPACE1")
+    assert record["substate"] == "COMPLETED" and record["alerts"] == []
+    assert (dpm.receiver / "SPACE1.product.h5").is_file()
+
+
+def test_failed_merge_waits_for_retry_and_a_source_changed_after_collection_warns(dpm: DpmHarness) -> None:
+    server = dpm.start()
+    client = dpm.client(server)
+    broken = dpm.data / "raw" / "det1.h5"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not an HDF5 file")
+    client.queue_daq(make_spec("MERGE1", [hdf5_source("det1", broken)], [dpm.receiver]))
+
+    status = wait_alert(client, "MERGE1", "merging")
+    assert status.substate == dpm_pb2.DAQ_SUB_STATE_MERGING and status.error
+    internal = client.get_internal_daq_status("MERGE1")
+    assert "merge attempt 1" in Path(internal.merge_log).read_text()
+
+    # The source is rewritten in place (the collected hard link sees the same inode).
+    with open(broken, "r+b") as handle:
+        handle.truncate(0)
+    write_source(broken, "det1", seed=5)
+    client.retry_merge_daq("MERGE1")
+
+    record = wait_archived(client, server, "MERGE1")
+    assert record["substate"] == "COMPLETED"
+    assert [(a["id"], a["severity"]) for a in record["alerts"]] == [("modified:det1", "WARNING")]
+    assert record["attempts"]["merge"] == 2
+    assert verify(dpm.receiver / "MERGE1.product.h5").ok

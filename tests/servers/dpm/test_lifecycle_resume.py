@@ -1,0 +1,82 @@
+"""Resuming after `kill -9` of the server: every DAQ completes, each product is released once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from servers.dpm.merge import verify
+
+from .dpm_helpers import DpmHarness, hdf5_source, keyword_source, make_spec, wait_archived, wait_substate
+
+DAQS = ("CRASH1", "CRASH2")
+
+
+@pytest.mark.parametrize("crash_in", ["COLLECTING", "MERGING", "RELEASING"])
+def test_kill_9_then_restart_completes_every_daq_and_releases_each_product_once(
+    dpm: DpmHarness, crash_in: str
+) -> None:
+    second = dpm.data / "olas2"
+    second.mkdir()
+    server = dpm.start({"debug_delays": {crash_in: 600}, "max_active_daqs": 2})
+    client = dpm.client(server)
+    for i, daq_id in enumerate(DAQS):
+        source = dpm.source(f"det{i}", seed=i)
+        client.queue_daq(
+            make_spec(daq_id, [hdf5_source("det", source), keyword_source()], [dpm.receiver, second])
+        )
+    for daq_id in DAQS:
+        wait_substate(client, daq_id, crash_in)
+
+    server.kill()
+
+    # Leave what the interrupted step may have left behind.
+    daq_dir = server.workspace / "daqs" / "CRASH1"
+    name = "CRASH1.product.h5"
+    if crash_in == "COLLECTING":
+        (daq_dir / "sources").mkdir(exist_ok=True)
+        (daq_dir / "sources" / ".det.h5.daqif-tmp").write_bytes(b"half a copy")
+    elif crash_in == "MERGING":
+        (daq_dir / name).write_bytes(b"a product whose merge was cut short")
+        (daq_dir / f".{name}.part").write_bytes(b"partial")
+    else:  # released to the first receiver just before the crash, not yet recorded
+        os.link(server.workspace / "products" / "CRASH1" / name, dpm.receiver / name)
+        (second / f".{name}.daqif-tmp").write_bytes(b"half a copy")
+
+    server.config = {"max_active_daqs": 2}
+    server.start()
+
+    for daq_id in DAQS:
+        record = wait_archived(client, server, daq_id)
+        assert record["substate"] == "COMPLETED"
+        assert [r["outcome"] for r in record["receivers"]] == ["hardlink", "hardlink"]
+    names = sorted(f"{d}.product.h5" for d in DAQS)
+    assert sorted(os.listdir(dpm.receiver)) == names  # no duplicate, no temporary file
+    assert sorted(os.listdir(second)) == names
+    for daq_id in DAQS:
+        product = server.workspace / "products" / daq_id / f"{daq_id}.product.h5"
+        assert verify(product).ok
+        assert os.stat(product).st_nlink == 3  # workspace + two receivers: released once each
+        assert os.stat(dpm.receiver / product.name).st_ino == os.stat(product).st_ino
+        assert os.stat(second / product.name).st_ino == os.stat(product).st_ino
+
+
+def test_restart_resumes_every_queued_daq_in_queue_order(dpm: DpmHarness) -> None:
+    server = dpm.start({"max_active_daqs": 0})
+    client = dpm.client(server)
+    source = dpm.source("det1")
+    ids = [f"MANY{i:02d}" for i in range(12)]
+    for daq_id in ids:
+        client.queue_daq(make_spec(daq_id, [hdf5_source("det1", source), keyword_source()], [dpm.receiver]))
+    assert [d.id for d in client.get_active_daqs()] == ids
+
+    server.kill()
+    server.config = {"max_active_daqs": 1}
+    server.start()
+
+    records = [wait_archived(client, server, daq_id) for daq_id in ids]
+    assert all(r["substate"] == "COMPLETED" for r in records)
+    started = [next(h["timestamp"] for h in r["history"] if h["substate"] == "COLLECTING") for r in records]
+    assert started == sorted(started)
+    assert sorted(os.listdir(dpm.receiver)) == sorted(f"{d}.product.h5" for d in ids)

@@ -1,0 +1,173 @@
+"""`daqif-dpm-merge` as a real process and in-process: merge, dry run, verify, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import h5py
+import pytest
+
+from servers.dpm.merge_cli import main
+
+from .merge_samples import hdf5_source, keyword_source, spec_document, write_detector_file, write_spec
+
+FILE_ID = "CLI.2026-11-22T10:00:00.000"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "servers.dpm.merge_cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A DPM-like workspace: det1 collected under sources/, det2 read from its location."""
+    root = tmp_path / "daq"
+    (root / "sources").mkdir(parents=True)
+    write_detector_file(root / "sources" / "det1.h5", "jf1", keywords={"ESO DET DIT": 0.5})
+    det2 = write_detector_file(tmp_path / "det2.h5", "jf2", seed=2, compressed=True)
+    document = spec_document(
+        [
+            keyword_source("ocm", [{"type": "valueKeyword", "name": "OBJECT", "value": "M31"}]),
+            hdf5_source("det1", Path("/nonexistent/det1.h5")),  # the workspace copy is used
+            hdf5_source("det2", det2),
+        ],
+        file_id=FILE_ID,
+    )
+    write_spec(root / "specification.json", document)
+    return root
+
+
+def test_merge_writes_the_product_in_the_root_and_logs_to_stdout(workspace: Path) -> None:
+    done = run_cli(str(workspace / "specification.json"), "--root", str(workspace))
+
+    assert done.returncode == 0, done.stderr
+    product = workspace / f"{FILE_ID}.h5"
+    with h5py.File(product, "r") as f:
+        assert sorted(f.keys()) == ["det1", "det2"]
+        assert f.attrs["OBJECT"] == "M31" and f.attrs["ESO DET DIT"] == 0.5
+    assert f"wrote {product}" in done.stdout
+    assert done.stderr == ""
+    assert not list(workspace.glob(".*.part"))
+
+
+def test_outfile_option_names_the_product(workspace: Path, tmp_path: Path) -> None:
+    outfile = tmp_path / "elsewhere.h5"
+
+    code = main([str(workspace / "specification.json"), "--root", str(workspace), "--outfile", str(outfile)])
+
+    assert code == 0
+    with h5py.File(outfile, "r") as f:
+        assert f.attrs["ARCFILE"] == "elsewhere.h5" and f.attrs["ORIGFILE"] == f"{FILE_ID}.h5"
+    assert not (workspace / f"{FILE_ID}.h5").exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(workspace: Path) -> None:
+    before = sorted(p.name for p in workspace.rglob("*"))
+
+    done = run_cli(str(workspace / "specification.json"), "--root", str(workspace), "--dry-run")
+
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in workspace.rglob("*")) == before
+    assert "dataset /det1/jf1/data: uint16 (4, 32, 48)" in done.stdout
+    assert "dataset /det2/jf2/data" in done.stdout and "filters [32008]" in done.stdout
+    assert "keyword OBJECT = 'M31' (from ocm)" in done.stdout
+    assert "keyword ESO DET DIT = 0.5 (from det1)" in done.stdout
+
+
+def test_verify_passes_then_fails_on_a_flipped_data_byte(workspace: Path) -> None:
+    assert main([str(workspace / "specification.json"), "--root", str(workspace)]) == 0
+    product = workspace / f"{FILE_ID}.h5"
+    ok = run_cli("--verify", str(product))
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
+
+    with h5py.File(product, "r") as f:
+        offset = f["det1/jf1/data"].id.get_chunk_info(0).byte_offset
+    with open(product, "r+b") as handle:
+        handle.seek(offset)
+        first = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([first[0] ^ 0xFF]))
+    bad = run_cli("--verify", str(product))
+
+    assert bad.returncode == 1
+    assert "checksum mismatch" in bad.stderr and "dataset /det1/jf1/data" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_verify_fails_on_a_modified_attribute(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(workspace / "specification.json"), "--root", str(workspace)]) == 0
+    product = workspace / f"{FILE_ID}.h5"
+    with h5py.File(product, "r+") as f:
+        f.attrs["OBJECT"] = "M32"
+    capsys.readouterr()
+
+    assert main(["--verify", str(product)]) == 1
+    assert "root DATASUM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, b"garbage, not HDF5"])
+def test_verify_of_an_unreadable_file_exits_2(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "product.h5"
+    if content is not None:
+        path.write_bytes(content)
+
+    done = run_cli("--verify", str(path))
+
+    assert done.returncode == 2
+    assert done.stderr.startswith("daqif-dpm-merge: error: unreadable:")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_missing_source_exits_1_with_one_line_and_no_product(workspace: Path) -> None:
+    (workspace / "sources" / "det1.h5").unlink()
+
+    done = run_cli(str(workspace / "specification.json"), "--root", str(workspace))
+
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sources[1] 'det1': file /nonexistent/det1.h5 does not exist" in lines[0]
+    assert not (workspace / f"{FILE_ID}.h5").exists()
+    assert not list(workspace.glob(".*.part"))
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ("{not json", "not valid JSON"),
+        ({"id": "X", "target": {"fileId": "X"}, "sources": [{"type": "tape"}]}, "sources[0].type"),
+    ],
+)
+def test_invalid_specification_exits_3_with_where(tmp_path: Path, document: Any, expected: str) -> None:
+    spec = tmp_path / "spec.json"
+    if isinstance(document, str):
+        spec.write_text(document)
+    else:
+        write_spec(spec, document)
+
+    done = run_cli(str(spec), "--root", str(tmp_path))
+
+    assert done.returncode == 3
+    assert expected in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unreadable_specification_file_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "missing.json"), "--root", str(tmp_path)]) == 3
+    assert "cannot read the specification" in capsys.readouterr().err
+
+
+def test_help_documents_the_exit_codes() -> None:
+    done = run_cli("--help")
+
+    assert done.returncode == 0
+    assert "exit codes:" in done.stdout and "--verify" in done.stdout and "--dry-run" in done.stdout
+
+
+def test_missing_root_is_a_usage_error(tmp_path: Path) -> None:
+    done = run_cli(str(tmp_path / "spec.json"))
+
+    assert done.returncode == 2 and "--root" in done.stderr

@@ -1,0 +1,64 @@
+"""`daqif-writer` as a process: command line, sync cap, clean shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+from std_daq_client import StdDaqAdminException, StdDaqClient
+
+from .conftest import DETECTOR_NAME, Simulator, WriterFactory, wait_for
+
+
+def test_sync_write_longer_than_the_cap_is_refused_and_keeps_writing(
+    writer_factory: WriterFactory, simulator: Simulator, data_root: Path
+) -> None:
+    writer = writer_factory(simulator.endpoint, sync_timeout=1.0)
+    client = StdDaqClient(url_base=writer.rest_url)
+    with pytest.raises(StdDaqAdminException, match="still running"):
+        client.start_writer_sync({"output_file": str(data_root / "long.h5"), "n_images": 100_000})
+    assert client.get_status()["state"] == "WRITING"
+    assert client.stop_writer()["acquisition"]["message"] == "Interrupted."
+
+
+def test_sigterm_closes_an_open_file_as_interrupted(
+    writer_factory: WriterFactory, simulator: Simulator, data_root: Path
+) -> None:
+    writer = writer_factory(simulator.endpoint)
+    client = StdDaqClient(url_base=writer.rest_url)
+    output = data_root / "shutdown.h5"
+    client.start_writer_async({"output_file": str(output), "n_images": 100_000})
+    wait_for(lambda: client.get_status()["acquisition"]["stats"]["n_write_completed"] >= 10)
+    children = writer.data_path_pids()
+    assert writer.stop() == 0
+    with h5py.File(output, "r") as f:  # closed cleanly: no SWMR flag left, datasets shrunk
+        n_ids = f[DETECTOR_NAME]["image_id"].shape[0]
+        assert n_ids >= 10
+        assert f[DETECTOR_NAME]["data"].shape[0] == n_ids
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_bad_config_file_stops_the_writer_with_a_message(tmp_path: Path) -> None:
+    config = tmp_path / "bad.json"
+    config.write_text('{"bit_depth": 12}')
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "servers.writer.main",
+            "--stream",
+            "tcp://127.0.0.1:1",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "bit_depth must be one of 8, 16, 32" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,401 @@
+"""Benchmark of the writer's data path (issue 3's table): prints a JSON summary with machine facts.
+
+Simulator (``python -m servers.sim.main``) and data path (`ProcessDataPath`) run as separate
+processes over TCP loopback. The data path is driven through its handle directly (the REST/gRPC
+control plane adds nothing per frame); the output says so.
+
+Measures, each against a reference measured in the same run:
+
+- writer bytes/s for 64 KiB (256x128 uint16), 512 KiB (512x512) and 4 MiB (2048x1024) frames,
+  divided by a plain Python file write of the same frames to the same directory;
+- frames/s written for 64 KiB frames;
+- with ``--compress bslz4``: raw-equivalent bytes/s divided by the uncompressed run;
+- frames lost in a write of 20,000 64 KiB frames from a PUB source at the highest rate that
+  holds (starting near the measured write rate, 15 % lower per attempt);
+- the data path's resident memory, sampled during a long 4 MiB-frame write (``--rss-gib``).
+
+Defaults finish in a few minutes on 2 cores; ``--frames-scale 4 --rss-gib 10`` is the full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin
+import numpy as np
+import zmq
+
+from daqif.frame import PATTERN_PERIOD, expected_frame
+from servers.writer.datapath import ProcessDataPath, rcvhwm_for_frames
+from servers.writer.datapath_api import WriteJob, WritePhase, WriteResult
+
+SIZES: dict[str, tuple[int, int]] = {"64KiB": (256, 128), "512KiB": (512, 512), "4MiB": (2048, 1024)}
+DEFAULT_FRAMES = {"64KiB": 10_000, "512KiB": 1_500, "4MiB": 200}
+DTYPE = "uint16"
+
+
+@dataclass
+class Sim:
+    process: subprocess.Popen[str]
+    endpoint: str
+    lines: queue.Queue[str]
+
+    def stop(self) -> dict[str, Any]:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(60)
+        while True:
+            line = self.lines.get(timeout=10)
+            if line.startswith("daqif-sim: done "):
+                summary: dict[str, Any] = json.loads(line.removeprefix("daqif-sim: done "))
+                return summary
+
+
+def start_sim(shape: tuple[int, int], *extra: str, endpoint: str = "tcp://127.0.0.1:*") -> Sim:
+    command = [
+        sys.executable,
+        "-m",
+        "servers.sim.main",
+        "--endpoint",
+        endpoint,
+        "--shape",
+        str(shape[0]),
+        str(shape[1]),
+        "--dtype",
+        DTYPE,
+        "--linger",
+        "0",
+        *extra,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line.strip())
+
+    threading.Thread(target=pump, daemon=True).start()
+    match = re.match(r"daqif-sim: bound (tcp://\S+)", lines.get(timeout=120))
+    if match is None:
+        process.kill()
+        raise RuntimeError("the simulator did not start")
+    return Sim(process, match.group(1), lines)
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def make_job(path: Path, n: int, shape: tuple[int, int]) -> WriteJob:
+    return WriteJob(
+        output_file=str(path),
+        n_images=n,
+        run_id="bench",
+        detector_name="bench",
+        height=shape[0],
+        width=shape[1],
+        dtype=DTYPE,
+    )
+
+
+def wait_result(datapath: ProcessDataPath, timeout: float) -> WriteResult:
+    def ended() -> WriteResult | None:
+        progress = datapath.progress()
+        return progress.result if progress.phase in (WritePhase.FINISHED, WritePhase.FAILED) else None
+
+    result: WriteResult = wait_until(ended, timeout, "the write to end")
+    if result.error:
+        raise RuntimeError(f"write failed: {result.error}")
+    return result
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def writer_run(
+    directory: Path, shape: tuple[int, int], n: int, *, compress: bool, sample_rss: bool = False
+) -> dict[str, Any]:
+    """Record `n` frames from a simulator sending as fast as it can (PUSH: nothing is lost)."""
+    frame_bytes = shape[0] * shape[1] * np.dtype(DTYPE).itemsize
+    extra = ["--header", "daqif", "--compress", "bslz4"] if compress else []
+    sim = start_sim(shape, *extra)
+    datapath = ProcessDataPath(sim.endpoint, "pull", rcvhwm=rcvhwm_for_frames(frame_bytes))
+    path = directory / f"writer-{shape[0]}x{shape[1]}-{'bslz4' if compress else 'raw'}.h5"
+    samples: list[int] = []
+    try:
+        datapath.start()
+        wait_until(lambda: datapath.counters().received > 0, 60, "frames to arrive")
+        os.sync()  # start from clean page cache, like the plain-write reference
+        datapath.open_write(make_job(path, n, shape))
+        if sample_rss:
+            assert datapath.pid is not None
+            while datapath.progress().phase not in (WritePhase.FINISHED, WritePhase.FAILED):
+                samples.append(rss_bytes(datapath.pid))
+                time.sleep(0.25)
+        result = wait_result(datapath, timeout=3600)
+        counters = datapath.counters()
+    finally:
+        datapath.close()
+        sim_summary = sim.stop()
+    elapsed = result.stop_time - result.start_time
+    file_bytes = path.stat().st_size
+    path.unlink()
+    run: dict[str, Any] = {
+        "frames": n,
+        "frame_bytes": frame_bytes,
+        "compressed": compress,
+        "seconds": round(elapsed, 3),
+        "frames_per_s": round(n / elapsed, 1),
+        "raw_bytes_per_s": round(n * frame_bytes / elapsed),
+        "file_bytes": file_bytes,
+        "stored_bytes_per_frame": round(counters.bytes_written / max(1, counters.written)),
+        "malformed": counters.malformed,
+        "simulator_frames_per_s": round(sim_summary["frames_per_s"], 1),
+    }
+    if samples:
+        quarter = max(1, len(samples) // 4)
+        run["rss_samples"] = len(samples)
+        run["rss_mib_min"] = round(min(samples) / 2**20, 1)
+        run["rss_mib_max"] = round(max(samples) / 2**20, 1)
+        run["rss_mib_first_quarter_mean"] = round(float(np.mean(samples[:quarter])) / 2**20, 1)
+        run["rss_mib_last_quarter_mean"] = round(float(np.mean(samples[-quarter:])) / 2**20, 1)
+    return run
+
+
+def plain_write(directory: Path, shape: tuple[int, int], n: int) -> dict[str, Any]:
+    """The reference: Python writes the same frames to a file in the same directory."""
+    frames = [expected_frame(i, shape, DTYPE).tobytes() for i in range(PATTERN_PERIOD)]
+    path = directory / f"plain-{shape[0]}x{shape[1]}.bin"
+    os.sync()
+    start = time.perf_counter()
+    with open(path, "wb") as handle:
+        for i in range(1, n + 1):
+            handle.write(frames[i % PATTERN_PERIOD])
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    frame_bytes = len(frames[0])
+    return {
+        "frames": n,
+        "seconds": round(elapsed, 3),
+        "bytes_per_s": round(n * frame_bytes / elapsed),
+    }
+
+
+def loss_run(directory: Path, rate: float, n: int) -> dict[str, Any]:
+    """Record `n` 64 KiB frames from a PUB source at `rate`; lost = gaps in the recorded ids."""
+    shape = SIZES["64KiB"]
+    port = _free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    # A real deployment sizes the receive queue for its detector; 512 MiB absorbs ~0.5 s of stalls.
+    datapath = ProcessDataPath(endpoint, "sub", rcvhwm=rcvhwm_for_frames(shape[0] * shape[1] * 2, 512 << 20))
+    path = directory / "loss.h5"
+    os.sync()  # earlier runs' dirty pages would otherwise be written back during this one
+    try:
+        datapath.start()
+        datapath.open_write(make_job(path, n, shape))
+        # Extra frames cover the subscription's start (a PUB source drops frames until then).
+        sim = start_sim(
+            shape,
+            "--socket",
+            "pub",
+            "--rate",
+            str(rate),
+            "--count",
+            str(n + int(rate) + 1000),
+            endpoint=endpoint,
+        )
+        try:
+            deadline = n / rate * 3 + 60
+            wait_until(
+                lambda: datapath.progress().phase is WritePhase.FINISHED or sim.process.poll() is not None,
+                deadline,
+                "the write or the simulator to end",
+            )
+            time.sleep(0.5)
+            result = datapath.stop_write() or datapath.progress().result
+        finally:
+            sim_summary = sim.stop()
+    finally:
+        datapath.close()
+    assert result is not None
+    with h5py.File(path, "r") as f:
+        ids = f["bench/image_id"][:]
+    path.unlink()
+    span = int(ids[-1] - ids[0] + 1) if len(ids) else 0
+    lost_inside = span - len(ids)
+    return {
+        "rate_hz": rate,
+        "frames_requested": n,
+        "frames_written": int(result.n_written),
+        "frames_lost": lost_inside + (n - int(result.n_written)),
+        "simulator_max_lag_s": round(sim_summary["max_lag_s"], 4),
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def machine_facts(directory: Path) -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    fs_type = ""
+    try:
+        best = ""
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                _dev, mount, kind = line.split()[:3]
+                if str(directory.resolve()).startswith(mount) and len(mount) > len(best):
+                    best, fs_type = mount, kind
+    except OSError:
+        pass
+    usage = shutil.disk_usage(directory)
+    mem_total = 0
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                mem_total = int(line.split()[1]) * 1024
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "load_average": os.getloadavg(),
+        "memory_gib": round(mem_total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "hdf5plugin": hdf5plugin.version,
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "directory": str(directory),
+        "filesystem": fs_type,
+        "disk_free_gib": round(usage.free / 2**30, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dir", type=Path, help="where files are written (default: a temporary directory)")
+    parser.add_argument(
+        "--sizes", default=",".join(SIZES), help="comma-separated subset of " + ",".join(SIZES)
+    )
+    parser.add_argument("--frames-scale", type=float, default=1.0, help="multiply the default frame counts")
+    parser.add_argument("--no-compress", action="store_true", help="skip the bslz4 runs")
+    parser.add_argument("--loss-frames", type=int, default=20_000, help="frames in the loss test (0 = skip)")
+    parser.add_argument("--loss-attempts", type=int, default=6, help="rates tried in the loss test")
+    parser.add_argument(
+        "--rss-gib", type=float, default=1.0, help="GiB of 4 MiB frames for the RSS run (0 = skip)"
+    )
+    parser.add_argument("--out", type=Path, help="also write the JSON summary here")
+    args = parser.parse_args(argv)
+
+    own_dir = args.dir is None
+    directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir
+    directory.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "benchmark": "daqif writer data path",
+        "driver": "ProcessDataPath handle directly (no REST/gRPC control plane); simulator and data "
+        "path are separate processes over tcp loopback",
+        "machine": machine_facts(directory),
+        "sizes": {},
+    }
+    try:
+        for name in args.sizes.split(","):
+            shape = SIZES[name]
+            n = max(10, int(DEFAULT_FRAMES[name] * args.frames_scale))
+            print(f"[{name}] writer, {n} frames ...", file=sys.stderr, flush=True)
+            raw = writer_run(directory, shape, n, compress=False)
+            print(f"[{name}] plain file write ...", file=sys.stderr, flush=True)
+            plain = plain_write(directory, shape, n)
+            entry: dict[str, Any] = {
+                "shape": list(shape),
+                "writer": raw,
+                "plain_write": plain,
+                "writer_over_plain_write": round(raw["raw_bytes_per_s"] / plain["bytes_per_s"], 3),
+            }
+            if not args.no_compress:
+                print(f"[{name}] writer, bslz4 ...", file=sys.stderr, flush=True)
+                compressed = writer_run(directory, shape, n, compress=True)
+                entry["writer_bslz4"] = compressed
+                entry["bslz4_raw_equivalent_over_uncompressed"] = round(
+                    compressed["raw_bytes_per_s"] / raw["raw_bytes_per_s"], 3
+                )
+            summary["sizes"][name] = entry
+        if "64KiB" in summary["sizes"]:
+            summary["frames_per_s_64KiB"] = summary["sizes"]["64KiB"]["writer"]["frames_per_s"]
+        if args.loss_frames:
+            start_rate = float(summary.get("frames_per_s_64KiB", 8000.0)) * 0.9
+            attempts = []
+            rate = round(start_rate, -1)
+            for _ in range(args.loss_attempts):
+                print(f"[loss] {args.loss_frames} frames at {rate:.0f} Hz ...", file=sys.stderr, flush=True)
+                attempt = loss_run(directory, rate, args.loss_frames)
+                attempts.append(attempt)
+                if attempt["frames_lost"] == 0:
+                    break
+                rate = round(rate * 0.85, -1)
+            held = [a for a in attempts if a["frames_lost"] == 0]
+            summary["loss"] = {
+                "source": "PUB (drops when the writer falls behind), 64 KiB frames",
+                "attempts": attempts,
+                "highest_rate_without_loss_hz": held[0]["rate_hz"] if held else None,
+                "frames_lost_at_that_rate": 0 if held else None,
+            }
+        if args.rss_gib:
+            n = max(16, int(args.rss_gib * 2**30 / (4 * 2**20)))
+            print(f"[rss] 4 MiB frames, {n} frames ({args.rss_gib} GiB) ...", file=sys.stderr, flush=True)
+            summary["rss_4MiB"] = writer_run(directory, SIZES["4MiB"], n, compress=False, sample_rss=True)
+    finally:
+        if own_dir:
+            shutil.rmtree(directory, ignore_errors=True)
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
