@@ -186,6 +186,8 @@ def writer_run(
         run["rss_mib_max"] = round(max(samples) / 2**20, 1)
         run["rss_mib_first_quarter_mean"] = round(float(np.mean(samples[:quarter])) / 2**20, 1)
         run["rss_mib_last_quarter_mean"] = round(float(np.mean(samples[-quarter:])) / 2**20, 1)
+        step = max(1, len(samples) // 40)
+        run["rss_mib_series"] = [round(value / 2**20) for value in samples[::step]]
     return run
 
 

@@ -55,7 +55,7 @@ const rpcTypes = (() => {
     package google.rpc;
     message Any { string type_url = 1; bytes value = 2; }
     message Status { int32 code = 1; string message = 2; repeated Any details = 3; }
-  `).root;
+  `, { keepCase: true }).root;
   const daqRoot = new protobuf.Root();
   daqRoot.resolvePath = (origin, target) => path.resolve(PROTO_ROOT, target);
   daqRoot.loadSync(DPM_PROTO, { keepCase: true });

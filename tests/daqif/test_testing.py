@@ -45,5 +45,5 @@ def test_daq_system_fixture_shares_one_data_root(daq_system):
 
 def test_plugin_fixtures_work_from_an_outside_test_file(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_outside=OUTSIDE_TEST)
-    result = pytester.runpytest_subprocess("-q", "-p", "daqif.testing", timeout=600)
+    result = pytester.runpytest_subprocess("-q", timeout=600)
     result.assert_outcomes(passed=3)

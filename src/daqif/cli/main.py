@@ -2,6 +2,8 @@
 
 daqif dpm …       control a Data Product Manager (gRPC)
 daqif writer …    control a Standard DAQ writer (REST)
+daqif serve       run the whole system (DPM, writer, optional simulator)
+daqif demo        record frames and build a verified data product, end to end
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from daqif import __version__
 from daqif.cli.demo import add_demo_parser
 from daqif.cli.dpm import add_dpm_parser
 from daqif.cli.serve import add_serve_parser
+from daqif.cli.writer import add_writer_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"daqif {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_dpm_parser(subparsers)
+    add_writer_parser(subparsers)
     add_serve_parser(subparsers)
     add_demo_parser(subparsers)
     return parser

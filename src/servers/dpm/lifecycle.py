@@ -406,6 +406,7 @@ class DataProductManager:
 
     async def _run_lifecycle(self, daq: _Daq) -> None:
         r = daq.record
+        self._clear_alert(daq, INTERNAL_ALERT)  # the step runs again: its outcome decides
         if r.substate is S.ABORTING:
             with contextlib.suppress(DaqException):
                 await self._finish_abort(daq)
