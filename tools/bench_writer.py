@@ -14,7 +14,8 @@ Measures, each against a reference measured in the same run:
   holds (starting near the measured write rate, 15 % lower per attempt);
 - the data path's resident memory, sampled during a long 4 MiB-frame write (``--rss-gib``).
 
-Defaults finish in a few minutes on 2 cores; ``--frames-scale 4 --rss-gib 10`` is the full run.
+Defaults finish in about a minute or two on 2 cores; ``--repeat 3 --rss-gib 10`` is the full run
+(the machine is shared: the per-round ratios show how much the load drifted).
 """
 
 from __future__ import annotations
@@ -325,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--frames-scale", type=float, default=1.0, help="multiply the default frame counts")
     parser.add_argument("--no-compress", action="store_true", help="skip the bslz4 runs")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds per size (medians are reported)")
     parser.add_argument("--loss-frames", type=int, default=20_000, help="frames in the loss test (0 = skip)")
     parser.add_argument("--loss-attempts", type=int, default=6, help="rates tried in the loss test")
     parser.add_argument(
@@ -347,26 +349,38 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.sizes.split(","):
             shape = SIZES[name]
             n = max(10, int(DEFAULT_FRAMES[name] * args.frames_scale))
-            print(f"[{name}] writer, {n} frames ...", file=sys.stderr, flush=True)
-            raw = writer_run(directory, shape, n, compress=False)
-            print(f"[{name}] plain file write ...", file=sys.stderr, flush=True)
-            plain = plain_write(directory, shape, n)
+            runs: dict[str, list[dict[str, Any]]] = {"writer": [], "plain_write": [], "writer_bslz4": []}
+            # Interleaved repeats: a shared machine's load drifts; ratios use each round's own pair.
+            for round_ in range(args.repeat):
+                print(f"[{name}] round {round_ + 1}: writer, {n} frames ...", file=sys.stderr, flush=True)
+                runs["writer"].append(writer_run(directory, shape, n, compress=False))
+                print(f"[{name}] round {round_ + 1}: plain file write ...", file=sys.stderr, flush=True)
+                runs["plain_write"].append(plain_write(directory, shape, n))
+                if not args.no_compress:
+                    print(f"[{name}] round {round_ + 1}: writer, bslz4 ...", file=sys.stderr, flush=True)
+                    runs["writer_bslz4"].append(writer_run(directory, shape, n, compress=True))
+            ratios = [
+                w["raw_bytes_per_s"] / p["bytes_per_s"] for w, p in zip(runs["writer"], runs["plain_write"])
+            ]
             entry: dict[str, Any] = {
                 "shape": list(shape),
-                "writer": raw,
-                "plain_write": plain,
-                "writer_over_plain_write": round(raw["raw_bytes_per_s"] / plain["bytes_per_s"], 3),
+                **{key: value for key, value in runs.items() if value},
+                "writer_over_plain_write_per_round": [round(r, 3) for r in ratios],
+                "writer_over_plain_write": round(float(np.median(ratios)), 3),
+                "writer_frames_per_s": round(
+                    float(np.median([w["frames_per_s"] for w in runs["writer"]])), 1
+                ),
             }
-            if not args.no_compress:
-                print(f"[{name}] writer, bslz4 ...", file=sys.stderr, flush=True)
-                compressed = writer_run(directory, shape, n, compress=True)
-                entry["writer_bslz4"] = compressed
-                entry["bslz4_raw_equivalent_over_uncompressed"] = round(
-                    compressed["raw_bytes_per_s"] / raw["raw_bytes_per_s"], 3
-                )
+            if runs["writer_bslz4"]:
+                gains = [
+                    c["raw_bytes_per_s"] / w["raw_bytes_per_s"]
+                    for c, w in zip(runs["writer_bslz4"], runs["writer"])
+                ]
+                entry["bslz4_raw_equivalent_over_uncompressed_per_round"] = [round(g, 3) for g in gains]
+                entry["bslz4_raw_equivalent_over_uncompressed"] = round(float(np.median(gains)), 3)
             summary["sizes"][name] = entry
         if "64KiB" in summary["sizes"]:
-            summary["frames_per_s_64KiB"] = summary["sizes"]["64KiB"]["writer"]["frames_per_s"]
+            summary["frames_per_s_64KiB"] = summary["sizes"]["64KiB"]["writer_frames_per_s"]
         if args.loss_frames:
             start_rate = float(summary.get("frames_per_s_64KiB", 8000.0)) * 0.9
             attempts = []

@@ -159,7 +159,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if acquisition["state"] != "FINISHED" or acquisition["message"] != "Completed.":
             return fail(f"recording failed: {acquisition['state']} {acquisition['message']}")
         written = acquisition["stats"]["n_write_completed"]
-        console.print(f"recorded {written} frames to {raw_file}", highlight=False)
+        console.print(f"recorded {written} frames to {raw_file}", highlight=False, soft_wrap=True)
 
         clock.begin("data product")
         spec = build_specification(daq_id, raw_file, config.receiver_dir)
@@ -191,17 +191,14 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         supervisor.stop()
 
-    table = Table("what", "value", title="daqif demo", show_header=False)
-    table.add_row("data product", str(product))
-    table.add_row("raw file", str(raw_file))
-    table.add_row("specification", str(spec_file))
-    table.add_row("frames", str(written))
-    table.add_row("product bytes", f"{product.stat().st_size:,}")
-    table.add_row("checksum", verify.stdout.strip().splitlines()[-1] if verify.stdout.strip() else "ok")
+    checksum = verify.stdout.strip().splitlines()[-1] if verify.stdout.strip() else "OK"
+    table = Table("stage", "seconds", title=f"daqif demo: {written} frames, {product.stat().st_size:,} bytes")
     for name, seconds in clock.stages.items():
-        table.add_row(f"time: {name}", f"{seconds:.2f} s")
+        table.add_row(name, f"{seconds:.2f}")
     for name, seconds in stage_times(seen).items():
-        table.add_row(f"  DPM {name.lower()}", f"{seconds:.3f} s")
+        table.add_row(f"  DPM {name.lower()}", f"{seconds:.3f}")
     console.print(table)
-    console.print(f"data product: {product}", highlight=False)
+    for label, value in [("raw file", raw_file), ("specification", spec_file), ("verify", checksum)]:
+        console.print(f"{label}: {value}", highlight=False, soft_wrap=True)
+    console.print(f"data product: {product}", highlight=False, soft_wrap=True)
     return 0

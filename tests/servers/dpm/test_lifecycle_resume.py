@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import signal
+from pathlib import Path
 
 import pytest
 
 from servers.dpm.merge import verify
 
-from .dpm_helpers import DpmHarness, hdf5_source, keyword_source, make_spec, wait_archived, wait_substate
+from .dpm_helpers import (
+    DpmHarness,
+    hdf5_source,
+    keyword_source,
+    make_spec,
+    wait_archived,
+    wait_substate,
+    wait_until,
+    write_source,
+)
 
 DAQS = ("CRASH1", "CRASH2")
 
@@ -80,3 +91,47 @@ def test_restart_resumes_every_queued_daq_in_queue_order(dpm: DpmHarness) -> Non
     started = [next(h["timestamp"] for h in r["history"] if h["substate"] == "COLLECTING") for r in records]
     assert started == sorted(started)
     assert sorted(os.listdir(dpm.receiver)) == sorted(f"{d}.product.h5" for d in ids)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_kill_9_during_a_running_merge_takes_the_merge_process_down_too(dpm: DpmHarness) -> None:
+    # The merge is frozen with SIGSTOP as soon as it runs: if it were not tied to the server, it
+    # would stay forever. A frozen process still receives the SIGKILL sent when the server dies.
+    source = dpm.data / "raw" / "big.h5"
+    write_source(source, "big", frames=32, shape=(1024, 2048))
+    server = dpm.start()
+    client = dpm.client(server)
+    client.queue_daq(make_spec("MERGE9", [hdf5_source("big", source)], [dpm.receiver]))
+    assert server.process is not None
+
+    def merge_process() -> int | None:
+        for child in _children(server.process.pid):  # type: ignore[union-attr]
+            for grandchild in _children(child):  # the fork server's children are merges
+                os.kill(grandchild, signal.SIGSTOP)
+                return grandchild
+        return None
+
+    merge_pid = wait_until(merge_process, 60, "a running merge process")
+    server.kill()
+    wait_until(lambda: not _alive(merge_pid), 60, f"merge process {merge_pid} to die with the server")
+
+    server.start()
+    record = wait_archived(client, server, "MERGE9")
+    assert record["attempts"]["merge"] == 2
+    assert os.listdir(dpm.receiver) == ["MERGE9.product.h5"]
+    assert verify(dpm.receiver / "MERGE9.product.h5").ok
