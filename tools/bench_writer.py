@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{name}] round {round_ + 1}: writer, bslz4 ...", file=sys.stderr, flush=True)
                     runs["writer_bslz4"].append(writer_run(directory, shape, n, compress=True))
             ratios = [
-                w["raw_bytes_per_s"] / p["bytes_per_s"] for w, p in zip(runs["writer"], runs["plain_write"])
+                w["raw_bytes_per_s"] / p["bytes_per_s"]
+                for w, p in zip(runs["writer"], runs["plain_write"], strict=True)
             ]
             entry: dict[str, Any] = {
                 "shape": list(shape),
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             if runs["writer_bslz4"]:
                 gains = [
                     c["raw_bytes_per_s"] / w["raw_bytes_per_s"]
-                    for c, w in zip(runs["writer_bslz4"], runs["writer"])
+                    for c, w in zip(runs["writer_bslz4"], runs["writer"], strict=True)
                 ]
                 entry["bslz4_raw_equivalent_over_uncompressed_per_round"] = [round(g, 3) for g in gains]
                 entry["bslz4_raw_equivalent_over_uncompressed"] = round(float(np.median(gains)), 3)

@@ -55,7 +55,7 @@ def _specification_text(specification: str | bytes | Mapping[str, Any]) -> str:
 def _spec_id(text: str) -> str:
     try:
         document = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # the server explains what is wrong with it
         return ""
     value = document.get("id", "") if isinstance(document, dict) else ""
     return value if isinstance(value, str) else ""

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 
-from servers.dpm.merge_runner import die_with_parent
+from servers.dpm.merge_runner import SERVER_PID_VARIABLE, die_with_parent
 
 die_with_parent()
-if os.getppid() == 1:  # the server died before the guard was in place
+# The server may have died before the guard was in place: then the parent is already another.
+if os.environ.get(SERVER_PID_VARIABLE) != str(os.getppid()):
     os._exit(1)
+
+FORKSERVER_PID = os.getpid()
+"""Forked merge processes inherit this: their parent must still be this process."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from servers.dpm.transfer import ProcessResult
 
 _PR_SET_PDEATHSIG = 1
+SERVER_PID_VARIABLE = "DAQIF_DPM_SERVER_PID"
 # The guard first: the fork server is protected before the slow imports.
 _PRELOAD = ["servers.dpm.forkserver_guard", "servers.dpm.merge_cli"]
 
@@ -51,13 +52,15 @@ def warm_up() -> None:
     Call it from the main thread: the fork server's death signal is tied to the thread that
     started it (it only spawns the process; the imports happen in the fork server).
     """
+    os.environ[SERVER_PID_VARIABLE] = str(os.getpid())
     multiprocessing.forkserver.ensure_running()
 
 
 def _merge_process(argv: list[str], log_path: str) -> None:  # runs in the forked merge process
+    guard = sys.modules.get("servers.dpm.forkserver_guard")
     die_with_parent()
-    if os.getppid() == 1:
-        os._exit(1)
+    if guard is None or os.getppid() != guard.FORKSERVER_PID:
+        os._exit(1)  # not forked by the guarded fork server, or it died before the guard was set
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

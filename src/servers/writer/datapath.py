@@ -1,10 +1,11 @@
 """The writer's data path: a process that receives frames from ZeroMQ and writes them to HDF5.
 
-`ProcessDataPath` implements `DataPathHandle` (see `datapath_api`). It spawns one process that is
-connected to the frame stream (PULL, or SUB) for its whole life, counts every message, and while
-a write is open records the next ``n_images`` good frames. Commands and results cross a
-``multiprocessing`` pipe; counters and the write's progress live in shared memory, so
-`counters()` and `progress()` cost a few hundred nanoseconds and never wait for the process.
+`ProcessDataPath` implements `DataPathHandle` (see `datapath_api`). It starts one process
+(``python -m servers.writer.datapath``) that is connected to the frame stream (PULL, or SUB) for
+its whole life, counts every message, and while a write is open records the next ``n_images``
+good frames. Commands and results cross a ``multiprocessing`` pipe; counters and the write's
+progress live in a shared memory page, so `counters()` and `progress()` are cheap and never wait
+for the process. The process exits when its control plane goes away (the pipe closes).
 
 File layout and behaviour (DESIGN §4):
 
@@ -228,11 +229,13 @@ class ProcessDataPath:
         finally:
             os.close(shared_fd)
             child_conn.close()
+        if self._conn is not None:
+            self._conn.close()  # the pipe of a process that died
         self._process, self._conn = process, parent_conn
         self._replies = queue.Queue()
         with self._state_lock:
-            self._results.clear()
-            self._jobs.clear()
+            self._results = {}
+            self._jobs = {}
             self._death_handled = False
         if not parent_conn.poll(self.start_timeout):
             self._kill()
@@ -247,7 +250,12 @@ class ProcessDataPath:
         if not isinstance(message, _Ready):
             self._kill()
             raise DataPathError(f"the data path process sent {message!r} instead of its ready message")
-        self._reader = threading.Thread(target=self._read_pipe, name="daqif-datapath-reader", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_pipe,
+            args=(parent_conn, self._replies, self._results),
+            name="daqif-datapath-reader",
+            daemon=True,
+        )
         self._reader.start()
 
     def close(self) -> None:
@@ -367,27 +375,28 @@ class ProcessDataPath:
                 raise DataPathError("the data path process died")
             return reply
 
-    def _read_pipe(self) -> None:
-        conn = self._conn
-        assert conn is not None
+    def _read_pipe(
+        self,
+        conn: multiprocessing.connection.Connection,
+        replies: queue.Queue[_Reply | None],
+        results: dict[int, WriteResult],
+    ) -> None:
+        """Reader thread of one process's pipe (its own queue and results: a restarted data path
+        never sees a late message of the process before)."""
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                self._replies.put(None)
+                replies.put(None)
                 with self._state_lock:
                     self._state_lock.notify_all()
                 return
-            if isinstance(message, _Reply):
-                if message.result is not None:
-                    with self._state_lock:
-                        self._results[message.seq] = message.result
-                        self._state_lock.notify_all()
-                self._replies.put(message)
-            elif isinstance(message, _Ended):
+            if isinstance(message, _Reply | _Ended) and message.result is not None:
                 with self._state_lock:
-                    self._results[message.seq] = message.result
+                    results[message.seq] = message.result
                     self._state_lock.notify_all()
+            if isinstance(message, _Reply):
+                replies.put(message)
 
     def _death_result(self, seq: int, n_written: int) -> WriteResult:
         with self._state_lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -122,8 +123,11 @@ def test_kill_9_during_a_running_merge_takes_the_merge_process_down_too(dpm: Dpm
     def merge_process() -> int | None:
         for child in _children(server.process.pid):  # type: ignore[union-attr]
             for grandchild in _children(child):  # the fork server's children are merges
-                os.kill(grandchild, signal.SIGSTOP)
-                return grandchild
+                # Once its output goes to merge.log, the merge has set its death signal.
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{grandchild}/fd/1").endswith("merge.log"):
+                        os.kill(grandchild, signal.SIGSTOP)
+                        return grandchild
         return None
 
     merge_pid = wait_until(merge_process, 60, "a running merge process")
