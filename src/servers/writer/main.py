@@ -32,7 +32,7 @@ from daqif.v1 import writer_pb2_grpc
 from servers.common.grpc_server import add_health_and_reflection, mark_serving
 from servers.common.paths import resolve_roots
 from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DaqConfig, DataPathFactory, WriterCore, load_config
-from servers.writer.datapath import ProcessDataPath, SocketKind
+from servers.writer.datapath import ProcessDataPath, SocketKind, rcvhwm_for_frames
 from servers.writer.datapath_api import DataPathHandle
 from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
 from servers.writer.redis_streams import DEFAULT_MAXLEN, RedisStreams
@@ -116,7 +116,9 @@ def make_datapath_factory(stream: str, socket_kind: str) -> DataPathFactory:
     kind: SocketKind = "sub" if socket_kind == "sub" else "pull"
 
     def factory(config: DaqConfig) -> DataPathHandle:
-        return ProcessDataPath(stream, kind)
+        # ZeroMQ bounds its queue in messages: size it so queued frames stay within a memory budget.
+        frame_bytes = config.image_pixel_height * config.image_pixel_width * max(1, config.bit_depth // 8)
+        return ProcessDataPath(stream, kind, rcvhwm=rcvhwm_for_frames(frame_bytes))
 
     return factory
 
