@@ -14,7 +14,7 @@ if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "setup: installing ${need_apt[*]} with apt-get"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
   else
     echo "setup: please install ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
   fi
@@ -30,7 +30,7 @@ if ((want_test)); then
   # Pinned npm packages: buf (lints proto/) and the Node.js example client's gRPC libraries.
   for dir in tools/buf examples/node-client; do
     if [[ ! -d $dir/node_modules ]]; then
-      npm ci --prefix "$dir" --no-audit --no-fund --silent >/dev/null
+      npm install --prefix "$dir" --no-audit --no-fund --loglevel=error
     fi
   done
 else

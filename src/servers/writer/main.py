@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def make_datapath_factory(stream: str, socket_kind: str) -> DataPathFactory:
     """A callable `config -> DataPathHandle` making the real data path process for `stream`.
 
-    The config does not shape the process: each write carries its frame geometry (`WriteJob`).
+    Each write carries its frame geometry (`WriteJob`); the config only sizes the receive queue
+    of a newly started process.
     """
     kind: SocketKind = "sub" if socket_kind == "sub" else "pull"
 
