@@ -16,11 +16,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from typing import Any
 
-import grpc
 from google.protobuf import empty_pb2
 
 from daqif.errors import DaqException, ErrorCode
-from daqif.grpc_errors import from_rpc_error
+from daqif.grpc_client import AsyncGrpcClient, GrpcClient
 from daqif.v1 import dpm_pb2, dpm_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:12083"
@@ -61,39 +60,15 @@ def _spec_id(text: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-class DpmClient:
+class DpmClient(GrpcClient):
     """Blocking client of one DPM server."""
 
+    server_name = "DPM server"
+
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 10.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        super().__init__(address, timeout=timeout)
         self._dpm = dpm_pb2_grpc.DpmControlStub(self._channel)
         self._daq = dpm_pb2_grpc.DpmDaqControlStub(self._channel)
-
-    def __enter__(self) -> DpmClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _call(self, method: Callable[..., Any], request: Any, id: str = "") -> Any:
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, id) from None
-
-    def wait_until_ready(self, timeout: float = 10.0) -> None:
-        """Block until the server accepts connections; raise `DaqException` (UNAVAILABLE) if not."""
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise DaqException(
-                "", f"no DPM server answers at {self.address}", ErrorCode.UNAVAILABLE
-            ) from None
 
     # DpmDaqControl
     def queue_daq(self, specification: str | bytes | Mapping[str, Any]) -> DaqReply:
@@ -126,14 +101,9 @@ class DpmClient:
 
     def watch_daq_status(self, id: str = "", *, timeout: float | None = None) -> Iterator[DaqStatus]:
         """Current status of every matching active DAQ, then every change (until cancelled)."""
-        stream = self._daq.WatchDaqStatus(dpm_pb2.WatchDaqStatusRequest(id=id), timeout=timeout)
-        try:
-            yield from stream
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                raise from_rpc_error(error, id) from None
-        finally:
-            stream.cancel()
+        yield from self._stream(
+            self._daq.WatchDaqStatus(dpm_pb2.WatchDaqStatusRequest(id=id), timeout=timeout), id
+        )
 
     def wait_for(
         self,
@@ -171,44 +141,24 @@ class DpmClient:
         return status
 
     def watch_storage_status(self, interval: float = 1.0) -> Iterator[StorageStatus]:
-        stream = self._dpm.WatchStorageStatus(dpm_pb2.WatchStorageStatusRequest(interval=interval))
-        try:
-            yield from stream
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                raise from_rpc_error(error) from None
-        finally:
-            stream.cancel()
+        yield from self._stream(
+            self._dpm.WatchStorageStatus(dpm_pb2.WatchStorageStatusRequest(interval=interval))
+        )
 
     def exit(self) -> str:
         """Ask the server to terminate; returns its reply message."""
         return str(self._call(self._dpm.Exit, dpm_pb2.ExitRequest()).message)
 
 
-class AsyncDpmClient:
+class AsyncDpmClient(AsyncGrpcClient):
     """asyncio client of one DPM server (grpc.aio)."""
 
+    server_name = "DPM server"
+
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 10.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        super().__init__(address, timeout=timeout)
         self._dpm = dpm_pb2_grpc.DpmControlStub(self._channel)
         self._daq = dpm_pb2_grpc.DpmDaqControlStub(self._channel)
-
-    async def __aenter__(self) -> AsyncDpmClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def _call(self, method: Callable[..., Any], request: Any, id: str = "") -> Any:
-        try:
-            return await method(request, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, id) from None
 
     async def queue_daq(self, specification: str | bytes | Mapping[str, Any]) -> DaqReply:
         text = _specification_text(specification)
@@ -239,15 +189,8 @@ class AsyncDpmClient:
         return status
 
     async def watch_daq_status(self, id: str = "") -> AsyncIterator[DaqStatus]:
-        call = self._daq.WatchDaqStatus(dpm_pb2.WatchDaqStatusRequest(id=id))
-        try:
-            async for status in call:
-                yield status
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                raise from_rpc_error(error, id) from None
-        finally:
-            call.cancel()
+        async for status in self._stream(self._daq.WatchDaqStatus(dpm_pb2.WatchDaqStatusRequest(id=id)), id):
+            yield status
 
     async def wait_for(
         self, id: str, substates: Collection[int] = FINAL_SUBSTATES, *, timeout: float = 60.0
@@ -275,15 +218,9 @@ class AsyncDpmClient:
         return status
 
     async def watch_storage_status(self, interval: float = 1.0) -> AsyncIterator[StorageStatus]:
-        call = self._dpm.WatchStorageStatus(dpm_pb2.WatchStorageStatusRequest(interval=interval))
-        try:
-            async for status in call:
-                yield status
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        request = dpm_pb2.WatchStorageStatusRequest(interval=interval)
+        async for status in self._stream(self._dpm.WatchStorageStatus(request)):
+            yield status
 
     async def exit(self) -> str:
         response = await self._call(self._dpm.Exit, dpm_pb2.ExitRequest())

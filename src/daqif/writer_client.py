@@ -13,13 +13,11 @@ Every failed call raises `daqif.errors.DaqException` with the server's message a
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
-import grpc
-
 from daqif.errors import DaqException, ErrorCode
-from daqif.grpc_errors import from_rpc_error
+from daqif.grpc_client import AsyncGrpcClient, GrpcClient
 from daqif.v1 import writer_pb2, writer_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:12084"
@@ -62,36 +60,14 @@ def _start_request(output_file: str, n_images: int, run_id: str | int | None) ->
     return {"output_file": output_file, "n_images": n_images, "run_id": "" if run_id is None else str(run_id)}
 
 
-class WriterClient:
+class WriterClient(GrpcClient):
     """Blocking client of one writer's `WriterControl`."""
 
+    server_name = "writer"
+
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        super().__init__(address, timeout=timeout)
         self._stub = writer_pb2_grpc.WriterControlStub(self._channel)
-
-    def __enter__(self) -> WriterClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
-        try:
-            return method(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-
-    def wait_for_server(self, timeout: float = 10.0) -> None:
-        """Block until the server accepts connections; raise `DaqException` (UNAVAILABLE) if not."""
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise DaqException("", f"no writer answers at {self.address}", ErrorCode.UNAVAILABLE) from None
 
     def get_status(self) -> WriterStatus:
         status: WriterStatus = self._call(self._stub.GetStatus, writer_pb2.GetStatusRequest())
@@ -147,14 +123,7 @@ class WriterClient:
 
     def watch_status(self, *, timeout: float | None = None) -> Iterator[WriterStatus]:
         """The current status, then every change (at least once a second while writing)."""
-        stream = self._stub.WatchStatus(writer_pb2.WatchStatusRequest(), timeout=timeout)
-        try:
-            yield from stream
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                raise from_rpc_error(error) from None
-        finally:
-            stream.cancel()
+        yield from self._stream(self._stub.WatchStatus(writer_pb2.WatchStatusRequest(), timeout=timeout))
 
     def wait_until_ready(self, timeout: float = 60.0) -> WriterStatus:
         """Follow the status until the writer is no longer WRITING; return that status."""
@@ -174,29 +143,14 @@ class WriterClient:
         )
 
 
-class AsyncWriterClient:
+class AsyncWriterClient(AsyncGrpcClient):
     """asyncio client of one writer's `WriterControl` (grpc.aio)."""
 
+    server_name = "writer"
+
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        super().__init__(address, timeout=timeout)
         self._stub = writer_pb2_grpc.WriterControlStub(self._channel)
-
-    async def __aenter__(self) -> AsyncWriterClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
-        try:
-            return await method(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
 
     async def get_status(self) -> WriterStatus:
         status: WriterStatus = await self._call(self._stub.GetStatus, writer_pb2.GetStatusRequest())
@@ -250,12 +204,5 @@ class AsyncWriterClient:
 
     async def watch_status(self) -> AsyncIterator[WriterStatus]:
         """The current status, then every change (at least once a second while writing)."""
-        call = self._stub.WatchStatus(writer_pb2.WatchStatusRequest())
-        try:
-            async for status in call:
-                yield status
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        async for status in self._stream(self._stub.WatchStatus(writer_pb2.WatchStatusRequest())):
+            yield status

@@ -15,6 +15,7 @@ from daqif.errors import DaqException
 from daqif.v1 import writer_pb2, writer_pb2_grpc
 from servers.common.grpc_server import abort_with
 from servers.writer.core import (
+    CONFIG_FIELDS,
     Acquisition,
     AcquisitionState,
     DaqConfig,
@@ -49,16 +50,7 @@ _DEPLOYMENT_STATES = {
     "RUNNING": writer_pb2.DEPLOYMENT_STATE_RUNNING,
     "UNKNOWN": writer_pb2.DEPLOYMENT_STATE_UNKNOWN,
 }
-_CONFIG_SCALARS = (
-    "bit_depth",
-    "detector_name",
-    "detector_type",
-    "image_pixel_height",
-    "image_pixel_width",
-    "n_modules",
-    "start_udp_port",
-    "writer_user_id",
-)
+_CONFIG_SCALARS = tuple(name for name in CONFIG_FIELDS if name != "module_positions")
 
 
 def acquisition_to_pb(acquisition: Acquisition) -> writer_pb2.Acquisition:

@@ -1,0 +1,100 @@
+"""What every daqif gRPC client shares: the channel, closing it, and mapping errors.
+
+Each failed call raises `daqif.errors.DaqException` with the server's id, message and code; a
+stream ends quietly when the caller cancels it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Self
+
+import grpc
+
+from daqif.errors import DaqException, ErrorCode
+from daqif.grpc_errors import from_rpc_error
+
+
+class GrpcClient:
+    """Blocking base client: one channel to `address`, `timeout` seconds per call by default."""
+
+    server_name = "server"
+
+    def __init__(self, address: str, *, timeout: float | None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_for_server(self, timeout: float = 10.0) -> None:
+        """Block until the server accepts connections; raise `DaqException` (UNAVAILABLE) if not."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise DaqException(
+                "", f"no {self.server_name} answers at {self.address}", ErrorCode.UNAVAILABLE
+            ) from None
+
+    def _call(
+        self, method: Callable[..., Any], request: Any, id: str = "", timeout: float | None = None
+    ) -> Any:
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, id) from None
+
+    def _stream(self, call: Any, id: str = "") -> Iterator[Any]:
+        """The messages of a server stream; cancelled when the caller stops iterating."""
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                raise from_rpc_error(error, id) from None
+        finally:
+            call.cancel()
+
+
+class AsyncGrpcClient:
+    """asyncio base client (grpc.aio), the counterpart of `GrpcClient`."""
+
+    server_name = "server"
+
+    def __init__(self, address: str, *, timeout: float | None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(address)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(
+        self, method: Callable[..., Any], request: Any, id: str = "", timeout: float | None = None
+    ) -> Any:
+        try:
+            return await method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, id) from None
+
+    async def _stream(self, call: Any, id: str = "") -> AsyncIterator[Any]:
+        try:
+            async for message in call:
+                yield message
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                raise from_rpc_error(error, id) from None
+        finally:
+            call.cancel()
