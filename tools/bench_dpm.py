@@ -39,7 +39,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import machine_facts, time_cp, write_source
+from bench_common import machine_facts
+from bench_merge import time_cp, write_source
 
 from daqif.dpm_client import DpmClient
 from daqif.errors import DaqException, ErrorCode

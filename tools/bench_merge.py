@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -30,49 +29,12 @@ from typing import Any
 import h5py
 import hdf5plugin
 import numpy as np
+from bench_common import machine_facts
 
 from daqif.spec import load_specification
 from servers.dpm.merge import merge, verify
 
 FRAME = (1024, 2048)
-
-
-def machine_facts(directory: Path) -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    fs_type = ""
-    try:
-        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-        best = max((m for m in mounts if str(directory.resolve()).startswith(m[1])), key=lambda m: len(m[1]))
-        fs_type = f"{best[0]} {best[2]} on {best[1]}"
-    except (OSError, ValueError):
-        pass
-    usage = shutil.disk_usage(directory)
-    facts: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "load_average": os.getloadavg(),
-        "python": platform.python_version(),
-        "h5py": h5py.version.version,
-        "hdf5": h5py.version.hdf5_version,
-        "hdf5plugin": hdf5plugin.version,
-        "numpy": np.__version__,
-        "disk": fs_type,
-        "disk_free_gib": round(usage.free / 2**30, 1),
-    }
-    try:
-        import zmq
-
-        facts["pyzmq"] = zmq.__version__
-    except ImportError:
-        pass
-    return facts
 
 
 def write_source(path: Path, target_bytes: int, compressed: bool, seed: int) -> int:
