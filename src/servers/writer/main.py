@@ -153,23 +153,35 @@ async def serve(args: argparse.Namespace) -> int:
         config_file=args.config,
         sync_timeout=args.sync_timeout,
     )
+    # Bind both ports before anything starts, so a busy port is a one-line error naming it.
+    try:
+        rest_socket = _bind_rest_socket(args.host, args.rest_port)
+    except OSError as exc:
+        raise OSError(f"cannot bind the REST API to {args.host}:{args.rest_port}: {exc.strerror}") from None
+    grpc_server = grpc.aio.server()
+    try:
+        grpc_port = grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}")
+    except RuntimeError:
+        grpc_port = 0
+    if grpc_port == 0:
+        rest_socket.close()
+        await grpc_server.stop(None)
+        raise OSError(
+            f"cannot bind gRPC WriterControl to {args.host}:{args.grpc_port}: address in use or invalid"
+        )
+    rest_port = rest_socket.getsockname()[1]
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
     await core.start()
-    grpc_server = grpc.aio.server()
     writer_pb2_grpc.add_WriterControlServicer_to_server(WriterControlService(core), grpc_server)
     health = add_health_and_reflection(grpc_server, [SERVICE_NAME])
-    grpc_port = grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}")
-    if grpc_port == 0:
-        raise OSError(f"cannot bind gRPC to {args.host}:{args.grpc_port}")
     await grpc_server.start()
     await mark_serving(health, [SERVICE_NAME])
 
-    rest_socket = _bind_rest_socket(args.host, args.rest_port)
-    rest_port = rest_socket.getsockname()[1]
     rest = _Uvicorn(
         uvicorn.Config(
             create_app(core),
