@@ -167,7 +167,7 @@ async def serve(args: argparse.Namespace) -> int:
         rest_socket.close()
         await grpc_server.stop(None)
         raise OSError(
-            f"cannot bind gRPC WriterControl to {args.host}:{args.grpc_port}: address in use or invalid"
+            f"cannot bind the gRPC WriterControl to {args.host}:{args.grpc_port}: address in use or invalid"
         )
     rest_port = rest_socket.getsockname()[1]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,35 @@ def test_bad_config_file_stops_the_writer_with_a_message(tmp_path: Path) -> None
     )
     assert result.returncode == 2
     assert "bit_depth must be one of 8, 16, 32" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--rest-port", "--grpc-port"])
+def test_busy_port_stops_the_writer_with_a_message_naming_it(tmp_path: Path, flag: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        other = "--grpc-port" if flag == "--rest-port" else "--rest-port"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "servers.writer.main",
+                "--stream",
+                "tcp://127.0.0.1:1",
+                flag,
+                str(port),
+                other,
+                "0",
+                "--data-root",
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+    assert result.returncode == 2
+    what = "REST API" if flag == "--rest-port" else "gRPC WriterControl"
+    assert f"cannot bind the {what} to 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
