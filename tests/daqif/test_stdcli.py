@@ -1,4 +1,4 @@
-"""The `std_cli_*` tools (`python -m daqif.stdcli …`) against a real writer."""
+"""The `std_cli_*` tools (`python -m daqif.stdcli …`) against a real writer (the `daqif.testing` fixture)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from servers.writer.launch import WriterProcess
+from daqif.testing import TEST_DETECTOR, Writer
+from servers.supervisor import free_port
 
-from .conftest import DETECTOR_NAME, _free_port
+DETECTOR_NAME = TEST_DETECTOR["detector_name"]
 
 
 def stdcli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -29,7 +30,7 @@ def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(result.stdout)
 
 
-def test_all_nine_tools_print_json(writer: WriterProcess, data_root: Path, tmp_path: Path) -> None:
+def test_all_nine_tools_print_json(writer: Writer, tmp_path: Path) -> None:
     url = writer.rest_url
     assert ok_json(stdcli("get_status", "-b", url))["state"] == "READY"
     assert ok_json(stdcli("std_cli_get_config", "--url_base", url))["detector_name"] == DETECTOR_NAME
@@ -38,11 +39,11 @@ def test_all_nine_tools_print_json(writer: WriterProcess, data_root: Path, tmp_p
     assert ok_json(stdcli("set_config", str(update), "-b", url))["n_modules"] == 5
     assert ok_json(stdcli("get_deploy_status", "-b", url))["status"] == "SUCCESS"
 
-    output = data_root / "cli.h5"
+    output = writer.raw_dir / "cli.h5"
     status = ok_json(stdcli("write_sync", str(output), "4", "-b", url))
     assert status["acquisition"]["message"] == "Completed."
     assert status["acquisition"]["stats"]["n_write_completed"] == 4
-    status = ok_json(stdcli("write_async", str(data_root / "cli_async.h5"), "100000", "-b", url))
+    status = ok_json(stdcli("write_async", str(writer.raw_dir / "cli_async.h5"), "100000", "-b", url))
     assert status["state"] == "WRITING"
     status = ok_json(stdcli("write_stop", "-b", url))
     assert status["acquisition"]["message"] == "Interrupted."
@@ -53,11 +54,11 @@ def test_all_nine_tools_print_json(writer: WriterProcess, data_root: Path, tmp_p
     assert set(stats) >= {"detector", "writer"}
 
 
-def test_url_comes_from_std_daq_api_url(writer: WriterProcess) -> None:
+def test_url_comes_from_std_daq_api_url(writer: Writer) -> None:
     assert ok_json(stdcli("get_status", env={"STD_DAQ_API_URL": writer.rest_url}))["state"] == "READY"
 
 
-def test_errors_are_one_line_on_stderr_with_nonzero_exit(writer: WriterProcess, tmp_path: Path) -> None:
+def test_errors_are_one_line_on_stderr_with_nonzero_exit(writer: Writer, tmp_path: Path) -> None:
     refused = stdcli("write_async", "relative.h5", "3", "-b", writer.rest_url)
     assert refused.returncode == 1
     assert refused.stdout == ""
@@ -76,7 +77,7 @@ def test_errors_are_one_line_on_stderr_with_nonzero_exit(writer: WriterProcess, 
     missing = stdcli("set_config", str(tmp_path / "nope.json"), "-b", writer.rest_url)
     assert missing.returncode == 3 and "cannot read" in missing.stderr
 
-    unreachable = stdcli("get_status", "-b", f"http://127.0.0.1:{_free_port()}")
+    unreachable = stdcli("get_status", "-b", f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 3
     assert "cannot reach the writer" in unreachable.stderr and "Traceback" not in unreachable.stderr
 

@@ -1,4 +1,4 @@
-"""`daqif writer …` (src/daqif/cli/writer.py) against a real writer."""
+"""`daqif writer …` (src/daqif/cli/writer.py) against a real writer (the `daqif.testing` fixture)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import h5py
 import pytest
 
 from daqif.cli.writer import add_writer_parser
-from servers.writer.launch import WriterProcess
+from daqif.testing import TEST_DETECTOR, Writer
 
-from .conftest import DETECTOR_NAME
+DETECTOR_NAME = str(TEST_DETECTOR["detector_name"])
 
 
 def run(argv: list[str]) -> int:
@@ -24,9 +24,9 @@ def run(argv: list[str]) -> int:
 
 
 def test_sync_write_records_the_images_and_reports_completion(
-    writer: WriterProcess, data_root: Path, capsys: pytest.CaptureFixture[str]
+    writer: Writer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    output = data_root / "cli_sync.h5"
+    output = writer.raw_dir / "cli_sync.h5"
     assert run(["writer", "write", str(output), "30", "--sync", "--url", writer.rest_url, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["state"] == "READY"
@@ -36,15 +36,15 @@ def test_sync_write_records_the_images_and_reports_completion(
 
 
 def test_sub_commands_print_text_or_json(
-    writer: WriterProcess, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    writer: Writer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = ["--url", writer.rest_url]
-    assert run(["writer", "write", str(data_root / "a.h5"), "3", "--sync", *url]) == 0
+    assert run(["writer", "write", str(writer.raw_dir / "a.h5"), "3", "--sync", *url]) == 0
     assert "Completed." in capsys.readouterr().out
     assert run(["writer", "status", *url]) == 0
     assert "READY" in capsys.readouterr().out
     assert run(["writer", "logs", "-n", "1", *url, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["info"]["output_file"] == str(data_root / "a.h5")
+    assert json.loads(capsys.readouterr().out)[0]["info"]["output_file"] == str(writer.raw_dir / "a.h5")
     update = tmp_path / "u.json"
     update.write_text(json.dumps({"n_modules": 2}))
     assert run(["writer", "set-config", str(update), *url]) == 0
@@ -55,7 +55,7 @@ def test_sub_commands_print_text_or_json(
 
 
 def test_refused_write_exits_non_zero_with_the_reason(
-    writer: WriterProcess, capsys: pytest.CaptureFixture[str]
+    writer: Writer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run(["writer", "write", "relative.h5", "3", "--url", writer.rest_url]) == 1
     assert "not an absolute path" in capsys.readouterr().err
