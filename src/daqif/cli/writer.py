@@ -4,6 +4,7 @@
     daqif writer write /data/run.h5 100 --sync   record 100 images, with a progress bar
     daqif writer stop                       interrupt a write, reset an UNKNOWN writer
     daqif writer config | set-config FILE | logs [-n N] | stats | deployment
+    daqif writer join OUT.h5 FILE…          one virtual dataset over writers that shared a source
 
 `--url` defaults to $STD_DAQ_API_URL, else http://127.0.0.1:5000; `--json` prints the JSON the
 REST API returned.
@@ -15,12 +16,15 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from daqif import vds
 from daqif.cli._output import console, fail, print_json
+from daqif.vds import JoinError, join_writer_files
 from daqif.writer_rest import WriterRefused, WriterRestClient, WriterRestError, default_url
 
 POLL_INTERVAL = 0.2
@@ -145,6 +149,31 @@ def _follow(client: WriterRestClient, run_id: int, n_images: int, *, show_progre
             return client.stop_writer()
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    """Join writer files by image id into a virtual dataset (no REST call involved)."""
+    try:
+        result = join_writer_files(Path(args.output), [Path(f) for f in args.files], detector=args.detector)
+    except JoinError as exc:
+        return fail(str(exc))
+    summary = {
+        "output": str(result.output),
+        "detector_name": result.detector_name,
+        "n_images": result.n_images,
+        "sources": [str(p) for p in result.sources],
+        "mappings": result.mappings,
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        console.print(
+            f"joined {result.n_images} frames of {len(result.sources)} files into {result.output} "
+            f"(/{result.detector_name}/data, {result.mappings} mappings)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return 0
+
+
 def _run(command: Command) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         client = WriterRestClient(args.url)
@@ -198,3 +227,15 @@ def add_writer_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     write.add_argument("n_images", type=int, help="number of images to record")
     write.add_argument("--sync", action="store_true", help="wait until written, with a progress bar")
     write.set_defaults(func=_run(cmd_write))
+
+    join = commands.add_parser(
+        "join",
+        help="join the files of writers that shared one PUSH source into one virtual dataset",
+        description=vds.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    join.add_argument("output", help="the joined file to write (a small HDF5 file with a virtual dataset)")
+    join.add_argument("files", nargs="+", help="the writers' files")
+    join.add_argument("--detector", help="detector group name (default: the one group with a data set)")
+    join.add_argument("--json", action="store_true", help="print the result as JSON")
+    join.set_defaults(func=cmd_join)

@@ -1,5 +1,6 @@
 """Two whole writers connected to one PUSH simulator share its frames: together they record every
-frame exactly once, each in its own file with its own image_id dataset."""
+frame exactly once, each in its own file with its own image_id dataset, and `daqif.vds` joins the
+two files into one virtual dataset in image id order."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import requests
 
 from daqif.frame import expected_frame
+from daqif.vds import join_writer_files
 
 from .conftest import DETECTOR_NAME, SHAPE, WriterFactory, rest_status, wait_for
 
@@ -54,3 +56,12 @@ def test_two_writers_on_one_push_source_record_every_frame_once(
         recorded.append(ids)
     together = np.concatenate(recorded)
     assert sorted(together.tolist()) == list(range(1, n + 1))
+
+    # One virtual dataset over both files reads as one acquisition, in image id order.
+    joined = join_writer_files(data_root / "joined.h5", files)
+    assert joined.n_images == n
+    with h5py.File(data_root / "joined.h5", "r") as f:
+        assert f[f"{DETECTOR_NAME}/image_id"][:].tolist() == list(range(1, n + 1))
+        data = f[f"{DETECTOR_NAME}/data"]
+        for image_id in (1, 2, n // 2, n):
+            assert np.array_equal(data[image_id - 1], expected_frame(image_id, SHAPE, "uint16"))
