@@ -9,9 +9,12 @@ all of them, ordered by image id, so a reader sees one acquisition:
     /<detector>/status     [N] uint64 each frame's status, from its source file
     root attributes        detector_name, n_images (= N), source_files, run_ids
 
-No pixel is copied. Source paths are stored relative to the joined file when they sit in its
-directory or below (so the set can be moved together), else absolute. Frames are mapped with as
-few hyperslabs as possible: writers dealt frames in strict alternation need one mapping each.
+No pixel is copied. Source paths are stored absolute, so the joined file can be linked or copied
+anywhere on the host (the DPM collects it into its workspace); with `relative=True` they are
+stored relative to the joined file (when in its directory or below), so the whole set can be
+moved together — but a copy of the joined file alone then no longer finds its frames. Frames
+are mapped with as few hyperslabs as possible: writers dealt frames in strict alternation need
+one mapping each.
 """
 
 from __future__ import annotations
@@ -101,12 +104,14 @@ def _progressions(positions: np.ndarray) -> list[tuple[int, int, int, int]]:
     return runs
 
 
-def _stored_path(source: Path, output: Path) -> str:
+def _stored_path(source: Path, output: Path, relative: bool) -> str:
     source, base = source.resolve(), output.resolve().parent
-    return os.path.relpath(source, base) if source.is_relative_to(base) else str(source)
+    return os.path.relpath(source, base) if relative and source.is_relative_to(base) else str(source)
 
 
-def join_writer_files(output: Path, files: list[Path], *, detector: str | None = None) -> JoinResult:
+def join_writer_files(
+    output: Path, files: list[Path], *, detector: str | None = None, relative: bool = False
+) -> JoinResult:
     """Write `output` with a virtual dataset over `files` ordered by image id; see the module doc."""
     if not files:
         raise JoinError("no files to join")
@@ -148,7 +153,9 @@ def join_writer_files(output: Path, files: list[Path], *, detector: str | None =
         if not (np.diff(positions) > 0).all():
             raise JoinError(f"{src.path}: image ids are not ascending within the file")
         vsource = h5py.VirtualSource(
-            _stored_path(src.path, output), f"{src.detector}/data", shape=(count, *first.frame_shape)
+            _stored_path(src.path, output, relative),
+            f"{src.detector}/data",
+            shape=(count, *first.frame_shape),
         )
         for index, length, start, step in _progressions(positions):
             layout[start : start + step * (length - 1) + 1 : step] = vsource[index : index + length]
@@ -163,7 +170,7 @@ def join_writer_files(output: Path, files: list[Path], *, detector: str | None =
             group.create_dataset("status", data=status)
             out.attrs["detector_name"] = first.detector
             out.attrs["n_images"] = n
-            out.attrs["source_files"] = [_stored_path(s.path, output) for s in sources]
+            out.attrs["source_files"] = [_stored_path(s.path, output, relative) for s in sources]
             out.attrs["run_ids"] = [s.run_id for s in sources]
         os.replace(tmp, output)
     except BaseException:

@@ -152,7 +152,9 @@ def _follow(client: WriterRestClient, run_id: int, n_images: int, *, show_progre
 def cmd_join(args: argparse.Namespace) -> int:
     """Join writer files by image id into a virtual dataset (no REST call involved)."""
     try:
-        result = join_writer_files(Path(args.output), [Path(f) for f in args.files], detector=args.detector)
+        result = join_writer_files(
+            Path(args.output), [Path(f) for f in args.files], detector=args.detector, relative=args.relative
+        )
     except JoinError as exc:
         return fail(str(exc))
     summary = {
@@ -237,5 +239,11 @@ def add_writer_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     join.add_argument("output", help="the joined file to write (a small HDF5 file with a virtual dataset)")
     join.add_argument("files", nargs="+", help="the writers' files")
     join.add_argument("--detector", help="detector group name (default: the one group with a data set)")
+    join.add_argument(
+        "--relative",
+        action="store_true",
+        help="store source paths relative to the joined file (to move the set together); "
+        "default: absolute, which the DPM can merge",
+    )
     join.add_argument("--json", action="store_true", help="print the result as JSON")
     join.set_defaults(func=cmd_join)

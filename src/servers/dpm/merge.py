@@ -573,6 +573,30 @@ def _slab_bytes(arr: np.ndarray[Any, Any]) -> bytes:
     return np.ascontiguousarray(arr).tobytes()
 
 
+def _check_virtual_sources(dset: h5py.Dataset) -> None:
+    """Refuse a virtual dataset whose source files cannot be found: HDF5 would read its fill
+    value for them without a word, and the product would hold zeros instead of frames.
+
+    A relative source name is looked up next to the file being merged (which, in the DPM, is the
+    collected copy in the workspace): join writer files with absolute paths to merge them.
+    """
+    dcpl = dset.id.get_create_plist()
+    if dcpl.get_layout() != h5py.h5d.VIRTUAL:
+        return
+    base = Path(dset.file.filename).resolve().parent
+    for i in range(dcpl.get_virtual_count()):
+        name = dcpl.get_virtual_filename(i)
+        if name == ".":  # mapped from the same file
+            continue
+        path = Path(name) if os.path.isabs(name) else base / name
+        if not path.is_file():
+            raise MergeError(
+                f"virtual dataset {dset.name} in {dset.file.filename} maps data from {name!r}, which is not "
+                f"at {path}; use absolute source paths (daqif writer join without --relative) or merge "
+                "the files themselves"
+            )
+
+
 def _is_raw_copyable(dset: h5py.Dataset) -> bool:
     return bool(dset.id.get_create_plist().get_layout() == h5py.h5d.CHUNKED and not dset.dtype.hasobject)
 
@@ -808,6 +832,7 @@ class _Copier:
             did = h5py.h5d.create(dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=exact)
             self._copy_chunks(src, did, path)
         else:
+            _check_virtual_sources(src)
             did = h5py.h5d.create(
                 dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=_plain_dcpl(src, dcpl)
             )
@@ -1310,6 +1335,7 @@ def _clone_source(
         if dcpl.get_layout() == h5py.h5d.VIRTUAL or (
             dcpl.get_layout() == h5py.h5d.CONTIGUOUS and dcpl.get_external_count() > 0
         ):
+            _check_virtual_sources(obj)
             recopy.append(path)  # data outside the source file: bring it into the product
         elif _is_raw_copyable(obj):
             total = sums[target] = _DatasetSum("raw", obj.dtype, obj.shape, obj.chunks)

@@ -677,3 +677,50 @@ def test_a_transform_onto_an_existing_name_replaces_it_with_a_warning(
         assert f.attrs["ESO INS MODE"] == "new"
         assert not any(name.startswith(("ESO INS0", "ESO INS2")) for name in f.attrs)
     assert any("two keywords are named 'ESO INS MODE' after the transform" in w for w in result.warnings)
+
+
+def _joined_writer_files(directory: Path, relative: bool) -> Path:
+    """Two writers' files (alternating image ids) joined into one virtual dataset."""
+    from daqif.frame import expected_frame
+    from daqif.vds import join_writer_files
+
+    directory.mkdir()
+    files = []
+    for name, ids in (("a.h5", [1, 3, 5]), ("b.h5", [2, 4, 6])):
+        with h5py.File(directory / name, "w") as f:
+            f["DET/data"] = np.stack([expected_frame(i, (4, 3), "uint16") for i in ids])
+            f["DET/image_id"] = np.array(ids, dtype=np.uint64)
+        files.append(directory / name)
+    join_writer_files(directory / "joined.h5", files, relative=relative)
+    return directory / "joined.h5"
+
+
+def test_joined_virtual_source_collected_elsewhere_is_merged_by_value(tmp_path: Path) -> None:
+    from daqif.frame import expected_frame
+
+    joined = _joined_writer_files(tmp_path / "raw", relative=False)
+    collected = tmp_path / "workspace" / "sources" / "det.h5"  # where the DPM links a collected source
+    collected.parent.mkdir(parents=True)
+    collected.hardlink_to(joined)
+    result, outfile = run_merge(tmp_path, spec_document([hdf5_source("det", collected)]))
+    with h5py.File(outfile, "r") as product:
+        data = product["det/DET/data"]
+        assert not data.is_virtual
+        assert np.array_equal(data[:], np.stack([expected_frame(i, (4, 3), "uint16") for i in range(1, 7)]))
+    assert verify(outfile).ok, result
+
+
+@pytest.mark.parametrize("path", ["cloned", "copied"])
+def test_virtual_source_whose_frames_cannot_be_found_is_refused_not_zero_filled(
+    tmp_path: Path, path: str
+) -> None:
+    joined = _joined_writer_files(tmp_path / "raw", relative=True)
+    collected = tmp_path / "elsewhere" / "det.h5"
+    collected.parent.mkdir()
+    collected.hardlink_to(joined)  # relative source names now point next to the copy: nothing there
+    sources = [hdf5_source("det", collected)]
+    if path == "copied":  # a larger source is cloned; the joined file goes object by object
+        sources.append(hdf5_source("big", write_detector_file(tmp_path / "big.h5", "jf", seed=3)))
+    with pytest.raises(MergeError, match=r"virtual dataset /DET/data .* maps data from 'a.h5'"):
+        run_merge(tmp_path, spec_document(sources))
+    assert not list((tmp_path / "out").glob("*.h5"))
