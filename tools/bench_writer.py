@@ -23,15 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +35,8 @@ import numpy as np
 from bench_common import machine_facts
 
 from daqif.frame import PATTERN_PERIOD, expected_frame
+from servers.sim.launch import SimProcess
+from servers.sim.launch import start_sim as launch_sim
 from servers.writer.datapath import ProcessDataPath, rcvhwm_for_frames
 from servers.writer.datapath_api import WriteJob, WritePhase, WriteResult
 
@@ -48,30 +45,8 @@ DEFAULT_FRAMES = {"64KiB": 10_000, "512KiB": 1_500, "4MiB": 200}
 DTYPE = "uint16"
 
 
-@dataclass
-class Sim:
-    process: subprocess.Popen[str]
-    endpoint: str
-    lines: queue.Queue[str]
-
-    def stop(self) -> dict[str, Any]:
-        if self.process.poll() is None:
-            self.process.terminate()
-        self.process.wait(60)
-        while True:
-            line = self.lines.get(timeout=10)
-            if line.startswith("daqif-sim: done "):
-                summary: dict[str, Any] = json.loads(line.removeprefix("daqif-sim: done "))
-                return summary
-
-
-def start_sim(shape: tuple[int, int], *extra: str, endpoint: str = "tcp://127.0.0.1:*") -> Sim:
-    command = [
-        sys.executable,
-        "-m",
-        "servers.sim.main",
-        "--endpoint",
-        endpoint,
+def start_sim(shape: tuple[int, int], *extra: str, endpoint: str = "tcp://127.0.0.1:*") -> SimProcess:
+    return launch_sim(
         "--shape",
         str(shape[0]),
         str(shape[1]),
@@ -80,21 +55,9 @@ def start_sim(shape: tuple[int, int], *extra: str, endpoint: str = "tcp://127.0.
         "--linger",
         "0",
         *extra,
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.put(line.strip())
-
-    threading.Thread(target=pump, daemon=True).start()
-    match = re.match(r"daqif-sim: bound (tcp://\S+)", lines.get(timeout=120))
-    if match is None:
-        process.kill()
-        raise RuntimeError("the simulator did not start")
-    return Sim(process, match.group(1), lines)
+        endpoint=endpoint,
+        timeout=120,
+    )
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> Any:
@@ -162,7 +125,7 @@ def writer_run(
         counters = datapath.counters()
     finally:
         datapath.close()
-        sim_summary = sim.stop()
+        sim_summary = sim.stop(60)
     elapsed = result.stop_time - result.start_time
     fsync_s = fsync_file(path)
     file_bytes = path.stat().st_size
@@ -261,7 +224,7 @@ def loss_run(directory: Path, rate: float, n: int) -> dict[str, Any]:
             time.sleep(0.5)
             result = datapath.stop_write() or datapath.progress().result
         finally:
-            sim_summary = sim.stop()
+            sim_summary = sim.stop(60)
     finally:
         datapath.close()
     assert result is not None

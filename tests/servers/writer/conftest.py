@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +17,7 @@ from typing import Any
 import pytest
 import requests
 
+from servers.sim.launch import SimProcess, start_sim
 from servers.writer.launch import WriterProcess, start_writer
 
 SHAPE = (48, 32)
@@ -28,10 +25,7 @@ DETECTOR_NAME = "TESTDET"
 SIM_RATE = 400.0
 
 
-@dataclass
-class Simulator:
-    process: subprocess.Popen[str]
-    endpoint: str
+Simulator = SimProcess
 
 
 def _free_port() -> int:
@@ -43,12 +37,7 @@ def _free_port() -> int:
 
 def start_simulator(rate: float = SIM_RATE, count: int = 0, shape: tuple[int, int] = SHAPE) -> Simulator:
     """`daqif-sim` on a free port, sending `shape` uint16 frames with the Standard DAQ header."""
-    command = [
-        sys.executable,
-        "-m",
-        "servers.sim.main",
-        "--endpoint",
-        "tcp://127.0.0.1:*",
+    return start_sim(
         "--shape",
         str(shape[0]),
         str(shape[1]),
@@ -62,26 +51,8 @@ def start_simulator(rate: float = SIM_RATE, count: int = 0, shape: tuple[int, in
         "stddaq",
         "--linger",
         "0",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:  # keeps the simulator's stdout drained
-        for text in process.stdout or []:
-            lines.put(text)
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        line = lines.get(timeout=30)
-    except queue.Empty:
-        process.kill()
-        raise RuntimeError("the simulator did not report its endpoint") from None
-    match = re.search(r"bound (tcp://\S+)", line)
-    if not match:
-        process.kill()
-        raise RuntimeError(f"unexpected simulator output: {line!r}")
-    return Simulator(process, match.group(1))
+        timeout=30,
+    )
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
