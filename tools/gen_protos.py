@@ -27,12 +27,27 @@ def proto_files() -> list[Path]:
     return sorted((PROTO_ROOT / "daqif" / "v1").glob("*.proto"))
 
 
+def mypy_grpc_plugin() -> str:
+    """The `protoc-gen-mypy_grpc` script of the interpreter running this, else the one on PATH.
+
+    pip installs console scripts beside `sys.executable` (`.venv/bin/`), which is not on PATH unless the
+    venv is activated; look there first so `.venv/bin/python tools/gen_protos.py` works on a plain PATH.
+    """
+    beside = Path(sys.executable).parent / "protoc-gen-mypy_grpc"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("protoc-gen-mypy_grpc")
+    if found is None:
+        raise SystemExit(
+            f"protoc-gen-mypy_grpc not found beside {sys.executable} nor on PATH: pip install mypy-protobuf"
+        )
+    return found
+
+
 def generate(out: Path) -> list[Path]:
     """Generate the stubs of every `.proto` under proto/daqif/v1 into `out`; return the files."""
     out.mkdir(parents=True, exist_ok=True)
-    plugin = shutil.which("protoc-gen-mypy_grpc")
-    if plugin is None:
-        raise SystemExit("protoc-gen-mypy_grpc not found on PATH: pip install mypy-protobuf")
+    plugin = mypy_grpc_plugin()
     well_known = str(resources.files("grpc_tools") / "_proto")
     files = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
     args = [

@@ -29,8 +29,9 @@ if ((want_test)); then
   .venv/bin/python -m pip install -q -e '.[test]'
   # Pinned npm packages: buf (lints proto/) and the Node.js example client's gRPC libraries.
   for dir in tools/buf examples/node-client; do
-    if [[ ! -d $dir/node_modules ]]; then
-      npm install --prefix "$dir" --no-audit --no-fund --loglevel=error
+    # npm ci installs exactly the lock file and never rewrites it; skip it while node_modules is newer.
+    if [[ ! -f $dir/node_modules/.package-lock.json || $dir/package-lock.json -nt $dir/node_modules/.package-lock.json ]]; then
+      (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
     fi
   done
 else

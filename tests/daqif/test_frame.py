@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -171,7 +172,7 @@ def test_decode_accepts_a_memoryview() -> None:
         (lambda: dtype_from_code(99), "unknown dtype code 99"),
     ],
 )
-def test_encoding_bad_values_raises_frame_error(call, message: str) -> None:
+def test_encoding_bad_values_raises_frame_error(call: Callable[[], object], message: str) -> None:
     with pytest.raises(FrameError) as caught:
         call()
     assert message in str(caught.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ from daqif.frame import (
     decompress_bslz4,
     expected_frame,
 )
+from servers.sim.launch import SimProcess
 from servers.sim.main import SimConfig, Simulator
 
 RECV_TIMEOUT_MS = 30_000
@@ -49,7 +50,9 @@ def receive(sock: zmq.Socket[bytes], n: int) -> list[tuple[FrameHeader, bytes]]:
     return frames
 
 
-def test_simulator_sends_ids_from_one_with_the_expected_pixels(sim_factory, context) -> None:
+def test_simulator_sends_ids_from_one_with_the_expected_pixels(
+    sim_factory: Callable[..., SimProcess], context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
     sim = sim_factory("--shape", "48", "32", "--dtype", "uint16", "--count", "20")
     frames = receive(receiver(context, sim.endpoint), 20)
     assert [h.image_id for h, _ in frames] == list(range(1, 21))
@@ -63,7 +66,9 @@ def test_simulator_sends_ids_from_one_with_the_expected_pixels(sim_factory, cont
     assert summary["last_image_id"] == 20
 
 
-def test_count_delivers_every_frame_to_a_receiver_that_connects_late(sim_factory, context) -> None:
+def test_count_delivers_every_frame_to_a_receiver_that_connects_late(
+    sim_factory: Callable[..., SimProcess], context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
     sim = sim_factory("--shape", "16", "16", "--count", "500")
     sock = receiver(context, sim.endpoint)  # PUSH waits for us; nothing is lost
     frames = receive(sock, 500)
@@ -72,7 +77,9 @@ def test_count_delivers_every_frame_to_a_receiver_that_connects_late(sim_factory
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int32", "float32", "float64"])
-def test_every_dtype_is_sent_with_its_code(sim_factory, context, dtype: str) -> None:
+def test_every_dtype_is_sent_with_its_code(
+    sim_factory: Callable[..., SimProcess], context: zmq.Context[zmq.Socket[bytes]], dtype: str
+) -> None:
     sim = sim_factory("--shape", "8", "12", "--dtype", dtype, "--count", "3")
     for header, data in receive(receiver(context, sim.endpoint), 3):
         assert header.dtype == np.dtype(dtype)
@@ -80,7 +87,9 @@ def test_every_dtype_is_sent_with_its_code(sim_factory, context, dtype: str) -> 
         np.testing.assert_array_equal(pixels, expected_frame(header.image_id, (8, 12), dtype))
 
 
-def test_daqif_header_carries_compression_and_timestamp(sim_factory, context) -> None:
+def test_daqif_header_carries_compression_and_timestamp(
+    sim_factory: Callable[..., SimProcess], context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
     sim = sim_factory("--shape", "32", "32", "--header", "daqif", "--count", "3")
     for header, data in receive(receiver(context, sim.endpoint), 3):
         assert header.header_format is HeaderFormat.DAQIF
@@ -89,7 +98,9 @@ def test_daqif_header_carries_compression_and_timestamp(sim_factory, context) ->
         check_data(header, data)
 
 
-def test_bslz4_chunks_decompress_to_the_expected_pixels(sim_factory, context) -> None:
+def test_bslz4_chunks_decompress_to_the_expected_pixels(
+    sim_factory: Callable[..., SimProcess], context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
     sim = sim_factory("--shape", "64", "48", "--header", "daqif", "--compress", "bslz4", "--count", str(20))
     frames = receive(receiver(context, sim.endpoint), 20)
     for header, chunk in frames:
@@ -100,7 +111,9 @@ def test_bslz4_chunks_decompress_to_the_expected_pixels(sim_factory, context) ->
         np.testing.assert_array_equal(pixels, expected_frame(header.image_id, (64, 48), "uint16"))
 
 
-def test_rate_limits_the_send_rate(sim_factory, context) -> None:
+def test_rate_limits_the_send_rate(
+    sim_factory: Callable[..., SimProcess], context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
     sim = sim_factory("--shape", "8", "8", "--header", "daqif", "--rate", "100", "--count", "21")
     frames = receive(receiver(context, sim.endpoint), 21)
     stamps = [h.timestamp for h, _ in frames]
@@ -110,7 +123,9 @@ def test_rate_limits_the_send_rate(sim_factory, context) -> None:
     assert sim.wait_done()["elapsed_s"] >= 0.19
 
 
-def test_pub_socket_feeds_subscribers(sim_factory, context) -> None:
+def test_pub_socket_feeds_subscribers(
+    sim_factory: Callable[..., SimProcess], context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
     sim = sim_factory("--shape", "8", "8", "--socket", "pub", "--rate", "200")
     frames = receive(receiver(context, sim.endpoint, zmq.SUB), 10)
     ids = [h.image_id for h, _ in frames]
@@ -118,7 +133,9 @@ def test_pub_socket_feeds_subscribers(sim_factory, context) -> None:
     assert sim.stop()["frames_sent"] >= 10
 
 
-def test_sigterm_stops_it_cleanly_with_a_summary(sim_factory, context) -> None:
+def test_sigterm_stops_it_cleanly_with_a_summary(
+    sim_factory: Callable[..., SimProcess], context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
     sim = sim_factory("--shape", "8", "8", "--rate", "500")
     receive(receiver(context, sim.endpoint), 5)
     summary = sim.stop()
@@ -147,7 +164,7 @@ def test_bad_arguments_are_refused_with_what_is_wrong(args: list[str], message: 
     assert message in result.stderr
 
 
-def test_python_api_runs_in_a_thread_until_stopped(context) -> None:
+def test_python_api_runs_in_a_thread_until_stopped(context: zmq.Context[zmq.Socket[bytes]]) -> None:
     sim = Simulator(SimConfig(endpoint="tcp://127.0.0.1:*", shape=(4, 4), rate=1000.0, linger_s=0))
     endpoint = sim.bind()
     stats = []

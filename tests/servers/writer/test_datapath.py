@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 from daqif.frame import encode_daqif_header, encode_stddaq_header, expected_frame
+from servers.sim.launch import SimProcess
 from servers.writer.datapath import ProcessDataPath, SocketKind
 from servers.writer.datapath_api import DataPathError, WriteJob, WritePhase, WriteProgress, WriteResult
 
@@ -92,10 +93,12 @@ def assert_frames(path: Path, n: int, shape: tuple[int, int] = SHAPE, dtype: str
         pixels = data[:]
         for i, image_id in enumerate(ids):
             np.testing.assert_array_equal(pixels[i], expected_frame(int(image_id), shape, dtype))
-        return ids
+        return np.asarray(ids)
 
 
-def test_records_n_frames_with_shape_dtype_pixels_and_ids(sim_factory, datapath_factory, tmp_path) -> None:
+def test_records_n_frames_with_shape_dtype_pixels_and_ids(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "2000")
     datapath = datapath_factory(sim.endpoint)
     wait_for(lambda: datapath.counters().discarded > 0, "frames before the write")
@@ -120,7 +123,7 @@ def test_records_n_frames_with_shape_dtype_pixels_and_ids(sim_factory, datapath_
 
 
 def test_frames_outside_a_write_are_discarded_and_a_second_write_takes_the_next_frames(
-    sim_factory, datapath_factory, tmp_path
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
 ) -> None:
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "1000")
     datapath = datapath_factory(sim.endpoint)
@@ -135,7 +138,9 @@ def test_frames_outside_a_write_are_discarded_and_a_second_write_takes_the_next_
     assert datapath.stop_write() is None  # no write open
 
 
-def test_bad_frames_are_counted_never_written_and_the_write_completes(datapath_factory, tmp_path) -> None:
+def test_bad_frames_are_counted_never_written_and_the_write_completes(
+    datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     source = ctx.socket(zmq.PUSH)
     port = source.bind_to_random_port("tcp://127.0.0.1")
@@ -185,7 +190,7 @@ def test_bad_frames_are_counted_never_written_and_the_write_completes(datapath_f
 
 
 def test_stop_mid_write_shrinks_the_datasets_to_the_frames_written(
-    sim_factory, datapath_factory, tmp_path
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
 ) -> None:
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "200")
     datapath = datapath_factory(sim.endpoint)
@@ -202,7 +207,9 @@ def test_stop_mid_write_shrinks_the_datasets_to_the_frames_written(
     assert np.array_equal(ids, np.arange(ids[0], ids[0] + result.n_written))
 
 
-def test_stop_before_any_frame_leaves_an_empty_file(datapath_factory, tmp_path, tcp_port) -> None:
+def test_stop_before_any_frame_leaves_an_empty_file(
+    datapath_factory: DataPathFactory, tmp_path: Path, tcp_port: int
+) -> None:
     datapath = datapath_factory(f"tcp://127.0.0.1:{tcp_port}")  # nobody sends
     datapath.open_write(job(tmp_path / "empty.h5", 5))
     assert datapath.progress().phase is WritePhase.WAITING_IMAGES
@@ -212,7 +219,7 @@ def test_stop_before_any_frame_leaves_an_empty_file(datapath_factory, tmp_path, 
 
 
 def test_kill_9_mid_write_leaves_a_file_readable_up_to_the_last_flush(
-    sim_factory, datapath_factory, tmp_path
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
 ) -> None:
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "500")
     datapath = datapath_factory(sim.endpoint, flush_interval=0.2)
@@ -240,7 +247,7 @@ def test_kill_9_mid_write_leaves_a_file_readable_up_to_the_last_flush(
 
 
 def test_start_again_after_the_process_died_gives_a_working_data_path(
-    sim_factory, datapath_factory, tmp_path
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
 ) -> None:
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "1000")
     datapath = datapath_factory(sim.endpoint)
@@ -253,7 +260,7 @@ def test_start_again_after_the_process_died_gives_a_working_data_path(
 
 
 def test_two_data_paths_on_one_push_source_record_every_frame_once(
-    sim_factory, datapath_factory, tmp_path, tcp_port
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path, tcp_port: int
 ) -> None:
     endpoint = f"tcp://127.0.0.1:{tcp_port}"
     first, second = datapath_factory(endpoint), datapath_factory(endpoint)
@@ -303,7 +310,7 @@ print(json.dumps({"counts": counts, "last": last}))
 
 
 def test_a_swmr_reader_sees_the_frame_count_grow_during_a_write(
-    sim_factory, datapath_factory, tmp_path
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
 ) -> None:
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "200")
     datapath = datapath_factory(sim.endpoint, flush_interval=0.2)
@@ -324,7 +331,9 @@ def test_a_swmr_reader_sees_the_frame_count_grow_during_a_write(
     assert result is not None and result.n_written >= counts[-1]
 
 
-def test_a_bslz4_stream_round_trips_to_identical_pixels(sim_factory, datapath_factory, tmp_path) -> None:
+def test_a_bslz4_stream_round_trips_to_identical_pixels(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
     sim = sim_factory(
         "--shape", *map(str, SHAPE), "--header", "daqif", "--compress", "bslz4", "--rate", "2000"
     )
@@ -333,7 +342,7 @@ def test_a_bslz4_stream_round_trips_to_identical_pixels(sim_factory, datapath_fa
     assert wait_finished(datapath).n_written == 50
     with h5py.File(tmp_path / "bslz4.h5", "r") as f:
         data = f[f"{DETECTOR}/data"]
-        assert str(hdf5plugin.BSHUF_ID) in data._filters
+        assert str(hdf5plugin.BSHUF_ID) in data._filters  # type: ignore[attr-defined]
         filter_mask, chunk = data.id.read_direct_chunk((0, 0, 0))
         assert filter_mask == 0 and len(chunk) < SHAPE[0] * SHAPE[1] * 2  # stored compressed, as sent
     counters = datapath.counters()
@@ -342,7 +351,7 @@ def test_a_bslz4_stream_round_trips_to_identical_pixels(sim_factory, datapath_fa
 
 
 def test_an_uncompressed_frame_in_a_compressed_write_is_stored_raw_and_reads_back(
-    datapath_factory, tmp_path
+    datapath_factory: DataPathFactory, tmp_path: Path
 ) -> None:
     from daqif.frame import Compression, compress_bslz4
 
@@ -366,7 +375,9 @@ def test_an_uncompressed_frame_in_a_compressed_write_is_stored_raw_and_reads_bac
         ctx.term()
 
 
-def test_pub_sub_mode_records_consecutive_frames(sim_factory, datapath_factory, tmp_path) -> None:
+def test_pub_sub_mode_records_consecutive_frames(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
     sim = sim_factory("--shape", *map(str, SHAPE), "--socket", "pub", "--rate", "500")
     datapath = datapath_factory(sim.endpoint, "sub")
     wait_for(lambda: datapath.counters().received > 0, "the subscription to take effect")
@@ -376,7 +387,9 @@ def test_pub_sub_mode_records_consecutive_frames(sim_factory, datapath_factory, 
     assert np.array_equal(ids, np.arange(ids[0], ids[0] + 40))
 
 
-def test_other_dtypes_are_written_as_sent(sim_factory, datapath_factory, tmp_path) -> None:
+def test_other_dtypes_are_written_as_sent(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
     sim = sim_factory("--shape", "16", "24", "--dtype", "float32", "--header", "daqif", "--rate", "1000")
     datapath = datapath_factory(sim.endpoint)
     datapath.open_write(job(tmp_path / "f32.h5", 10, shape=(16, 24), dtype="float32"))
@@ -385,7 +398,7 @@ def test_other_dtypes_are_written_as_sent(sim_factory, datapath_factory, tmp_pat
 
 
 def test_open_write_refuses_unusable_paths_with_a_clear_message_and_leaves_nothing(
-    datapath_factory, tmp_path, tcp_port
+    datapath_factory: DataPathFactory, tmp_path: Path, tcp_port: int
 ) -> None:
     datapath = datapath_factory(f"tcp://127.0.0.1:{tcp_port}")
     (tmp_path / "adir").mkdir()
@@ -416,7 +429,9 @@ def test_open_write_refuses_unusable_paths_with_a_clear_message_and_leaves_nothi
     assert datapath.is_alive()
 
 
-def test_owner_uid_is_applied_when_permitted(datapath_factory, tmp_path, tcp_port) -> None:
+def test_owner_uid_is_applied_when_permitted(
+    datapath_factory: DataPathFactory, tmp_path: Path, tcp_port: int
+) -> None:
     datapath = datapath_factory(f"tcp://127.0.0.1:{tcp_port}")
     other_uid = os.geteuid() + 4321
     datapath.open_write(job(tmp_path / "owned.h5", 5, owner_uid=other_uid))
@@ -427,7 +442,7 @@ def test_owner_uid_is_applied_when_permitted(datapath_factory, tmp_path, tcp_por
 
 
 def test_close_with_an_open_write_closes_the_file_as_interrupted(
-    sim_factory, datapath_factory, tmp_path
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
 ) -> None:
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "500")
     datapath = datapath_factory(sim.endpoint)
