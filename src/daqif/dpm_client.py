@@ -18,11 +18,12 @@ from typing import Any
 
 from google.protobuf import empty_pb2
 
+from daqif import defaults
 from daqif.errors import DaqException, ErrorCode
 from daqif.grpc_client import AsyncGrpcClient, GrpcClient
 from daqif.v1 import dpm_pb2, dpm_pb2_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:12083"
+DEFAULT_ADDRESS = defaults.DPM_ADDRESS
 
 DaqStatus = dpm_pb2.DaqStatus
 DaqReply = dpm_pb2.DaqReply

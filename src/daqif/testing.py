@@ -36,13 +36,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from daqif import defaults
+
 if TYPE_CHECKING:
     from daqif.dpm_client import DpmClient
     from servers.supervisor import Supervisor
     from servers.system import SystemConfig
 
 TEST_DETECTOR: dict[str, object] = {
-    "detector_name": "SIM1",
+    "detector_name": defaults.DETECTOR_NAME,
     "bit_depth": 16,
     "image_pixel_height": 64,
     "image_pixel_width": 64,

@@ -16,11 +16,12 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
+from daqif import defaults
 from daqif.errors import DaqException, ErrorCode
 from daqif.grpc_client import AsyncGrpcClient, GrpcClient
 from daqif.v1 import writer_pb2, writer_pb2_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:12084"
+DEFAULT_ADDRESS = defaults.WRITER_GRPC_ADDRESS
 
 WriterStatus = writer_pb2.WriterStatus
 DaqConfig = writer_pb2.DaqConfig

@@ -12,7 +12,9 @@ from typing import Any
 
 import requests
 
-DEFAULT_URL = "http://127.0.0.1:5000"
+from daqif import defaults
+
+DEFAULT_URL = defaults.WRITER_REST_URL
 URL_ENV = "STD_DAQ_API_URL"
 
 

@@ -17,19 +17,20 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from daqif import defaults
 from servers.supervisor import ChildSpec, grpc_health_probe, http_probe, tcp_probe
 
-DEFAULT_DPM_PORT = 12083
-DEFAULT_REST_PORT = 5000
-DEFAULT_WRITER_GRPC_PORT = 12084
-DEFAULT_STREAM_PORT = 12085
+DEFAULT_DPM_PORT = defaults.DPM_PORT
+DEFAULT_REST_PORT = defaults.WRITER_REST_PORT
+DEFAULT_WRITER_GRPC_PORT = defaults.WRITER_GRPC_PORT
+DEFAULT_STREAM_PORT = defaults.SIM_STREAM_PORT
 
 DEFAULT_DETECTOR: dict[str, object] = {
-    "detector_name": "SIM1",
-    "detector_type": "eiger",
-    "bit_depth": 16,
-    "image_pixel_height": 512,
-    "image_pixel_width": 512,
+    "detector_name": defaults.DETECTOR_NAME,
+    "detector_type": defaults.DETECTOR_TYPE,
+    "bit_depth": defaults.BIT_DEPTH,
+    "image_pixel_height": defaults.IMAGE_PIXEL_HEIGHT,
+    "image_pixel_width": defaults.IMAGE_PIXEL_WIDTH,
     "n_modules": 1,
     "start_udp_port": 50000,
     "writer_user_id": 0,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NoReturn
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -11,6 +13,13 @@ from grpc_reflection.v1alpha import reflection
 
 from daqif.errors import DaqException
 from daqif.grpc_errors import to_rpc_status
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamHandler = Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+H = TypeVar("H", bound=Handler)
+S = TypeVar("S", bound=StreamHandler)
 
 
 def add_health_and_reflection(
@@ -34,3 +43,47 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: DaqException) -> No
     """End the call with the status and rich details that carry `exc`."""
     await context.abort_with_status(to_rpc_status(exc))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def _unexpected(name: str, exc: Exception) -> DaqException:
+    log.exception("%s failed", name)
+    return DaqException.internal(f"{name}: {type(exc).__name__}: {exc}")
+
+
+def edge(handler: H) -> H:
+    """The error edge of a unary gRPC method, shared by every daqif service.
+
+    A `DaqException` becomes its status with rich details; anything unexpected is logged and becomes
+    INTERNAL naming the method, so a client never sees a bare UNKNOWN.
+    """
+
+    @functools.wraps(handler)
+    async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except DaqException as exc:
+            await abort_with(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, _unexpected(handler.__name__, exc))
+
+    return guarded  # type: ignore[return-value]
+
+
+def stream_edge(handler: S) -> S:
+    """`edge` for a server-streaming method (an async generator)."""
+
+    @functools.wraps(handler)
+    async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for message in handler(self, request, context):
+                yield message
+        except DaqException as exc:
+            await abort_with(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, _unexpected(handler.__name__, exc))
+
+    return guarded  # type: ignore[return-value]

@@ -8,17 +8,16 @@ rich details by `abort_with`, here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import cast
 
 import grpc
 from google.protobuf import empty_pb2
 
 from daqif.errors import DaqException, ErrorCode
 from daqif.v1 import dpm_pb2, dpm_pb2_grpc
-from servers.common.grpc_server import abort_with
+from servers.common.grpc_server import abort_with, edge, stream_edge
 from servers.dpm.events import WatcherDropped
 from servers.dpm.lifecycle import DataProductManager
 from servers.dpm.model import Alert, DaqStatusView, InternalStatus, StorageStatus
@@ -130,30 +129,6 @@ def storage_message(storage: StorageStatus) -> dpm_pb2.StorageStatus:
     )
 
 
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
-
-def edge(handler: Handler) -> Handler:
-    """Map what a unary handler raises to the call's status: `DaqException` as it is, anything
-    unexpected as INTERNAL (logged), so a client never sees a bare UNKNOWN."""
-
-    @functools.wraps(handler)
-    async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await handler(self, request, context)
-        except DaqException as exc:
-            await abort_with(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            log.exception("%s failed", handler.__name__)
-            await abort_with(
-                context, DaqException.internal(f"{handler.__name__}: {type(exc).__name__}: {exc}")
-            )
-
-    return guarded
-
-
 class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
     """`daqif.v1.DpmDaqControl` on the core."""
 
@@ -200,6 +175,7 @@ class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
         internal = self._dpm.internal(request.id)
         return internal_message(internal, self._status(internal.status))
 
+    @stream_edge
     async def WatchDaqStatus(
         self,
         request: dpm_pb2.WatchDaqStatusRequest,
@@ -232,24 +208,21 @@ class DpmControlService(dpm_pb2_grpc.DpmControlServicer):
     ) -> dpm_pb2.StorageStatus:
         return storage_message(await asyncio.to_thread(self._dpm.storage))
 
+    @stream_edge
     async def WatchStorageStatus(
         self,
         request: dpm_pb2.WatchStorageStatusRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[dpm_pb2.StorageStatus]:
         if request.interval < 0:
-            await abort_with(
-                context, DaqException.invalid_argument(f"interval {request.interval} is negative")
-            )
+            raise DaqException.invalid_argument(f"interval {request.interval} is negative")
         # At most 100 reports a second: a watcher must not be able to keep the server busy.
         interval = max(request.interval or self._dpm.config.storage_report_interval_s, 0.01)
         while True:
             try:
                 storage = await asyncio.to_thread(self._dpm.storage)
             except OSError as exc:
-                await abort_with(
-                    context, DaqException.internal(f"cannot query the workspace file system: {exc}")
-                )
+                raise DaqException.internal(f"cannot query the workspace file system: {exc}") from exc
             yield storage_message(storage)
             await asyncio.sleep(interval)
 

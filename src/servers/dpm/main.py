@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from daqif import defaults
 from servers.common.grpc_server import add_health_and_reflection, mark_serving
 from servers.dpm.config import ConfigError, DpmConfig, build_config
 from servers.dpm.grpc_service import SERVICE_NAMES, add_services
@@ -27,8 +28,8 @@ from servers.dpm.store import WorkspaceBusy
 
 log = logging.getLogger("daqif-dpm-server")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 12083
+DEFAULT_HOST = defaults.HOST
+DEFAULT_PORT = defaults.DPM_PORT
 READY_PREFIX = "daqif-dpm-server ready"
 
 

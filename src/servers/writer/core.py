@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from daqif import defaults
 from daqif.errors import DaqException, ErrorCode
 from servers.common.atomic import atomic_write_json
 from servers.common.paths import PathNotAllowed, confine
@@ -119,11 +120,11 @@ RunId = int | str
 class DaqConfig:
     """The DAQ configuration object of the seed (`/daq/config`, Redis `daq:config`)."""
 
-    bit_depth: int = 16
-    detector_name: str = "SIM"
-    detector_type: str = "eiger"
-    image_pixel_height: int = 512
-    image_pixel_width: int = 512
+    bit_depth: int = defaults.BIT_DEPTH
+    detector_name: str = defaults.DETECTOR_NAME
+    detector_type: str = defaults.DETECTOR_TYPE
+    image_pixel_height: int = defaults.IMAGE_PIXEL_HEIGHT
+    image_pixel_width: int = defaults.IMAGE_PIXEL_WIDTH
     n_modules: int = 1
     start_udp_port: int = 50000
     writer_user_id: int = 0

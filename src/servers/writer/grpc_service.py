@@ -11,9 +11,8 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from daqif.errors import DaqException
 from daqif.v1 import writer_pb2, writer_pb2_grpc
-from servers.common.grpc_server import abort_with
+from servers.common.grpc_server import edge, stream_edge
 from servers.writer.core import (
     CONFIG_FIELDS,
     Acquisition,
@@ -143,21 +142,22 @@ class WriterControlService(writer_pb2_grpc.WriterControlServicer):
     def __init__(self, core: WriterCore) -> None:
         self._core = core
 
+    @edge
     async def GetStatus(
         self, request: writer_pb2.GetStatusRequest, context: Context
     ) -> writer_pb2.WriterStatus:
         return status_to_pb(self._core.status())
 
+    @edge
     async def GetConfig(self, request: writer_pb2.GetConfigRequest, context: Context) -> writer_pb2.DaqConfig:
         return config_to_pb(self._core.config)
 
+    @edge
     async def SetConfig(self, request: writer_pb2.SetConfigRequest, context: Context) -> writer_pb2.DaqConfig:
-        try:
-            config = await self._core.set_config(config_update_from_pb(request.config))
-        except DaqException as exc:
-            await abort_with(context, exc)
+        config = await self._core.set_config(config_update_from_pb(request.config))
         return config_to_pb(config)
 
+    @edge
     async def GetLogs(
         self, request: writer_pb2.GetLogsRequest, context: Context
     ) -> writer_pb2.GetLogsResponse:
@@ -165,45 +165,42 @@ class WriterControlService(writer_pb2_grpc.WriterControlServicer):
             logs=[acquisition_to_pb(entry) for entry in self._core.logs(request.n_last_logs)]
         )
 
+    @edge
     async def GetStats(self, request: writer_pb2.GetStatsRequest, context: Context) -> writer_pb2.DaqStats:
         return stats_to_pb(self._core.stats())
 
+    @edge
     async def GetDeploymentStatus(
         self, request: writer_pb2.GetDeploymentStatusRequest, context: Context
     ) -> writer_pb2.DeploymentStatus:
         return deployment_to_pb(self._core.deployment())
 
+    @edge
     async def StartWriterAsync(
         self, request: writer_pb2.StartWriterAsyncRequest, context: Context
     ) -> writer_pb2.WriterStatus:
-        try:
-            status = await self._core.start_write(
-                _write_request(request.output_file, request.n_images, request.run_id)
-            )
-        except DaqException as exc:
-            await abort_with(context, exc)
+        status = await self._core.start_write(
+            _write_request(request.output_file, request.n_images, request.run_id)
+        )
         return status_to_pb(status)
 
+    @edge
     async def StartWriterSync(
         self, request: writer_pb2.StartWriterSyncRequest, context: Context
     ) -> writer_pb2.WriterStatus:
-        try:
-            status = await self._core.write_sync(
-                _write_request(request.output_file, request.n_images, request.run_id), timeout=request.timeout
-            )
-        except DaqException as exc:
-            await abort_with(context, exc)
+        status = await self._core.write_sync(
+            _write_request(request.output_file, request.n_images, request.run_id), timeout=request.timeout
+        )
         return status_to_pb(status)
 
+    @edge
     async def StopWriter(
         self, request: writer_pb2.StopWriterRequest, context: Context
     ) -> writer_pb2.WriterStatus:
-        try:
-            status = await self._core.stop()
-        except DaqException as exc:
-            await abort_with(context, exc)
+        status = await self._core.stop()
         return status_to_pb(status)
 
+    @stream_edge
     async def WatchStatus(
         self, request: writer_pb2.WatchStatusRequest, context: Context
     ) -> AsyncIterator[writer_pb2.WriterStatus]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import uvicorn
 
+from daqif import defaults
 from daqif.errors import DaqException
 from daqif.v1 import writer_pb2_grpc
 from servers.common.grpc_server import add_health_and_reflection, mark_serving
@@ -38,8 +39,8 @@ from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
 from servers.writer.redis_streams import DEFAULT_MAXLEN, RedisStreams
 from servers.writer.rest import create_app
 
-DEFAULT_REST_PORT = 5000
-DEFAULT_GRPC_PORT = 12084
+DEFAULT_REST_PORT = defaults.WRITER_REST_PORT
+DEFAULT_GRPC_PORT = defaults.WRITER_GRPC_PORT
 READY_PREFIX = "daqif-writer ready"
 
 _log = logging.getLogger("daqif-writer")
