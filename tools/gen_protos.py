@@ -2,7 +2,7 @@
 """Regenerate the Python stubs of the daqif IDL.
 
     .venv/bin/python tools/gen_protos.py            # write src/daqif/v1/*_pb2*.py(i)
-    .venv/bin/python tools/gen_protos.py --out DIR  # write them under DIR instead (used by the staleness test)
+    .venv/bin/python tools/gen_protos.py --out DIR  # write them under DIR instead (the staleness test)
 
 Uses grpcio-tools for messages (`.py` + `.pyi`) and services, and mypy-protobuf's
 `protoc-gen-mypy_grpc` plugin for typed service stubs.
