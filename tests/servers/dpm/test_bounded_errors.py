@@ -1,0 +1,33 @@
+"""Errors about huge values stay errors about them: the real code, a bounded message, the server up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from daqif.errors import MAX_MESSAGE_CHARS, DaqException, ErrorCode
+
+
+def spec(daq_id: str, location: str, receiver: str) -> dict[str, Any]:
+    return {
+        "id": daq_id,
+        "target": {"fileId": "BOUNDED.1"},
+        "sources": [{"type": "hdf5File", "sourceName": "det", "location": location}],
+        "receivers": [{"type": "olasReceiver", "path": receiver}],
+    }
+
+
+@pytest.mark.parametrize("what", ["id", "location"])
+def test_a_huge_value_is_invalid_argument_with_a_bounded_message(dpm_server: Any, what: str) -> None:
+    huge = "x" * 100_000
+    receiver = str(dpm_server.receiver_dir)
+    location = str(dpm_server.data_root / "raw" / "frames.h5")
+    bad = spec(huge, location, receiver) if what == "id" else spec("BOUNDED.1", "/" + huge, receiver)
+    with pytest.raises(DaqException) as caught:
+        dpm_server.client.queue_daq(bad)
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert len(caught.value.message) <= MAX_MESSAGE_CHARS + 40
+    assert "more characters" in caught.value.message or len(caught.value.message) < 400
+    # The server is still serving.
+    assert dpm_server.client.get_active_daqs() == []
