@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -17,6 +18,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import jsonschema
+
+from daqif.errors import quote
 
 SCHEMA_RESOURCE = "data-product-specification.schema.json"
 
@@ -179,41 +182,76 @@ def _schema_problem(error: jsonschema.ValidationError) -> SpecificationError:
         return SpecificationError(where, error.message)
     if keyword == "enum" and error.absolute_path and error.absolute_path[-1] == "type":
         expected = ", ".join(str(v) for v in error.validator_value)  # type: ignore[union-attr]
-        return SpecificationError(where, f"unknown type {error.instance!r}; expected one of: {expected}")
+        return SpecificationError(where, f"unknown type {quote(error.instance)}; expected one of: {expected}")
     if keyword == "maxLength":
         return SpecificationError(
-            where, f"{error.instance!r} is too long (at most {error.validator_value} characters)"
+            where, f"{quote(error.instance)} is too long (at most {error.validator_value} characters)"
         )
     if keyword == "minLength":
         return SpecificationError(
-            where, f"{error.instance!r} is too short (at least {error.validator_value})"
+            where, f"{quote(error.instance)} is too short (at least {error.validator_value})"
         )
     if keyword == "pattern":
         hint = _PATTERN_HINTS.get(str(error.validator_value), f"must match {error.validator_value}")
-        return SpecificationError(where, f"{error.instance!r} is not valid: {hint}")
+        return SpecificationError(where, f"{quote(error.instance)} is not valid: {hint}")
     if keyword == "type":
-        return SpecificationError(where, f"{error.instance!r} is not of type {error.validator_value}")
+        return SpecificationError(where, f"{quote(error.instance)} is not of type {error.validator_value}")
     return SpecificationError(where, error.message)
 
 
 _PATTERN_HINTS = {
     "^[A-Za-z0-9][A-Za-z0-9_.:+-]*$": "use letters, digits and _ . : + - (starting with a letter or digit)",
     "^[A-Za-z0-9_][A-Za-z0-9_.-]*$": "use letters, digits and _ . -",
-    "^(([A-Za-z0-9_.-]+@)?[A-Za-z0-9_.-]+:)?/": "expected an absolute path or [user@]host:/absolute/path",
+    "^(([A-Za-z0-9_][A-Za-z0-9_.-]*@)?[A-Za-z0-9][A-Za-z0-9.-]*:)?/": (
+        "expected an absolute path or [user@]host:/absolute/path (a host starts with a letter or digit)"
+    ),
     "^[A-Z0-9_-]+$": "FITS keyword names use upper-case letters, digits, _ and -",
     "^[A-Z0-9_-]+( [A-Z0-9_-]+)*$": "ESO keyword names are upper-case words separated by single spaces",
     "^[+-][ev] \\S.*$": (
         "a selection pattern is '+' or '-', then 'e' (ESO) or 'v' (value), a space and a glob"
     ),
-    "^([A-Za-z0-9_.-]+@)?[A-Za-z0-9_.-]+$": "expected a host name, optionally user@host",
+    "^([A-Za-z0-9_][A-Za-z0-9_.-]*@)?[A-Za-z0-9][A-Za-z0-9.-]*$": (
+        "expected a host name, optionally user@host, starting with a letter or digit (never an option)"
+    ),
 }
+
+
+_MAX_DEPTH = 16  # a specification is at most ~6 levels deep; deeper is not one
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _check_values(value: Any, path: list[str | int], depth: int) -> None:
+    """Refuse what the schema's types let through but nothing downstream can hold: NUL characters
+    (C strings, file names, FITS cards), integers beyond 64 bits (HDF5 and FITS integers) and
+    absurd nesting (recursive validators)."""
+    if depth > _MAX_DEPTH:
+        raise SpecificationError(json_path(path), f"nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise SpecificationError(json_path(path), "contains a NUL character")
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise SpecificationError(json_path(path), f"{value} is not a finite number")
+    elif isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise SpecificationError(json_path(path), f"integer {quote(value, 40)} does not fit in 64 bits")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                raise SpecificationError(json_path(path), "a key contains a NUL character")
+            _check_values(item, [*path, key], depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_values(item, [*path, i], depth + 1)
 
 
 def _check_path(where: str, path: str) -> None:
     if not path.startswith("/"):
-        raise SpecificationError(where, f"{path!r} is not an absolute path")
+        raise SpecificationError(where, f"{quote(path)} is not an absolute path")
     if ".." in PurePosixPath(path).parts:
-        raise SpecificationError(where, f"{path!r} contains '..'; give the path without it")
+        raise SpecificationError(where, f"{quote(path)} contains '..'; give the path without it")
     if "\x00" in path:
         raise SpecificationError(where, "path contains a NUL byte")
 
@@ -231,7 +269,7 @@ def _rules(where: str, raw: list[dict[str, Any]] | None) -> tuple[KeywordRule, .
             re.compile(rule["regex"])
         except re.error as exc:
             raise SpecificationError(
-                f"{where}[{i}].regex", f"{rule['regex']!r} is not a valid regular expression: {exc}"
+                f"{where}[{i}].regex", f"{quote(rule['regex'])} is not a valid regular expression: {exc}"
             ) from None
         rules.append(TransformRule(patterns, rule["regex"], rule["format"]))
     return tuple(rules)
@@ -265,8 +303,11 @@ def load_specification(text: str | bytes | dict[str, Any]) -> Specification:
             ) from None
         except UnicodeDecodeError as exc:
             raise SpecificationError("", f"not valid UTF-8: {exc}") from None
+        except RecursionError:
+            raise SpecificationError("", "nested too deeply to be a specification") from None
     if not isinstance(document, dict):
         raise SpecificationError("", f"expected a JSON object, got {type(document).__name__}")
+    _check_values(document, [], 0)
     errors = sorted(
         _validator().iter_errors(document), key=lambda e: (list(map(str, e.absolute_path)), str(e.validator))
     )
@@ -284,7 +325,7 @@ def load_specification(text: str | bytes | dict[str, Any]) -> Specification:
         where = f"sources[{i}]"
         name = raw["sourceName"]
         if name in seen:
-            raise SpecificationError(f"{where}.sourceName", f"{name!r} is already used by {seen[name]}")
+            raise SpecificationError(f"{where}.sourceName", f"{quote(name)} is already used by {seen[name]}")
         seen[name] = where
         if raw["type"] == "hdf5File":
             sources.append(_hdf5_source(where, raw))

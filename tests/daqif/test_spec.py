@@ -190,6 +190,44 @@ INVALID: list[tuple[str, Any, str, str]] = [
         "is not of type",
     ),
     ("no sources at all", with_change("sources", []), "sources", "no sources"),
+    (
+        "receiver host that is an rsync option",
+        with_change("receivers.0.host", "-e"),
+        "receivers[0].host",
+        "never an option",
+    ),
+    (
+        "receiver user that is an option",
+        with_change("receivers.0.host", "-oProxyCommand=x@host"),
+        "receivers[0].host",
+        "never an option",
+    ),
+    (
+        "remote location whose host is an option",
+        with_change("sources.2.location", "-e:/data/det2.h5"),
+        "sources[2].location",
+        "a host starts with a letter or digit",
+    ),
+    (
+        "NUL in a keyword value",
+        with_change("sources.0.keywords.1.value", "a\x00b"),
+        "sources[0].keywords[1].value",
+        "NUL character",
+    ),
+    (
+        "integer beyond 64 bits",
+        with_change("sources.0.keywords.1.value", 2**64),
+        "sources[0].keywords[1].value",
+        "does not fit in 64 bits",
+    ),
+    ("NaN keyword value", '{"id": NaN}', "id", "not a finite number"),
+    ("nested too deeply for the parser", "[" * 100_000 + "]" * 100_000, "", "nested too deeply"),
+    (
+        "nested deeper than a specification",
+        {**VALID, "extra": json.loads("[" * 30 + "]" * 30)},
+        "extra" + "[0]" * 16,
+        "nested more than 16 levels",
+    ),
 ]
 
 
@@ -204,3 +242,11 @@ def test_invalid_specification_is_refused_with_where_and_what(
     assert fragment in str(info.value)
     if where:
         assert str(info.value).startswith(f"{where}: ")
+
+
+def test_an_error_about_a_huge_value_quotes_at_most_200_characters_of_it() -> None:
+    with pytest.raises(SpecificationError) as info:
+        load_specification(json.dumps(with_change("id", "a/" + "b" * 100_000)))
+    assert info.value.where == "id"
+    assert len(str(info.value)) < 400
+    assert "more characters" in str(info.value)
