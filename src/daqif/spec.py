@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -18,6 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import jsonschema
+import re2
 
 from daqif.errors import quote
 
@@ -86,11 +86,32 @@ class FilterRule:
 
 @dataclass(frozen=True)
 class TransformRule:
-    """Rename the selected keywords with `re.sub(regex, format, name)`."""
+    """Rename the selected keywords with `re.sub(regex, format, name)` semantics, matched by RE2.
+
+    RE2 runs in time linear in the name, so no rule can hold a merge (a backtracking pattern such as
+    `(a+)+$` takes Python's `re` exponential time); it has no backreferences or lookaround, which
+    `load_specification` refuses with the reason.
+    """
 
     selection_patterns: tuple[str, ...]
     regex: str
     format: str
+
+    def rename(self, name: str) -> str:
+        """`name` with every match of `regex` replaced by `format` (`\\1`, `\\g<name>` as in `re.sub`)."""
+        return str(compile_regex(self.regex).sub(self.format, name))
+
+
+@cache
+def compile_regex(pattern: str) -> Any:
+    """`pattern` compiled by RE2; raises `re2.error` (its message as text) when RE2 cannot run it."""
+    options = re2.Options()
+    options.log_errors = False  # the error is raised and reported; RE2's own stderr line is noise
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise re2.error(reason) from None
 
 
 KeywordRule = FilterRule | TransformRule
@@ -266,10 +287,12 @@ def _rules(where: str, raw: list[dict[str, Any]] | None) -> tuple[KeywordRule, .
             rules.append(FilterRule(patterns))
             continue
         try:
-            re.compile(rule["regex"])
-        except re.error as exc:
+            compile_regex(rule["regex"])
+        except re2.error as exc:
             raise SpecificationError(
-                f"{where}[{i}].regex", f"{quote(rule['regex'])} is not a valid regular expression: {exc}"
+                f"{where}[{i}].regex",
+                f"{quote(rule['regex'])} is not a valid regular expression: {exc} (RE2 syntax: linear time, "
+                "no backreferences or lookaround)",
             ) from None
         rules.append(TransformRule(patterns, rule["regex"], rule["format"]))
     return tuple(rules)

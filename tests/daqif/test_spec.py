@@ -165,6 +165,12 @@ INVALID: list[tuple[str, Any, str, str]] = [
         "not a valid regular expression",
     ),
     (
+        "transform regex with a backreference",
+        with_change("sources.1.keywordRules.1.regex", "(INS)\\1"),
+        "sources[1].keywordRules[1].regex",
+        "no backreferences or lookaround",
+    ),
+    (
         "transform without format",
         with_change("sources.1.keywordRules.1.format", ...),
         "sources[1].keywordRules[1]",
@@ -250,3 +256,15 @@ def test_an_error_about_a_huge_value_quotes_at_most_200_characters_of_it() -> No
     assert info.value.where == "id"
     assert len(str(info.value)) < 400
     assert "more characters" in str(info.value)
+
+
+def test_a_transform_renames_with_re_sub_semantics() -> None:
+    rule = TransformRule(("+e INS *",), r"INS (?P<part>\w+) (\w+)", r"INSTR \g<part> \2")
+    assert rule.rename("INS OPT1 NAME") == "INSTR OPT1 NAME"
+
+
+def test_a_backtracking_pattern_runs_in_linear_time() -> None:
+    """`(a+)+$` against 'aaa…b' takes Python's re 2^n steps: with n = 5,000 this test would never end."""
+    rule = TransformRule(("+v *",), r"(A+)+$", "X")
+    assert rule.rename("A" * 5000 + "B") == "A" * 5000 + "B"
+    assert rule.rename("A" * 5000) == "X"
