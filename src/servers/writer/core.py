@@ -36,7 +36,7 @@ from daqif import defaults
 from daqif.errors import DaqException, ErrorCode
 from servers.common.atomic import atomic_write_json
 from servers.common.paths import PathNotAllowed, confine
-from servers.writer.datapath_api import (
+from servers.writer.datapath.api import (
     DataPathError,
     DataPathHandle,
     FrameCounters,

@@ -21,8 +21,9 @@ import zmq
 
 from daqif.frame import encode_daqif_header, encode_stddaq_header, expected_frame
 from servers.sim.launch import SimProcess
-from servers.writer.datapath import ProcessDataPath, SocketKind
-from servers.writer.datapath_api import DataPathError, WriteJob, WritePhase, WriteProgress, WriteResult
+from servers.writer.datapath.api import DataPathError, WriteJob, WritePhase, WriteProgress, WriteResult
+from servers.writer.datapath.handle import ProcessDataPath
+from servers.writer.datapath.protocol import SocketKind
 
 SHAPE = (48, 32)
 DETECTOR = "TESTDET"
