@@ -37,8 +37,8 @@ from bench_common import machine_facts
 from daqif.frame import PATTERN_PERIOD, expected_frame
 from servers.sim.launch import SimProcess
 from servers.sim.launch import start_sim as launch_sim
-from servers.writer.datapath import ProcessDataPath, rcvhwm_for_frames
-from servers.writer.datapath_api import WriteJob, WritePhase, WriteResult
+from servers.writer.datapath.api import WriteJob, WritePhase, WriteResult
+from servers.writer.datapath.handle import ProcessDataPath, rcvhwm_for_frames
 
 SIZES: dict[str, tuple[int, int]] = {"64KiB": (256, 128), "512KiB": (512, 512), "4MiB": (2048, 1024)}
 DEFAULT_FRAMES = {"64KiB": 10_000, "512KiB": 1_500, "4MiB": 200}

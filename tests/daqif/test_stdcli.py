@@ -65,9 +65,9 @@ def test_errors_are_one_line_on_stderr_with_nonzero_exit(writer: Writer, tmp_pat
     assert refused.stderr.strip().count("\n") == 0
     assert "not an absolute path" in refused.stderr and "Traceback" not in refused.stderr
 
-    malformed = stdcli("write_sync", "/x.h5", "0", "-b", writer.rest_url)
-    assert malformed.returncode == 3
-    assert "HTTP 422" in malformed.stderr and "n_images" in malformed.stderr
+    invalid = stdcli("write_sync", "/x.h5", "0", "-b", writer.rest_url)
+    assert invalid.returncode == 1, "a value error is refused by the writer (HTTP 200, status error)"
+    assert "n_images: Input should be greater than or equal to 1" in invalid.stderr
 
     bad_config = tmp_path / "bad.json"
     bad_config.write_text(json.dumps({"detector_type": "pilatus"}))

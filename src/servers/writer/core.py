@@ -1,4 +1,4 @@
-"""The writer's control plane: state machine, configuration, logs, stats and deployment status.
+"""The writer's control plane: one data path, one acquisition at a time, its logs, stats and config.
 
 Transport-free: the REST (`rest.py`), gRPC (`grpc_service.py`) and Redis (`redis_streams.py`)
 adapters call `WriterCore` and subscribe to its events; they only translate. Every refusal is a
@@ -8,11 +8,14 @@ canonical code with rich details).
 The data path runs in its own process behind `DataPathHandle`; its blocking calls run in worker
 threads so the asyncio loop that serves REST and gRPC never waits on HDF5 or ZeroMQ.
 
-Where the writer changes state, in one place:
-- `start_write`: READY → WRITING (acquisition WAITING_IMAGES) once the file is open;
-- `_poll_write`: WAITING_IMAGES → ACQUIRING_IMAGES → WRITING → FLUSHING_IMAGES → FINISHED
-  ("Completed."/"Interrupted.") or FAILED ("ERROR: …"), and WRITING/READY → UNKNOWN when the
-  data process died;
+Every change of the writer's or the acquisition's state goes through `WriterCore._transition`,
+checked against the table in `states.py`:
+- `start`/`stop`: UNKNOWN → READY once a data path process is up (a restart passes via UNKNOWN);
+- `start_write`: READY → WRITING, a new acquisition WAITING_IMAGES once the file is open (or a new
+  FAILED one when it cannot be opened);
+- `_poll_write`: the acquisition follows the data path's phase, and ends FINISHED
+  ("Completed."/"Interrupted.") or FAILED ("ERROR: …") with the writer back to READY, or UNKNOWN
+  when the data path process died;
 - `stop`: interrupts a write (FINISHED "Interrupted.") and resets UNKNOWN → READY.
 """
 
@@ -20,23 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import json
 import logging
 import os
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from daqif import defaults
 from daqif.errors import DaqException, ErrorCode
 from servers.common.atomic import atomic_write_json
 from servers.common.paths import PathNotAllowed, confine
-from servers.writer.datapath_api import (
+from servers.writer.datapath.api import (
     DataPathError,
     DataPathHandle,
     FrameCounters,
@@ -44,6 +43,25 @@ from servers.writer.datapath_api import (
     WritePhase,
     WriteProgress,
     WriteResult,
+)
+from servers.writer.events import (
+    AcquisitionLogged,
+    ConfigChanged,
+    EventHub,
+    StatusChanged,
+    Tick,
+    WriterEvent,
+)
+from servers.writer.models import DaqConfig, WriteRequest
+from servers.writer.states import AcquisitionState, DeploymentState, WriterState, check_transition
+from servers.writer.status import (
+    MESSAGE_COMPLETED,
+    MESSAGE_INTERRUPTED,
+    Acquisition,
+    DaqStats,
+    Deployment,
+    Throughput,
+    WriterStatus,
 )
 
 _log = logging.getLogger(__name__)
@@ -56,52 +74,6 @@ STATS_INTERVAL = 1.0
 # How long to wait for the data path to open or close a file before the writer gives up on it.
 DATAPATH_CALL_TIMEOUT = 10.0
 
-DETECTOR_TYPES = ("eiger", "gigafrost", "jungfrau", "bsread")
-BIT_DEPTH_DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
-INTEGER_FIELDS = (
-    "bit_depth",
-    "image_pixel_height",
-    "image_pixel_width",
-    "n_modules",
-    "start_udp_port",
-    "writer_user_id",
-)
-CONFIG_FIELDS = (
-    "bit_depth",
-    "detector_name",
-    "detector_type",
-    "image_pixel_height",
-    "image_pixel_width",
-    "n_modules",
-    "start_udp_port",
-    "writer_user_id",
-    "module_positions",
-)
-
-
-class WriterState(enum.StrEnum):
-    """The writer's own state (the seed's top-level `state`)."""
-
-    READY = "READY"
-    WRITING = "WRITING"
-    UNKNOWN = "UNKNOWN"
-
-
-class AcquisitionState(enum.StrEnum):
-    """The state of the current or last acquisition (the seed's `acquisition.state`)."""
-
-    WAITING_IMAGES = "WAITING_IMAGES"
-    ACQUIRING_IMAGES = "ACQUIRING_IMAGES"
-    WRITING = "WRITING"
-    FLUSHING_IMAGES = "FLUSHING_IMAGES"
-    FINISHED = "FINISHED"
-    FAILED = "FAILED"
-
-
-MESSAGE_COMPLETED = "Completed."
-MESSAGE_INTERRUPTED = "Interrupted."
-MESSAGE_NO_ACQUISITION = "No acquisition yet."
-
 _PHASE_TO_STATE = {
     WritePhase.WAITING_IMAGES: AcquisitionState.WAITING_IMAGES,
     WritePhase.ACQUIRING_IMAGES: AcquisitionState.ACQUIRING_IMAGES,
@@ -109,331 +81,8 @@ _PHASE_TO_STATE = {
     WritePhase.FLUSHING_IMAGES: AcquisitionState.FLUSHING_IMAGES,
 }
 
-RunId = int | str
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass(frozen=True)
-class DaqConfig:
-    """The DAQ configuration object of the seed (`/daq/config`, Redis `daq:config`)."""
-
-    bit_depth: int = defaults.BIT_DEPTH
-    detector_name: str = defaults.DETECTOR_NAME
-    detector_type: str = defaults.DETECTOR_TYPE
-    image_pixel_height: int = defaults.IMAGE_PIXEL_HEIGHT
-    image_pixel_width: int = defaults.IMAGE_PIXEL_WIDTH
-    n_modules: int = 1
-    start_udp_port: int = 50000
-    writer_user_id: int = 0
-    module_positions: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: {"0": (0, 511, 511, 0)})
-
-    @property
-    def dtype(self) -> str:
-        """The numpy dtype name of a frame pixel."""
-        return BIT_DEPTH_DTYPES[self.bit_depth]
-
-    @property
-    def owner_uid(self) -> int | None:
-        """The uid files are written for; None (< 1) means the user the service runs as."""
-        return self.writer_user_id if self.writer_user_id >= 1 else None
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object with the seed's keys."""
-        return {
-            "bit_depth": self.bit_depth,
-            "detector_name": self.detector_name,
-            "detector_type": self.detector_type,
-            "image_pixel_height": self.image_pixel_height,
-            "image_pixel_width": self.image_pixel_width,
-            "n_modules": self.n_modules,
-            "start_udp_port": self.start_udp_port,
-            "writer_user_id": self.writer_user_id,
-            "module_positions": {key: list(value) for key, value in self.module_positions.items()},
-        }
-
-    def updated(self, update: Mapping[str, Any], *, source: str = "config") -> DaqConfig:
-        """This config with `update` merged in (a partial or full config), validated.
-
-        Raises `DaqException` INVALID_ARGUMENT naming every field that is wrong and why.
-        `module_positions`, when given, replaces the whole mapping (as in the seed client).
-        """
-        if not isinstance(update, Mapping):
-            raise DaqException.invalid_argument(
-                f"{source} must be a JSON object of config fields, not {type(update).__name__}"
-            )
-        problems: list[str] = []
-        unknown = sorted(str(key) for key in update if key not in CONFIG_FIELDS)
-        if unknown:
-            problems.append(f"unknown field(s) {', '.join(unknown)} (known: {', '.join(CONFIG_FIELDS)})")
-        merged: dict[str, Any] = {**self.to_json(), **{k: v for k, v in update.items() if k in CONFIG_FIELDS}}
-        for name in INTEGER_FIELDS:
-            value = merged[name]
-            if isinstance(value, bool) or not isinstance(value, int):
-                problems.append(f"{name} must be an integer, got {json.dumps(value)}")
-        if not problems:
-            problems.extend(_range_problems(merged))
-        if not isinstance(merged["detector_type"], str) or merged["detector_type"] not in DETECTOR_TYPES:
-            problems.append(
-                f"detector_type must be one of {', '.join(DETECTOR_TYPES)}, "
-                f"got {json.dumps(merged['detector_type'])}"
-            )
-        name = merged["detector_name"]
-        if not isinstance(name, str) or not name.strip() or "/" in name or name in (".", ".."):
-            problems.append(
-                "detector_name must be a non-empty name without '/' (it names the HDF5 group), "
-                f"got {json.dumps(name)}"
-            )
-        positions, position_problems = _parse_module_positions(merged["module_positions"])
-        problems.extend(position_problems)
-        if problems:
-            raise DaqException.invalid_argument(f"invalid {source}: " + "; ".join(problems))
-        return DaqConfig(
-            bit_depth=merged["bit_depth"],
-            detector_name=name,
-            detector_type=merged["detector_type"],
-            image_pixel_height=merged["image_pixel_height"],
-            image_pixel_width=merged["image_pixel_width"],
-            n_modules=merged["n_modules"],
-            start_udp_port=merged["start_udp_port"],
-            writer_user_id=merged["writer_user_id"],
-            module_positions=positions,
-        )
-
-
-def _range_problems(merged: Mapping[str, Any]) -> list[str]:
-    problems = []
-    if merged["bit_depth"] not in BIT_DEPTH_DTYPES:
-        problems.append(f"bit_depth must be one of 8, 16, 32, got {merged['bit_depth']}")
-    for name in ("image_pixel_height", "image_pixel_width", "n_modules"):
-        if merged[name] < 1:
-            problems.append(f"{name} must be > 0, got {merged[name]}")
-    if not 0 <= merged["start_udp_port"] <= 65535:
-        problems.append(f"start_udp_port must be in 0..65535, got {merged['start_udp_port']}")
-    return problems
-
-
-def _parse_module_positions(value: Any) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    if not isinstance(value, Mapping):
-        return {}, [
-            f"module_positions must be an object {{module: [start_x, start_y, end_x, end_y]}}, got {value!r}"
-        ]
-    positions: dict[str, tuple[int, ...]] = {}
-    problems: list[str] = []
-    for key, coords in value.items():
-        ok = (
-            isinstance(coords, list | tuple)
-            and len(coords) == 4
-            and all(isinstance(c, int) and not isinstance(c, bool) for c in coords)
-        )
-        if not ok:
-            problems.append(
-                f"module_positions[{key!r}] must be 4 integers [start_x, start_y, end_x, end_y], "
-                f"got {coords!r}"
-            )
-        else:
-            positions[str(key)] = tuple(coords)
-    return positions, problems
-
-
-def load_config(path: Path | None) -> DaqConfig:
-    """The embedded defaults, with the detector JSON file at `path` (full or partial) merged in."""
-    defaults = DaqConfig()
-    if path is None:
-        return defaults
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DaqException.invalid_argument(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DaqException.invalid_argument(
-            f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from exc
-    return defaults.updated(data, source=f"config file {path}")
-
-
-# --------------------------------------------------------------------------------------------
-# Status objects
-
-
-@dataclass(frozen=True)
-class Acquisition:
-    """One acquisition as the seed reports it (`acquisition` of the status, an entry of the logs)."""
-
-    state: AcquisitionState = AcquisitionState.FINISHED
-    message: str = MESSAGE_NO_ACQUISITION
-    n_images: int = 0
-    output_file: str | None = None
-    run_id: RunId | None = None
-    n_write_completed: int = 0
-    n_write_requested: int = 0
-    start_time: float | None = None
-    stop_time: float | None = None
-
-    @property
-    def happened(self) -> bool:
-        """False for the placeholder shown before the first acquisition."""
-        return self.output_file is not None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "info": {"n_images": self.n_images, "output_file": self.output_file, "run_id": self.run_id},
-            "message": self.message,
-            "state": self.state.value,
-            "stats": {
-                "n_write_completed": self.n_write_completed,
-                "n_write_requested": self.n_write_requested,
-                "start_time": self.start_time,
-                "stop_time": self.stop_time,
-            },
-        }
-
-
-@dataclass(frozen=True)
-class WriterStatus:
-    """The DAQ status object of the seed (`/writer/status`, Redis `daq:status`)."""
-
-    state: WriterState
-    acquisition: Acquisition
-
-    def to_json(self) -> dict[str, Any]:
-        return {"acquisition": self.acquisition.to_json(), "state": self.state.value}
-
-
-@dataclass(frozen=True)
-class Throughput:
-    bytes_per_second: float = 0.0
-    images_per_second: float = 0.0
-
-    def to_json(self) -> dict[str, float]:
-        return {"bytes_per_second": self.bytes_per_second, "images_per_second": self.images_per_second}
-
-
-@dataclass(frozen=True)
-class DaqStats:
-    """Throughput over the last second (`detector` = frames received, `writer` = frames written)
-    plus the cumulative frame counters since the writer started."""
-
-    detector: Throughput = Throughput()
-    writer: Throughput = Throughput()
-    counters: FrameCounters = field(default_factory=FrameCounters)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "detector": self.detector.to_json(),
-            "writer": self.writer.to_json(),
-            "counters": {
-                "received": self.counters.received,
-                "written": self.counters.written,
-                "discarded": self.counters.discarded,
-                "malformed": self.counters.malformed,
-            },
-        }
-
-
-class DeploymentState(enum.StrEnum):
-    SUCCESS = "SUCCESS"
-    ERROR = "ERROR"
-    RUNNING = "RUNNING"
-    UNKNOWN = "UNKNOWN"
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """The status of the last config deployment (`/daq/deployment`); a single-node deployment."""
-
-    config_id: str
-    status: DeploymentState
-    message: str
-    servers: Mapping[str, str]
-    start_time: float | None
-    stop_time: float | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "config_id": self.config_id,
-            "message": self.message,
-            "servers": dict(self.servers),
-            "stats": {"start_time": self.start_time, "stop_time": self.stop_time},
-            "status": self.status.value,
-        }
-
-
-@dataclass(frozen=True)
-class WriteRequest:
-    """A write request after its fields were parsed (types are checked by the adapters)."""
-
-    output_file: str
-    n_images: int
-    run_id: RunId | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Events the adapters subscribe to
-
-
-@dataclass(frozen=True)
-class StatusChanged:
-    """The status changed. `significant`: the writer or acquisition state or message changed
-    (not only a frame count)."""
-
-    status: WriterStatus
-    significant: bool
-
-
-@dataclass(frozen=True)
-class Tick:
-    """Once a second: the stats of the last second and the current status."""
-
-    stats: DaqStats
-    status: WriterStatus
-
-
-@dataclass(frozen=True)
-class ConfigChanged:
-    config: DaqConfig
-    config_id: str
-
-
-@dataclass(frozen=True)
-class AcquisitionLogged:
-    """A FINISHED acquisition (completed or interrupted) was added to the logs."""
-
-    acquisition: Acquisition
-
-
-WriterEvent = StatusChanged | Tick | ConfigChanged | AcquisitionLogged
-
-
-class _EventHub:
-    """Fan-out of events to subscribers; a slow subscriber loses its oldest events, never blocks
-    the writer."""
-
-    def __init__(self, queue_size: int = 256) -> None:
-        self._queues: set[asyncio.Queue[WriterEvent]] = set()
-        self._queue_size = queue_size
-
-    def publish(self, event: WriterEvent) -> None:
-        for queue in self._queues:
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(event)
-
-    @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[WriterEvent]]:
-        queue: asyncio.Queue[WriterEvent] = asyncio.Queue(self._queue_size)
-        self._queues.add(queue)
-        try:
-            yield queue
-        finally:
-            self._queues.discard(queue)
-
-
 DataPathFactory = Callable[[DaqConfig], DataPathHandle]
+"""Makes an unstarted data path for a config (the core starts it)."""
 
 
 def _config_id(now: float, last: str | None) -> str:
@@ -444,10 +93,6 @@ def _config_id(now: float, last: str | None) -> str:
         if ms <= last_ms:
             return f"{last_ms}-{last_seq + 1}"
     return f"{ms}-0"
-
-
-# --------------------------------------------------------------------------------------------
-# The core
 
 
 class WriterCore:
@@ -482,7 +127,7 @@ class WriterCore:
         self._lock = asyncio.Lock()
         self._write_ended = asyncio.Event()
         self._write_ended.set()
-        self._hub = _EventHub()
+        self._hub = EventHub()
         self._last_published: WriterStatus | None = None
         self._stats = DaqStats()
         self._counter_base = FrameCounters()
@@ -569,8 +214,8 @@ class WriterCore:
         """
         async with self._lock:
             self._refuse_unless_ready()
-            output_path = self._validate_request(request)
-            run_id: RunId = request.run_id if request.run_id is not None else time.time_ns()
+            output_path = self._validate_path(request.output_file)
+            run_id = request.run_id if request.run_id is not None else time.time_ns()
             job = WriteJob(
                 output_file=str(output_path),
                 n_images=request.n_images,
@@ -596,14 +241,19 @@ class WriterCore:
                 failed = replace(
                     started, state=AcquisitionState.FAILED, message=f"ERROR: {exc}", stop_time=time.time()
                 )
-                self._acquisition = failed
-                if not datapath.is_alive():
-                    self._become_unknown(f"the data path process died while opening the file: {exc}")
+                if datapath.is_alive():
+                    self._transition(acquisition=failed, new_acquisition=True)
+                else:
+                    self._transition(
+                        WriterState.UNKNOWN,
+                        failed,
+                        new_acquisition=True,
+                        reason=f"the data path process died while opening the file: {exc}",
+                    )
                 self._publish_status()
                 raise DaqException.failed_precondition(f"cannot write {request.output_file}: {exc}") from exc
-            self._acquisition = started
-            self._state = WriterState.WRITING
             self._write_ended = asyncio.Event()
+            self._transition(WriterState.WRITING, started, new_acquisition=True)
             self._publish_status()
             _log.info("writing %d images to %s (run_id %s)", request.n_images, request.output_file, run_id)
             return self.status()
@@ -644,8 +294,8 @@ class WriterCore:
             self._publish_status()
             return self.status()
 
-    async def set_config(self, update: Mapping[str, Any]) -> DaqConfig:
-        """Merge a partial or full config into the current one and put it in force.
+    async def set_config(self, update: DaqConfig) -> DaqConfig:
+        """Put the fields `update` was given (`model_fields_set`) in force; the others stay.
 
         Refused while writing. Persisted atomically to the config file, if one was given. The next
         write uses the new frame geometry (each write tells the data path what to expect).
@@ -715,15 +365,8 @@ class WriterCore:
                 f"writer is in state UNKNOWN ({self._unknown_reason}); call stop to reset it"
             )
 
-    def _validate_request(self, request: WriteRequest) -> Path:
+    def _validate_path(self, text: str) -> Path:
         """The resolved output path, or INVALID_ARGUMENT saying what is wrong; touches no file."""
-        if (
-            isinstance(request.n_images, bool)
-            or not isinstance(request.n_images, int)
-            or request.n_images < 1
-        ):
-            raise DaqException.invalid_argument(f"n_images must be an integer >= 1, got {request.n_images!r}")
-        text = request.output_file
         if not text:
             raise DaqException.invalid_argument("output_file is empty; give an absolute path to an .h5 file")
         if not os.path.isabs(text):
@@ -748,10 +391,27 @@ class WriterCore:
             raise DaqException.failed_precondition("the data path is not running; call stop to restart it")
         return self._datapath
 
-    def _become_unknown(self, reason: str) -> None:
-        self._state = WriterState.UNKNOWN
-        self._unknown_reason = reason
-        _log.error("writer UNKNOWN: %s", reason)
+    def _transition(
+        self,
+        writer: WriterState | None = None,
+        acquisition: Acquisition | None = None,
+        *,
+        new_acquisition: bool = False,
+        reason: str = "",
+    ) -> None:
+        """The one place the writer or its acquisition changes state (`states.check_transition`
+        says which changes are allowed). `reason`: why the writer is UNKNOWN."""
+        writer = self._state if writer is None else writer
+        acquisition = self._acquisition if acquisition is None else acquisition
+        check_transition(
+            (self._state, writer),
+            (self._acquisition.state, acquisition.state),
+            new_acquisition=new_acquisition,
+        )
+        if writer is WriterState.UNKNOWN and reason:
+            self._unknown_reason = reason
+            _log.error("writer UNKNOWN: %s", reason)
+        self._state, self._acquisition = writer, acquisition
 
     async def _start_datapath(self) -> None:
         datapath = self._factory(self._config)
@@ -761,13 +421,15 @@ class WriterCore:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(datapath.close)
             self._datapath = None
-            self._become_unknown(f"the data path failed to start: {exc}")
+            self._transition(WriterState.UNKNOWN, reason=f"the data path failed to start: {exc}")
             raise DaqException.internal(f"the data path failed to start: {exc}") from exc
         self._datapath = datapath
         self._last_counters = None
-        self._state = WriterState.READY
+        self._transition(WriterState.READY)
 
     async def _restart_datapath(self) -> None:
+        if self._state is not WriterState.UNKNOWN:
+            self._transition(WriterState.UNKNOWN, reason="the data path is restarting")
         old = self._datapath
         if old is not None:
             self._datapath = None
@@ -787,8 +449,9 @@ class WriterCore:
             if result is None:  # it ended on its own since the last poll
                 result = (await asyncio.to_thread(datapath.progress)).result
         except DataPathError as exc:
-            self._fail_acquisition(f"the data path process failed while stopping the write: {exc}")
-            self._become_unknown(str(exc))
+            self._fail_acquisition(
+                f"the data path process failed while stopping the write: {exc}", unknown_reason=str(exc)
+            )
             return
         if result is None:
             self._fail_acquisition("the data path lost track of the write")
@@ -805,23 +468,26 @@ class WriterCore:
             stop_time=result.stop_time,
         )
         if result.error is not None:
-            self._acquisition = replace(
-                acquisition, state=AcquisitionState.FAILED, message=f"ERROR: {result.error}"
-            )
+            ended = replace(acquisition, state=AcquisitionState.FAILED, message=f"ERROR: {result.error}")
         else:
             message = MESSAGE_INTERRUPTED if result.interrupted else MESSAGE_COMPLETED
-            self._acquisition = replace(acquisition, state=AcquisitionState.FINISHED, message=message)
-            self._logs.append(self._acquisition)
-            self._hub.publish(AcquisitionLogged(self._acquisition))
-        if self._state is WriterState.WRITING:
-            self._state = WriterState.READY
+            ended = replace(acquisition, state=AcquisitionState.FINISHED, message=message)
+        self._transition(WriterState.READY, ended)
+        if ended.state is AcquisitionState.FINISHED:
+            self._logs.append(ended)
+            self._hub.publish(AcquisitionLogged(ended))
         self._write_ended.set()
         _log.info("write to %s ended: %s", acquisition.output_file, self._acquisition.message)
 
-    def _fail_acquisition(self, error: str) -> None:
-        self._acquisition = replace(
+    def _fail_acquisition(self, error: str, *, unknown_reason: str = "") -> None:
+        """End the running acquisition FAILED; the writer is READY, or UNKNOWN for `unknown_reason`."""
+        failed = replace(
             self._acquisition, state=AcquisitionState.FAILED, message=f"ERROR: {error}", stop_time=time.time()
         )
+        if unknown_reason:
+            self._transition(WriterState.UNKNOWN, failed, reason=unknown_reason)
+        else:
+            self._transition(WriterState.READY, failed)
         self._write_ended.set()
 
     async def _poll_write(self) -> None:
@@ -844,14 +510,16 @@ class WriterCore:
                     "before it died. Call stop to reset the writer."
                 )
             elif progress is not None and progress.phase in _PHASE_TO_STATE:
-                self._acquisition = replace(
-                    self._acquisition,
-                    state=_PHASE_TO_STATE[progress.phase],
-                    n_write_completed=progress.n_written,
-                    n_write_requested=progress.n_written,
+                self._transition(
+                    acquisition=replace(
+                        self._acquisition,
+                        state=_PHASE_TO_STATE[progress.phase],
+                        n_write_completed=progress.n_written,
+                        n_write_requested=progress.n_written,
+                    )
                 )
         if not alive:
-            self._become_unknown("the data path process died")
+            self._transition(WriterState.UNKNOWN, reason="the data path process died")
         self._publish_status()
 
     async def _progress_loop(self) -> None:

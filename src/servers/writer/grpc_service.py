@@ -6,6 +6,7 @@ call with its canonical code and a `daqif.v1.DaqException` in the rich status de
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -13,20 +14,11 @@ import grpc
 
 from daqif.v1 import writer_pb2, writer_pb2_grpc
 from servers.common.grpc_server import edge, stream_edge
-from servers.writer.core import (
-    CONFIG_FIELDS,
-    Acquisition,
-    AcquisitionState,
-    DaqConfig,
-    DaqStats,
-    Deployment,
-    StatusChanged,
-    Tick,
-    WriterCore,
-    WriteRequest,
-    WriterState,
-    WriterStatus,
-)
+from servers.writer.core import WriterCore
+from servers.writer.events import StatusChanged, Tick
+from servers.writer.models import DaqConfig, WriteRequest, parse_config, parse_write_request
+from servers.writer.states import AcquisitionState, DeploymentState, WriterState
+from servers.writer.status import Acquisition, DaqStats, Deployment, WriterStatus
 
 SERVICE_NAME = writer_pb2.DESCRIPTOR.services_by_name["WriterControl"].full_name
 
@@ -44,12 +36,13 @@ _ACQUISITION_STATES = {
     AcquisitionState.FLUSHING_IMAGES: writer_pb2.ACQUISITION_STATE_FLUSHING_IMAGES,
 }
 _DEPLOYMENT_STATES = {
-    "SUCCESS": writer_pb2.DEPLOYMENT_STATE_SUCCESS,
-    "ERROR": writer_pb2.DEPLOYMENT_STATE_ERROR,
-    "RUNNING": writer_pb2.DEPLOYMENT_STATE_RUNNING,
-    "UNKNOWN": writer_pb2.DEPLOYMENT_STATE_UNKNOWN,
+    DeploymentState.SUCCESS: writer_pb2.DEPLOYMENT_STATE_SUCCESS,
+    DeploymentState.ERROR: writer_pb2.DEPLOYMENT_STATE_ERROR,
+    DeploymentState.RUNNING: writer_pb2.DEPLOYMENT_STATE_RUNNING,
+    DeploymentState.UNKNOWN: writer_pb2.DEPLOYMENT_STATE_UNKNOWN,
 }
-_CONFIG_SCALARS = tuple(name for name in CONFIG_FIELDS if name != "module_positions")
+_CONFIG_SCALARS = tuple(name for name in DaqConfig.model_fields if name != "module_positions")
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def acquisition_to_pb(acquisition: Acquisition) -> writer_pb2.Acquisition:
@@ -87,9 +80,9 @@ def config_to_pb(config: DaqConfig) -> writer_pb2.DaqConfig:
     return message
 
 
-def config_update_from_pb(message: writer_pb2.DaqConfig) -> dict[str, Any]:
+def config_update_from_pb(message: writer_pb2.DaqConfig) -> DaqConfig:
     """The partial update a `SetConfig` carries: the fields that are set (a non-empty
-    `module_positions` replaces the whole mapping)."""
+    `module_positions` replaces the whole mapping); INVALID_ARGUMENT naming a bad field."""
     update: dict[str, Any] = {
         name: getattr(message, name) for name in _CONFIG_SCALARS if message.HasField(name)
     }
@@ -97,7 +90,7 @@ def config_update_from_pb(message: writer_pb2.DaqConfig) -> dict[str, Any]:
         update["module_positions"] = {
             key: list(position.coordinates) for key, position in message.module_positions.items()
         }
-    return update
+    return parse_config(update)
 
 
 def stats_to_pb(stats: DaqStats) -> writer_pb2.DaqStats:
@@ -125,12 +118,17 @@ def deployment_to_pb(deployment: Deployment) -> writer_pb2.DeploymentStatus:
         message=deployment.message,
         servers=dict(deployment.servers),
         stats=stats,
-        status=_DEPLOYMENT_STATES[deployment.status.value],
+        status=_DEPLOYMENT_STATES[deployment.status],
     )
 
 
 def _write_request(output_file: str, n_images: int, run_id: str) -> WriteRequest:
-    return WriteRequest(output_file=output_file, n_images=n_images, run_id=run_id or None)
+    """The request of a StartWriter call; `run_id` is text on the wire, an integer in the model
+    ("" = not given), so "g-1" is refused as over REST."""
+    request: dict[str, Any] = {"output_file": output_file, "n_images": n_images}
+    if run_id:
+        request["run_id"] = int(run_id) if _INTEGER.fullmatch(run_id) else run_id
+    return parse_write_request(request)
 
 
 Context: TypeAlias = grpc.aio.ServicerContext

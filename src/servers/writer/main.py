@@ -32,10 +32,12 @@ from daqif.errors import DaqException
 from daqif.v1 import writer_pb2_grpc
 from servers.common.grpc_server import add_health_and_reflection, mark_serving
 from servers.common.paths import resolve_roots
-from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DaqConfig, DataPathFactory, WriterCore, load_config
-from servers.writer.datapath import ProcessDataPath, SocketKind, rcvhwm_for_frames
-from servers.writer.datapath_api import DataPathHandle
+from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DataPathFactory, WriterCore
+from servers.writer.datapath.api import DataPathHandle
+from servers.writer.datapath.handle import ProcessDataPath, rcvhwm_for_frames
+from servers.writer.datapath.protocol import SocketKind
 from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
+from servers.writer.models import DaqConfig, load_config
 from servers.writer.redis_streams import DEFAULT_MAXLEN, RedisStreams
 from servers.writer.rest import create_app
 

@@ -22,7 +22,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from servers.writer.core import AcquisitionLogged, ConfigChanged, StatusChanged, Tick, WriterCore
+from servers.writer.core import WriterCore
+from servers.writer.events import AcquisitionLogged, ConfigChanged, StatusChanged, Tick
 
 _log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ import zmq
 
 from daqif.frame import encode_daqif_header, encode_stddaq_header, expected_frame
 from servers.sim.launch import SimProcess
-from servers.writer.datapath import ProcessDataPath, SocketKind
-from servers.writer.datapath_api import DataPathError, WriteJob, WritePhase, WriteProgress, WriteResult
+from servers.writer.datapath.api import DataPathError, WriteJob, WritePhase, WriteProgress, WriteResult
+from servers.writer.datapath.handle import ProcessDataPath
+from servers.writer.datapath.protocol import SocketKind
 
 SHAPE = (48, 32)
 DETECTOR = "TESTDET"
@@ -454,3 +455,20 @@ def test_close_with_an_open_write_closes_the_file_as_interrupted(
         n = f[f"{DETECTOR}/image_id"].shape[0]
     assert n >= 5
     assert_frames(tmp_path / "closed.h5", n)
+
+
+def test_a_write_getting_only_frames_of_another_shape_fails_naming_both_shapes(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
+    sim = sim_factory("--shape", "64", "64", "--rate", "500")
+    datapath = datapath_factory(sim.endpoint)
+    wait_for(lambda: datapath.counters().discarded > 0, "frames before the write")
+    datapath.open_write(job(tmp_path / "wrong.h5", 10))
+    result = wait_finished(datapath)
+    assert result.error == f"frames are 64x64 uint16, the detector config says {SHAPE[0]}x{SHAPE[1]} uint16"
+    assert (result.n_written, result.interrupted) == (0, True)
+    assert result.stop_time - result.start_time < 1.0
+    assert datapath.counters().malformed > 0 and datapath.counters().written == 0
+    with h5py.File(tmp_path / "wrong.h5", "r") as f:
+        assert f[f"{DETECTOR}/data"].shape == (0, *SHAPE), "closed like an interrupted write"
+    assert datapath.is_alive()

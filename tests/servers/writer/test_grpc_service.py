@@ -42,12 +42,12 @@ def test_every_rpc_works_through_the_writer_client(writer: WriterProcess, data_r
         assert dict(deployment.servers) == {socket.gethostname(): "Done"}
 
         output = data_root / "grpc_sync.h5"
-        status = client.start_writer_sync(str(output), 6, run_id="g-1")
+        status = client.start_writer_sync(str(output), 6, run_id=1001)
         assert writer_state_name(status.state) == "READY"
         assert acquisition_state_name(status.acquisition.state) == "FINISHED"
         assert status.acquisition.message == "Completed."
         assert status.acquisition.stats.n_write_completed == 6
-        assert_file_holds_simulator_frames(output, 6, "g-1")
+        assert_file_holds_simulator_frames(output, 6, "1001")
 
         seen: list[writer_pb2.WriterStatus] = []
         watcher_ready = threading.Event()
@@ -56,13 +56,13 @@ def test_every_rpc_works_through_the_writer_client(writer: WriterProcess, data_r
             for item in client.watch_status(timeout=60):
                 seen.append(item)
                 watcher_ready.set()
-                if item.state == writer_pb2.WRITER_STATE_READY and item.acquisition.info.run_id == "g-2":
+                if item.state == writer_pb2.WRITER_STATE_READY and item.acquisition.info.run_id == "1002":
                     return
 
         thread = threading.Thread(target=watch)
         thread.start()
         assert watcher_ready.wait(10)
-        status = client.start_writer_async(str(data_root / "grpc_async.h5"), 12, run_id="g-2")
+        status = client.start_writer_async(str(data_root / "grpc_async.h5"), 12, run_id=1002)
         assert writer_state_name(status.state) == "WRITING"
         thread.join(60)
         assert not thread.is_alive()
@@ -70,7 +70,7 @@ def test_every_rpc_works_through_the_writer_client(writer: WriterProcess, data_r
         assert seen[-1].acquisition.message == "Completed."
 
         logs = client.get_logs(5)
-        assert [entry.info.run_id for entry in logs] == ["g-2", "g-1"]
+        assert [entry.info.run_id for entry in logs] == ["1002", "1001"]
         stats = wait_for(lambda: (s := client.get_stats()).counters.written == 18 and s)  # refreshed at 1 Hz
         assert stats.counters.received >= 18
         assert writer_state_name(client.stop_writer().state) == "READY"
@@ -91,7 +91,11 @@ def test_errors_carry_a_daq_exception(writer: WriterProcess, data_root: Path, tm
         with pytest.raises(DaqException) as info:
             client.set_config({"detector_type": "pilatus"})
         assert info.value.code is ErrorCode.INVALID_ARGUMENT
-        assert "detector_type must be one of" in info.value.message
+        assert "invalid config: detector_type: must be one of" in info.value.message
+        with pytest.raises(DaqException) as info:
+            client.start_writer_async(str(data_root / "x.h5"), 3, run_id="g-1")
+        assert info.value.code is ErrorCode.INVALID_ARGUMENT
+        assert 'run_id: Input should be a valid integer (got "g-1")' in info.value.message
         for bad in ({"bit_depth": True}, {"bit_dept": 16}):
             with pytest.raises(DaqException) as info:
                 client.set_config(bad)

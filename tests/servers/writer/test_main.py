@@ -62,7 +62,8 @@ def test_bad_config_file_stops_the_writer_with_a_message(tmp_path: Path) -> None
         cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert "bit_depth must be one of 8, 16, 32" in result.stderr and "Traceback" not in result.stderr
+    assert "bad.json: bit_depth: must be one of 8, 16, 32, got 12" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("flag", ["--rest-port", "--grpc-port"])

@@ -44,7 +44,7 @@ def test_streams_carry_status_config_log_and_stats(
     assert entries == [(std.get_deployment_status()["config_id"], applied)]
 
     output = data_root / "redis.h5"
-    std.start_writer_sync({"output_file": str(output), "n_images": 8, "run_id": "r-1"})
+    std.start_writer_sync({"output_file": str(output), "n_images": 8, "run_id": 4711})
     logs = wait_for(lambda: read_all(r, "daq:log"))
     assert [entry for _id, entry in logs] == std.get_logs(1)
     assert logs[0][1]["info"]["output_file"] == str(output)
@@ -52,7 +52,7 @@ def test_streams_carry_status_config_log_and_stats(
     statuses = wait_for(
         lambda: (
             (s := [e for _i, e in read_all(r, "daq:status")])
-            and s[-1]["acquisition"]["info"]["run_id"] == "r-1"
+            and s[-1]["acquisition"]["info"]["run_id"] == 4711
             and s
         )
     )

@@ -19,7 +19,15 @@ from std_daq_client import StdDaqAdminException, StdDaqClient
 from daqif.frame import expected_frame
 from servers.writer.launch import WriterProcess
 
-from .conftest import DETECTOR_NAME, SHAPE, rest_status, wait_for
+from .conftest import (
+    DETECTOR_NAME,
+    SHAPE,
+    WriterFactory,
+    rest_status,
+    start_simulator,
+    stop_process,
+    wait_for,
+)
 
 
 def assert_file_holds_simulator_frames(
@@ -76,17 +84,17 @@ def test_published_client_drives_all_nine_methods(writer: WriterProcess, data_ro
     assert_file_holds_simulator_frames(first, 10, acquisition["info"]["run_id"])
 
     second = data_root / "async.h5"
-    status = client.start_writer_async({"output_file": str(second), "n_images": 25, "run_id": "scan-7"})
+    status = client.start_writer_async({"output_file": str(second), "n_images": 25, "run_id": 7})
     assert status["state"] == "WRITING"
-    assert status["acquisition"]["info"] == {"n_images": 25, "output_file": str(second), "run_id": "scan-7"}
+    assert status["acquisition"]["info"] == {"n_images": 25, "output_file": str(second), "run_id": 7}
     wait_for(lambda: client.get_status()["state"] == "READY")
     assert client.get_status()["acquisition"]["message"] == "Completed."
-    assert_file_holds_simulator_frames(second, 25, "scan-7")
+    assert_file_holds_simulator_frames(second, 25, "7")
 
     logs = client.get_logs(5)
     assert [entry["info"]["output_file"] for entry in logs] == [str(second), str(first)], "newest first"
     assert client.get_logs(1) == logs[:1]
-    assert logs[0]["info"]["run_id"] == "scan-7"
+    assert logs[0]["info"]["run_id"] == 7
 
     stats = wait_for(  # refreshed once a second
         lambda: (
@@ -120,47 +128,71 @@ def test_start_while_writing_is_refused(writer: WriterProcess, data_root: Path) 
     client.stop_writer()
 
 
-MALFORMED_BODIES: list[dict[str, Any]] = [
-    {"output_file": "/x.h5"},
-    {"output_file": "/x.h5", "n_images": 0},
-    {"output_file": "/x.h5", "n_images": -3},
-    {"output_file": "/x.h5", "n_images": "x"},
-    {"output_file": "/x.h5", "n_images": True},
-    {"output_file": "/x.h5", "n_images": 2.5},
-    {"n_images": 5},
-    {"output_file": 17, "n_images": 5},
-    {"output_file": "/x.h5", "n_images": 5, "run_id": [1]},
+# Value errors in a write request: HTTP 200, status "error", the field named (the published
+# client raises StdDaqAdminException with the message).
+INVALID_WRITE_REQUESTS: list[tuple[dict[str, Any], str]] = [
+    ({"output_file": "/x.h5"}, "n_images: mandatory field missing"),
+    ({"output_file": "/x.h5", "n_images": 0}, "n_images: Input should be greater than or equal to 1"),
+    ({"output_file": "/x.h5", "n_images": -3}, "n_images: Input should be greater than or equal to 1"),
+    ({"output_file": "/x.h5", "n_images": "x"}, 'n_images: Input should be a valid integer (got "x")'),
+    ({"output_file": "/x.h5", "n_images": "10"}, 'n_images: Input should be a valid integer (got "10")'),
+    ({"output_file": "/x.h5", "n_images": True}, "n_images: Input should be a valid integer (got true)"),
+    ({"output_file": "/x.h5", "n_images": 2.5}, "n_images: Input should be a valid integer (got 2.5)"),
+    ({"n_images": 5}, "output_file: mandatory field missing"),
+    ({"output_file": 17, "n_images": 5}, "output_file: Input should be a valid string (got 17)"),
+    ({"output_file": "/x.h5", "n_images": 5, "run_id": [1]}, "run_id: Input should be a valid integer"),
+    ({"output_file": "/x.h5", "n_images": 5, "run_id": "r-1"}, "run_id: Input should be a valid integer"),
+    ({"output_file": "/x.h5", "n_images": 5, "nimages": 5}, "nimages: unknown field"),
 ]
 
 
-def test_malformed_write_request_raises_runtime_error(writer: WriterProcess) -> None:
+def test_value_errors_in_a_write_request_are_refused_naming_the_field(writer: WriterProcess) -> None:
     client = StdDaqClient(url_base=writer.rest_url)
-    for body in MALFORMED_BODIES:
-        with pytest.raises(RuntimeError):
-            client.start_writer_async(body)
-        with pytest.raises(RuntimeError):
-            client.start_writer_sync(body)
+    for body, expected in INVALID_WRITE_REQUESTS:
+        for start in (client.start_writer_async, client.start_writer_sync):
+            with pytest.raises(StdDaqAdminException) as info:
+                start(body)
+            assert str(info.value) == f"invalid write request: {expected}" or expected in str(info.value), (
+                body
+            )
+            assert str(info.value).startswith("invalid write request: "), body
     assert client.get_status()["acquisition"]["info"]["output_file"] is None, "nothing was started"
 
 
-def test_malformed_request_answers_422_naming_the_field(writer: WriterProcess) -> None:
+def test_only_a_body_that_is_not_a_json_object_answers_422(writer: WriterProcess) -> None:
     url = writer.rest_url + "/writer/write_async"
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"json": {"output_file": "/x.h5"}}, "n_images"),
-        ({"json": {"output_file": "/x.h5", "n_images": 0}}, "n_images"),
-        ({"json": {"output_file": "/x.h5", "n_images": "x"}}, "n_images"),
-        ({"json": {"n_images": 3}}, "output_file"),
         ({"data": b"not json", "headers": {"content-type": "application/json"}}, "not valid JSON"),
-        ({"json": [1, 2]}, "JSON object"),
+        ({"json": [1, 2]}, "must be a JSON object"),
+        ({"json": "text"}, "must be a JSON object"),
+        ({}, "must be a JSON object"),
     ]
-    for kwargs, field in cases:
+    for kwargs, expected in cases:
         response = requests.post(url, timeout=10, **kwargs)
         assert response.status_code == 422, kwargs
         assert response.json()["status"] == "error"
-        assert field in response.json()["message"], (kwargs, response.json())
+        assert expected in response.json()["message"], (kwargs, response.json())
+    client = StdDaqClient(url_base=writer.rest_url)
+    with pytest.raises(RuntimeError):
+        client.start_writer_async([1, 2])
     assert requests.get(writer.rest_url + "/daq/logs/x", timeout=10).status_code == 422
     assert requests.post(writer.rest_url + "/daq/config", data=b"{", timeout=10).status_code == 422
     assert rest_status(writer)["state"] == "READY", "the writer stays up"
+
+
+def test_openapi_describes_the_request_bodies(writer: WriterProcess) -> None:
+    document = requests.get(writer.rest_url + "/openapi.json", timeout=10).json()
+    schemas = document["components"]["schemas"]
+    write = schemas["WriteRequest"]
+    assert set(write["properties"]) == {"output_file", "n_images", "run_id"}
+    assert set(write["required"]) == {"output_file", "n_images"}
+    assert write["properties"]["n_images"]["minimum"] == 1
+    assert "description" in write["properties"]["n_images"]
+    body = document["paths"]["/writer/write_sync"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["$ref"].endswith("/WriteRequest")
+    config = document["paths"]["/daq/config"]["post"]["requestBody"]["content"]["application/json"]
+    assert config["schema"]["$ref"].endswith("/DaqConfig")
+    assert "module_positions" in schemas["DaqConfig"]["properties"]
 
 
 def test_bad_output_paths_are_refused_saying_which(
@@ -269,14 +301,17 @@ def test_data_path_killed_mid_write_reports_unknown_and_stop_recovers(
 
 
 INVALID_CONFIGS: list[tuple[dict[str, Any], str]] = [
-    ({"detector_type": "pilatus"}, "detector_type must be one of"),
-    ({"bit_depth": 16.5}, "bit_depth must be an integer"),
-    ({"image_pixel_height": "48"}, "image_pixel_height must be an integer"),
-    ({"n_modules": False}, "n_modules must be an integer"),
-    ({"bit_depth": 24}, "bit_depth must be one of 8, 16, 32"),
-    ({"image_pixel_width": -1}, "image_pixel_width must be > 0"),
-    ({"writer_user_id": 1.0}, "writer_user_id must be an integer"),
-    ({"nonsense": 1}, "unknown field(s) nonsense"),
+    ({"detector_type": "pilatus"}, "invalid config: detector_type: must be one of"),
+    ({"bit_depth": 16.5}, "invalid config: bit_depth: Input should be a valid integer"),
+    ({"image_pixel_height": "48"}, "invalid config: image_pixel_height: Input should be a valid integer"),
+    ({"n_modules": False}, "invalid config: n_modules: Input should be a valid integer"),
+    ({"bit_depth": 24}, "invalid config: bit_depth: must be one of 8, 16, 32"),
+    (
+        {"image_pixel_width": -1},
+        "invalid config: image_pixel_width: Input should be greater than or equal to 1",
+    ),
+    ({"writer_user_id": 1.0}, "invalid config: writer_user_id: Input should be a valid integer"),
+    ({"nonsense": 1}, "invalid config: nonsense: unknown field"),
 ]
 
 
@@ -328,3 +363,25 @@ def test_data_path_dying_while_idle_makes_the_writer_unknown_until_stop(
     assert client.stop_writer()["state"] == "READY"
     status = client.start_writer_sync({"output_file": str(data_root / "ok.h5"), "n_images": 3})
     assert status["acquisition"]["message"] == "Completed."
+
+
+def test_frames_of_another_shape_than_the_config_fail_the_write_within_a_second(
+    writer_factory: WriterFactory, data_root: Path
+) -> None:
+    sim = start_simulator(shape=(64, 64))
+    try:
+        client = StdDaqClient(url_base=writer_factory(sim.endpoint).rest_url)
+        expected = f"ERROR: frames are 64x64 uint16, the detector config says {SHAPE[0]}x{SHAPE[1]} uint16"
+        with pytest.raises(StdDaqAdminException) as info:
+            client.start_writer_sync({"output_file": str(data_root / "wrong.h5"), "n_images": 10})
+        assert str(info.value) == expected
+        acquisition = client.get_status()["acquisition"]
+        assert (acquisition["state"], acquisition["message"]) == ("FAILED", expected)
+        stats = acquisition["stats"]
+        assert stats["stop_time"] - stats["start_time"] < 1.0, "failed within a second of the file opening"
+        assert stats["n_write_completed"] == 0
+        counters = wait_for(lambda: (c := client.get_stats()["counters"])["malformed"] > 0 and c)
+        assert counters["written"] == 0
+        assert client.get_status()["state"] == "READY", "the next write may start"
+    finally:
+        stop_process(sim.process)

@@ -1,6 +1,6 @@
 """The seam between the writer's control plane and its data path process.
 
-The data path (`servers.writer.datapath`) is a separate process that is connected to the frame
+The data path (`servers.writer.datapath.worker`) is a separate process that is connected to the frame
 stream all the time, counts every frame, and records the next `n_images` good frames into an
 HDF5 file when a write is open. The control plane (state machine, REST, gRPC, Redis) drives it
 only through `DataPathHandle`; nothing else crosses the process boundary, and no image bytes
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-class WritePhase(enum.Enum):
+class WritePhase(enum.StrEnum):
     """Where the current write is, as the data path sees it (maps to the seed's acquisition states)."""
 
     WAITING_IMAGES = "WAITING_IMAGES"  # file open, no frame received since
@@ -68,7 +68,7 @@ class FrameCounters:
     received: int = 0  # every message received
     written: int = 0  # frames written to a file
     discarded: int = 0  # good frames received while no write was open
-    malformed: int = 0  # unreadable header, wrong size, unknown dtype, empty message
+    malformed: int = 0  # unreadable header, wrong size, unknown dtype, empty message, other shape/dtype
     bytes_received: int = 0
     bytes_written: int = 0
 

@@ -1,0 +1,359 @@
+"""`ProcessDataPath`: the control plane's side of the data path process (a `DataPathHandle`).
+
+It starts one process (``python -m servers.writer.datapath.worker``, through
+`servers.common.process.spawn`) that is connected to the frame stream (PULL, or SUB) for its
+whole life. Commands and results cross a ``multiprocessing`` pipe; counters and the write's
+progress are read from the shared page (`protocol.Slot`), so `counters()` and `progress()` are
+cheap and never wait for the process. The process exits when its control plane goes away (the pipe
+closes, or the parent dies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from typing import Final
+
+from servers.common.process import kill, spawn, terminate
+from servers.writer.datapath import protocol
+from servers.writer.datapath.api import (
+    DataPathError,
+    FrameCounters,
+    WriteJob,
+    WritePhase,
+    WriteProgress,
+    WriteResult,
+)
+from servers.writer.datapath.protocol import (
+    ACTIVE_PHASES,
+    DEFAULT_FLUSH_INTERVAL_S,
+    DEFAULT_RCVHWM,
+    PHASES,
+    Slot,
+    SocketKind,
+)
+from servers.writer.datapath.recovery import clear_swmr_flags
+
+log = logging.getLogger(__name__)
+
+# How long a closing process may take to close its file before it is terminated.
+CLOSE_GRACE_S: Final = 30.0
+
+
+def rcvhwm_for_frames(frame_nbytes: int, budget_bytes: int = 256 << 20) -> int:
+    """A receive high-water mark (in messages) that keeps queued frames within `budget_bytes`.
+
+    ZeroMQ counts messages, not bytes: 1000 queued 4 MiB frames would be 4 GiB.
+    """
+    return max(16, min(10_000, budget_bytes // max(1, frame_nbytes)))
+
+
+class ProcessDataPath:
+    """The data path in its own process (`DataPathHandle`).
+
+    `stream_endpoint` is where the frame source binds (e.g. ``tcp://127.0.0.1:9999``);
+    `socket_kind` is ``"pull"`` for a PUSH source, ``"sub"`` for a PUB source. `rcvhwm` bounds the
+    frames queued in ZeroMQ (see `rcvhwm_for_frames`). `start` may be called again after the
+    process died or was closed; it starts a new one (with new counters).
+    """
+
+    def __init__(
+        self,
+        stream_endpoint: str,
+        socket_kind: SocketKind = "pull",
+        *,
+        rcvhwm: int = DEFAULT_RCVHWM,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
+        start_timeout: float = 60.0,
+    ) -> None:
+        if socket_kind not in ("pull", "sub"):
+            raise ValueError(f"socket_kind must be 'pull' or 'sub', not {socket_kind!r}")
+        if rcvhwm < 1:
+            raise ValueError(f"rcvhwm must be >= 1, not {rcvhwm}")
+        if flush_interval <= 0:
+            raise ValueError(f"flush_interval must be > 0, not {flush_interval}")
+        self.stream_endpoint = stream_endpoint
+        self.socket_kind: SocketKind = socket_kind
+        self.rcvhwm = rcvhwm
+        self.flush_interval = flush_interval
+        self.start_timeout = start_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._shared_map: mmap.mmap | None = None
+        self._shared: memoryview | None = None  # protocol.N_SLOTS int64s written by the process
+        self._command_lock = threading.Lock()  # one command in flight at a time
+        self._state_lock = threading.Condition()
+        self._replies: queue.Queue[protocol.Reply | None] = queue.Queue()
+        self._results: dict[int, WriteResult] = {}  # write seq -> how it ended
+        self._jobs: dict[int, tuple[WriteJob, float]] = {}  # write seq -> job, open time
+        self._death_handled = False
+        self._reader: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the process; return once it is connected to the stream."""
+        if self.is_alive():
+            return
+        # A subprocess running the worker module, not multiprocessing's spawn: spawn re-imports
+        # the caller's __main__, which breaks scripts without a main guard.
+        parent_conn, child_conn = multiprocessing.Pipe(duplex=True)
+        shared_fd = protocol.anonymous_shared_file(protocol.SHARED_BYTES)
+        try:
+            self._shared_map = mmap.mmap(shared_fd, protocol.SHARED_BYTES)
+            self._shared = memoryview(self._shared_map).cast("q")
+            command = [
+                sys.executable,
+                "-m",
+                "servers.writer.datapath.worker",
+                f"--endpoint={self.stream_endpoint}",
+                f"--socket={self.socket_kind}",
+                f"--rcvhwm={self.rcvhwm}",
+                f"--flush-interval={self.flush_interval}",
+                f"--conn-fd={child_conn.fileno()}",
+                f"--shared-fd={shared_fd}",
+            ]
+            # Its log goes to the writer's stderr, as the writer's own does.
+            process = spawn(
+                command, env=_malloc_env(), stderr=None, pass_fds=(child_conn.fileno(), shared_fd)
+            )
+        finally:
+            os.close(shared_fd)
+            child_conn.close()
+        if self._conn is not None:
+            self._conn.close()  # the pipe of a process that died
+        self._process, self._conn = process, parent_conn
+        self._replies = queue.Queue()
+        with self._state_lock:
+            self._results = {}
+            self._jobs = {}
+            self._death_handled = False
+        if not parent_conn.poll(self.start_timeout):
+            self._kill()
+            raise DataPathError(f"the data path process did not start within {self.start_timeout:.0f} s")
+        try:
+            message = parent_conn.recv()
+        except EOFError:
+            process.wait(10)
+            raise DataPathError(
+                f"the data path process exited while starting (exit code {process.returncode})"
+            ) from None
+        if not isinstance(message, protocol.Ready):
+            self._kill()
+            raise DataPathError(f"the data path process sent {message!r} instead of its ready message")
+        self._reader = threading.Thread(
+            target=self._read_pipe,
+            args=(parent_conn, self._replies, self._results),
+            name="daqif-datapath-reader",
+            daemon=True,
+        )
+        self._reader.start()
+
+    def close(self) -> None:
+        """Stop the process (closing an open file as interrupted)."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(DataPathError):
+                self._command(protocol.Close(), timeout=CLOSE_GRACE_S)
+        terminate(process, grace=CLOSE_GRACE_S)
+        self._handle_death()
+        if self._conn is not None:
+            self._conn.close()
+        if self._reader is not None:
+            self._reader.join(5)
+        self._process = None
+
+    def is_alive(self) -> bool:
+        """False once the process died (crash, kill -9) or was closed."""
+        process = self._process
+        if process is None:
+            return False
+        if process.poll() is None:
+            return True
+        self._handle_death()
+        return False
+
+    @property
+    def pid(self) -> int | None:
+        """The data path process id (None when not started)."""
+        return self._process.pid if self._process is not None else None
+
+    # -- commands ------------------------------------------------------------------------
+
+    def open_write(self, job: WriteJob, timeout: float = 10.0) -> None:
+        """Open the output file for `job`; return once it is open. `DataPathError` says why not."""
+        reply = self._command(protocol.Open(job), timeout)
+        if reply.error is not None:
+            raise DataPathError(reply.error)
+
+    def stop_write(self, timeout: float = 10.0) -> WriteResult | None:
+        """Interrupt the open write and return its result; None when no write was open.
+
+        If the process died with a write open, the result is that write, FAILED.
+        """
+        if not self.is_alive():
+            last = self._last_result_if_failed_by_death()
+            if last is not None:
+                return last
+            raise DataPathError("the data path process is not running")
+        return self._command(protocol.Stop(), timeout).result
+
+    def progress(self) -> WriteProgress:
+        """The phase and frame count of the current or last write."""
+        shared = self._shared
+        if shared is None:
+            return WriteProgress(phase=None, n_written=0, result=None)
+        seq = shared[Slot.WRITE_SEQ]
+        phase = PHASES[shared[Slot.PHASE]]
+        n_written = shared[Slot.N_WRITTEN]
+        if phase in ACTIVE_PHASES and not self.is_alive():
+            died = self._death_result(seq, n_written)
+            return WriteProgress(phase=WritePhase.FAILED, n_written=n_written, result=died)
+        with self._state_lock:
+            if phase in (WritePhase.FINISHED, WritePhase.FAILED):
+                # The process sends the result before it publishes the phase; wait for the reader thread.
+                self._state_lock.wait_for(lambda: seq in self._results, timeout=5.0)
+            result = self._results.get(seq)
+        if result is not None:  # the result is known before the process publishes the final phase
+            phase = WritePhase.FAILED if result.error else WritePhase.FINISHED
+            n_written = result.n_written
+        return WriteProgress(phase=phase, n_written=n_written, result=result)
+
+    def counters(self) -> FrameCounters:
+        """Cumulative frame counters since the process started."""
+        shared = self._shared
+        if shared is None:
+            return FrameCounters()
+        values = shared[: Slot.BYTES_WRITTEN + 1].tolist()
+        return FrameCounters(
+            received=values[Slot.RECEIVED],
+            written=values[Slot.WRITTEN],
+            discarded=values[Slot.DISCARDED],
+            malformed=values[Slot.MALFORMED],
+            bytes_received=values[Slot.BYTES_RECEIVED],
+            bytes_written=values[Slot.BYTES_WRITTEN],
+        )
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _command(self, command: protocol.Command, timeout: float) -> protocol.Reply:
+        with self._command_lock:
+            conn, shared = self._conn, self._shared
+            if conn is None or shared is None or not self.is_alive():
+                raise DataPathError("the data path process is not running")
+            if isinstance(command, protocol.Open):
+                # Remembered before sending: the process may die before it replies.
+                seq = shared[Slot.WRITE_SEQ] + 1
+                with self._state_lock:
+                    self._jobs[seq] = (command.job, time.time())
+            try:
+                conn.send(command)
+            except (OSError, EOFError) as exc:
+                raise DataPathError(f"the data path process is not reachable: {exc}") from None
+            try:
+                reply = self._replies.get(timeout=timeout)
+            except queue.Empty:
+                raise DataPathError(
+                    f"the data path process did not answer {type(command).__name__.lower()[1:]} "
+                    f"within {timeout:g} s"
+                ) from None
+            if reply is None:
+                self._replies.put(None)  # keep the "gone" marker for later commands
+                raise DataPathError("the data path process died")
+            return reply
+
+    def _read_pipe(
+        self,
+        conn: multiprocessing.connection.Connection,
+        replies: queue.Queue[protocol.Reply | None],
+        results: dict[int, WriteResult],
+    ) -> None:
+        """Reader thread of one process's pipe (its own queue and results: a restarted data path
+        never sees a late message of the process before)."""
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                replies.put(None)
+                with self._state_lock:
+                    self._state_lock.notify_all()
+                return
+            if isinstance(message, protocol.Reply | protocol.Ended) and message.result is not None:
+                with self._state_lock:
+                    results[message.seq] = message.result
+                    self._state_lock.notify_all()
+            if isinstance(message, protocol.Reply):
+                replies.put(message)
+
+    def _death_result(self, seq: int, n_written: int) -> WriteResult:
+        with self._state_lock:
+            result = self._results.get(seq)
+            if result is None:
+                exitcode = self._process.returncode if self._process is not None else None
+                job, opened = self._jobs.get(seq, (None, 0.0))
+                result = WriteResult(
+                    output_file=job.output_file if job else "",
+                    n_images=job.n_images if job else 0,
+                    n_written=n_written,
+                    interrupted=True,
+                    error=f"the data path process died (exit code {exitcode}) during the write",
+                    start_time=opened,
+                    stop_time=time.time(),
+                )
+                self._results[seq] = result
+            return result
+
+    def _last_result_if_failed_by_death(self) -> WriteResult | None:
+        shared = self._shared
+        if shared is None:
+            return None
+        if PHASES[shared[Slot.PHASE]] in ACTIVE_PHASES:
+            return self._death_result(shared[Slot.WRITE_SEQ], shared[Slot.N_WRITTEN])
+        return None
+
+    def _handle_death(self) -> None:
+        """Once, after the process is gone: make a file it left open readable without h5clear."""
+        with self._state_lock:
+            if self._death_handled:
+                return
+            self._death_handled = True
+        shared = self._shared
+        if shared is None or PHASES[shared[Slot.PHASE]] not in ACTIVE_PHASES:
+            return
+        job, _opened = self._jobs.get(shared[Slot.WRITE_SEQ], (None, 0.0))
+        output_file = job.output_file if job else None
+        if output_file and os.path.exists(output_file):
+            if clear_swmr_flags(output_file):
+                log.warning("data path died during a write; %s is readable up to its last flush", output_file)
+            else:
+                log.warning(
+                    "data path died during a write; open %s with swmr=True or run 'h5clear -s' on it",
+                    output_file,
+                )
+
+    def _kill(self) -> None:
+        if self._process is not None:
+            kill(self._process)
+
+
+def _malloc_env() -> dict[str, str]:
+    """glibc malloc settings for the data path, so frame buffers are reused.
+
+    ZeroMQ allocates every received message; by default glibc serves large ones with mmap and
+    returns them with munmap, so each frame costs ~one page fault per 4 KiB. Fixed thresholds keep
+    frames up to 32 MiB on the heap and the heap from being trimmed below 512 MiB (memory stays
+    bounded by the receive high-water mark, see `rcvhwm_for_frames`). Values already set win.
+    """
+    tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+    return {name: value for name, value in tuned.items() if name not in os.environ}

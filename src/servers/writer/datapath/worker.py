@@ -1,0 +1,339 @@
+"""The data path process: the receive loop (``python -m servers.writer.datapath.worker``).
+
+Started by `handle.ProcessDataPath`, not a user command. It owns the ZeroMQ socket and the open
+`output.OutputFile`; the per-frame path (`Worker._handle_message`) decodes a header, checks it
+against the write and writes one chunk, with plain-int counters published to the shared page
+once per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import mmap
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+from typing import Any, Final
+
+from daqif.frame import FrameError, FrameHeader, check_data, decode_header
+from servers.common.process import die_with_parent
+from servers.writer.datapath import protocol
+from servers.writer.datapath.api import DataPathError, WriteJob, WritePhase, WriteResult
+from servers.writer.datapath.output import OutputFile
+from servers.writer.datapath.protocol import (
+    DEFAULT_FLUSH_INTERVAL_S,
+    DEFAULT_RCVHWM,
+    PHASE_CODE,
+    Slot,
+    SocketKind,
+)
+
+log = logging.getLogger(__name__)
+
+BATCH: Final = 256  # frames received between looks at the command pipe and the flush clock
+MALFORMED_LOG_INTERVAL_S: Final = 5.0
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of the data path process (started by `ProcessDataPath`; not a user command)."""
+    die_with_parent()
+    parser = argparse.ArgumentParser(prog="daqif-datapath")
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--socket", choices=["pull", "sub"], default="pull")
+    parser.add_argument("--rcvhwm", type=int, default=DEFAULT_RCVHWM)
+    parser.add_argument("--flush-interval", type=float, default=DEFAULT_FLUSH_INTERVAL_S)
+    parser.add_argument("--conn-fd", type=int, required=True)
+    parser.add_argument("--shared-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    # Ctrl-C in the writer's terminal is for the control plane, which closes us cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s daqif-datapath %(levelname)s %(message)s")
+    conn = multiprocessing.connection.Connection(args.conn_fd)
+    shared = mmap.mmap(args.shared_fd, protocol.SHARED_BYTES)
+    os.close(args.shared_fd)
+    socket_kind: SocketKind = "sub" if args.socket == "sub" else "pull"
+    worker = Worker(args.endpoint, socket_kind, args.rcvhwm, args.flush_interval, conn, shared)
+    try:
+        worker.run()
+    finally:
+        worker.shutdown()
+
+
+def _raise_system_exit(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+class Worker:
+    """The receive loop; owns the ZeroMQ socket and the open write."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        socket_kind: SocketKind,
+        rcvhwm: int,
+        flush_interval: float,
+        conn: multiprocessing.connection.Connection,
+        shared: Any,
+    ) -> None:
+        import numpy as np
+        import zmq
+
+        self._zmq = zmq
+        self.conn = conn
+        self.flush_interval = flush_interval
+        self.shared = np.frombuffer(shared, dtype=np.int64)
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.SUB if socket_kind == "sub" else zmq.PULL)
+        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if socket_kind == "sub":
+            self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.connect(endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(conn.fileno(), zmq.POLLIN)
+        # Counters live in plain ints on the hot path and are published once per batch.
+        self.received = 0
+        self.written = 0
+        self.discarded = 0
+        self.malformed = 0
+        self.bytes_received = 0
+        self.bytes_written = 0
+        self.write: OutputFile | None = None
+        self.write_seq = 0
+        self.malformed_since_log = 0
+        self.last_malformed = ""
+        self.next_malformed_log = 0.0
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.conn.send(protocol.Ready(pid=os.getpid()))
+        socket = self.socket
+        conn_fd = self.conn.fileno()
+        while True:
+            ready = dict(self.poller.poll(self._poll_timeout_ms()))
+            if ready.get(socket):
+                self._drain()
+            if (ready.get(conn_fd) or self.conn.poll(0)) and not self._handle_commands():
+                return
+            write = self.write
+            if write is not None:
+                now = time.monotonic()
+                if write.mismatch_expired(now):
+                    self._fail_mismatched_write(write.mismatch_problem)
+                elif write.dirty and now >= write.next_flush:
+                    self._guarded(write.flush)
+            if self.malformed_since_log and time.monotonic() >= self.next_malformed_log:
+                self._log_malformed()
+
+    def _poll_timeout_ms(self) -> int:
+        """Until the next flush or mismatch deadline of the open write; 1 s when there is none."""
+        write = self.write
+        if write is None:
+            return 1000
+        deadlines = [write.next_flush] if write.dirty else []
+        mismatch = write.mismatch_deadline()
+        if mismatch is not None:
+            deadlines.append(mismatch)
+        if not deadlines:
+            return 1000
+        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+
+    def _drain(self) -> None:
+        """Receive and handle up to BATCH queued messages."""
+        zmq = self._zmq
+        recv = self.socket.recv_multipart
+        noblock = zmq.NOBLOCK
+        handle = self._handle_message
+        for _ in range(BATCH):
+            try:
+                parts = recv(noblock, copy=False)
+            except zmq.Again:
+                break
+            handle(parts)
+        self._publish()
+
+    def _handle_message(self, parts: list[Any]) -> None:
+        """The per-frame path: decode, check, write (or count why not)."""
+        self.received += 1
+        if len(parts) != 2:
+            self.bytes_received += sum(len(part) for part in parts)
+            self._count_malformed(f"message has {len(parts)} parts, a frame has 2 ([header, data])")
+            return
+        header_part, data = parts
+        nbytes = len(data)
+        self.bytes_received += nbytes + len(header_part)
+        try:
+            header = decode_header(header_part.buffer)
+            check_data(header, data)
+        except FrameError as exc:
+            self._count_malformed(str(exc))
+            return
+        write = self.write
+        if write is None:
+            self.discarded += 1
+            return
+        if not write.fits(header):
+            self._reject(write, header)
+            return
+        try:
+            write.append(header, data)
+        except Exception as exc:  # an HDF5 error: fail this write, keep the data path up
+            self._fail_write(f"writing frame {header.image_id} failed: {exc}")
+            return
+        self.written += 1
+        self.bytes_written += nbytes
+        if write.full:
+            self._finish_write()
+
+    def _reject(self, write: OutputFile, header: FrameHeader) -> None:
+        """A good frame that does not fit the write: counted as malformed, never written; a write
+        that keeps getting only such frames fails (see `OutputFile.note_mismatch`)."""
+        write.saw_frame()
+        if write.has_shape_of(header):
+            self._count_malformed(
+                f"frame {header.image_id} is compressed but this write stores uncompressed frames"
+            )
+            return
+        problem = write.shape_problem(header)
+        self._count_malformed(problem)
+        write.note_mismatch(problem)
+        if write.mismatch_expired(time.monotonic()):
+            self._fail_mismatched_write(problem)
+
+    def _count_malformed(self, reason: str) -> None:
+        self.malformed += 1
+        self.malformed_since_log += 1
+        self.last_malformed = reason
+
+    def _log_malformed(self) -> None:
+        log.warning(
+            "%d malformed message(s) in the last %.0f s; last: %s",
+            self.malformed_since_log,
+            MALFORMED_LOG_INTERVAL_S,
+            self.last_malformed,
+        )
+        self.malformed_since_log = 0
+        self.next_malformed_log = time.monotonic() + MALFORMED_LOG_INTERVAL_S
+
+    def _publish(self) -> None:
+        shared = self.shared
+        shared[Slot.RECEIVED] = self.received
+        shared[Slot.WRITTEN] = self.written
+        shared[Slot.DISCARDED] = self.discarded
+        shared[Slot.MALFORMED] = self.malformed
+        shared[Slot.BYTES_RECEIVED] = self.bytes_received
+        shared[Slot.BYTES_WRITTEN] = self.bytes_written
+        write = self.write
+        if write is not None:
+            shared[Slot.N_WRITTEN] = write.n_written
+            code = PHASE_CODE[write.phase]
+            if shared[Slot.PHASE] != code:
+                shared[Slot.PHASE] = code
+
+    def _set_phase(self, phase: WritePhase) -> None:
+        self.shared[Slot.PHASE] = PHASE_CODE[phase]
+
+    # -- commands --------------------------------------------------------------------------
+
+    def _handle_commands(self) -> bool:
+        """Answer every queued command; False when the process should exit."""
+        while self.conn.poll(0):
+            try:
+                command = self.conn.recv()
+            except (EOFError, OSError):
+                return False  # the control plane is gone
+            if isinstance(command, protocol.Open):
+                self.conn.send(self._open(command.job))
+            elif isinstance(command, protocol.Stop | protocol.Close):
+                if self.write is None:
+                    self.conn.send(protocol.Reply())
+                else:
+                    result = self._end_write(interrupted=True)
+                    # The result goes out before the phase, so whoever sees the phase finds the result.
+                    self.conn.send(protocol.Reply(seq=self.write_seq, result=result))
+                    self._set_phase(WritePhase.FAILED if result.error else WritePhase.FINISHED)
+                if isinstance(command, protocol.Close):
+                    return False
+        return True
+
+    def _open(self, job: WriteJob) -> protocol.Reply:
+        if self.write is not None:
+            return protocol.Reply(error=f"a write is already open ({self.write.job.output_file})")
+        try:
+            write = OutputFile(job, self.flush_interval)
+        except DataPathError as exc:
+            return protocol.Reply(error=str(exc))
+        except Exception as exc:  # whatever it is, the data path stays up
+            return protocol.Reply(error=f"cannot open {job.output_file!r}: {exc}")
+        self.write_seq += 1
+        self.write = write
+        self.shared[Slot.WRITE_SEQ] = self.write_seq
+        self.shared[Slot.N_WRITTEN] = 0
+        self._set_phase(WritePhase.WAITING_IMAGES)
+        return protocol.Reply()
+
+    def _finish_write(self) -> None:
+        result = self._end_write(interrupted=False)
+        self._announce_end(result)
+
+    def _fail_write(self, error: str) -> None:
+        write = self.write
+        assert write is not None
+        log.error("write to %s failed: %s", write.job.output_file, error)
+        write.abandon()
+        self.write = None
+        self._announce_end(write.result(interrupted=True, error=error))
+
+    def _fail_mismatched_write(self, problem: str) -> None:
+        """End a write that only got frames of another shape or dtype: the file is closed like
+        an interrupted one (datasets shrunk to what was written), the result says why."""
+        log.error("write to %s failed: %s", self.write.job.output_file if self.write else "?", problem)
+        result = self._end_write(interrupted=True)
+        self._announce_end(dataclasses.replace(result, error=result.error or problem))
+
+    def _announce_end(self, result: WriteResult) -> None:
+        self.shared[Slot.N_WRITTEN] = result.n_written
+        # The result goes out before the phase, so whoever sees the phase finds the result.
+        self.conn.send(protocol.Ended(self.write_seq, result))
+        self._set_phase(WritePhase.FAILED if result.error else WritePhase.FINISHED)
+
+    def _end_write(self, *, interrupted: bool) -> WriteResult:
+        """Close the open write; the caller announces the result."""
+        write = self.write
+        assert write is not None
+        self._set_phase(WritePhase.FLUSHING_IMAGES)
+        error = None
+        try:
+            write.close()
+        except Exception as exc:
+            error = f"closing {write.job.output_file} failed: {exc}"
+            log.error("%s", error)
+            write.abandon()
+        self.write = None
+        self.shared[Slot.N_WRITTEN] = write.n_written
+        return write.result(interrupted=interrupted or write.n_written < write.job.n_images, error=error)
+
+    def _guarded(self, action: Any) -> None:
+        try:
+            action()
+        except Exception as exc:
+            self._fail_write(f"flushing failed: {exc}")
+
+    def shutdown(self) -> None:
+        if self.write is not None:
+            with contextlib.suppress(Exception):
+                self._end_write(interrupted=True)
+        self.socket.close(0)
+        self.context.term()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

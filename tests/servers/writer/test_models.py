@@ -1,0 +1,98 @@
+"""The writer's config model: validation, partial updates, the config file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daqif.errors import DaqException, ErrorCode
+from servers.writer.models import DaqConfig, load_config, parse_config
+from servers.writer.states import WriterState
+from servers.writer.status import Acquisition, WriterStatus
+
+
+def test_partial_update_changes_only_the_given_fields() -> None:
+    config = DaqConfig().updated(parse_config({"bit_depth": 32, "writer_user_id": 0}))
+    assert config.bit_depth == 32 and config.dtype == "uint32"
+    assert config.detector_name == DaqConfig().detector_name
+    assert config.image_pixel_height == DaqConfig().image_pixel_height
+
+
+def test_module_positions_replace_the_whole_mapping() -> None:
+    config = DaqConfig().updated(parse_config({"module_positions": {"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}}))
+    assert config.to_json()["module_positions"] == {"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}
+
+
+@pytest.mark.parametrize(
+    ("update", "expected"),
+    [
+        ({"detector_type": "pilatus"}, "detector_type: must be one of eiger, gigafrost, jungfrau, bsread"),
+        ({"bit_depth": 16.0}, "bit_depth: Input should be a valid integer (got 16.0)"),
+        ({"bit_depth": "16"}, 'bit_depth: Input should be a valid integer (got "16")'),
+        ({"image_pixel_height": True}, "image_pixel_height: Input should be a valid integer (got true)"),
+        ({"writer_user_id": "e12345"}, 'writer_user_id: Input should be a valid integer (got "e12345")'),
+        ({"bit_depth": 12}, "bit_depth: must be one of 8, 16, 32, got 12"),
+        ({"image_pixel_width": 0}, "image_pixel_width: Input should be greater than or equal to 1 (got 0)"),
+        ({"start_udp_port": 70000}, "start_udp_port: Input should be less than or equal to 65535"),
+        ({"detector_name": "a/b"}, "detector_name: must be a non-empty name without '/'"),
+        ({"module_positions": {"0": [1, 2]}}, "module_positions.0: List should have at least 4 items"),
+        ({"bit_dept": 16}, "bit_dept: unknown field"),
+    ],
+)
+def test_invalid_config_is_refused_naming_the_field(update: dict[str, Any], expected: str) -> None:
+    with pytest.raises(DaqException) as info:
+        parse_config(update)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert info.value.message.startswith("invalid config: ")
+    assert expected in info.value.message
+
+
+def test_a_refused_update_lists_every_problem() -> None:
+    with pytest.raises(DaqException) as info:
+        parse_config({"detector_type": "x", "n_modules": 1.5})
+    assert "detector_type" in info.value.message and "n_modules" in info.value.message
+
+
+def test_a_long_refused_value_is_quoted_shortly() -> None:
+    with pytest.raises(DaqException) as info:
+        parse_config({"detector_type": "x" * 10_000})
+    assert len(info.value.message) < 400
+
+
+def test_writer_user_id_below_one_means_the_service_user() -> None:
+    assert DaqConfig(writer_user_id=0).owner_uid is None
+    assert DaqConfig(writer_user_id=-1).owner_uid is None
+    assert DaqConfig(writer_user_id=12345).owner_uid == 12345
+
+
+def test_config_file_is_merged_into_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "det.json"
+    path.write_text(json.dumps({"detector_name": "EG9M", "image_pixel_height": 100}))
+    config = load_config(path)
+    assert (config.detector_name, config.image_pixel_height) == ("EG9M", 100)
+    assert config.bit_depth == DaqConfig().bit_depth
+
+
+def test_an_unreadable_config_file_says_where(tmp_path: Path) -> None:
+    path = tmp_path / "det.json"
+    path.write_text("{ not json")
+    with pytest.raises(DaqException, match=r"det.json is not valid JSON: .* line 1"):
+        load_config(path)
+    with pytest.raises(DaqException, match="cannot read config file"):
+        load_config(tmp_path / "missing.json")
+
+
+def test_status_before_any_acquisition_has_null_file_and_times() -> None:
+    status = WriterStatus(WriterState.READY, Acquisition()).to_json()
+    assert status["state"] == "READY"
+    assert status["acquisition"]["info"]["output_file"] is None
+    assert status["acquisition"]["stats"] == {
+        "n_write_completed": 0,
+        "n_write_requested": 0,
+        "start_time": None,
+        "stop_time": None,
+    }
+    assert set(status["acquisition"]) == {"info", "message", "state", "stats"}
