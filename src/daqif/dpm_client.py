@@ -115,8 +115,12 @@ class DpmClient(GrpcClient):
         *,
         timeout: float = 60.0,
         on_status: Callable[[DaqStatus], None] | None = None,
+        stop_when: Callable[[DaqStatus], bool] | None = None,
     ) -> DaqStatus:
         """Follow DAQ `id` until its substate is one of `substates`; return that status.
+
+        `on_status` sees every status; `stop_when`, if given, ends the wait early at the first
+        status it is true for (e.g. `lambda s: s.error`), which is returned.
 
         A DAQ that reaches COMPLETED/ABORTED is archived: the last status comes from the stream,
         or, if it finished before the watch began, from `get_daq_status(include_archived=True)`.
@@ -127,7 +131,7 @@ class DpmClient(GrpcClient):
             for status in self.watch_daq_status(id, timeout=timeout):
                 if on_status is not None:
                     on_status(status)
-                if status.substate in substates:
+                if status.substate in substates or (stop_when is not None and stop_when(status)):
                     return status
         except DaqException as exc:
             if exc.code is ErrorCode.NOT_FOUND:
