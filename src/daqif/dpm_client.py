@@ -87,8 +87,10 @@ class DpmClient(GrpcClient):
     def retry_merge_daq(self, id: str) -> None:
         self._call(self._daq.RetryMergeDaq, dpm_pb2.RetryMergeDaqRequest(id=id), id)
 
-    def get_daq_status(self, id: str) -> DaqStatus:
-        status: DaqStatus = self._call(self._daq.GetDaqStatus, dpm_pb2.GetDaqStatusRequest(id=id), id)
+    def get_daq_status(self, id: str, *, include_archived: bool = False) -> DaqStatus:
+        """The status of DAQ `id`; with `include_archived`, also the final status of a finished one."""
+        request = dpm_pb2.GetDaqStatusRequest(id=id, include_archived=include_archived)
+        status: DaqStatus = self._call(self._daq.GetDaqStatus, request, id)
         return status
 
     def get_active_daqs(self) -> list[DaqStatus]:
@@ -113,10 +115,15 @@ class DpmClient(GrpcClient):
         *,
         timeout: float = 60.0,
         on_status: Callable[[DaqStatus], None] | None = None,
+        stop_when: Callable[[DaqStatus], bool] | None = None,
     ) -> DaqStatus:
         """Follow DAQ `id` until its substate is one of `substates`; return that status.
 
-        A DAQ that reaches COMPLETED/ABORTED is archived, so the last status comes from the stream.
+        `on_status` sees every status; `stop_when`, if given, ends the wait early at the first
+        status it is true for (e.g. `lambda s: s.error`), which is returned.
+
+        A DAQ that reaches COMPLETED/ABORTED is archived: the last status comes from the stream,
+        or, if it finished before the watch began, from `get_daq_status(include_archived=True)`.
         Raises `DaqException` with DEADLINE_EXCEEDED when `timeout` runs out.
         """
         deadline = time.monotonic() + timeout
@@ -124,9 +131,17 @@ class DpmClient(GrpcClient):
             for status in self.watch_daq_status(id, timeout=timeout):
                 if on_status is not None:
                     on_status(status)
-                if status.substate in substates:
+                if status.substate in substates or (stop_when is not None and stop_when(status)):
                     return status
         except DaqException as exc:
+            if exc.code is ErrorCode.NOT_FOUND:
+                # Finished (and archived) before the watch began: its final status is kept.
+                final = self.get_daq_status(id, include_archived=True)
+                if on_status is not None:
+                    on_status(final)
+                if final.substate in substates:
+                    return final
+                raise
             if exc.code is not ErrorCode.DEADLINE_EXCEEDED:
                 raise
         remaining = max(0.0, deadline - time.monotonic())
@@ -175,8 +190,10 @@ class AsyncDpmClient(AsyncGrpcClient):
     async def retry_merge_daq(self, id: str) -> None:
         await self._call(self._daq.RetryMergeDaq, dpm_pb2.RetryMergeDaqRequest(id=id), id)
 
-    async def get_daq_status(self, id: str) -> DaqStatus:
-        status: DaqStatus = await self._call(self._daq.GetDaqStatus, dpm_pb2.GetDaqStatusRequest(id=id), id)
+    async def get_daq_status(self, id: str, *, include_archived: bool = False) -> DaqStatus:
+        """The status of DAQ `id` (see `DpmClient.get_daq_status`)."""
+        request = dpm_pb2.GetDaqStatusRequest(id=id, include_archived=include_archived)
+        status: DaqStatus = await self._call(self._daq.GetDaqStatus, request, id)
         return status
 
     async def get_active_daqs(self) -> list[DaqStatus]:
@@ -200,9 +217,17 @@ class AsyncDpmClient(AsyncGrpcClient):
         import asyncio
 
         async def follow() -> DaqStatus:
-            async for status in self.watch_daq_status(id):
-                if status.substate in substates:
-                    return status
+            try:
+                async for status in self.watch_daq_status(id):
+                    if status.substate in substates:
+                        return status
+            except DaqException as exc:
+                if exc.code is not ErrorCode.NOT_FOUND:
+                    raise
+                final = await self.get_daq_status(id, include_archived=True)  # finished already
+                if final.substate in substates:
+                    return final
+                raise
             raise DaqException(id, "status stream ended before the awaited substate", ErrorCode.UNAVAILABLE)
 
         try:

@@ -26,6 +26,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from daqif.atomic import atomic_output
+
 
 class JoinError(ValueError):
     """The files cannot be joined; the message names the file and the problem."""
@@ -161,19 +163,16 @@ def join_writer_files(
             layout[start : start + step * (length - 1) + 1 : step] = vsource[index : index + length]
             mappings += 1
     status = np.concatenate([s.status for s in sources])[order]
-    tmp = output.with_name(f".{output.name}.part")
-    try:
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as out:
-            group = out.create_group(first.detector)
-            group.create_virtual_dataset("data", layout, fillvalue=0)
-            group.create_dataset("image_id", data=all_ids[order])
-            group.create_dataset("status", data=status)
-            out.attrs["detector_name"] = first.detector
-            out.attrs["n_images"] = n
-            out.attrs["source_files"] = [_stored_path(s.path, output, relative) for s in sources]
-            out.attrs["run_ids"] = [s.run_id for s in sources]
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with (
+        atomic_output(output, temp_name=f".{output.name}.part") as tmp,
+        h5py.File(tmp, "w", libver=("v110", "latest")) as out,
+    ):
+        group = out.create_group(first.detector)
+        group.create_virtual_dataset("data", layout, fillvalue=0)
+        group.create_dataset("image_id", data=all_ids[order])
+        group.create_dataset("status", data=status)
+        out.attrs["detector_name"] = first.detector
+        out.attrs["n_images"] = n
+        out.attrs["source_files"] = [_stored_path(s.path, output, relative) for s in sources]
+        out.attrs["run_ids"] = [s.run_id for s in sources]
     return JoinResult(output, first.detector, n, tuple(s.path for s in sources), mappings)

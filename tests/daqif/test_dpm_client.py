@@ -72,3 +72,36 @@ def test_async_client_queues_and_follows_to_completed(dpm_server: DpmServer) -> 
     final, error = asyncio.run(scenario())
     assert final.substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED
     assert error.code is ErrorCode.NOT_FOUND and error.id == "CLIENT.UNKNOWN"
+
+
+def test_a_finished_daq_answers_get_daq_status_only_with_include_archived(dpm_server: DpmServer) -> None:
+    client = dpm_server.client
+    reply = client.queue_daq(make_spec(dpm_server, "CLIENT.ARCHIVED"))
+    streamed = client.wait_for(reply.id, timeout=60)
+    with pytest.raises(DaqException) as seed:
+        client.get_daq_status(reply.id)
+    assert seed.value.code is ErrorCode.NOT_FOUND
+    assert seed.value.message == "DAQ CLIENT.ARCHIVED is archived (completed or aborted)"
+    final = client.get_daq_status(reply.id, include_archived=True)
+    assert final.substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED and final.state == dpm_pb2.DAQ_STATE_COMPLETED
+    assert (final.result, final.file_id) == (streamed.result, "CLIENT.ARCHIVED")
+    with pytest.raises(DaqException) as never:
+        client.get_daq_status("CLIENT.NEVER", include_archived=True)
+    assert never.value.code is ErrorCode.NOT_FOUND
+
+
+def test_wait_for_a_daq_that_finished_before_the_watch_returns_its_final_status(
+    dpm_server: DpmServer,
+) -> None:
+    client = dpm_server.client
+    reply = client.queue_daq(make_spec(dpm_server, "CLIENT.EARLY"))
+    client.wait_for(reply.id, timeout=60)
+    seen: list[dpm_pb2.DaqStatus] = []
+    again = client.wait_for(reply.id, timeout=60, on_status=seen.append)  # the watch answers NOT_FOUND
+    assert again.substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED and seen == [again]
+
+    async def follow() -> dpm_pb2.DaqStatus:
+        async with AsyncDpmClient(dpm_server.address) as aclient:
+            return await aclient.wait_for(reply.id, timeout=60)
+
+    assert asyncio.run(follow()).substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED

@@ -171,7 +171,7 @@ def run_demo(args: argparse.Namespace) -> int:
             final = (
                 dpm.wait_for(reply.id, timeout=args.timeout, on_status=seen.append)
                 if not console.is_terminal
-                else follow_daq(dpm, reply.id, args.timeout)
+                else follow_daq(dpm, reply.id, args.timeout, seen=seen)  # its timings too
             )
         if final.substate != dpm_pb2.DAQ_SUB_STATE_COMPLETED:
             return fail(f"the DAQ ended {substate_name(final.substate)}: {final.message}")

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x61qif/v1/dpm.proto\x12\x08\x64\x61qif.v1\x1a\x1bgoogle/protobuf/empty.proto\"+\n\x0c\x44\x61qException\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"i\n\x08\x44\x61qAlert\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x08severity\x18\x02 \x01(\x0e\x32\x17.daqif.v1.AlertSeverity\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\ttimestamp\x18\x04 \x01(\x01\"%\n\x08\x44\x61qReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\x08\"\xdb\x01\n\tDaqStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x66ile_id\x18\x02 \x01(\t\x12!\n\x05state\x18\x03 \x01(\x0e\x32\x12.daqif.v1.DaqState\x12\'\n\x08substate\x18\x04 \x01(\x0e\x32\x15.daqif.v1.DaqSubState\x12\r\n\x05\x65rror\x18\x05 \x01(\x08\x12\"\n\x06\x61lerts\x18\x06 \x03(\x0b\x32\x12.daqif.v1.DaqAlert\x12\x0e\n\x06result\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x11\n\ttimestamp\x18\t \x01(\x01\"|\n\x0cSourceRecord\x12\x13\n\x0bsource_name\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x12\n\nlocal_path\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x11\n\ttimestamp\x18\x06 \x01(\x01\"u\n\rReleaseRecord\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x15\n\rreleased_path\x18\x04 \x01(\t\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x11\n\ttimestamp\x18\x06 \x01(\x01\"]\n\x0eSubStateChange\x12\'\n\x08substate\x18\x01 \x01(\x0e\x32\x15.daqif.v1.DaqSubState\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\"0\n\x0e\x41ttemptCounter\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\r\"\xa1\x02\n\x11InternalDaqStatus\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.daqif.v1.DaqStatus\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x15\n\rspecification\x18\x03 \x01(\t\x12\'\n\x07sources\x18\x04 \x03(\x0b\x32\x16.daqif.v1.SourceRecord\x12*\n\treceivers\x18\x05 \x03(\x0b\x32\x17.daqif.v1.ReleaseRecord\x12\x11\n\tmerge_log\x18\x06 \x01(\t\x12*\n\x08\x61ttempts\x18\x07 \x03(\x0b\x32\x18.daqif.v1.AttemptCounter\x12)\n\x07history\x18\x08 \x03(\x0b\x32\x18.daqif.v1.SubStateChange\"c\n\rStorageStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ree\x18\x03 \x01(\x04\x12\x11\n\tavailable\x18\x04 \x01(\x04\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\"(\n\x0fQueueDaqRequest\x12\x15\n\rspecification\x18\x01 \x01(\t\"\x1d\n\x0f\x41\x62ortDaqRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14RetryMergeDaqRequest\x12\n\n\x02id\x18\x01 \x01(\t\"!\n\x13GetDaqStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x16\n\x14GetActiveDaqsRequest\":\n\x15GetActiveDaqsResponse\x12!\n\x04\x64\x61qs\x18\x01 \x03(\x0b\x32\x13.daqif.v1.DaqStatus\")\n\x1bGetInternalDaqStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x15WatchDaqStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1b\n\x19QueryStorageStatusRequest\"-\n\x19WatchStorageStatusRequest\x12\x10\n\x08interval\x18\x01 \x01(\x01\"\r\n\x0b\x45xitRequest\"\x1f\n\x0c\x45xitResponse\x12\x0f\n\x07message\x18\x01 \x01(\t*l\n\x08\x44\x61qState\x12\x17\n\x13\x44\x41Q_STATE_UNDEFINED\x10\x00\x12\x17\n\x13\x44\x41Q_STATE_ACQUIRING\x10\x01\x12\x15\n\x11\x44\x41Q_STATE_MERGING\x10\x02\x12\x17\n\x13\x44\x41Q_STATE_COMPLETED\x10\x03*\xa1\x03\n\x0b\x44\x61qSubState\x12\x1b\n\x17\x44\x41Q_SUB_STATE_UNDEFINED\x10\x00\x12\x1d\n\x19\x44\x41Q_SUB_STATE_NOT_STARTED\x10\x01\x12\x1a\n\x16\x44\x41Q_SUB_STATE_STARTING\x10\x02\x12\x1b\n\x17\x44\x41Q_SUB_STATE_ACQUIRING\x10\x03\x12\x1a\n\x16\x44\x41Q_SUB_STATE_STOPPING\x10\x04\x12\x19\n\x15\x44\x41Q_SUB_STATE_STOPPED\x10\x05\x12\x1a\n\x16\x44\x41Q_SUB_STATE_ABORTING\x10\x06\x12\x19\n\x15\x44\x41Q_SUB_STATE_ABORTED\x10\x07\x12\x1f\n\x1b\x44\x41Q_SUB_STATE_NOT_SCHEDULED\x10\x08\x12\x1b\n\x17\x44\x41Q_SUB_STATE_SCHEDULED\x10\t\x12\x1c\n\x18\x44\x41Q_SUB_STATE_COLLECTING\x10\n\x12\x19\n\x15\x44\x41Q_SUB_STATE_MERGING\x10\x0b\x12\x1b\n\x17\x44\x41Q_SUB_STATE_RELEASING\x10\x0c\x12\x1b\n\x17\x44\x41Q_SUB_STATE_COMPLETED\x10\r*|\n\rAlertSeverity\x12\x1c\n\x18\x41LERT_SEVERITY_UNDEFINED\x10\x00\x12\x18\n\x14\x41LERT_SEVERITY_ERROR\x10\x01\x12\x1a\n\x16\x41LERT_SEVERITY_WARNING\x10\x02\x12\x17\n\x13\x41LERT_SEVERITY_INFO\x10\x03\x32\xed\x01\n\nDpmControl\x12R\n\x12QueryStorageStatus\x12#.daqif.v1.QueryStorageStatusRequest\x1a\x17.daqif.v1.StorageStatus\x12\x35\n\x04\x45xit\x12\x15.daqif.v1.ExitRequest\x1a\x16.daqif.v1.ExitResponse\x12T\n\x12WatchStorageStatus\x12#.daqif.v1.WatchStorageStatusRequest\x1a\x17.daqif.v1.StorageStatus0\x01\x32\x8a\x04\n\rDpmDaqControl\x12\x39\n\x08QueueDaq\x12\x19.daqif.v1.QueueDaqRequest\x1a\x12.daqif.v1.DaqReply\x12\x39\n\x08\x41\x62ortDaq\x12\x19.daqif.v1.AbortDaqRequest\x1a\x12.daqif.v1.DaqReply\x12G\n\rRetryMergeDaq\x12\x1e.daqif.v1.RetryMergeDaqRequest\x1a\x16.google.protobuf.Empty\x12\x42\n\x0cGetDaqStatus\x12\x1d.daqif.v1.GetDaqStatusRequest\x1a\x13.daqif.v1.DaqStatus\x12P\n\rGetActiveDaqs\x12\x1e.daqif.v1.GetActiveDaqsRequest\x1a\x1f.daqif.v1.GetActiveDaqsResponse\x12Z\n\x14GetInternalDaqStatus\x12%.daqif.v1.GetInternalDaqStatusRequest\x1a\x1b.daqif.v1.InternalDaqStatus\x12H\n\x0eWatchDaqStatus\x12\x1f.daqif.v1.WatchDaqStatusRequest\x1a\x13.daqif.v1.DaqStatus0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x61qif/v1/dpm.proto\x12\x08\x64\x61qif.v1\x1a\x1bgoogle/protobuf/empty.proto\"+\n\x0c\x44\x61qException\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"i\n\x08\x44\x61qAlert\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x08severity\x18\x02 \x01(\x0e\x32\x17.daqif.v1.AlertSeverity\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\ttimestamp\x18\x04 \x01(\x01\"%\n\x08\x44\x61qReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\x08\"\xdb\x01\n\tDaqStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x66ile_id\x18\x02 \x01(\t\x12!\n\x05state\x18\x03 \x01(\x0e\x32\x12.daqif.v1.DaqState\x12\'\n\x08substate\x18\x04 \x01(\x0e\x32\x15.daqif.v1.DaqSubState\x12\r\n\x05\x65rror\x18\x05 \x01(\x08\x12\"\n\x06\x61lerts\x18\x06 \x03(\x0b\x32\x12.daqif.v1.DaqAlert\x12\x0e\n\x06result\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x11\n\ttimestamp\x18\t \x01(\x01\"|\n\x0cSourceRecord\x12\x13\n\x0bsource_name\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x12\n\nlocal_path\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x11\n\ttimestamp\x18\x06 \x01(\x01\"u\n\rReleaseRecord\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x15\n\rreleased_path\x18\x04 \x01(\t\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x11\n\ttimestamp\x18\x06 \x01(\x01\"]\n\x0eSubStateChange\x12\'\n\x08substate\x18\x01 \x01(\x0e\x32\x15.daqif.v1.DaqSubState\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\"0\n\x0e\x41ttemptCounter\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\r\"\xa1\x02\n\x11InternalDaqStatus\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.daqif.v1.DaqStatus\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x15\n\rspecification\x18\x03 \x01(\t\x12\'\n\x07sources\x18\x04 \x03(\x0b\x32\x16.daqif.v1.SourceRecord\x12*\n\treceivers\x18\x05 \x03(\x0b\x32\x17.daqif.v1.ReleaseRecord\x12\x11\n\tmerge_log\x18\x06 \x01(\t\x12*\n\x08\x61ttempts\x18\x07 \x03(\x0b\x32\x18.daqif.v1.AttemptCounter\x12)\n\x07history\x18\x08 \x03(\x0b\x32\x18.daqif.v1.SubStateChange\"c\n\rStorageStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ree\x18\x03 \x01(\x04\x12\x11\n\tavailable\x18\x04 \x01(\x04\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\"(\n\x0fQueueDaqRequest\x12\x15\n\rspecification\x18\x01 \x01(\t\"\x1d\n\x0f\x41\x62ortDaqRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14RetryMergeDaqRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x13GetDaqStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10include_archived\x18\x02 \x01(\x08\"\x16\n\x14GetActiveDaqsRequest\":\n\x15GetActiveDaqsResponse\x12!\n\x04\x64\x61qs\x18\x01 \x03(\x0b\x32\x13.daqif.v1.DaqStatus\")\n\x1bGetInternalDaqStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x15WatchDaqStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1b\n\x19QueryStorageStatusRequest\"-\n\x19WatchStorageStatusRequest\x12\x10\n\x08interval\x18\x01 \x01(\x01\"\r\n\x0b\x45xitRequest\"\x1f\n\x0c\x45xitResponse\x12\x0f\n\x07message\x18\x01 \x01(\t*l\n\x08\x44\x61qState\x12\x17\n\x13\x44\x41Q_STATE_UNDEFINED\x10\x00\x12\x17\n\x13\x44\x41Q_STATE_ACQUIRING\x10\x01\x12\x15\n\x11\x44\x41Q_STATE_MERGING\x10\x02\x12\x17\n\x13\x44\x41Q_STATE_COMPLETED\x10\x03*\xa1\x03\n\x0b\x44\x61qSubState\x12\x1b\n\x17\x44\x41Q_SUB_STATE_UNDEFINED\x10\x00\x12\x1d\n\x19\x44\x41Q_SUB_STATE_NOT_STARTED\x10\x01\x12\x1a\n\x16\x44\x41Q_SUB_STATE_STARTING\x10\x02\x12\x1b\n\x17\x44\x41Q_SUB_STATE_ACQUIRING\x10\x03\x12\x1a\n\x16\x44\x41Q_SUB_STATE_STOPPING\x10\x04\x12\x19\n\x15\x44\x41Q_SUB_STATE_STOPPED\x10\x05\x12\x1a\n\x16\x44\x41Q_SUB_STATE_ABORTING\x10\x06\x12\x19\n\x15\x44\x41Q_SUB_STATE_ABORTED\x10\x07\x12\x1f\n\x1b\x44\x41Q_SUB_STATE_NOT_SCHEDULED\x10\x08\x12\x1b\n\x17\x44\x41Q_SUB_STATE_SCHEDULED\x10\t\x12\x1c\n\x18\x44\x41Q_SUB_STATE_COLLECTING\x10\n\x12\x19\n\x15\x44\x41Q_SUB_STATE_MERGING\x10\x0b\x12\x1b\n\x17\x44\x41Q_SUB_STATE_RELEASING\x10\x0c\x12\x1b\n\x17\x44\x41Q_SUB_STATE_COMPLETED\x10\r*|\n\rAlertSeverity\x12\x1c\n\x18\x41LERT_SEVERITY_UNDEFINED\x10\x00\x12\x18\n\x14\x41LERT_SEVERITY_ERROR\x10\x01\x12\x1a\n\x16\x41LERT_SEVERITY_WARNING\x10\x02\x12\x17\n\x13\x41LERT_SEVERITY_INFO\x10\x03\x32\xed\x01\n\nDpmControl\x12R\n\x12QueryStorageStatus\x12#.daqif.v1.QueryStorageStatusRequest\x1a\x17.daqif.v1.StorageStatus\x12\x35\n\x04\x45xit\x12\x15.daqif.v1.ExitRequest\x1a\x16.daqif.v1.ExitResponse\x12T\n\x12WatchStorageStatus\x12#.daqif.v1.WatchStorageStatusRequest\x1a\x17.daqif.v1.StorageStatus0\x01\x32\x8a\x04\n\rDpmDaqControl\x12\x39\n\x08QueueDaq\x12\x19.daqif.v1.QueueDaqRequest\x1a\x12.daqif.v1.DaqReply\x12\x39\n\x08\x41\x62ortDaq\x12\x19.daqif.v1.AbortDaqRequest\x1a\x12.daqif.v1.DaqReply\x12G\n\rRetryMergeDaq\x12\x1e.daqif.v1.RetryMergeDaqRequest\x1a\x16.google.protobuf.Empty\x12\x42\n\x0cGetDaqStatus\x12\x1d.daqif.v1.GetDaqStatusRequest\x1a\x13.daqif.v1.DaqStatus\x12P\n\rGetActiveDaqs\x12\x1e.daqif.v1.GetActiveDaqsRequest\x1a\x1f.daqif.v1.GetActiveDaqsResponse\x12Z\n\x14GetInternalDaqStatus\x12%.daqif.v1.GetInternalDaqStatusRequest\x1a\x1b.daqif.v1.InternalDaqStatus\x12H\n\x0eWatchDaqStatus\x12\x1f.daqif.v1.WatchDaqStatusRequest\x1a\x13.daqif.v1.DaqStatus0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'daqif.v1.dpm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DAQSTATE']._serialized_start=1689
-  _globals['_DAQSTATE']._serialized_end=1797
-  _globals['_DAQSUBSTATE']._serialized_start=1800
-  _globals['_DAQSUBSTATE']._serialized_end=2217
-  _globals['_ALERTSEVERITY']._serialized_start=2219
-  _globals['_ALERTSEVERITY']._serialized_end=2343
+  _globals['_DAQSTATE']._serialized_start=1715
+  _globals['_DAQSTATE']._serialized_end=1823
+  _globals['_DAQSUBSTATE']._serialized_start=1826
+  _globals['_DAQSUBSTATE']._serialized_end=2243
+  _globals['_ALERTSEVERITY']._serialized_start=2245
+  _globals['_ALERTSEVERITY']._serialized_end=2369
   _globals['_DAQEXCEPTION']._serialized_start=61
   _globals['_DAQEXCEPTION']._serialized_end=104
   _globals['_DAQALERT']._serialized_start=106
@@ -65,25 +65,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRYMERGEDAQREQUEST']._serialized_start=1330
   _globals['_RETRYMERGEDAQREQUEST']._serialized_end=1364
   _globals['_GETDAQSTATUSREQUEST']._serialized_start=1366
-  _globals['_GETDAQSTATUSREQUEST']._serialized_end=1399
-  _globals['_GETACTIVEDAQSREQUEST']._serialized_start=1401
-  _globals['_GETACTIVEDAQSREQUEST']._serialized_end=1423
-  _globals['_GETACTIVEDAQSRESPONSE']._serialized_start=1425
-  _globals['_GETACTIVEDAQSRESPONSE']._serialized_end=1483
-  _globals['_GETINTERNALDAQSTATUSREQUEST']._serialized_start=1485
-  _globals['_GETINTERNALDAQSTATUSREQUEST']._serialized_end=1526
-  _globals['_WATCHDAQSTATUSREQUEST']._serialized_start=1528
-  _globals['_WATCHDAQSTATUSREQUEST']._serialized_end=1563
-  _globals['_QUERYSTORAGESTATUSREQUEST']._serialized_start=1565
-  _globals['_QUERYSTORAGESTATUSREQUEST']._serialized_end=1592
-  _globals['_WATCHSTORAGESTATUSREQUEST']._serialized_start=1594
-  _globals['_WATCHSTORAGESTATUSREQUEST']._serialized_end=1639
-  _globals['_EXITREQUEST']._serialized_start=1641
-  _globals['_EXITREQUEST']._serialized_end=1654
-  _globals['_EXITRESPONSE']._serialized_start=1656
-  _globals['_EXITRESPONSE']._serialized_end=1687
-  _globals['_DPMCONTROL']._serialized_start=2346
-  _globals['_DPMCONTROL']._serialized_end=2583
-  _globals['_DPMDAQCONTROL']._serialized_start=2586
-  _globals['_DPMDAQCONTROL']._serialized_end=3108
+  _globals['_GETDAQSTATUSREQUEST']._serialized_end=1425
+  _globals['_GETACTIVEDAQSREQUEST']._serialized_start=1427
+  _globals['_GETACTIVEDAQSREQUEST']._serialized_end=1449
+  _globals['_GETACTIVEDAQSRESPONSE']._serialized_start=1451
+  _globals['_GETACTIVEDAQSRESPONSE']._serialized_end=1509
+  _globals['_GETINTERNALDAQSTATUSREQUEST']._serialized_start=1511
+  _globals['_GETINTERNALDAQSTATUSREQUEST']._serialized_end=1552
+  _globals['_WATCHDAQSTATUSREQUEST']._serialized_start=1554
+  _globals['_WATCHDAQSTATUSREQUEST']._serialized_end=1589
+  _globals['_QUERYSTORAGESTATUSREQUEST']._serialized_start=1591
+  _globals['_QUERYSTORAGESTATUSREQUEST']._serialized_end=1618
+  _globals['_WATCHSTORAGESTATUSREQUEST']._serialized_start=1620
+  _globals['_WATCHSTORAGESTATUSREQUEST']._serialized_end=1665
+  _globals['_EXITREQUEST']._serialized_start=1667
+  _globals['_EXITREQUEST']._serialized_end=1680
+  _globals['_EXITRESPONSE']._serialized_start=1682
+  _globals['_EXITRESPONSE']._serialized_end=1713
+  _globals['_DPMCONTROL']._serialized_start=2372
+  _globals['_DPMCONTROL']._serialized_end=2609
+  _globals['_DPMDAQCONTROL']._serialized_start=2612
+  _globals['_DPMDAQCONTROL']._serialized_end=3134
 # @@protoc_insertion_point(module_scope)

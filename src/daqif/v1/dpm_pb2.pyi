@@ -214,10 +214,12 @@ class RetryMergeDaqRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class GetDaqStatusRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "include_archived")
     ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ARCHIVED_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    include_archived: bool
+    def __init__(self, id: _Optional[str] = ..., include_archived: _Optional[bool] = ...) -> None: ...
 
 class GetActiveDaqsRequest(_message.Message):
     __slots__ = ()

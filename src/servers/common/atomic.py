@@ -1,46 +1,28 @@
-"""The one atomic-write helper: temp file in the same directory, fsync, rename, fsync the directory.
+"""The servers' name of the one atomic-output helper and the one file copy (`daqif.atomic`).
 
-After a crash a reader sees either the old content or the new one, never a torn file.
+The implementation lives in `daqif.atomic` because the client side (`daqif.vds`, `daqif join`)
+writes files atomically too and `daqif` never imports `servers`; the servers import it from
+here, so the writer and the DPM keep one import path of their own.
 """
 
-from __future__ import annotations
+from daqif.atomic import (
+    CopyStopped,
+    atomic_output,
+    atomic_write_bytes,
+    atomic_write_json,
+    copy_file,
+    fsync_directory,
+    fsync_file,
+    remove_quietly,
+)
 
-import contextlib
-import json
-import os
-import tempfile
-from pathlib import Path
-from typing import Any
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or a new entry in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace `path` with `data` atomically; with `durable`, fsync file and directory."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_directory(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any, *, durable: bool = True) -> None:
-    """Replace `path` with `obj` as UTF-8 JSON atomically."""
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode(), durable=durable)
+__all__ = [
+    "CopyStopped",
+    "atomic_output",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "copy_file",
+    "fsync_directory",
+    "fsync_file",
+    "remove_quietly",
+]

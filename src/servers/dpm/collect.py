@@ -2,7 +2,7 @@
 
 A local source is confined to the allowed roots (again at collection time: a symlink may have
 changed since QueueDaq), then hard-linked if it is on the workspace's file system, else copied
-to a temporary name and renamed. A `host:/path` source is fetched with rsync over the
+(`atomic_output`: a temporary name, fsync, rename). A `host:/path` source is fetched with rsync over the
 configured remote shell, also to a temporary name first. Either way the collected file appears
 under its final name only when complete.
 """
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from daqif.spec import Location
+from servers.common.atomic import atomic_output, copy_file, remove_quietly
 from servers.common.paths import PathNotAllowed, confine
-from servers.dpm.transfer import TransferError, copy_in_thread, remove_quietly, rsync_argv, run_process
+from servers.dpm.transfer import TransferError, rsync_argv, run_process, run_stoppable
 
 
 @dataclass(frozen=True)
@@ -84,39 +86,44 @@ async def _collect_local(path_text: str, destination: Path, allowed_roots: Seque
     if existing is not None and (existing.st_dev, existing.st_ino) == (st.st_dev, st.st_ino):
         return Collected("linked", destination, st.st_size, st.st_size, st.st_mtime_ns)
 
-    tmp = temp_path(destination)
-    remove_quietly(tmp)
     try:
-        os.link(source, tmp)
-        outcome, nbytes = "linked", st.st_size
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise TransferError(f"cannot link source {path_text}: {exc.strerror}") from None
-        try:
-            nbytes = await copy_in_thread(source, tmp)
-        except OSError as copy_exc:
-            remove_quietly(tmp)
-            raise TransferError(f"cannot copy source {path_text}: {copy_exc.strerror}") from None
-        outcome = "copied"
-    os.replace(tmp, destination)
+        outcome, nbytes = await run_stoppable(
+            lambda stop: _link_or_copy(source, destination, path_text, stop)
+        )
+    except OSError as exc:  # the fsync or the rename
+        raise TransferError(f"cannot collect source {path_text} into {destination}: {exc.strerror}") from None
     return Collected(outcome, destination, nbytes, st.st_size, st.st_mtime_ns)
+
+
+def _link_or_copy(source: Path, destination: Path, path_text: str, stop: threading.Event) -> tuple[str, int]:
+    """Hard-link `source` to `destination`, else copy it (across file systems); atomically."""
+    with atomic_output(destination, temp_name=temp_path(destination).name) as tmp:
+        try:
+            os.link(source, tmp)
+            return "linked", os.stat(tmp).st_size
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise TransferError(f"cannot link source {path_text}: {exc.strerror}") from None
+        try:
+            return "copied", copy_file(source, tmp, stop=stop, durable=False)
+        except OSError as exc:
+            raise TransferError(f"cannot copy source {path_text}: {exc.strerror}") from None
 
 
 async def _collect_remote(
     location: Location, destination: Path, rsync_command: str, remote_shell: str
 ) -> Collected:
-    tmp = temp_path(destination)
-    remove_quietly(tmp)
-    argv = rsync_argv(rsync_command, remote_shell, str(location), str(tmp))
-    try:
-        result = await run_process(argv)
-    except OSError as exc:
-        raise TransferError(f"cannot run rsync ({argv[0]}): {exc.strerror}") from None
-    if result.returncode != 0:
-        remove_quietly(tmp)
-        why = result.rsync_reason or f"exit code {result.returncode}"
-        raise TransferError(f"rsync of {location} failed: {why}")
-    os.replace(tmp, destination)
+    # Not fsynced on the event loop: a restart re-checks a collected source's size, and the
+    # merge reads it soon after through the page cache.
+    with atomic_output(destination, temp_name=temp_path(destination).name, durable=False) as tmp:
+        argv = rsync_argv(rsync_command, remote_shell, str(location), str(tmp))
+        try:
+            result = await run_process(argv)
+        except OSError as exc:
+            raise TransferError(f"cannot run rsync ({argv[0]}): {exc.strerror}") from None
+        if result.returncode != 0:
+            why = result.rsync_reason or f"exit code {result.returncode}"
+            raise TransferError(f"rsync of {location} failed: {why}")
     size = os.stat(destination).st_size
     return Collected("rsync", destination, size, -1, -1)
 

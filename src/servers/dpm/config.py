@@ -1,7 +1,10 @@
 """Settings of the Data Product Manager server.
 
 Every setting has a default; a JSON file given with `--config FILE` overrides them, and the
-command line overrides the file. Keys of the file (all optional):
+command line overrides the file. `DpmConfig` (pydantic) validates them all: an unknown key, a
+value of the wrong type or out of bounds is refused with a message naming the file and the key
+(`config file dpm.json: key 'max_merges': Input should be greater than or equal to 1`). Keys of
+the file (all optional):
 
 | key | default | meaning |
 |---|---|---|
@@ -29,123 +32,131 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-DEBUG_DELAY_SUBSTATES = ("SCHEDULED", "COLLECTING", "MERGING", "RELEASING")
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DebugSubState = Literal["SCHEDULED", "COLLECTING", "MERGING", "RELEASING"]
 
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the key (and the file)."""
 
 
-@dataclass(frozen=True)
-class DpmConfig:
-    """Resolved server settings (see the module docstring for each key)."""
+def _absolute(path: Path) -> Path:
+    if not os.path.isabs(path):
+        raise ValueError(f"expected an absolute path, got {str(path)!r}")
+    return path
 
-    workspace: Path
-    data_root: Path
-    allowed_roots: tuple[Path, ...]
-    max_active_daqs: int = 4
-    max_transfers: int = 2
-    max_merges: int = 1
-    free_space_reserve_bytes: int = 0
-    rsync_command: str = "rsync"
-    rsync_remote_shell: str = "ssh"
-    storage_report_interval_s: float = 1.0
-    watch_queue_size: int = 10000
-    debug_delays: dict[str, float] = field(default_factory=dict)
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+Count = Annotated[int, Field(strict=True)]
+
+
+class DpmConfig(BaseModel):
+    """Resolved server settings (the table in the module docstring says what each one does)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workspace: AbsolutePath
+    """The DPM workspace: one directory per DAQ, the archive, the products."""
+    data_root: AbsolutePath
+    """The default allowed root."""
+    allowed_roots: tuple[AbsolutePath, ...] = Field(min_length=1)
+    """Local source and receiver paths must lie under one of these."""
+    max_active_daqs: Count = Field(4, ge=0)
+    """DAQs past SCHEDULED at once; 0 holds every DAQ in SCHEDULED."""
+    max_transfers: Count = Field(2, ge=1)
+    """Concurrent source collections and receiver copies."""
+    max_merges: Count = Field(1, ge=1)
+    """Concurrent merge programs."""
+    free_space_reserve_bytes: Count = Field(0, ge=0)
+    """A DAQ starts collecting only while the workspace has more bytes available."""
+    rsync_command: str = Field("rsync", min_length=1)
+    """rsync program for `host:/path` sources and remote receivers."""
+    rsync_remote_shell: str = Field("ssh", min_length=1)
+    """Given to rsync as `-e`; a command line, split like a shell would."""
+    storage_report_interval_s: float = Field(1.0, gt=0, strict=True)
+    """Default WatchStorageStatus period and the free-space re-check period."""
+    watch_queue_size: Count = Field(10000, ge=1)
+    """Status changes buffered per WatchDaqStatus watcher before it is dropped."""
+    debug_delays: dict[DebugSubState, Annotated[float, Field(ge=0, strict=True)]] = Field(
+        default_factory=dict
+    )
+    """TEST HOOK: seconds each DAQ waits after entering the substate (see the module docstring)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_roots(cls, raw: Any) -> Any:
+        """data_root: the workspace's parent, else ./data; workspace: <data_root>/dpm; roots: [data_root]."""
+        if not isinstance(raw, dict):
+            return raw
+        settings = dict(raw)
+        if "data_root" not in settings:
+            workspace = settings.get("workspace")
+            settings["data_root"] = Path(workspace).parent if workspace else Path("data").absolute()
+        if "workspace" not in settings:
+            settings["workspace"] = Path(settings["data_root"]) / "dpm"
+        settings.setdefault("allowed_roots", (settings["data_root"],))
+        return settings
+
+    @field_validator("rsync_remote_shell")
+    @classmethod
+    def _splits_like_a_shell(cls, text: str) -> str:
+        try:
+            shlex.split(text)
+        except ValueError as exc:
+            raise ValueError(f"cannot split {text!r} into a command line: {exc}") from None
+        return text
 
     def debug_delay(self, substate: str) -> float:
-        return self.debug_delays.get(substate, 0.0)
+        return next((s for name, s in self.debug_delays.items() if name == substate), 0.0)
 
 
-def _int(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"key {key!r}: expected an integer >= {minimum}, got {value!r}")
-    return value
+def _describe(error: ValidationError) -> str:
+    """Every problem of `error` in one line, each naming its key (`allowed_roots[1]`, `a.b`)."""
+    known = ", ".join(sorted(DpmConfig.model_fields))
+    problems = []
+    for item in error.errors():
+        key = ""
+        for part in item["loc"]:
+            if part == "[key]":
+                continue
+            key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r}; known keys: {known}")
+        else:
+            problems.append(f"key {key!r}: {item['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
 
 
-def _float(key: str, value: Any, minimum: float, *, exclusive: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok and (value > minimum if exclusive else value >= minimum):
-        return float(value)
-    bound = f"> {minimum}" if exclusive else f">= {minimum}"
-    raise ConfigError(f"key {key!r}: expected a number {bound}, got {value!r}")
-
-
-def _str(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"key {key!r}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _abs_path(key: str, value: Any) -> Path:
-    text = _str(key, value)
-    if not os.path.isabs(text):
-        raise ConfigError(f"key {key!r}: expected an absolute path, got {text!r}")
-    return Path(text)
-
-
-def _parse_file_settings(raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"expected a JSON object, got {type(raw).__name__}")
-    known = {f.name for f in fields(DpmConfig)}
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-        if key in ("workspace", "data_root"):
-            out[key] = _abs_path(key, value)
-        elif key == "allowed_roots":
-            if not isinstance(value, list) or not value:
-                raise ConfigError(f"key {key!r}: expected a non-empty list of absolute paths, got {value!r}")
-            out[key] = tuple(_abs_path(f"{key}[{i}]", v) for i, v in enumerate(value))
-        elif key == "max_active_daqs":
-            out[key] = _int(key, value, 0)
-        elif key in ("max_transfers", "max_merges", "watch_queue_size"):
-            out[key] = _int(key, value, 1)
-        elif key == "free_space_reserve_bytes":
-            out[key] = _int(key, value, 0)
-        elif key == "rsync_command":
-            out[key] = _str(key, value)
-        elif key == "rsync_remote_shell":
-            text = _str(key, value)
-            try:
-                shlex.split(text)
-            except ValueError as exc:
-                raise ConfigError(f"key {key!r}: cannot split {text!r} into a command line: {exc}") from None
-            out[key] = text
-        elif key == "storage_report_interval_s":
-            out[key] = _float(key, value, 0.0, exclusive=True)
-        elif key == "debug_delays":
-            if not isinstance(value, dict):
-                raise ConfigError(f"key {key!r}: expected an object {{substate: seconds}}, got {value!r}")
-            delays: dict[str, float] = {}
-            for name, seconds in value.items():
-                if name not in DEBUG_DELAY_SUBSTATES:
-                    expected = ", ".join(DEBUG_DELAY_SUBSTATES)
-                    raise ConfigError(
-                        f"key 'debug_delays.{name}': unknown substate; expected one of {expected}"
-                    )
-                delays[name] = _float(f"debug_delays.{name}", seconds, 0.0)
-            out[key] = delays
-    return out
+def _validated(settings: dict[str, Any]) -> DpmConfig:
+    try:
+        return DpmConfig.model_validate(settings)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """The validated settings of a JSON config file (only the keys it sets)."""
+    """The settings of a JSON config file (only the keys it sets; validated by `build_config`)."""
     try:
         raw = json.loads(Path(path).read_text("utf-8"))
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot read: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {path}: not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    try:
-        return _parse_file_settings(raw)
-    except ConfigError as exc:
-        raise ConfigError(f"config file {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def build_config(
@@ -156,31 +167,22 @@ def build_config(
     allowed_roots: list[Path] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> DpmConfig:
-    """Resolve the settings: defaults, then `config_file`, then the explicit arguments.
+    """Resolve the settings: defaults, then `config_file`, then `overrides`, then the arguments.
 
     `overrides` takes file-style keys (validated the same way) — for embedding and tests.
     """
-    settings: dict[str, Any] = load_config_file(config_file) if config_file else {}
-    if overrides:
-        settings.update(_parse_file_settings(overrides))
+    settings: dict[str, Any] = {}
+    if config_file is not None:
+        settings = load_config_file(config_file)
+        try:
+            _validated(settings)  # the file alone, so that its errors name the file
+        except ConfigError as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+    settings.update(overrides or {})
     if workspace is not None:
         settings["workspace"] = Path(workspace).absolute()
     if data_root is not None:
         settings["data_root"] = Path(data_root).absolute()
     if allowed_roots:
         settings["allowed_roots"] = tuple(Path(r).absolute() for r in allowed_roots)
-
-    if "data_root" not in settings:
-        settings["data_root"] = (
-            settings["workspace"].parent if "workspace" in settings else Path("data").absolute()
-        )
-    if "workspace" not in settings:
-        settings["workspace"] = settings["data_root"] / "dpm"
-    if "allowed_roots" not in settings:
-        settings["allowed_roots"] = (settings["data_root"],)
-    return DpmConfig(**settings)
-
-
-def with_changes(config: DpmConfig, **changes: Any) -> DpmConfig:
-    """A copy of `config` with `changes` applied (no validation; for code, not users)."""
-    return replace(config, **changes)
+    return _validated(settings)

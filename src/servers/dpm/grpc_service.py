@@ -160,7 +160,7 @@ class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
     async def GetDaqStatus(
         self, request: dpm_pb2.GetDaqStatusRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.DaqStatus:
-        return self._status(self._dpm.status(request.id))
+        return self._status(self._dpm.status(request.id, include_archived=request.include_archived))
 
     @edge
     async def GetActiveDaqs(

@@ -106,10 +106,11 @@ Checksums (`verify()`, `daqif-dpm-merge --verify`)
     `verify` names the dataset whose data or attributes changed, and reports a root mismatch
     when only groups, links or root attributes changed.
 
-Durability: the product is written as `.<name>.part` next to `outfile` (a leftover one is
-removed first), its data flushed in the background while the merge goes on, fsynced, renamed to
-`outfile` and the directory fsynced; on any error the part file is removed, so `outfile` only
-ever holds a complete product.
+Durability: the product is written as `.<name>.part` next to `outfile` through the one
+atomic-output helper (`servers.common.atomic.atomic_output`: a leftover part file is removed
+first; fsync, rename to `outfile`, fsync of the directory; on any error the part file is
+removed), and its data is flushed in the background while the merge goes on, so that the final
+fsync finds little left to write. `outfile` only ever holds a complete product.
 """
 
 from __future__ import annotations
@@ -120,7 +121,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import struct
 import threading
 import time
@@ -146,7 +146,7 @@ from daqif.spec import (
     Specification,
     TransformRule,
 )
-from servers.common.atomic import fsync_directory
+from servers.common.atomic import atomic_output, copy_file
 
 ARCFILE = "ARCFILE"
 ORIGFILE = "ORIGFILE"
@@ -1176,22 +1176,14 @@ def _write_product(
 ) -> MergeResult:
     if not outfile.parent.is_dir():
         raise MergeError(f"output directory {outfile.parent} does not exist")
-    part = _part_path(outfile)
-    out.info(f"merging {len(opened)} HDF5 source(s) into {outfile} (writing {part.name})")
+    part_name = _part_path(outfile).name  # a fixed name: the next attempt replaces a leftover
+    out.info(f"merging {len(opened)} HDF5 source(s) into {outfile} (writing {part_name})")
     try:
-        part.unlink(missing_ok=True)  # a leftover of an interrupted merge
-        checksum, n_datasets, copied = _build(spec, opened, base, keywords, outfile, part, out)
-        fd = os.open(part, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if outfile.exists():
-            out.warning(f"replacing the existing {outfile}")
-        os.replace(part, outfile)
-        fsync_directory(outfile.parent)
+        with atomic_output(outfile, temp_name=part_name) as part:
+            checksum, n_datasets, copied = _build(spec, opened, base, keywords, outfile, part, out)
+            if outfile.exists():
+                out.warning(f"replacing the existing {outfile}")
     except BaseException as exc:
-        part.unlink(missing_ok=True)
         if isinstance(exc, MergeError):
             raise
         if isinstance(exc, (OSError, RuntimeError, ValueError, KeyError, TypeError)):
@@ -1348,7 +1340,7 @@ def _clone_source(
             after_copy.append(target)
 
     src.file.visititems(plan)
-    copied = _copy_file_bytes(src.path, part)
+    copied = copy_file(src.path, part, durable=False)  # fsynced with the whole part file
     product = stack.enter_context(h5py.File(part, "r+", libver=("v108", "latest")))
     copier = _Copier(product, out)
     copier.sums.update(sums)
@@ -1401,27 +1393,6 @@ def _reroot_soft_links(group: h5py.Group, prefix: str) -> None:
                     walk(child)
 
     walk(group)
-
-
-def _copy_file_bytes(src: Path, dst: Path) -> int:
-    """Copy `src` to the new file `dst` in the kernel when it can (as `cp` does); return bytes."""
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        done = 0
-        try:
-            while done < size:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, done, done)
-                if n == 0:
-                    break
-                done += n
-        except OSError:  # other file systems, old kernels: copy through user space
-            fin.seek(done)
-            fout.seek(done)
-            shutil.copyfileobj(fin, fout, 16 << 20)
-            done = fout.tell()
-        if done != size:
-            raise MergeError(f"copying {src} stopped at byte {done} of {size}")
-    return done
 
 
 # -- verify ----------------------------------------------------------------------------------------

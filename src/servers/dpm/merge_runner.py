@@ -12,6 +12,9 @@ threads must not be forked), from the server's main thread. It and each merge pr
 PR_SET_PDEATHSIG set (`forkserver_guard`): after a `kill -9` of the DPM the fork server dies,
 and every running merge with it, so no orphan keeps writing into the workspace while the
 restarted server merges again.
+
+The lifecycle sees only `MergeRunner` (warm up, run one merge); `ForkServerMergeRunner` is the
+real one, and the lifecycle tests run the whole state table in-process with a fake.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from servers.dpm.transfer import ProcessResult
 
@@ -108,3 +112,24 @@ async def run_merge(argv: Sequence[str], log_path: Path) -> ProcessResult:
             tail = handle.read().decode("utf-8", "replace")
         lines = tuple(line.strip() for line in tail.splitlines() if line.strip())[-50:]
     return ProcessResult(code, lines)
+
+
+class MergeRunner(Protocol):
+    """How the lifecycle runs the merge program of one DAQ."""
+
+    def warm_up(self) -> None:
+        """Prepare, so that the first merge starts fast (called once, from the main thread)."""
+
+    async def run(self, argv: Sequence[str], log_path: Path) -> ProcessResult:
+        """Run `daqif-dpm-merge ARGV`, output appended to `log_path`; cancelling kills it."""
+        ...
+
+
+class ForkServerMergeRunner:
+    """The real runner: each merge a process forked from the preloaded fork server."""
+
+    def warm_up(self) -> None:
+        warm_up()
+
+    async def run(self, argv: Sequence[str], log_path: Path) -> ProcessResult:
+        return await run_merge(argv, log_path)

@@ -7,13 +7,13 @@ is mutable and owned by the lifecycle (`lifecycle.py` is the only place that cha
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 
-class SubState(enum.Enum):
+class SubState(StrEnum):
     """DPM substates; names match the `daqif.v1.DaqSubState` suffixes."""
 
     SCHEDULED = "SCHEDULED"
@@ -33,14 +33,16 @@ class SubState(enum.Enum):
         return State.COMPLETED if self.is_final else State.MERGING
 
 
-class State(enum.Enum):
+class State(StrEnum):
     """Top-level DAQ state in the DPM; names match `daqif.v1.DaqState` suffixes."""
 
     MERGING = "MERGING"
     COMPLETED = "COMPLETED"
 
 
-class Severity(enum.Enum):
+class Severity(StrEnum):
+    """Alert severities; names match the `daqif.v1.AlertSeverity` suffixes."""
+
     ERROR = "ERROR"
     WARNING = "WARNING"
     INFO = "INFO"
@@ -150,6 +152,19 @@ class DaqRecord:
     @property
     def has_error(self) -> bool:
         return any(a.severity is Severity.ERROR for a in self.alerts.values())
+
+    def set_alert(self, alert_id: str, severity: Severity, description: str) -> None:
+        """Raise (or replace) the alert `alert_id`; its description becomes the status message."""
+        now = time.time()
+        self.alerts[alert_id] = Alert(alert_id, severity, description, now)
+        self.timestamp = now
+        self.message = description
+
+    def clear_alert(self, alert_id: str) -> None:
+        self.alerts.pop(alert_id, None)
+
+    def count_attempt(self, step: str) -> None:
+        self.attempts[step] = self.attempts.get(step, 0) + 1
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -2,7 +2,8 @@
 
 Local receiver: hard link, else a symlink (only with `options.allowSymlink`), else a copy. Each
 is made under the hidden name `.<name>.daqif-tmp` in the receiver directory and renamed into
-place with `os.replace`, so a receiver never sees a partial product. A receiver that already
+place (`atomic_output`: fsync, rename, fsync of the directory), so a receiver never sees a
+partial product. A receiver that already
 holds the product (same inode, a symlink to it, or same size and checksum) counts as released:
 after a crash the release is not repeated. Remote receiver (`host` set): rsync over the remote
 shell; rsync itself writes a hidden temporary file and renames it, and `--checksum` makes a
@@ -14,20 +15,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers.common.atomic import fsync_directory
+from servers.common.atomic import atomic_output, copy_file, remove_quietly
 from servers.common.paths import PathNotAllowed, confine
-from servers.dpm.transfer import (
-    TransferError,
-    copy_in_thread,
-    remove_quietly,
-    rsync_argv,
-    run_process,
-    same_content,
-)
+from servers.dpm.transfer import TransferError, rsync_argv, run_process, run_stoppable, same_content
 
 TEMP_SUFFIX = ".daqif-tmp"
 
@@ -68,24 +63,25 @@ async def release_local(
         raise TransferError(f"receiver directory {path_text} does not exist")
     if not directory.is_dir():
         raise TransferError(f"receiver path {path_text} is not a directory")
-    name = product.name
-    destination = directory / name
-    tmp = directory / temp_name(name)
+    destination = directory / product.name
     try:
         already = await asyncio.to_thread(_already_released, product, destination)
         if already is not None:
             return Released(already, str(destination))
-        remove_quietly(tmp)
-        outcome = _link_or_symlink(product, tmp, allow_symlink)
-        if outcome is None:
-            await copy_in_thread(product, tmp)
-            outcome = "copy"
-        os.replace(tmp, destination)
-        fsync_directory(directory)
+        outcome = await run_stoppable(lambda stop: _deliver(product, destination, allow_symlink, stop))
     except OSError as exc:
-        remove_quietly(tmp)
         raise TransferError(f"cannot write into receiver directory {path_text}: {exc.strerror}") from None
     return Released(outcome, str(destination))
+
+
+def _deliver(product: Path, destination: Path, allow_symlink: bool, stop: threading.Event) -> str:
+    """Link, symlink or copy `product` to `destination` atomically; return how."""
+    with atomic_output(destination, temp_name=temp_name(product.name)) as tmp:
+        outcome = _link_or_symlink(product, tmp, allow_symlink)
+        if outcome is None:
+            copy_file(product, tmp, stop=stop, durable=False)
+            outcome = "copy"
+        return outcome
 
 
 def _link_or_symlink(product: Path, tmp: Path, allow_symlink: bool) -> str | None:

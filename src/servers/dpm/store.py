@@ -7,8 +7,8 @@ Layout (under the workspace directory):
     daqs/<id>/daq.json            status + specification + queue position (one atomic file)
     daqs/<id>/sources/<name>.h5   collected sources
     daqs/<id>/specification.json  the specification handed to the merge program
-    daqs/<id>/<fileId>.h5         the product being built by the merge
     daqs/<id>/logs/merge.log      output of every merge attempt
+    products/<id>/.<fileId>.h5.part   the product being built by the merge
     products/<id>/<fileId>.h5     the merged product (the DAQ's `result`), released from here
     archive/<id>/                 completed and aborted DAQs (daq.json, logs; sources removed)
 
@@ -132,6 +132,11 @@ class Workspace:
 
     def merge_log(self, daq_id: str) -> Path:
         return self.daq_dir(daq_id) / "logs" / "merge.log"
+
+    def read_archived(self, daq_id: str) -> DaqRecord:
+        """The final record of an archived DAQ (`archive/<id>/daq.json`)."""
+        raw = (self.archived_dir(daq_id) / STATUS_FILE).read_bytes()
+        return DaqRecord.from_json(json.loads(raw))
 
     # -- start-up ----------------------------------------------------------------------------
 

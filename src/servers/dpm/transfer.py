@@ -1,4 +1,4 @@
-"""File moving primitives shared by collecting and releasing: copy, rsync, child processes.
+"""File moving primitives shared by collecting and releasing: rsync, child processes, a copy.
 
 Every child process (rsync, the merge program) is started so that it dies with the server
 (`PR_SET_PDEATHSIG` through `setpriv`, when installed): after a `kill -9` of the server no
@@ -9,19 +9,18 @@ the awaiting task kills the child; cancelling a copy stops it at its next chunk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import hashlib
 import os
 import shlex
 import shutil
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-_COPY_CHUNK = 64 * 1024 * 1024
+T = TypeVar("T")
 
 
 class TransferError(Exception):
@@ -98,51 +97,14 @@ def rsync_argv(rsync_command: str, remote_shell: str, source: str, destination: 
     return [*shlex.split(rsync_command), "-e", remote_shell, "--times", "--checksum", source, destination]
 
 
-def copy_file(source: Path, destination: Path, stop: threading.Event) -> int:
-    """Copy `source` to a new file `destination` with fsync; return bytes copied.
+async def run_stoppable(work: Callable[[threading.Event], T]) -> T:
+    """`work(stop)` on a worker thread; cancelling the caller sets `stop` and waits for it to end.
 
-    Stops (raising `TransferError`) at the next chunk once `stop` is set.
+    A copy (`copy_file(..., stop=stop)`) checks `stop` between chunks, so an abort does not wait
+    for a large file.
     """
-    copied = 0
-    with open(source, "rb") as src, open(destination, "wb") as dst:
-        size = os.fstat(src.fileno()).st_size
-        in_kernel = _copy_file_range
-        while copied < size:
-            if stop.is_set():
-                raise TransferError(f"copy of {source} was stopped")
-            count = min(_COPY_CHUNK, size - copied)
-            try:
-                n = in_kernel(src.fileno(), dst.fileno(), copied, count)
-            except OSError as exc:
-                # copy_file_range refuses some file system pairs (EXDEV on many kernels).
-                if in_kernel is _sendfile or exc.errno not in _FALL_BACK:
-                    raise
-                in_kernel = _sendfile
-                continue
-            if n == 0:
-                break
-            copied += n
-        dst.flush()
-        os.fsync(dst.fileno())
-    return copied
-
-
-_FALL_BACK = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
-
-
-def _copy_file_range(src: int, dst: int, offset: int, count: int) -> int:
-    return os.copy_file_range(src, dst, count, offset, offset)
-
-
-def _sendfile(src: int, dst: int, offset: int, count: int) -> int:
-    os.lseek(dst, offset, os.SEEK_SET)
-    return os.sendfile(dst, src, offset, count)
-
-
-async def copy_in_thread(source: Path, destination: Path) -> int:
-    """`copy_file` on a worker thread; cancelling the caller stops the copy and waits for it."""
     stop = threading.Event()
-    future = asyncio.get_running_loop().run_in_executor(None, copy_file, source, destination, stop)
+    future = asyncio.get_running_loop().run_in_executor(None, work, stop)
     try:
         await asyncio.wait({future})
     except asyncio.CancelledError:
@@ -163,8 +125,3 @@ def same_content(a: Path, b: Path) -> bool:
     if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
         return True
     return sa.st_size == sb.st_size and file_digest(a) == file_digest(b)
-
-
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import h5py
 
 
-def test_demo_exits_zero_and_leaves_a_verified_product(tmp_path: Path) -> None:
+def test_demo_on_a_terminal_leaves_a_verified_product_and_prints_dpm_timings(tmp_path: Path) -> None:
+    # FORCE_COLOR makes rich treat the pipe as a terminal: the progress-bar path, which had
+    # lost the per-stage DPM timings.
     result = subprocess.run(
         [
             sys.executable,
@@ -25,11 +28,14 @@ def test_demo_exits_zero_and_leaves_a_verified_product(tmp_path: Path) -> None:
         text=True,
         timeout=240,
         cwd=tmp_path,
+        env={**os.environ, "FORCE_COLOR": "1", "COLUMNS": "200"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     products = list((tmp_path / "data" / "olas").glob("DEMO.*.h5"))
     assert len(products) == 1, result.stdout
     assert f"data product: {products[0]}" in result.stdout.replace("\n", "")
+    for stage in ("collecting", "merging", "releasing"):
+        assert f"DPM {stage}" in result.stdout, result.stdout
     verify = subprocess.run(
         [sys.executable, "-m", "servers.dpm.merge_cli", "--verify", str(products[0])],
         capture_output=True,

@@ -50,22 +50,25 @@ def test_file_settings_apply_and_the_command_line_wins(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("settings", "words"),
     [
-        ({"max_merge": 1}, ["unknown key 'max_merge'"]),
-        ({"max_merges": 0}, ["key 'max_merges'", ">= 1"]),
+        ({"max_merge": 1}, ["unknown key 'max_merge'; known keys: allowed_roots, data_root"]),
+        ([], ["expected a JSON object, got list"]),
+        ({"max_merges": 0}, ["key 'max_merges': Input should be greater than or equal to 1"]),
         ({"max_active_daqs": -1}, ["key 'max_active_daqs'"]),
-        ({"max_transfers": True}, ["key 'max_transfers'"]),
+        ({"max_transfers": True}, ["key 'max_transfers': Input should be a valid integer"]),
+        ({"watch_queue_size": 1.5}, ["key 'watch_queue_size'"]),
         ({"free_space_reserve_bytes": "1G"}, ["key 'free_space_reserve_bytes'"]),
-        ({"workspace": "relative/dir"}, ["key 'workspace'", "absolute"]),
-        ({"allowed_roots": []}, ["key 'allowed_roots'"]),
+        ({"workspace": "relative/dir"}, ["key 'workspace': expected an absolute path, got 'relative/dir'"]),
+        ({"allowed_roots": []}, ["key 'allowed_roots'", "at least 1 item"]),
         ({"allowed_roots": ["/ok", "rel"]}, ["key 'allowed_roots[1]'"]),
-        ({"rsync_remote_shell": "ssh -o 'unbalanced"}, ["key 'rsync_remote_shell'"]),
-        ({"storage_report_interval_s": 0}, ["key 'storage_report_interval_s'", "> 0"]),
-        ({"debug_delays": {"WRITING": 1}}, ["key 'debug_delays.WRITING'", "unknown substate"]),
+        ({"rsync_remote_shell": "ssh -o 'unbalanced"}, ["key 'rsync_remote_shell': cannot split"]),
+        ({"rsync_command": ""}, ["key 'rsync_command'"]),
+        ({"storage_report_interval_s": 0}, ["key 'storage_report_interval_s'", "greater than 0"]),
+        ({"debug_delays": {"WRITING": 1}}, ["key 'debug_delays.WRITING'", "'SCHEDULED'"]),
         ({"debug_delays": {"MERGING": -1}}, ["key 'debug_delays.MERGING'"]),
     ],
 )
 def test_invalid_setting_is_refused_naming_the_file_and_key(
-    tmp_path: Path, settings: dict[str, object], words: list[str]
+    tmp_path: Path, settings: object, words: list[str]
 ) -> None:
     path = tmp_path / "dpm.json"
     path.write_text(json.dumps(settings))
@@ -81,3 +84,20 @@ def test_config_file_that_is_not_json_is_refused_with_its_line(tmp_path: Path) -
     path.write_text('{\n "max_merges": 2,\n}')
     with pytest.raises(ConfigError, match=r"not valid JSON: .* at line 3"):
         build_config(config_file=path)
+
+
+def test_every_problem_of_a_file_is_reported_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "dpm.json"
+    path.write_text(json.dumps({"max_merges": 0, "max_transfers": -1}))
+    with pytest.raises(ConfigError) as caught:
+        build_config(config_file=path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "key 'max_merges'" in message and "key 'max_transfers'" in message
+
+
+def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"^key 'max_active_daqs': Input should be greater than or equal to 0$"
+    ):
+        build_config(workspace=tmp_path / "dpm", overrides={"max_active_daqs": -1})

@@ -50,8 +50,10 @@ def test_kill_9_then_restart_completes_every_daq_and_releases_each_product_once(
         (daq_dir / "sources").mkdir(exist_ok=True)
         (daq_dir / "sources" / ".det.h5.daqif-tmp").write_bytes(b"half a copy")
     elif crash_in == "MERGING":
-        (daq_dir / name).write_bytes(b"a product whose merge was cut short")
-        (daq_dir / f".{name}.part").write_bytes(b"partial")
+        products = server.workspace / "products" / "CRASH1"
+        products.mkdir(parents=True, exist_ok=True)
+        (products / name).write_bytes(b"a product whose merge was cut short")
+        (products / f".{name}.part").write_bytes(b"partial")
     else:  # released to the first receiver just before the crash, not yet recorded
         os.link(server.workspace / "products" / "CRASH1" / name, dpm.receiver / name)
         (second / f".{name}.daqif-tmp").write_bytes(b"half a copy")

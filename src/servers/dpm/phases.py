@@ -1,0 +1,296 @@
+"""What a DAQ does in each substate: wait for storage, collect, merge, release, clean up.
+
+Each phase does the work, records its outcome on the DAQ's record (per source, per receiver,
+alerts, attempts) and persists it through the `commit` it was given; it answers whether the
+step succeeded. It never changes the substate: `lifecycle.py` does, from the answer.
+
+Alert ids: `storage` (WARNING, waiting for the free-space reserve), `collecting:<sourceName>`,
+`merging`, `releasing:<receiverIndex>` (ERROR, the step failed) and `modified:<sourceName>`
+(WARNING, a source changed after it was collected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from daqif.spec import Location, Specification, load_specification
+from servers.dpm import collect, release
+from servers.dpm.config import DpmConfig
+from servers.dpm.merge_runner import MergeRunner
+from servers.dpm.model import DaqRecord, DaqStatusView, Severity, SourceRecord, StorageStatus, SubState
+from servers.dpm.store import Workspace
+from servers.dpm.transfer import TransferError
+
+log = logging.getLogger(__name__)
+
+STORAGE_ALERT = "storage"
+MERGING_ALERT = "merging"
+
+
+def collecting_alert(source_name: str) -> str:
+    return f"collecting:{source_name}"
+
+
+def modified_alert(source_name: str) -> str:
+    return f"modified:{source_name}"
+
+
+def releasing_alert(index: int) -> str:
+    return f"releasing:{index}"
+
+
+class ActiveDaq:
+    """Runtime companion of an active DAQ's record: its driver, retry signal and caches."""
+
+    def __init__(self, record: DaqRecord, spec: Specification | None = None) -> None:
+        self.record = record
+        self._spec = spec
+        self.view: DaqStatusView = record.view()
+        self.task: asyncio.Task[None] | None = None
+        self.retry = asyncio.Event()
+        self.waiting_for_retry = False
+        self.has_slot = False
+        self.abort_lock = asyncio.Lock()
+
+    @property
+    def spec(self) -> Specification:
+        # Parsed lazily: start-up with thousands of queued DAQs must not validate them all.
+        if self._spec is None:
+            self._spec = load_specification(self.record.specification)
+        return self._spec
+
+    def set_alert(self, alert_id: str, severity: Severity, description: str) -> None:
+        self.record.set_alert(alert_id, severity, description)
+        if severity is Severity.ERROR:
+            log.warning("DAQ %s: %s: %s", self.record.id, alert_id, description)
+
+
+Commit = Callable[[ActiveDaq], Awaitable[None]]
+
+
+class Phases:
+    """The work of SCHEDULED, COLLECTING, MERGING, RELEASING and ABORTING for one DPM."""
+
+    def __init__(
+        self,
+        config: DpmConfig,
+        workspace: Workspace,
+        allowed_roots: Sequence[Path],
+        runner: MergeRunner,
+        commit: Commit,
+    ) -> None:
+        self.config = config
+        self.workspace = workspace
+        self._roots = allowed_roots
+        self._runner = runner
+        self._commit = commit
+        self._transfers = asyncio.Semaphore(config.max_transfers)
+        self._merges = asyncio.Semaphore(config.max_merges)
+
+    def storage(self) -> StorageStatus:
+        st = os.statvfs(self.workspace.root)
+        return StorageStatus(
+            path=str(self.workspace.root),
+            capacity=st.f_blocks * st.f_frsize,
+            free=st.f_bfree * st.f_frsize,
+            available=st.f_bavail * st.f_frsize,
+            timestamp=time.time(),
+        )
+
+    async def debug_delay(self, substate: SubState) -> None:
+        seconds = self.config.debug_delay(substate)
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+
+    # -- SCHEDULED: the free-space reserve ---------------------------------------------------------
+
+    async def wait_for_storage(self, daq: ActiveDaq) -> None:
+        reserve = self.config.free_space_reserve_bytes
+        while True:
+            available = (await asyncio.to_thread(self.storage)).available
+            if available >= reserve:
+                break
+            if STORAGE_ALERT not in daq.record.alerts:
+                daq.set_alert(
+                    STORAGE_ALERT,
+                    Severity.WARNING,
+                    f"waiting for free space: {available} bytes available in {self.workspace.root}, "
+                    f"reserve is {reserve} bytes",
+                )
+                await self._commit(daq)
+            await asyncio.sleep(self.config.storage_report_interval_s)
+        daq.record.clear_alert(STORAGE_ALERT)
+
+    # -- COLLECTING ---------------------------------------------------------------------------------
+
+    async def collect(self, daq: ActiveDaq) -> bool:
+        """Collect every source not yet collected; True when all are."""
+        r = daq.record
+        await self.debug_delay(SubState.COLLECTING)
+        await asyncio.to_thread(collect.remove_stale_temps, self.workspace.sources_dir(r.id))
+        r.count_attempt("collect")
+        locations = {s.source_name: s.location for s in daq.spec.hdf5_sources}
+        todo = [s for s in r.sources if not (s.collected and _still_there(s))]
+        results = await asyncio.gather(*(self._collect_one(daq, s, locations[s.source_name]) for s in todo))
+        return all(results)
+
+    async def _collect_one(self, daq: ActiveDaq, source: SourceRecord, location: Location) -> bool:
+        destination = collect.collected_path(self.workspace.sources_dir(daq.record.id), source.source_name)
+        async with self._transfers:
+            try:
+                done = await collect.collect_source(
+                    location,
+                    destination,
+                    allowed_roots=self._roots,
+                    rsync_command=self.config.rsync_command,
+                    remote_shell=self.config.rsync_remote_shell,
+                )
+            except TransferError as exc:
+                source.outcome = f"failed: {exc}"
+                source.timestamp = time.time()
+                daq.set_alert(collecting_alert(source.source_name), Severity.ERROR, str(exc))
+                await self._commit(daq)
+                return False
+        source.local_path = str(done.local_path)
+        source.bytes = done.bytes
+        source.outcome = done.outcome
+        source.size = done.size
+        source.mtime_ns = done.mtime_ns
+        source.timestamp = time.time()
+        daq.record.clear_alert(collecting_alert(source.source_name))
+        await self._commit(daq)
+        return True
+
+    # -- MERGING ------------------------------------------------------------------------------------
+
+    def product_path(self, record: DaqRecord) -> Path:
+        """Where the merge writes the product (`products/<id>/<fileId>.h5`), released from there."""
+        return self.workspace.product_dir(record.id) / f"{record.file_id}.h5"
+
+    async def merge(self, daq: ActiveDaq) -> bool:
+        """Merge the collected sources into the product; on success `record.result` is its path."""
+        r = daq.record
+        await self.debug_delay(SubState.MERGING)
+        self._check_modified(daq)
+        daq_dir = self.workspace.daq_dir(r.id)
+        product = self.product_path(r)
+        log_path = self.workspace.merge_log(r.id)
+        async with self._merges:
+            await asyncio.to_thread(self._discard_partial_product, r)
+            r.count_attempt("merge")
+            await self._commit(daq)  # an attempt cut short by a crash still counts
+            spec_path = daq_dir / "specification.json"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            product.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(spec_path.write_text, r.specification, "utf-8")
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(f"=== merge attempt {r.attempts['merge']} at {_utc_now()} ===\n")
+            argv = [str(spec_path), "--root", str(daq_dir), "--outfile", str(product)]
+            failure: str | None = None
+            try:
+                result = await self._runner.run(argv, log_path)
+            except OSError as exc:
+                failure = f"cannot start the merge program: {exc}"
+            else:
+                if result.returncode != 0:
+                    failure = result.last_error_line or f"exit {result.returncode}"
+        if failure is None and not product.is_file():
+            failure = f"the merge program exited 0 but did not write {product}"
+        if failure is not None:
+            daq.set_alert(MERGING_ALERT, Severity.ERROR, f"merge failed: {failure} (log: {log_path})")
+            await self._commit(daq)
+            return False
+        r.result = str(product)
+        r.clear_alert(MERGING_ALERT)
+        return True
+
+    def _check_modified(self, daq: ActiveDaq) -> None:
+        for source in daq.record.sources:
+            if not source.collected or source.size < 0:
+                continue  # remote sources are not re-checked
+            change = collect.source_changed(source.location, source.size, source.mtime_ns)
+            if change is not None and modified_alert(source.source_name) not in daq.record.alerts:
+                daq.set_alert(modified_alert(source.source_name), Severity.WARNING, change)
+
+    def _discard_partial_product(self, record: DaqRecord) -> None:
+        """Remove what an interrupted merge may have left: the product and its part file."""
+        shutil.rmtree(self.workspace.product_dir(record.id), ignore_errors=True)
+
+    # -- RELEASING ----------------------------------------------------------------------------------
+
+    async def release(self, daq: ActiveDaq) -> bool:
+        """Deliver the product to every receiver not yet released; True when all have it."""
+        r = daq.record
+        await self.debug_delay(SubState.RELEASING)
+        product = Path(r.result)
+        r.count_attempt("release")
+        ok = True
+        for receiver in r.receivers:
+            if receiver.released:
+                continue
+            spec_receiver = daq.spec.receivers[receiver.index]
+            try:
+                async with self._transfers:
+                    if spec_receiver.host is None:
+                        await asyncio.to_thread(
+                            release.remove_stale_temp, receiver.path, product.name, self._roots
+                        )
+                        done = await release.release_local(
+                            product, receiver.path, spec_receiver.allow_symlink, self._roots
+                        )
+                    else:
+                        done = await release.release_remote(
+                            product,
+                            spec_receiver.host,
+                            receiver.path,
+                            self.config.rsync_command,
+                            self.config.rsync_remote_shell,
+                        )
+            except TransferError as exc:
+                ok = False
+                receiver.outcome = f"failed: {exc}"
+                receiver.timestamp = time.time()
+                daq.set_alert(releasing_alert(receiver.index), Severity.ERROR, str(exc))
+                await self._commit(daq)
+                continue
+            receiver.outcome = done.outcome
+            receiver.released_path = done.path
+            receiver.timestamp = time.time()
+            r.clear_alert(releasing_alert(receiver.index))
+            await self._commit(daq)  # persisted before the next receiver: never released twice
+        return ok
+
+    # -- ABORTING -----------------------------------------------------------------------------------
+
+    def abort_cleanup(self, record: DaqRecord) -> None:
+        """Remove collected sources, partial products and our temporary files in receivers.
+
+        Receivers that already got the product keep it (it is complete); the workspace product
+        is kept when a receiver holds a symlink to it. Raises `OSError` if a removal fails.
+        """
+        sources = self.workspace.sources_dir(record.id)
+        if sources.exists():
+            shutil.rmtree(sources)
+        if not any(rr.outcome == "symlink" for rr in record.receivers):
+            self._discard_partial_product(record)
+        name = f"{record.file_id}.h5"
+        for receiver in record.receivers:
+            if not receiver.host:
+                release.remove_stale_temp(receiver.path, name, self._roots)
+
+
+def _still_there(source: SourceRecord) -> bool:
+    try:
+        return os.stat(source.local_path).st_size == source.bytes
+    except OSError:
+        return False
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
