@@ -362,6 +362,8 @@ class ServerProcess(Generic[OptionsT]):
         if self._run is None:
             return None
         code = processes.terminate(self._run.process, grace)
+        # Whatever the server left behind in its process group goes too.
+        processes.kill(self._run.process)
         self._run.finish()
         return code
 
@@ -402,6 +404,11 @@ class ServerProcess(Generic[OptionsT]):
     def pid(self) -> int:
         """The pid of the current (or last) run."""
         return self._started().process.pid
+
+    @property
+    def started(self) -> bool:
+        """It was started at least once."""
+        return self._run is not None
 
     @property
     def running(self) -> bool:
