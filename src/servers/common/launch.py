@@ -334,6 +334,8 @@ class ServerProcess(Generic[OptionsT]):
             code = run.process.poll()
             if code is not None:
                 run.finish()
+                if run.said_ready.is_set():  # it printed the line, then exited at once
+                    break
                 raise ServerStartError(self._note(f"exited with {_how(code)} before it was ready", argv, run))
             if time.monotonic() > deadline:
                 processes.kill(run.process)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from servers.dpm.launch import DpmServerProcess, ServerStartError
+from servers.common.launch import ServerStartError
 
-from .dpm_helpers import DpmHarness, keyword_source, make_spec, wait_archived
+from .dpm_helpers import DpmHarness, DpmServerProcess, keyword_source, make_spec, wait_archived
 
 
 def run_server(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,7 +41,7 @@ def test_sigterm_stops_gracefully_and_the_queue_survives(dpm: DpmHarness) -> Non
     client = dpm.client(server)
     client.queue_daq(make_spec("KEPT1", [keyword_source()], [dpm.receiver]))
     assert server.stop() == 0
-    assert "daqif-dpm-server ready 127.0.0.1:" in server.log_text()
+    assert f"daqif-ready dpm grpc={server.address}" in server.log_text()
 
     server.config = {}
     server.start()

@@ -17,7 +17,7 @@ import requests
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
 from daqif.frame import expected_frame
-from servers.writer.launch import WriterProcess
+from servers.common.launch import WriterProcess
 
 from .conftest import DETECTOR_NAME, SHAPE, rest_status, wait_for
 
