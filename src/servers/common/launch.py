@@ -85,7 +85,7 @@ class DpmOptions(_Options):
 
     host: str | None = None
     """Interface to bind (server default: loopback)."""
-    port: int = Field(0, ge=0, le=65535)
+    port: int = Field(default=0, ge=0, le=65535)
     """gRPC port; 0 picks a free one."""
     workspace: Path | None = None
     """Workspace directory (server default: `<data root>/dpm`)."""
@@ -124,9 +124,9 @@ class WriterOptions(_Options):
     """Data root (output files must lie under it unless `allowed_roots` says otherwise)."""
     host: str | None = None
     """Interface REST and gRPC bind (writer default: loopback)."""
-    rest_port: int = Field(0, ge=0, le=65535)
+    rest_port: int = Field(default=0, ge=0, le=65535)
     """std_daq REST port; 0 picks a free one."""
-    grpc_port: int = Field(0, ge=0, le=65535)
+    grpc_port: int = Field(default=0, ge=0, le=65535)
     """gRPC WriterControl port; 0 picks a free one."""
     config: Path | None = None
     """Detector config JSON (the writer saves config changes to it)."""
