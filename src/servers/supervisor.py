@@ -98,11 +98,18 @@ class Supervisor:
 
     def _forwarder(self, name: str, stream: TextIO) -> Callable[[str], None]:
         def forward(line: str) -> None:
-            with self._lock:
+            with self._lock:  # one write per line: lines of several children never interleave
                 stream.write(f"[{name}] {line}\n")
                 stream.flush()
 
         return forward
+
+    def announce(self, line: str) -> None:
+        """Write `line` to `output` (stdout if none) in one piece, never inside a child's line."""
+        stream = self.output or sys.stdout
+        with self._lock:
+            stream.write(line + "\n")
+            stream.flush()
 
     def process(self, name: str) -> ServerProcess[Any]:
         """The launcher handle of child `name` (its ready line, pid, `kill()`, ...)."""

@@ -86,6 +86,8 @@ def run_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         extra_allowed_roots=[p.resolve() for p in args.allowed_root],
     )
+    if config.stream_port == 0 and not args.simulate and not args.stream:
+        return fail("--stream-port 0 needs --simulate (without it the writer must know where to connect)")
     # Before anything starts: a second serve must not touch the first one's data root.
     requested = config.requested_ports()
     for what, port in requested.items():
@@ -114,21 +116,19 @@ def run_serve(args: argparse.Namespace) -> int:
                 return fail(
                     f"port {port} ({what}) is not bound by daqif serve's own server ({got.get(what)})"
                 )
-        print(
+        supervisor.announce(
             ready_line(
                 "serve",
                 dpm=bound.dpm_address,
                 rest=bound.rest_url,
                 writer_grpc=bound.writer_grpc_address,
                 stream=bound.stream,
-            ),
-            flush=True,
+            )
         )
-        console.print(
+        supervisor.announce(
             f"daqif serve ready: DPM grpc {bound.dpm_address} | writer REST {bound.rest_url} "
             f"grpc {bound.writer_grpc_address} | stream {bound.stream} | data {bound.data_root} "
-            f"| logs {bound.log_dir}",
-            highlight=False,
+            f"| logs {bound.log_dir}"
         )
         supervisor.run(stop)
         if not stop.is_set():

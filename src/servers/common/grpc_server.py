@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
@@ -43,12 +46,23 @@ def bind(server: grpc.aio.Server, host: str, port: int, what: str) -> int:
     Raises `PortUnavailable` with one line naming `what` and the port, the line every daqif server
     prints before it exits non-zero.
     """
-    try:
-        bound = int(server.add_insecure_port(f"{host}:{port}"))
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise PortUnavailable(cannot_bind(what, host, port, "address in use or not a local address"))
+    # gRPC's core logs a failed bind on stderr itself, in several lines of its own: hold what it
+    # writes, and pass it on only if the bind worked (it was then about something else).
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            bound = int(server.add_insecure_port(f"{host}:{port}"))
+        except RuntimeError:
+            bound = 0
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if bound == 0:
+            raise PortUnavailable(cannot_bind(what, host, port, "address in use or not a local address"))
+        held.seek(0)
+        os.write(2, held.read())
     return bound
 
 

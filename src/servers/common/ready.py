@@ -111,12 +111,12 @@ def parse_ready_line(line: str) -> ReadyLine:
 
 def _endpoint(server: str, name: str, address: str, line: str) -> Endpoint:
     # urlsplit reads host and port only after a netloc marker; `HOST:PORT` gets one.
-    parts = urlsplit(address if "://" in address else f"//{address}")
     try:
+        parts = urlsplit(address if "://" in address else f"//{address}")
         port = parts.port
-    except ValueError:
-        port = None
-    if not parts.hostname or port is None or not 1 <= port <= 65535:
+    except ValueError:  # urlsplit refuses e.g. unbalanced IPv6 brackets, .port a non-number
+        parts, port = None, None
+    if parts is None or not parts.hostname or port is None or not 1 <= port <= 65535:
         raise ReadyLineError(
             f"ready line of {server}: {name}={address} is not HOST:PORT or SCHEME://HOST:PORT "
             f"with a port 1-65535: {line!r}"

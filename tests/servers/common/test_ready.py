@@ -48,6 +48,7 @@ def test_missing_endpoint_names_what_the_line_has() -> None:
         ("daqif-ready dpm grpc=127.0.0.1:0", "with a port 1-65535"),
         ("daqif-ready dpm grpc=127.0.0.1:99999", "with a port 1-65535"),
         ("daqif-ready dpm grpc=127.0.0.1:http", "grpc=127.0.0.1:http is not HOST:PORT"),
+        ("daqif-ready dpm grpc=[::1:5", "grpc=[::1:5 is not HOST:PORT"),
     ],
 )
 def test_malformed_line_is_refused_saying_what_is_wrong(line: str, message: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from servers.common.launch import ServerStartError
+from servers.common.launch import DpmOptions, DpmProcess, ServerStartError
 
 from .dpm_helpers import DpmHarness, DpmServerProcess, keyword_source, make_spec, wait_archived
 
@@ -53,3 +53,19 @@ def test_help_names_every_option() -> None:
     assert result.returncode == 0
     for option in ("--host", "--port", "--workspace", "--allowed-root", "--config", "--data-root"):
         assert option in result.stdout
+
+
+def test_second_server_on_a_busy_grpc_port_exits_non_zero_naming_the_port(dpm: DpmHarness) -> None:
+    # gRPC would share the port through SO_REUSEPORT unless the server turns it off.
+    first = dpm.start()
+    port = first.ready.port("grpc")
+    second = DpmProcess(DpmOptions(port=port, workspace=dpm.base / "second-ws", allowed_roots=(dpm.data,)))
+    with pytest.raises(ServerStartError):
+        second.start()
+    assert second.returncode == 2
+    assert second.tail() == [
+        f"daqif-dpm-server: cannot bind the DPM gRPC services to 127.0.0.1:{port}: "
+        "address in use or not a local address"
+    ]
+    assert first.running
+    assert dpm.client(first).get_active_daqs() == []
