@@ -95,10 +95,14 @@ def kill(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
 
 
 def _signal_group(process: subprocess.Popen[bytes] | subprocess.Popen[str], sig: signal.Signals) -> None:
-    # A group that is already gone (the child exited and was reaped) is not an error; a child that
-    # left the group is still signalled by its pid.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    # A group that is already gone (the child exited and was reaped) is not an error. The child is
+    # signalled by its pid only when its group cannot be (it left it): a second SIGTERM would reach
+    # a Python child while it exits from the first, when its handler is gone, and kill it.
+    try:
         os.killpg(process.pid, sig)
+        return
+    except (ProcessLookupError, PermissionError):
+        pass
     with contextlib.suppress(ProcessLookupError):
         if process.poll() is None:
             os.kill(process.pid, sig)
