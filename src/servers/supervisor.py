@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from servers.common.launch import ServerOptions, ServerProcess, ServerStartError
+from servers.common.commands import ServerOptions
+from servers.common.launch import ServerProcess, ServerStartError
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from daqif import defaults
-from servers.common.launch import DpmOptions, ServerOptions, SimOptions, WriterOptions
+from servers.common.commands import DpmOptions, ServerOptions, SimOptions, WriterOptions
 from servers.common.ready import ReadyLine
 from servers.supervisor import ChildSpec, Supervisor
 
