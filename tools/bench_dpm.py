@@ -45,7 +45,7 @@ from bench_merge import time_cp, write_source
 from daqif.dpm_client import DpmClient
 from daqif.errors import DaqException, ErrorCode
 from daqif.v1 import dpm_pb2, dpm_pb2_grpc
-from servers.dpm.launch import DpmServerProcess
+from servers.common.launch import DpmOptions, DpmProcess
 
 ECHO_SERVER = """
 import asyncio, sys
@@ -53,7 +53,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 async def main():
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -64,6 +64,15 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def dpm_server(directory: Path, allowed_root: Path, settings: dict[str, Any]) -> DpmProcess:
+    """A DPM on a free port with its workspace, settings file and log in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "dpm-config.json"
+    config.write_text(json.dumps(settings))
+    options = DpmOptions(workspace=directory / "dpm-workspace", allowed_roots=(allowed_root,), config=config)
+    return DpmProcess(options, log_file=directory / "dpm-server.log")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -193,7 +202,7 @@ def measure_data_path(work: Path, size_gib: float, repeat: int) -> dict[str, Any
     write_source(sources[0], half, compressed=False, seed=1)
     write_source(sources[1], half, compressed=True, seed=2)
     nbytes = sum(s.stat().st_size for s in sources)
-    server = DpmServerProcess(work / "server-data", allowed_roots=[data], config={"max_active_daqs": 1})
+    server = dpm_server(work / "server-data", data, {"max_active_daqs": 1})
     server.start()
     dpm_times, cp_times, cp_fsync_times = [], [], []
     try:
@@ -225,7 +234,7 @@ def measure_data_path(work: Path, size_gib: float, repeat: int) -> dict[str, Any
                     dpm_times.append(run_dpm())
                 cp_fsync_times.append(time_cp(sources, work / "cp", durable=True))
                 # Free the disk: the next run builds its product afresh.
-                shutil.rmtree(server.workspace / "products" / f"DATA{i}")
+                shutil.rmtree(work / "server-data" / "dpm-workspace" / "products" / f"DATA{i}")
                 shutil.rmtree(receiver)
     finally:
         server.stop()
@@ -256,7 +265,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-dpm-", dir=args.dir))
     result: dict[str, Any] = {"machine": machine_facts(work), "settings": vars(args) | {"dir": str(work)}}
     echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
-    server = DpmServerProcess(work / "server", allowed_roots=[work], config={"max_active_daqs": 0})
+    server = dpm_server(work / "server", work, {"max_active_daqs": 0})
     try:
         assert echo.stdout is not None
         echo_address = f"127.0.0.1:{int(echo.stdout.readline())}"

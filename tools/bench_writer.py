@@ -35,8 +35,8 @@ import numpy as np
 from bench_common import machine_facts
 
 from daqif.frame import PATTERN_PERIOD, expected_frame
-from servers.sim.launch import SimProcess
-from servers.sim.launch import start_sim as launch_sim
+from servers.common.launch import SimOptions, SimProcess
+from servers.supervisor import free_port
 from servers.writer.datapath.api import WriteJob, WritePhase, WriteResult
 from servers.writer.datapath.handle import ProcessDataPath, rcvhwm_for_frames
 
@@ -46,18 +46,8 @@ DTYPE = "uint16"
 
 
 def start_sim(shape: tuple[int, int], *extra: str, endpoint: str = "tcp://127.0.0.1:*") -> SimProcess:
-    return launch_sim(
-        "--shape",
-        str(shape[0]),
-        str(shape[1]),
-        "--dtype",
-        DTYPE,
-        "--linger",
-        "0",
-        *extra,
-        endpoint=endpoint,
-        timeout=120,
-    )
+    options = SimOptions(endpoint=endpoint, shape=shape, dtype=DTYPE, linger=0, extra_args=extra)
+    return SimProcess(options).start(timeout=120)
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> Any:
@@ -125,7 +115,8 @@ def writer_run(
         counters = datapath.counters()
     finally:
         datapath.close()
-        sim_summary = sim.stop(60)
+        sim.stop(60)
+        sim_summary = sim.summary()
     elapsed = result.stop_time - result.start_time
     fsync_s = fsync_file(path)
     file_bytes = path.stat().st_size
@@ -142,7 +133,7 @@ def writer_run(
         "file_bytes": file_bytes,
         "stored_bytes_per_frame": round(counters.bytes_written / max(1, counters.written)),
         "malformed": counters.malformed,
-        "simulator_frames_per_s": round(sim_summary["frames_per_s"], 1),
+        "simulator_frames_per_s": round(sim_summary.frames_per_s, 1),
     }
     if samples:
         quarter = max(1, len(samples) // 4)
@@ -194,7 +185,7 @@ def plain_write(directory: Path, shape: tuple[int, int], n: int) -> dict[str, An
 def loss_run(directory: Path, rate: float, n: int) -> dict[str, Any]:
     """Record `n` 64 KiB frames from a PUB source at `rate`; lost = gaps in the recorded ids."""
     shape = SIZES["64KiB"]
-    port = _free_port()
+    port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     # A real deployment sizes the receive queue for its detector; 512 MiB absorbs ~0.5 s of stalls.
     datapath = ProcessDataPath(endpoint, "sub", rcvhwm=rcvhwm_for_frames(shape[0] * shape[1] * 2, 512 << 20))
@@ -217,14 +208,15 @@ def loss_run(directory: Path, rate: float, n: int) -> dict[str, Any]:
         try:
             deadline = n / rate * 3 + 60
             wait_until(
-                lambda: datapath.progress().phase is WritePhase.FINISHED or sim.process.poll() is not None,
+                lambda: datapath.progress().phase is WritePhase.FINISHED or not sim.running,
                 deadline,
                 "the write or the simulator to end",
             )
             time.sleep(0.5)
             result = datapath.stop_write() or datapath.progress().result
         finally:
-            sim_summary = sim.stop(60)
+            sim.stop(60)
+        sim_summary = sim.summary()
     finally:
         datapath.close()
     assert result is not None
@@ -238,17 +230,8 @@ def loss_run(directory: Path, rate: float, n: int) -> dict[str, Any]:
         "frames_requested": n,
         "frames_written": int(result.n_written),
         "frames_lost": lost_inside + (n - int(result.n_written)),
-        "simulator_max_lag_s": round(sim_summary["max_lag_s"], 4),
+        "simulator_max_lag_s": round(sim_summary.max_lag_s, 4),
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,12 @@ of an environment where daqif is installed — no conftest needed:
         StdDaqClient(writer.rest_url).start_writer_sync(
             {"output_file": str(writer.data_root / "raw" / "x.h5"), "n_images": 10})
 
-Fixtures (function scope; each starts fresh processes on free loopback ports in a temporary
-directory and stops them afterwards):
+Fixtures (function scope; each starts fresh processes in a temporary directory and stops them
+afterwards; every server binds port 0 and the fixture learns the port it got from the server's
+ready line, so parallel runs never race for a port; each server's log is in `data_root/logs/`):
 
 - `dpm_server`  → `DpmServer`: `.address`, `.client` (a `DpmClient`), `.data_root`, `.workspace`,
-  `.receiver_dir`; `.kill()` (SIGKILL, for crash tests) and `.restart()`.
+  `.receiver_dir`; `.kill()` (SIGKILL, for crash tests) and `.restart()` (same port and workspace).
 - `simulator`   → `Simulator`: `.endpoint`, `.shape`, `.dtype` (64x64 uint16 frames at 1 kHz, ids from 1).
 - `writer`      → `Writer` fed by `simulator`: `.rest_url` (std_daq REST), `.grpc_address`,
   `.data_root` (output files must lie under it; `.raw_dir` exists).
@@ -52,15 +53,16 @@ TEST_DETECTOR: dict[str, object] = {
 
 
 def _config(data_root: Path, simulate: bool = True) -> SystemConfig:
-    from servers.supervisor import free_port
     from servers.system import SystemConfig
 
+    # Port 0 everywhere: each server binds a free port and reports it in its ready line, so
+    # parallel test runs never race for a port.
     config = SystemConfig(
         data_root=data_root,
-        dpm_port=free_port(),
-        rest_port=free_port(),
-        writer_grpc_port=free_port(),
-        stream_port=free_port(),
+        dpm_port=0,
+        rest_port=0,
+        writer_grpc_port=0,
+        stream_port=0,
         simulate=simulate,
         sim_rate=1000.0,
         detector_overrides=dict(TEST_DETECTOR),
@@ -69,12 +71,17 @@ def _config(data_root: Path, simulate: bool = True) -> SystemConfig:
     return config
 
 
-def _supervisor(config: SystemConfig, names: set[str]) -> Supervisor:
+@contextlib.contextmanager
+def _running(config: SystemConfig, names: set[str]) -> Iterator[tuple[SystemConfig, Supervisor]]:
+    """Start the servers `names` of `config`; yield the config with their bound ports."""
+    from servers import system
     from servers.supervisor import Supervisor
-    from servers.system import children
 
-    specs = [c for c in children(config) if c.name in names]
-    return Supervisor(specs, log_dir=config.log_dir, max_restarts=0)
+    supervisor = Supervisor(log_dir=config.log_dir, max_restarts=0)
+    try:
+        yield system.start(config, supervisor, names), supervisor
+    finally:
+        supervisor.stop()
 
 
 @dataclass
@@ -108,22 +115,16 @@ class DpmServer:
 
     @property
     def pid(self) -> int:
-        return self.supervisor.pids()["dpm"]
+        return self.supervisor.process("dpm").pid
 
     def kill(self) -> None:
-        """SIGKILL the server (no clean-up runs), for crash-recovery tests."""
-        import os
-        import signal
-
-        os.kill(self.pid, signal.SIGKILL)
-        child = next(c for c in self.supervisor.children if c.spec.name == "dpm")
-        assert child.process is not None
-        child.process.wait(timeout=10)
+        """SIGKILL the server and its children (no clean-up runs), for crash-recovery tests."""
+        self.supervisor.process("dpm").kill()
 
     def restart(self) -> None:
-        """Start the server again on the same port and workspace; returns once it serves."""
-        self.supervisor.stop()
-        self.supervisor.start()
+        """Start the server again (stopping it first if it runs) on the same port and workspace;
+        returns once it serves."""
+        self.supervisor.process("dpm").restart()
 
 
 @dataclass
@@ -177,21 +178,12 @@ class DaqSystem:
         return self.config.data_root
 
 
-@contextlib.contextmanager
-def _running(supervisor: Supervisor) -> Iterator[Supervisor]:
-    supervisor.start()
-    try:
-        yield supervisor
-    finally:
-        supervisor.stop()
-
-
 @pytest.fixture
 def dpm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DpmServer]:
     """A fresh DPM server on a free port with its own data root."""
     config = _config(tmp_path_factory.mktemp("daqif-dpm"), simulate=False)
-    with _running(_supervisor(config, {"dpm"})) as supervisor:
-        server = DpmServer(config, supervisor)
+    with _running(config, {"dpm"}) as (bound, supervisor):
+        server = DpmServer(bound, supervisor)
         try:
             yield server
         finally:
@@ -201,25 +193,24 @@ def dpm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DpmServer]:
 @pytest.fixture
 def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
     """A detector simulator sending 64x64 uint16 frames at 1 kHz from image id 1."""
-    config = _config(tmp_path_factory.mktemp("daqif-system"))
-    with _running(_supervisor(config, {"sim"})):
-        yield Simulator(config)
+    with _running(_config(tmp_path_factory.mktemp("daqif-system")), {"sim"}) as (bound, _):
+        yield Simulator(bound)
 
 
 @pytest.fixture
 def writer(simulator: Simulator) -> Iterator[Writer]:
     """A writer connected to `simulator`, with the std_daq REST API and gRPC WriterControl."""
-    with _running(_supervisor(simulator.config, {"writer"})):
-        yield Writer(simulator.config)
+    with _running(simulator.config, {"writer"}) as (bound, _):
+        yield Writer(bound)
 
 
 @pytest.fixture
 def daq_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaqSystem]:
     """Simulator, writer and DPM sharing one data root (`.data_root`)."""
     config = _config(tmp_path_factory.mktemp("daqif-system"))
-    with _running(_supervisor(config, {"sim", "writer", "dpm"})) as supervisor:
-        dpm = DpmServer(config, supervisor)
+    with _running(config, {"sim", "writer", "dpm"}) as (bound, supervisor):
+        dpm = DpmServer(bound, supervisor)
         try:
-            yield DaqSystem(config, dpm, Writer(config), Simulator(config))
+            yield DaqSystem(bound, dpm, Writer(bound), Simulator(bound))
         finally:
             dpm.client.close()

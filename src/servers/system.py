@@ -7,18 +7,20 @@ Layout under the data root (default `./daqif-data`):
     <data-root>/dpm/                 the DPM workspace
     <data-root>/olas/                the default receiver directory for data products
     <data-root>/writer-config.json   the writer's detector config (created with embedded defaults)
-    <data-root>/logs/<server>.log    each server's output (when run quietly)
+    <data-root>/logs/<server>.log    each server's output (sim, writer, dpm), appended across runs
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from daqif import defaults
-from servers.supervisor import ChildSpec, grpc_health_probe, http_probe, tcp_probe
+from servers.common.commands import DpmOptions, ServerOptions, SimOptions, WriterOptions
+from servers.common.ready import ReadyLine
+from servers.supervisor import ChildSpec, Supervisor
 
 DEFAULT_DPM_PORT = defaults.DPM_PORT
 DEFAULT_REST_PORT = defaults.WRITER_REST_PORT
@@ -91,7 +93,29 @@ class SystemConfig:
 
     @property
     def stream(self) -> str:
-        return self.stream_endpoint or f"tcp://{self.host}:{self.stream_port}"
+        # ZeroMQ spells "any free port" `*`.
+        return self.stream_endpoint or f"tcp://{self.host}:{self.stream_port or '*'}"
+
+    def requested_ports(self) -> dict[str, int]:
+        """The fixed ports this system asks for, by what binds them (port 0: any free one)."""
+        ports = {
+            "DPM gRPC": self.dpm_port,
+            "writer REST": self.rest_port,
+            "writer gRPC": self.writer_grpc_port,
+        }
+        if self.simulate and self.stream_endpoint is None:
+            ports["simulator stream"] = self.stream_port
+        return {what: port for what, port in ports.items() if port != 0}
+
+    def bound(self, ready: ReadyLine) -> SystemConfig:
+        """This config with the ports a server of the system reported in its ready line."""
+        if ready.server == "sim":
+            return replace(self, stream_port=ready.port("stream"))
+        if ready.server == "writer":
+            return replace(self, rest_port=ready.port("rest"), writer_grpc_port=ready.port("grpc"))
+        if ready.server == "dpm":
+            return replace(self, dpm_port=ready.port("grpc"))
+        raise ValueError(f"{ready.server!r} is not a server of the system")
 
     def detector(self) -> dict[str, object]:
         """The writer's detector config (the file's content once it exists)."""
@@ -110,79 +134,81 @@ class SystemConfig:
 
 
 _DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
+_ORDER = ("sim", "writer", "dpm")
+
+
+def sim_options(config: SystemConfig) -> SimOptions:
+    """The simulator of the system: the writer's detector geometry, sent until stopped."""
+    detector = config.detector()
+    bit_depth = detector.get("bit_depth", 16)
+    return SimOptions(
+        endpoint=config.stream,
+        shape=(int(str(detector["image_pixel_height"])), int(str(detector["image_pixel_width"]))),
+        dtype=_DTYPES.get(bit_depth if isinstance(bit_depth, int) else 16, "uint16"),
+        rate=config.sim_rate,
+        count=0,
+        header="daqif" if config.sim_header == "daqif" else "stddaq",
+        compress="bslz4" if config.sim_compress == "bslz4" else "none",
+    )
+
+
+def _roots(config: SystemConfig) -> tuple[Path, ...]:
+    return (config.data_root.resolve(), *config.extra_allowed_roots)
+
+
+def writer_options(config: SystemConfig) -> WriterOptions:
+    """The writer of the system, reading `config.stream`, its detector config in the data root."""
+    return WriterOptions(
+        stream=config.stream,
+        data_root=config.data_root,
+        host=config.host,
+        rest_port=config.rest_port,
+        grpc_port=config.writer_grpc_port,
+        config=config.writer_config_file,
+        allowed_roots=_roots(config),
+        redis_url=config.redis_url or None,
+    )
+
+
+def dpm_options(config: SystemConfig) -> DpmOptions:
+    """The DPM of the system, its workspace in the data root."""
+    return DpmOptions(
+        host=config.host,
+        port=config.dpm_port,
+        workspace=config.workspace,
+        data_root=config.data_root,
+        allowed_roots=_roots(config),
+    )
 
 
 def children(config: SystemConfig) -> list[ChildSpec]:
-    """The servers of the system, in start order: simulator (if any), writer, DPM."""
-    python = sys.executable
-    roots = [str(config.data_root.resolve()), *(str(p) for p in config.extra_allowed_roots)]
-    specs: list[ChildSpec] = []
-    if config.simulate:
-        detector = config.detector()
-        bit_depth = detector.get("bit_depth", 16)
-        dtype = _DTYPES.get(bit_depth if isinstance(bit_depth, int) else 16, "uint16")
-        specs.append(
-            ChildSpec(
-                name="sim",
-                argv=[
-                    python,
-                    "-m",
-                    "servers.sim.main",
-                    "--endpoint",
-                    config.stream,
-                    "--shape",
-                    str(detector["image_pixel_height"]),
-                    str(detector["image_pixel_width"]),
-                    "--dtype",
-                    dtype,
-                    "--rate",
-                    str(config.sim_rate),
-                    "--count",
-                    "0",
-                    "--header",
-                    config.sim_header,
-                    "--compress",
-                    config.sim_compress,
-                ],
-                probe=tcp_probe(config.host, config.stream_port),
-            )
-        )
-    writer = [
-        python,
-        "-m",
-        "servers.writer.main",
-        "--host",
-        config.host,
-        "--rest-port",
-        str(config.rest_port),
-        "--grpc-port",
-        str(config.writer_grpc_port),
-        "--stream",
-        config.stream,
-        "--config",
-        str(config.writer_config_file),
-        "--data-root",
-        str(config.data_root),
-    ]
-    for root in roots:
-        writer += ["--allowed-root", root]
-    if config.redis_url:
-        writer += ["--redis-url", config.redis_url]
-    specs.append(ChildSpec(name="writer", argv=writer, probe=http_probe(f"{config.rest_url}/writer/status")))
-    dpm = [
-        python,
-        "-m",
-        "servers.dpm.main",
-        "--host",
-        config.host,
-        "--port",
-        str(config.dpm_port),
-        "--workspace",
-        str(config.workspace),
-        "--data-root",
-        str(config.data_root),
-    ]
-    for root in roots:
-        dpm += ["--allowed-root", root]
-    specs.append(ChildSpec(name="dpm", argv=dpm, probe=grpc_health_probe(config.dpm_address)))
-    return specs
+    """The servers of the system, in start order: simulator (if any), writer, DPM.
+
+    With port 0 somewhere, start them with `start` instead: the writer must be told the port the
+    simulator bound.
+    """
+    specs = [ChildSpec("sim", sim_options(config))] if config.simulate else []
+    return [*specs, ChildSpec("writer", writer_options(config)), ChildSpec("dpm", dpm_options(config))]
+
+
+def start(config: SystemConfig, supervisor: Supervisor, names: Iterable[str] = _ORDER) -> SystemConfig:
+    """Start the servers `names` (of sim, writer, dpm; the simulator only with `config.simulate`)
+    in order under `supervisor`; return `config` with every port the servers bound.
+
+    Raises `ChildFailed` (every child stopped) if one does not come up.
+    """
+    wanted = set(names)
+    unknown = wanted - set(_ORDER)
+    if unknown:
+        raise ValueError(f"no such server in the system: {', '.join(sorted(unknown))}")
+    builders: dict[str, Callable[[SystemConfig], ServerOptions]] = {
+        "sim": sim_options,
+        "writer": writer_options,
+        "dpm": dpm_options,
+    }
+    for name in _ORDER:
+        if name not in wanted or (name == "sim" and not config.simulate):
+            continue
+        ready = supervisor.start_child(ChildSpec(name, builders[name](config))).ready
+        config = config.bound(ready)
+    return config

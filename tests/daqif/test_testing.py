@@ -37,6 +37,15 @@ def test_writer_fixture_records_simulator_frames(writer, simulator):
         assert f["SIM1/data"].shape == (5, *simulator.shape)
 
 
+def test_dpm_server_killed_restarts_on_its_port_with_its_queue(dpm_server):
+    address, pid = dpm_server.address, dpm_server.pid
+    dpm_server.kill()
+    dpm_server.restart()
+    assert (dpm_server.address, dpm_server.pid != pid) == (address, True)
+    assert dpm_server.client.get_active_daqs() == []
+    assert "daqif-ready dpm" in (dpm_server.data_root / "logs" / "dpm.log").read_text()
+
+
 def test_daq_system_fixture_shares_one_data_root(daq_system):
     assert daq_system.writer.data_root == daq_system.dpm.data_root == daq_system.data_root
     assert daq_system.dpm.client.get_active_daqs() == []
@@ -46,4 +55,4 @@ def test_daq_system_fixture_shares_one_data_root(daq_system):
 def test_plugin_fixtures_work_from_an_outside_test_file(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_outside=OUTSIDE_TEST)
     result = pytester.runpytest_subprocess("-q", timeout=600)
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)

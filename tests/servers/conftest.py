@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from servers.sim.launch import SimProcess, start_sim
-
-
-def free_tcp_port() -> int:
-    """A loopback TCP port that was free a moment ago (for a source that must bind a known port)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
+from servers.common.launch import SimOptions, SimProcess
+from servers.supervisor import free_port
 
 SimFactory = Callable[..., SimProcess]
 
@@ -31,9 +22,10 @@ def sim_factory() -> Iterator[SimFactory]:
     started: list[SimProcess] = []
 
     def start(*args: str, port: int | None = None) -> SimProcess:
-        sim = start_sim(*args, endpoint=f"tcp://127.0.0.1:{port if port is not None else '*'}")
+        endpoint = f"tcp://127.0.0.1:{port if port is not None else '*'}"
+        sim = SimProcess(SimOptions(endpoint=endpoint, extra_args=args))
         started.append(sim)
-        return sim
+        return sim.start()
 
     yield start
     for sim in started:
@@ -43,4 +35,4 @@ def sim_factory() -> Iterator[SimFactory]:
 @pytest.fixture
 def tcp_port() -> int:
     """A free loopback TCP port (for a simulator that must bind a port known in advance)."""
-    return free_tcp_port()
+    return free_port()

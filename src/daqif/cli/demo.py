@@ -125,17 +125,18 @@ def stage_times(statuses: list[DaqStatus]) -> dict[str, float]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from servers.supervisor import ChildFailed, Supervisor, free_port
-    from servers.system import SystemConfig, children
+    from servers import system
+    from servers.supervisor import ChildFailed, Supervisor
 
     if args.frames < 1:
         return fail("--frames must be at least 1")
-    config = SystemConfig(
+    # Port 0 everywhere: every server picks a free port and reports it in its ready line.
+    config = system.SystemConfig(
         data_root=args.data_root.resolve(),
-        dpm_port=free_port(),
-        rest_port=free_port(),
-        writer_grpc_port=free_port(),
-        stream_port=free_port(),
+        dpm_port=0,
+        rest_port=0,
+        writer_grpc_port=0,
+        stream_port=0,
         simulate=True,
         sim_rate=args.rate,
     )
@@ -145,9 +146,9 @@ def run_demo(args: argparse.Namespace) -> int:
         f"daqif demo: data root {config.data_root} (server logs in {config.log_dir})", highlight=False
     )
     clock.begin("start servers")
-    supervisor = Supervisor(children(config), log_dir=config.log_dir, max_restarts=0)
+    supervisor = Supervisor(log_dir=config.log_dir, max_restarts=0)
     try:
-        supervisor.start()
+        config = system.start(config, supervisor)
     except ChildFailed as exc:
         return fail(f"the system did not start: {exc}")
     try:

@@ -1,9 +1,15 @@
 """`daqif serve`: the whole system in one command.
 
 Starts the writer (std_daq REST + gRPC WriterControl), the Data Product Manager and, with
-`--simulate`, the detector simulator, as supervised processes with embedded defaults. Ctrl-C
-(SIGINT) or SIGTERM stops them all; a server that dies is reported and restarted (at most
-`--max-restarts` times, then everything stops with exit code 1).
+`--simulate`, the detector simulator, as supervised processes with embedded defaults. A port
+already in use stops it before anything starts (exit code 1, naming the port). Once every server
+is up it prints one ready line (`daqif-ready serve dpm=... rest=... writer_grpc=... stream=...`).
+Each server's output goes to <data-root>/logs/<server>.log and, prefixed, to stdout.
+
+Ctrl-C (SIGINT) or SIGTERM stops them all; a server that dies is reported and restarted on the
+same ports (at most `--max-restarts` times, then everything stops with exit code 1). A server
+that exits cleanly on its own (`daqif dpm exit`) is reported and not restarted; the others keep
+running, and serve exits 0 once every server has exited or on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -60,10 +66,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from servers import system
+    from servers.common.launch import port_in_use
+    from servers.common.ready import ready_line
     from servers.supervisor import ChildFailed, Supervisor
-    from servers.system import SystemConfig, children
 
-    config = SystemConfig(
+    config = system.SystemConfig(
         data_root=args.data_root.resolve(),
         host=args.host,
         dpm_port=args.dpm_port,
@@ -78,6 +86,15 @@ def run_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         extra_allowed_roots=[p.resolve() for p in args.allowed_root],
     )
+    if config.stream_port == 0 and not args.simulate and not args.stream:
+        return fail("--stream-port 0 needs --simulate (without it the writer must know where to connect)")
+    # Before anything starts: a second serve must not touch the first one's data root.
+    requested = config.requested_ports()
+    for what, port in requested.items():
+        if port_in_use(config.host, port):
+            return fail(
+                f"port {port} ({what}) on {config.host} is already in use; is another daqif serve running?"
+            )
     if not args.simulate and not args.stream:
         console.print("note: no --simulate and no --stream: the writer listens on " + config.stream)
     config.prepare()
@@ -88,19 +105,34 @@ def run_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    supervisor = Supervisor(children(config), output=sys.stdout, max_restarts=args.max_restarts)
-    try:
-        supervisor.start()
-    except ChildFailed as exc:
-        return fail(str(exc))
-    console.print(
-        f"daqif serve ready: DPM grpc {config.dpm_address} | writer REST {config.rest_url} "
-        f"grpc {config.writer_grpc_address} | stream {config.stream} | data {config.data_root}",
-        highlight=False,
-    )
+    supervisor = Supervisor(output=sys.stdout, log_dir=config.log_dir, max_restarts=args.max_restarts)
     code = 0
     try:
+        bound = system.start(config, supervisor)
+        # A server that reports another port than the one asked for shares or lost it: not ours.
+        got = bound.requested_ports()
+        for what, port in requested.items():
+            if got.get(what) != port:
+                return fail(
+                    f"port {port} ({what}) is not bound by daqif serve's own server ({got.get(what)})"
+                )
+        supervisor.announce(
+            ready_line(
+                "serve",
+                dpm=bound.dpm_address,
+                rest=bound.rest_url,
+                writer_grpc=bound.writer_grpc_address,
+                stream=bound.stream,
+            )
+        )
+        supervisor.announce(
+            f"daqif serve ready: DPM grpc {bound.dpm_address} | writer REST {bound.rest_url} "
+            f"grpc {bound.writer_grpc_address} | stream {bound.stream} | data {bound.data_root} "
+            f"| logs {bound.log_dir}"
+        )
         supervisor.run(stop)
+        if not stop.is_set():
+            console.print("daqif serve: every server has exited cleanly", highlight=False)
     except ChildFailed as exc:
         code = fail(str(exc))
     finally:

@@ -1,9 +1,13 @@
-"""What every daqif gRPC server has: health checking, reflection, and the error edge."""
+"""What every daqif gRPC server has: one port of its own, health checking, reflection, and the error
+edge."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
@@ -20,6 +24,51 @@ Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 StreamHandler = Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
 H = TypeVar("H", bound=Handler)
 S = TypeVar("S", bound=StreamHandler)
+
+
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+"""gRPC turns SO_REUSEPORT on by default, so a second server on a busy port would bind it too and
+share the connections with the first; a daqif port is owned by one server."""
+
+
+class PortUnavailable(OSError):
+    """A server cannot bind its port (in use, or not a local address); the message names it."""
+
+
+def new_server() -> grpc.aio.Server:
+    """An asyncio gRPC server that cannot share its port with another process."""
+    return grpc.aio.server(options=SERVER_OPTIONS)
+
+
+def bind(server: grpc.aio.Server, host: str, port: int, what: str) -> int:
+    """Bind `server` to `host:port` (0: any free port); return the bound port.
+
+    Raises `PortUnavailable` with one line naming `what` and the port, the line every daqif server
+    prints before it exits non-zero.
+    """
+    # gRPC's core logs a failed bind on stderr itself, in several lines of its own: hold what it
+    # writes, and pass it on only if the bind worked (it was then about something else).
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            bound = int(server.add_insecure_port(f"{host}:{port}"))
+        except RuntimeError:
+            bound = 0
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if bound == 0:
+            raise PortUnavailable(cannot_bind(what, host, port, "address in use or not a local address"))
+        held.seek(0)
+        os.write(2, held.read())
+    return bound
+
+
+def cannot_bind(what: str, host: str, port: int, why: str) -> str:
+    """The one wording of a port a server cannot bind (gRPC and REST alike)."""
+    return f"cannot bind the {what} to {host}:{port}: {why}"
 
 
 def add_health_and_reflection(

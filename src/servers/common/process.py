@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import IO
 
 PARENT_PID_ENV = "DAQIF_PARENT_PID"
@@ -94,10 +95,44 @@ def kill(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
 
 
 def _signal_group(process: subprocess.Popen[bytes] | subprocess.Popen[str], sig: signal.Signals) -> None:
-    # A group that is already gone (the child exited and was reaped) is not an error; a child that
-    # left the group is still signalled by its pid.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    # A group that is already gone (the child exited and was reaped) is not an error. The child is
+    # signalled by its pid only when its group cannot be (it left it): a second SIGTERM would reach
+    # a Python child while it exits from the first, when its handler is gone, and kill it.
+    try:
         os.killpg(process.pid, sig)
+        return
+    except (ProcessLookupError, PermissionError):
+        pass
     with contextlib.suppress(ProcessLookupError):
         if process.poll() is None:
             os.kill(process.pid, sig)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live descendant process of `pid` (read from /proc), e.g. to check none is left."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False

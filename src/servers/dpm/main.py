@@ -3,9 +3,10 @@
     daqif-dpm-server --workspace /data/dpm [--host 127.0.0.1] [--port 12083]
                      [--allowed-root DIR ...] [--data-root DIR] [--config FILE]
 
-Prints one line `daqif-dpm-server ready HOST:PORT` on stdout once it serves (with `--port 0`
-the port is the one the system picked). SIGINT/SIGTERM or the `Exit` call stop it gracefully;
-every DAQ resumes from its persisted substate at the next start.
+Prints one line `daqif-ready dpm grpc=HOST:PORT` on stdout once it serves (with `--port 0`
+the port is the one the system picked). A port already in use stops it with exit code 2 and one
+line naming the port, before it touches the workspace. SIGINT/SIGTERM or the `Exit` call stop it
+gracefully (exit code 0); every DAQ resumes from its persisted substate at the next start.
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ import signal
 import sys
 from pathlib import Path
 
-import grpc
-
 from daqif import defaults
-from servers.common.grpc_server import add_health_and_reflection, mark_serving
+from servers.common.grpc_server import (
+    PortUnavailable,
+    add_health_and_reflection,
+    bind,
+    mark_serving,
+    new_server,
+)
+from servers.common.process import die_with_parent
+from servers.common.ready import ready_line
 from servers.dpm.config import ConfigError, DpmConfig, build_config
 from servers.dpm.grpc_service import SERVICE_NAMES, add_services
 from servers.dpm.lifecycle import DataProductManager
@@ -30,7 +37,6 @@ log = logging.getLogger("daqif-dpm-server")
 
 DEFAULT_HOST = defaults.HOST
 DEFAULT_PORT = defaults.DPM_PORT
-READY_PREFIX = "daqif-dpm-server ready"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +68,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def serve(config: DpmConfig, host: str, port: int) -> int:
     """Run the server until SIGINT/SIGTERM or Exit; return the exit code."""
     dpm = DataProductManager(config)
+    stop = asyncio.Event()
+    server = new_server()
+    add_services(server, dpm, stop)
+    health = add_health_and_reflection(server, SERVICE_NAMES)
+    # The port first: a second server on a busy port must leave the first one's workspace alone.
+    try:
+        bound = bind(server, host, port, "DPM gRPC services")
+    except PortUnavailable as exc:
+        print(f"daqif-dpm-server: {exc}", file=sys.stderr)
+        return 2
     try:
         await dpm.start()
     except WorkspaceBusy as exc:
@@ -70,28 +86,18 @@ async def serve(config: DpmConfig, host: str, port: int) -> int:
     except OSError as exc:
         print(f"daqif-dpm-server: cannot open workspace {config.workspace}: {exc}", file=sys.stderr)
         return 1
-    stop = asyncio.Event()
-    server = grpc.aio.server()
-    add_services(server, dpm, stop)
-    health = add_health_and_reflection(server, SERVICE_NAMES)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as exc:
-        bound = 0
-        log.error("cannot bind %s:%d: %s", host, port, exc)
-    if bound == 0:
-        print(
-            f"daqif-dpm-server: cannot listen on {host}:{port} (in use or not a local address)",
-            file=sys.stderr,
-        )
-        await dpm.stop()
-        return 1
     await server.start()
     await mark_serving(health, SERVICE_NAMES)
+    signalled: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        signalled.append(sig.name)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"{READY_PREFIX} {host}:{bound}", flush=True)
+        loop.add_signal_handler(sig, on_signal, sig)
+    print(ready_line("dpm", grpc=f"{host}:{bound}"), flush=True)
     log.info(
         "serving on %s:%d, workspace %s, allowed roots %s",
         host,
@@ -100,13 +106,16 @@ async def serve(config: DpmConfig, host: str, port: int) -> int:
         ", ".join(map(str, config.allowed_roots)),
     )
     await stop.wait()
-    log.info("stopping")
+    # Whoever started us (daqif serve) tells a requested exit from a signal by this line.
+    log.info("stopping (%s)", signalled[0] if signalled else "Exit requested")
     await server.stop(grace=2.0)
     await dpm.stop()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `daqif-dpm-server`."""
+    die_with_parent()
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -40,8 +40,12 @@ from daqif.frame import (
     dtype_code,
     expected_frame,
 )
+from servers.common.process import die_with_parent
+from servers.common.ready import ready_line
 
 SocketKind = Literal["push", "pub"]
+
+DONE_PREFIX = "daqif-sim: done "
 
 DEFAULT_SNDHWM = 1000
 DEFAULT_LINGER_S = 30.0
@@ -265,8 +269,10 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``daqif-sim``. Prints a ``bound`` line once it listens and a ``done`` line
-    (JSON of `SimStats`) on exit; SIGINT/SIGTERM stop it cleanly."""
+    """Entry point of ``daqif-sim``. Prints its ready line (``daqif-ready sim stream=ENDPOINT``,
+    the bound endpoint) once it listens and a ``done`` line (JSON of `SimStats`) on exit;
+    SIGINT/SIGTERM stop it cleanly."""
+    die_with_parent()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -286,14 +292,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     height, width = config.shape
+    print(ready_line("sim", stream=endpoint), flush=True)
     print(
-        f"daqif-sim: bound {endpoint} ({config.socket}, {height}x{width} {np.dtype(config.dtype).name}, "
-        f"{config.header.value} header, compress {config.compress.value}, {sim.frame_nbytes} bytes/frame)",
+        f"daqif-sim: sending {config.socket}, {height}x{width} {np.dtype(config.dtype).name}, "
+        f"{config.header.value} header, compress {config.compress.value}, {sim.frame_nbytes} bytes/frame",
         flush=True,
     )
     stats = sim.run()
-    print(f"daqif-sim: done {json.dumps(asdict(stats))}", flush=True)
+    print(f"{DONE_PREFIX}{json.dumps(asdict(stats))}", flush=True)
     return 0
+
+
+def parse_done_line(line: str) -> SimStats | None:
+    """The `SimStats` of the simulator's last line (`daqif-sim: done {...}`); `None` for other lines."""
+    if not line.startswith(DONE_PREFIX):
+        return None
+    return SimStats(**json.loads(line.removeprefix(DONE_PREFIX)))
 
 
 if __name__ == "__main__":

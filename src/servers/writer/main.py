@@ -7,7 +7,10 @@ REST (uvicorn) and gRPC run in one asyncio loop in this process; the data path (
 runs in its own process. Servers bind 127.0.0.1 unless `--host` says otherwise. A port of 0 picks
 a free one; the line printed when ready gives the ports in use:
 
-    daqif-writer ready rest=http://127.0.0.1:5000 grpc=127.0.0.1:12084
+    daqif-ready writer rest=http://127.0.0.1:5000 grpc=127.0.0.1:12084
+
+A port already in use (by anything, another writer's gRPC port included: gRPC's SO_REUSEPORT is
+off) stops it with exit code 2 and one line naming the port.
 
 SIGINT/SIGTERM stop cleanly: an open file is closed as interrupted, the data path is stopped.
 """
@@ -24,14 +27,22 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import grpc
 import uvicorn
 
 from daqif import defaults
 from daqif.errors import DaqException
 from daqif.v1 import writer_pb2_grpc
-from servers.common.grpc_server import add_health_and_reflection, mark_serving
+from servers.common.grpc_server import (
+    PortUnavailable,
+    add_health_and_reflection,
+    bind,
+    cannot_bind,
+    mark_serving,
+    new_server,
+)
 from servers.common.paths import resolve_roots
+from servers.common.process import die_with_parent
+from servers.common.ready import ready_line
 from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DataPathFactory, WriterCore
 from servers.writer.datapath.api import DataPathHandle
 from servers.writer.datapath.handle import ProcessDataPath, rcvhwm_for_frames
@@ -43,7 +54,6 @@ from servers.writer.rest import create_app
 
 DEFAULT_REST_PORT = defaults.WRITER_REST_PORT
 DEFAULT_GRPC_PORT = defaults.WRITER_GRPC_PORT
-READY_PREFIX = "daqif-writer ready"
 
 _log = logging.getLogger("daqif-writer")
 
@@ -160,18 +170,14 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         rest_socket = _bind_rest_socket(args.host, args.rest_port)
     except OSError as exc:
-        raise OSError(f"cannot bind the REST API to {args.host}:{args.rest_port}: {exc.strerror}") from None
-    grpc_server = grpc.aio.server()
+        raise PortUnavailable(cannot_bind("REST API", args.host, args.rest_port, str(exc.strerror))) from None
+    grpc_server = new_server()
     try:
-        grpc_port = grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}")
-    except RuntimeError:
-        grpc_port = 0
-    if grpc_port == 0:
+        grpc_port = bind(grpc_server, args.host, args.grpc_port, "gRPC WriterControl")
+    except PortUnavailable:
         rest_socket.close()
         await grpc_server.stop(None)
-        raise OSError(
-            f"cannot bind the gRPC WriterControl to {args.host}:{args.grpc_port}: address in use or invalid"
-        )
+        raise
     rest_port = rest_socket.getsockname()[1]
 
     stop = asyncio.Event()
@@ -207,7 +213,10 @@ async def serve(args: argparse.Namespace) -> int:
         rest_task.result()
         return 1
 
-    print(f"{READY_PREFIX} rest=http://{args.host}:{rest_port} grpc={args.host}:{grpc_port}", flush=True)
+    print(
+        ready_line("writer", rest=f"http://{args.host}:{rest_port}", grpc=f"{args.host}:{grpc_port}"),
+        flush=True,
+    )
     stop_task = asyncio.create_task(stop.wait())
     await asyncio.wait({stop_task, rest_task}, return_when=asyncio.FIRST_COMPLETED)
     _log.info("shutting down")
@@ -234,6 +243,7 @@ def _log_unexpected_end(task: asyncio.Task[None]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `daqif-writer`."""
+    die_with_parent()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

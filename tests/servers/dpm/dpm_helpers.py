@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import h5py
 import numpy as np
 
 from daqif.dpm_client import DpmClient
-from servers.dpm.launch import DpmServerProcess
+from servers.common.launch import DpmOptions, DpmProcess
 
 # Stands in for ssh: rsync runs `<shell> [-l user] host rsync --server ...`; the shim drops the
 # ssh-style options and the host and runs the "remote" rsync locally.
@@ -78,6 +79,40 @@ def make_spec(
             r if isinstance(r, dict) else {"type": "olasReceiver", "path": str(r)} for r in receivers
         ],
     }
+
+
+class DpmServerProcess(DpmProcess):
+    """A DPM server of one test: workspace, settings file and log in `directory`.
+
+    `config` (the server's JSON settings) is written to the settings file at every start, so a
+    test changes a setting and restarts the server as an operator would.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        config: dict[str, Any] | None = None,
+        workspace: Path | None = None,
+        allowed_roots: Sequence[Path] = (),
+        data_root: Path | None = None,
+    ) -> None:
+        self.directory = directory
+        self.workspace = workspace or directory / "dpm-workspace"
+        self.config = dict(config or {})
+        self.config_file = directory / "dpm-config.json"
+        options = DpmOptions(
+            workspace=self.workspace,
+            allowed_roots=tuple(allowed_roots),
+            data_root=data_root,
+            config=self.config_file,
+        )
+        super().__init__(options, log_file=directory / "dpm-server.log")
+
+    def start(self, timeout: float = 60.0) -> Self:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(json.dumps(self.config, indent=1))
+        return super().start(timeout)
 
 
 class DpmHarness:

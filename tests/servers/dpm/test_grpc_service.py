@@ -14,10 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from daqif.errors import ErrorCode
 from daqif.v1 import dpm_pb2
-from servers.dpm.launch import DpmServerProcess
 
 from .dpm_helpers import (
     DpmHarness,
+    DpmServerProcess,
     error_of,
     hdf5_source,
     keyword_source,
@@ -238,8 +238,7 @@ def test_exit_replies_then_stops_the_server(dpm: DpmHarness) -> None:
     server = dpm.start()
     client = dpm.client(server)
     assert "exiting" in client.exit()
-    assert server.process is not None
-    assert server.process.wait(timeout=30) == 0
+    assert server.wait(timeout=30) == 0
 
 
 def test_watch_of_one_daq_starts_with_its_current_status(dpm: DpmHarness) -> None:

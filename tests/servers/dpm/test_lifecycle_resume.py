@@ -120,10 +120,9 @@ def test_kill_9_during_a_running_merge_takes_the_merge_process_down_too(dpm: Dpm
     server = dpm.start()
     client = dpm.client(server)
     client.queue_daq(make_spec("MERGE9", [hdf5_source("big", source)], [dpm.receiver]))
-    assert server.process is not None
 
     def merge_process() -> int | None:
-        for child in _children(server.process.pid):  # type: ignore[union-attr]
+        for child in _children(server.pid):
             for grandchild in _children(child):  # the fork server's children are merges
                 # Once its output goes to merge.log, the merge has set its death signal.
                 with contextlib.suppress(OSError):

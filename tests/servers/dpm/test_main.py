@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from servers.dpm.launch import DpmServerProcess, ServerStartError
+from servers.common.launch import DpmOptions, DpmProcess, ServerStartError
 
-from .dpm_helpers import DpmHarness, keyword_source, make_spec, wait_archived
+from .dpm_helpers import DpmHarness, DpmServerProcess, keyword_source, make_spec, wait_archived
 
 
 def run_server(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,7 +41,7 @@ def test_sigterm_stops_gracefully_and_the_queue_survives(dpm: DpmHarness) -> Non
     client = dpm.client(server)
     client.queue_daq(make_spec("KEPT1", [keyword_source()], [dpm.receiver]))
     assert server.stop() == 0
-    assert "daqif-dpm-server ready 127.0.0.1:" in server.log_text()
+    assert f"daqif-ready dpm grpc={server.address}" in server.log_text()
 
     server.config = {}
     server.start()
@@ -53,3 +53,19 @@ def test_help_names_every_option() -> None:
     assert result.returncode == 0
     for option in ("--host", "--port", "--workspace", "--allowed-root", "--config", "--data-root"):
         assert option in result.stdout
+
+
+def test_second_server_on_a_busy_grpc_port_exits_non_zero_naming_the_port(dpm: DpmHarness) -> None:
+    # gRPC would share the port through SO_REUSEPORT unless the server turns it off.
+    first = dpm.start()
+    port = first.ready.port("grpc")
+    second = DpmProcess(DpmOptions(port=port, workspace=dpm.base / "second-ws", allowed_roots=(dpm.data,)))
+    with pytest.raises(ServerStartError):
+        second.start()
+    assert second.returncode == 2
+    assert second.tail() == [
+        f"daqif-dpm-server: cannot bind the DPM gRPC services to 127.0.0.1:{port}: "
+        "address in use or not a local address"
+    ]
+    assert first.running
+    assert dpm.client(first).get_active_daqs() == []

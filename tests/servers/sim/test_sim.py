@@ -20,7 +20,7 @@ from daqif.frame import (
     decompress_bslz4,
     expected_frame,
 )
-from servers.sim.launch import SimProcess
+from servers.common.launch import SimProcess
 from servers.sim.main import SimConfig, Simulator
 
 RECV_TIMEOUT_MS = 30_000
@@ -62,8 +62,8 @@ def test_simulator_sends_ids_from_one_with_the_expected_pixels(
         pixels = np.frombuffer(data, dtype=header.dtype).reshape(header.shape)
         np.testing.assert_array_equal(pixels, expected_frame(header.image_id, (48, 32), "uint16"))
     summary = sim.wait_done()
-    assert summary["frames_sent"] == 20
-    assert summary["last_image_id"] == 20
+    assert summary.frames_sent == 20
+    assert summary.last_image_id == 20
 
 
 def test_count_delivers_every_frame_to_a_receiver_that_connects_late(
@@ -73,7 +73,7 @@ def test_count_delivers_every_frame_to_a_receiver_that_connects_late(
     sock = receiver(context, sim.endpoint)  # PUSH waits for us; nothing is lost
     frames = receive(sock, 500)
     assert [h.image_id for h, _ in frames] == list(range(1, 501))
-    assert sim.wait_done()["frames_sent"] == 500
+    assert sim.wait_done().frames_sent == 500
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int32", "float32", "float64"])
@@ -120,7 +120,7 @@ def test_rate_limits_the_send_rate(
     assert all(s is not None for s in stamps)
     # 20 intervals at 100 Hz cannot take less than 0.2 s (the simulator sleeps to its schedule).
     assert stamps[-1] - stamps[0] >= 0.19  # type: ignore[operator]
-    assert sim.wait_done()["elapsed_s"] >= 0.19
+    assert sim.wait_done().elapsed_s >= 0.19
 
 
 def test_pub_socket_feeds_subscribers(
@@ -130,7 +130,8 @@ def test_pub_socket_feeds_subscribers(
     frames = receive(receiver(context, sim.endpoint, zmq.SUB), 10)
     ids = [h.image_id for h, _ in frames]
     assert ids == list(range(ids[0], ids[0] + 10))  # a late subscriber misses the start, then gets all
-    assert sim.stop()["frames_sent"] >= 10
+    assert sim.stop() == 0
+    assert sim.summary().frames_sent >= 10
 
 
 def test_sigterm_stops_it_cleanly_with_a_summary(
@@ -138,9 +139,10 @@ def test_sigterm_stops_it_cleanly_with_a_summary(
 ) -> None:
     sim = sim_factory("--shape", "8", "8", "--rate", "500")
     receive(receiver(context, sim.endpoint), 5)
-    summary = sim.stop()
-    assert summary["frames_sent"] >= 5
-    assert summary["endpoint"] == sim.endpoint
+    assert sim.stop() == 0
+    summary = sim.summary()
+    assert summary.frames_sent >= 5
+    assert summary.endpoint == sim.endpoint
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +16,8 @@ from typing import Any
 import pytest
 import requests
 
-from servers.sim.launch import SimProcess, start_sim
-from servers.writer.launch import WriterProcess, start_writer
+from servers.common.launch import SimOptions, SimProcess, WriterOptions, WriterProcess
+from servers.supervisor import free_port
 
 SHAPE = (48, 32)
 DETECTOR_NAME = "TESTDET"
@@ -28,31 +27,10 @@ SIM_RATE = 400.0
 Simulator = SimProcess
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def start_simulator(rate: float = SIM_RATE, count: int = 0, shape: tuple[int, int] = SHAPE) -> Simulator:
     """`daqif-sim` on a free port, sending `shape` uint16 frames with the Standard DAQ header."""
-    return start_sim(
-        "--shape",
-        str(shape[0]),
-        str(shape[1]),
-        "--dtype",
-        "uint16",
-        "--rate",
-        str(rate),
-        "--count",
-        str(count),
-        "--header",
-        "stddaq",
-        "--linger",
-        "0",
-        timeout=30,
-    )
+    options = SimOptions(shape=shape, dtype="uint16", rate=rate, count=count, header="stddaq", linger=0)
+    return SimProcess(options).start(timeout=30)
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
@@ -67,9 +45,8 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def simulator() -> Iterator[Simulator]:
-    sim = start_simulator()
-    yield sim
-    stop_process(sim.process)
+    with start_simulator() as sim:
+        yield sim
 
 
 @pytest.fixture
@@ -102,15 +79,18 @@ WriterFactory = Callable[..., WriterProcess]
 
 @pytest.fixture
 def writer_factory(tmp_path: Path, data_root: Path, detector_config: Path) -> Iterator[WriterFactory]:
-    """Start writers (connected to a given stream) that are stopped after the test."""
+    """Start writers (connected to a given stream; options: those of `WriterOptions`) that are
+    stopped after the test."""
     started: list[WriterProcess] = []
 
     def start(stream: str, **options: Any) -> WriterProcess:
         options.setdefault("config", detector_config)
-        options.setdefault("log_file", tmp_path / f"writer{len(started)}.log")
-        process = start_writer(stream, data_root=data_root, **options)
-        started.append(process)
-        return process
+        writer = WriterProcess(
+            WriterOptions(stream=stream, data_root=data_root, **options),
+            log_file=tmp_path / f"writer{len(started)}.log",
+        )
+        started.append(writer)
+        return writer.start()
 
     yield start
     for process in started:
@@ -157,7 +137,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     executable = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not os.path.exists(executable):
         pytest.fail("redis-server is not installed")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             executable,

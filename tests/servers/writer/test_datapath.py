@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 from daqif.frame import encode_daqif_header, encode_stddaq_header, expected_frame
-from servers.sim.launch import SimProcess
+from servers.common.launch import SimProcess
 from servers.writer.datapath.api import DataPathError, WriteJob, WritePhase, WriteProgress, WriteResult
 from servers.writer.datapath.handle import ProcessDataPath
 from servers.writer.datapath.protocol import SocketKind
@@ -270,7 +270,7 @@ def test_two_data_paths_on_one_push_source_record_every_frame_once(
     second.open_write(job(tmp_path / "second.h5", n))
     # Paced, so both connections are up (ZeroMQ reconnects every 100 ms) before most frames go out.
     sim = sim_factory("--shape", *map(str, SHAPE), "--count", str(n), "--rate", "1000", port=tcp_port)
-    assert sim.wait_done()["frames_sent"] == n
+    assert sim.wait_done().frames_sent == n
     wait_for(lambda: first.counters().received + second.counters().received == n, "all frames received")
     # A path that got all n frames finished on its own; stop_write returns None for it.
     results = [path.stop_write() or path.progress().result for path in (first, second)]

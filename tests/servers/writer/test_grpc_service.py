@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from daqif.errors import DaqException, ErrorCode
 from daqif.v1 import writer_pb2
 from daqif.writer_client import AsyncWriterClient, WriterClient, acquisition_state_name, writer_state_name
-from servers.writer.launch import WriterProcess
+from servers.common.launch import WriterProcess
 
 from .conftest import DETECTOR_NAME, SHAPE, wait_for
 from .test_std_daq_client import assert_file_holds_simulator_frames
@@ -24,7 +24,7 @@ SERVICE = "daqif.v1.WriterControl"
 
 
 def test_every_rpc_works_through_the_writer_client(writer: WriterProcess, data_root: Path) -> None:
-    with WriterClient(writer.grpc_target) as client:
+    with WriterClient(writer.grpc_address) as client:
         status = client.get_status()
         assert writer_state_name(status.state) == "READY"
         assert acquisition_state_name(status.acquisition.state) == "UNDEFINED"
@@ -77,7 +77,7 @@ def test_every_rpc_works_through_the_writer_client(writer: WriterProcess, data_r
 
 
 def test_errors_carry_a_daq_exception(writer: WriterProcess, data_root: Path, tmp_path: Path) -> None:
-    with WriterClient(writer.grpc_target) as client:
+    with WriterClient(writer.grpc_address) as client:
         with pytest.raises(DaqException) as info:
             client.start_writer_async("relative.h5", 3)
         assert info.value.code is ErrorCode.INVALID_ARGUMENT
@@ -116,7 +116,7 @@ def test_errors_carry_a_daq_exception(writer: WriterProcess, data_root: Path, tm
 def test_sync_write_that_outlasts_its_timeout_is_deadline_exceeded(
     writer: WriterProcess, data_root: Path
 ) -> None:
-    with WriterClient(writer.grpc_target) as client:
+    with WriterClient(writer.grpc_address) as client:
         with pytest.raises(DaqException) as info:
             client.start_writer_sync(str(data_root / "slow.h5"), 100_000, timeout=0.5)
         assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
@@ -127,7 +127,7 @@ def test_sync_write_that_outlasts_its_timeout_is_deadline_exceeded(
 
 def test_async_client_and_watch_status(writer: WriterProcess, data_root: Path) -> None:
     async def scenario() -> list[int]:
-        async with AsyncWriterClient(writer.grpc_target) as client:
+        async with AsyncWriterClient(writer.grpc_address) as client:
             states: list[int] = []
             stream = client.watch_status()
             first = await anext(stream)
@@ -148,7 +148,7 @@ def test_async_client_and_watch_status(writer: WriterProcess, data_root: Path) -
 
 
 def test_health_is_serving_and_reflection_lists_the_service(writer: WriterProcess) -> None:
-    with grpc.insecure_channel(writer.grpc_target) as channel:
+    with grpc.insecure_channel(writer.grpc_address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", SERVICE):
             response = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)

@@ -11,6 +11,9 @@ import h5py
 import pytest
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
+from daqif.writer_client import WriterClient, writer_state_name
+from servers.common.launch import ServerStartError, WriterOptions, WriterProcess
+
 from .conftest import DETECTOR_NAME, Simulator, WriterFactory, wait_for
 
 
@@ -96,3 +99,22 @@ def test_busy_port_stops_the_writer_with_a_message_naming_it(tmp_path: Path, fla
     what = "REST API" if flag == "--rest-port" else "gRPC WriterControl"
     assert f"cannot bind the {what} to 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_second_writer_on_a_busy_grpc_port_exits_non_zero_naming_the_port(
+    writer_factory: WriterFactory, simulator: Simulator, data_root: Path
+) -> None:
+    # gRPC would share the port through SO_REUSEPORT unless the writer turns it off.
+    first = writer_factory(simulator.endpoint)
+    port = first.ready.port("grpc")
+    second = WriterProcess(WriterOptions(stream=simulator.endpoint, data_root=data_root, grpc_port=port))
+    with pytest.raises(ServerStartError):
+        second.start()
+    assert second.returncode == 2
+    assert second.tail() == [
+        f"daqif-writer: cannot bind the gRPC WriterControl to 127.0.0.1:{port}: "
+        "address in use or not a local address"
+    ]
+    assert first.running
+    with WriterClient(first.grpc_address) as client:
+        assert writer_state_name(client.get_status().state) == "READY"

@@ -11,9 +11,10 @@ from typing import Any
 import redis
 from std_daq_client import StdDaqClient
 
-from servers.writer.launch import WriterProcess
+from servers.common.launch import WriterProcess
+from servers.supervisor import free_port
 
-from .conftest import RedisServer, Simulator, WriterFactory, _free_port, stop_process, wait_for
+from .conftest import RedisServer, Simulator, WriterFactory, stop_process, wait_for
 
 STREAMS = ("daq:status", "daq:config", "daq:log", "daq:stat")
 
@@ -106,12 +107,12 @@ def test_streams_are_trimmed_to_the_configured_length(
 def test_writer_keeps_running_while_redis_is_down_and_publishes_once_it_is_up(
     writer_factory: WriterFactory, simulator: Simulator, tmp_path: Path, data_root: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     writer: WriterProcess = writer_factory(simulator.endpoint, redis_url=f"redis://127.0.0.1:{port}/0")
     std = StdDaqClient(url_base=writer.rest_url)
     std.start_writer_sync({"output_file": str(data_root / "no-redis.h5"), "n_images": 3})
     time.sleep(1.5)  # at least one periodic publish attempt against the missing server
-    assert writer.is_running()
+    assert writer.running
     assert std.get_status()["acquisition"]["message"] == "Completed."
 
     server = subprocess.Popen(

@@ -33,7 +33,7 @@ def test_two_writers_on_one_push_source_record_every_frame_once(
         assert reply["status"] == "ok", reply
     # Paced so both writers' connections are up (ZeroMQ reconnects every 100 ms) before most frames go.
     sim = sim_factory("--shape", *map(str, SHAPE), "--count", str(n), "--rate", "1000", port=tcp_port)
-    assert sim.wait_done()["frames_sent"] == n
+    assert sim.wait_done().frames_sent == n
 
     def written() -> int:
         return sum(rest_status(w)["acquisition"]["stats"]["n_write_completed"] for w in writers)

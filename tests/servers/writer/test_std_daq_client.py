@@ -17,7 +17,7 @@ import requests
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
 from daqif.frame import expected_frame
-from servers.writer.launch import WriterProcess
+from servers.common.launch import WriterProcess
 
 from .conftest import (
     DETECTOR_NAME,
@@ -25,7 +25,6 @@ from .conftest import (
     WriterFactory,
     rest_status,
     start_simulator,
-    stop_process,
     wait_for,
 )
 
@@ -384,4 +383,4 @@ def test_frames_of_another_shape_than_the_config_fail_the_write_within_a_second(
         assert counters["written"] == 0
         assert client.get_status()["state"] == "READY", "the next write may start"
     finally:
-        stop_process(sim.process)
+        sim.stop()
