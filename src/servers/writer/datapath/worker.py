@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--socket", choices=["pull", "sub"], default="pull")
     parser.add_argument("--rcvhwm", type=int, default=DEFAULT_RCVHWM)
     parser.add_argument("--flush-interval", type=float, default=DEFAULT_FLUSH_INTERVAL_S)
+    parser.add_argument("--max-message-bytes", type=int, default=-1)
     parser.add_argument("--conn-fd", type=int, required=True)
     parser.add_argument("--shared-fd", type=int, required=True)
     args = parser.parse_args(argv)
@@ -58,7 +59,9 @@ def main(argv: list[str]) -> None:
     shared = mmap.mmap(args.shared_fd, protocol.SHARED_BYTES)
     os.close(args.shared_fd)
     socket_kind: SocketKind = "sub" if args.socket == "sub" else "pull"
-    worker = Worker(args.endpoint, socket_kind, args.rcvhwm, args.flush_interval, conn, shared)
+    worker = Worker(
+        args.endpoint, socket_kind, args.rcvhwm, args.flush_interval, conn, shared, args.max_message_bytes
+    )
     try:
         worker.run()
     finally:
@@ -80,6 +83,7 @@ class Worker:
         flush_interval: float,
         conn: multiprocessing.connection.Connection,
         shared: Any,
+        max_message_bytes: int = -1,
     ) -> None:
         import numpy as np
         import zmq
@@ -92,6 +96,9 @@ class Worker:
         self.socket = self.context.socket(zmq.SUB if socket_kind == "sub" else zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # A message part larger than any frame can be is refused by ZeroMQ itself (it drops the
+        # connection; the peer reconnects) instead of being buffered; -1: no limit.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if socket_kind == "sub":
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         self.socket.connect(endpoint)
