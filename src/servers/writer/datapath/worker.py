@@ -101,9 +101,14 @@ class Worker:
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if socket_kind == "sub":
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.endpoint = endpoint
         self.socket.connect(endpoint)
+        # ZeroMQ treats an oversized message as a protocol error and does not reconnect after one;
+        # the monitor tells us, so the stream is connected again (off the per-frame path).
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.poller.register(conn.fileno(), zmq.POLLIN)
         # Counters live in plain ints on the hot path and are published once per batch.
         self.received = 0
@@ -128,6 +133,8 @@ class Worker:
             ready = dict(self.poller.poll(self._poll_timeout_ms()))
             if ready.get(socket):
                 self._drain()
+            if ready.get(self.monitor):
+                self._reconnect()
             if (ready.get(conn_fd) or self.conn.poll(0)) and not self._handle_commands():
                 return
             write = self.write
@@ -166,6 +173,24 @@ class Worker:
                 break
             handle(parts)
         self._publish()
+
+    def _reconnect(self) -> None:
+        """The connection to the source was lost: connect again at once (a lost connection is
+        reconnected by ZeroMQ, but not one it dropped for a message over ``ZMQ_MAXMSGSIZE``)."""
+        zmq = self._zmq
+        while True:
+            try:
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        log.warning(
+            "lost the connection to %s (the source went away, or sent a message larger than a frame "
+            "can be); connecting again",
+            self.endpoint,
+        )
+        with contextlib.suppress(zmq.ZMQError):
+            self.socket.disconnect(self.endpoint)
+        self.socket.connect(self.endpoint)
 
     def _handle_message(self, parts: list[Any]) -> None:
         """The per-frame path: decode, check, write (or count why not)."""
@@ -338,6 +363,8 @@ class Worker:
         if self.write is not None:
             with contextlib.suppress(Exception):
                 self._end_write(interrupted=True)
+        self.socket.disable_monitor()
+        self.monitor.close(0)
         self.socket.close(0)
         self.context.term()
 
