@@ -14,6 +14,11 @@ Measures, each against a reference measured in the same run:
   holds (starting near the measured write rate, 15 % lower per attempt);
 - the data path's resident memory, sampled during a long 4 MiB-frame write (``--rss-gib``).
 
+With ``--pollers N`` it measures only what status polling costs: a real writer (REST control plane
+and data path) records 20,000 64 KiB frames from a PUB source at ``--poller-rate`` (4 kHz), once
+with no client and once with N threads polling ``/writer/status`` as fast as they can, for
+``--poller-rounds`` rounds; it reports the frames lost in each.
+
 Defaults finish in about a minute or two on 2 cores; ``--repeat 3 --rss-gib 10`` is the full run
 (the machine is shared: the per-round ratios show how much the load drifted).
 """
@@ -234,6 +239,126 @@ def loss_run(directory: Path, rate: float, n: int) -> dict[str, Any]:
     }
 
 
+def poller_run(directory: Path, pollers: int, rate: float, n: int) -> dict[str, Any]:
+    """Record `n` 64 KiB frames from a PUB source through a real writer while `pollers` threads
+    poll ``/writer/status``; lost = gaps in the recorded ids, short = frames not recorded when the
+    simulator ended."""
+    import threading
+
+    import requests
+
+    from servers.common.launch import WriterOptions, WriterProcess
+
+    shape = SIZES["64KiB"]
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = directory / "poll-detector.json"
+    config.write_text(
+        json.dumps(
+            {
+                "detector_name": "bench",
+                "bit_depth": 16,
+                "image_pixel_height": shape[0],
+                "image_pixel_width": shape[1],
+            }
+        )
+    )
+    path = directory / "poll.h5"
+    os.sync()
+    writer = WriterProcess(
+        WriterOptions(stream=endpoint, data_root=directory, config=config, socket="sub")
+    ).start(timeout=120)
+    stop = threading.Event()
+    polls = [0] * pollers
+
+    def poll(index: int) -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                session.get(writer.rest_url + "/writer/status", timeout=30).raise_for_status()
+                polls[index] += 1
+
+    threads = [threading.Thread(target=poll, args=(i,), daemon=True) for i in range(pollers)]
+    try:
+        for thread in threads:
+            thread.start()
+        reply = requests.post(
+            writer.rest_url + "/writer/write_async",
+            json={"output_file": str(path), "n_images": n},
+            timeout=30,
+        ).json()
+        assert reply["status"] == "ok", reply
+        started = time.monotonic()
+        sim = start_sim(
+            shape,
+            "--socket",
+            "pub",
+            "--rate",
+            str(rate),
+            "--count",
+            str(n + int(rate) + 1000),
+            endpoint=endpoint,
+        )
+        try:
+
+            def ended() -> bool:
+                status = requests.get(writer.rest_url + "/writer/status", timeout=30).json()["writer"]
+                return status["acquisition"]["state"] in ("FINISHED", "FAILED") or not sim.running
+
+            wait_until(ended, n / rate * 3 + 60, "the write or the simulator to end")
+            elapsed = time.monotonic() - started
+            requests.post(writer.rest_url + "/writer/stop", json={}, timeout=30)
+        finally:
+            sim.stop(60)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        writer.stop()
+    with h5py.File(path, "r") as f:
+        ids = f["bench/image_id"][:]
+    path.unlink()
+    span = int(ids[-1] - ids[0] + 1) if len(ids) else 0
+    return {
+        "pollers": pollers,
+        "rate_hz": rate,
+        "frames_requested": n,
+        "frames_written": len(ids),
+        # Gaps in the recorded ids: frames the writer received too late (the PUB queue overflowed).
+        "frames_lost": span - len(ids),
+        "frames_short": n - len(ids),
+        "status_polls_per_s": round(sum(polls) / max(elapsed, 1e-9)),
+    }
+
+
+def polling_main(args: argparse.Namespace) -> int:
+    """The ``--pollers N`` mode: frames lost with 0 and N status pollers, interleaved rounds."""
+    own_dir = args.dir is None
+    directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir
+    directory.mkdir(parents=True, exist_ok=True)
+    rounds: list[dict[str, Any]] = []
+    try:
+        for round_ in range(args.poller_rounds):
+            for pollers in (0, args.pollers):
+                print(f"[poll] round {round_ + 1}: {pollers} pollers ...", file=sys.stderr, flush=True)
+                rounds.append(poller_run(directory, pollers, args.poller_rate, args.poller_frames))
+    finally:
+        if own_dir:
+            shutil.rmtree(directory, ignore_errors=True)
+    summary = {
+        "benchmark": "daqif writer: frames lost to status polling",
+        "driver": "real daqif-writer (REST + data path), PUB simulator, pollers are threads of this process",
+        "machine": machine_facts(Path(tempfile.gettempdir())),
+        "rounds": rounds,
+        "frames_lost": {
+            str(p): [r["frames_lost"] for r in rounds if r["pollers"] == p] for p in (0, args.pollers)
+        },
+    }
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -250,8 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rss-gib", type=float, default=1.0, help="GiB of 4 MiB frames for the RSS run (0 = skip)"
     )
+    parser.add_argument("--pollers", type=int, default=0, help="only measure status polling with N clients")
+    parser.add_argument("--poller-rounds", type=int, default=4, help="rounds of the polling measurement")
+    parser.add_argument(
+        "--poller-rate", type=float, default=4000.0, help="PUB rate of the polling measurement"
+    )
+    parser.add_argument("--poller-frames", type=int, default=20_000, help="frames per polling round")
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
     args = parser.parse_args(argv)
+    if args.pollers:
+        return polling_main(args)
 
     own_dir = args.dir is None
     directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir

@@ -107,6 +107,10 @@ class WriterOptions(_Options):
     """Longest wait of a write_sync call, seconds."""
     log_level: str | None = None
     """Logging level."""
+    state_dir: Path | None = None
+    """The writer's own directory (write journal, lock); default under the data root, per REST port."""
+    allowed_uids: str | None = None
+    """`MIN-MAX`: the uids `writer_user_id` may give files to, besides the service user."""
     extra_args: tuple[str, ...] = ()
     """Further flags, appended as given."""
 
@@ -123,6 +127,8 @@ class WriterOptions(_Options):
         _flag(argv, "--redis-maxlen", self.redis_maxlen)
         _flag(argv, "--sync-timeout", self.sync_timeout)
         _flag(argv, "--log-level", self.log_level)
+        _flag(argv, "--state-dir", self.state_dir)
+        _flag(argv, "--allowed-uids", self.allowed_uids)
         return argv + list(self.extra_args)
 
     def pinned(self, ready: ReadyLine) -> Self:

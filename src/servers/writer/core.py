@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from daqif.errors import DaqException, ErrorCode
+from daqif.errors import MAX_QUOTE_CHARS, DaqException, ErrorCode, bounded, quote
 from servers.common.atomic import atomic_write_json
 from servers.common.paths import PathNotAllowed, confine
 from servers.writer.datapath.api import (
@@ -52,15 +52,15 @@ from servers.writer.events import (
     Tick,
     WriterEvent,
 )
-from servers.writer.models import DaqConfig, WriteRequest
+from servers.writer.models import DaqConfig, UidRange, WriteRequest
 from servers.writer.states import AcquisitionState, DeploymentState, WriterState, check_transition
+from servers.writer.stats import StatsMeter
 from servers.writer.status import (
     MESSAGE_COMPLETED,
     MESSAGE_INTERRUPTED,
     Acquisition,
     DaqStats,
     Deployment,
-    Throughput,
     WriterStatus,
 )
 
@@ -108,12 +108,17 @@ class WriterCore:
         config: DaqConfig,
         *,
         allowed_roots: Sequence[Path],
+        allowed_uids: UidRange | None = None,
+        private_dirs: Sequence[Path] = (),
         config_file: Path | None = None,
         sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
         log_capacity: int = DEFAULT_LOG_CAPACITY,
         hostname: str | None = None,
     ) -> None:
         self._factory = datapath_factory
+        self._allowed_uids = allowed_uids
+        self._private_dirs = tuple(Path(d).resolve() for d in private_dirs)
+        self._refuse_unless_uid_allowed(config)
         self._config = config
         self._allowed_roots = tuple(allowed_roots)
         self._config_file = config_file
@@ -129,10 +134,7 @@ class WriterCore:
         self._write_ended.set()
         self._hub = EventHub()
         self._last_published: WriterStatus | None = None
-        self._stats = DaqStats()
-        self._counter_base = FrameCounters()
-        self._last_counters: FrameCounters | None = None
-        self._last_counters_time = 0.0
+        self._meter = StatsMeter()
         now = time.time()
         self._deployment = Deployment(
             config_id=_config_id(now, None),
@@ -189,7 +191,7 @@ class WriterCore:
         return WriterStatus(self._state, self._acquisition)
 
     def stats(self) -> DaqStats:
-        return self._stats
+        return self._meter.stats
 
     def logs(self, n_last: int) -> list[Acquisition]:
         """The last `n_last` logged acquisitions, newest first."""
@@ -251,7 +253,9 @@ class WriterCore:
                         reason=f"the data path process died while opening the file: {exc}",
                     )
                 self._publish_status()
-                raise DaqException.failed_precondition(f"cannot write {request.output_file}: {exc}") from exc
+                raise DaqException.failed_precondition(
+                    f"cannot write {quote(request.output_file)}: {bounded(str(exc), 2 * MAX_QUOTE_CHARS)}"
+                ) from exc
             self._write_ended = asyncio.Event()
             self._transition(WriterState.WRITING, started, new_acquisition=True)
             self._publish_status()
@@ -272,7 +276,7 @@ class WriterCore:
         except TimeoutError:
             raise DaqException(
                 "",
-                f"the write to {request.output_file} is still running; the sync call ended after its "
+                f"the write to {quote(request.output_file)} is still running; the sync call ended after its "
                 f"limit of {limit:g} s. Poll the status, call stop, "
                 "or use write_async for long acquisitions.",
                 ErrorCode.DEADLINE_EXCEEDED,
@@ -303,10 +307,11 @@ class WriterCore:
         async with self._lock:
             if self._state is WriterState.WRITING:
                 raise DaqException.failed_precondition(
-                    f"writer is busy writing {self._acquisition.output_file}; the config cannot change "
-                    "during a write. Wait for it to finish or call stop."
+                    f"writer is busy writing {quote(self._acquisition.output_file)}; the config cannot "
+                    "change during a write. Wait for it to finish or call stop."
                 )
             new_config = self._config.updated(update)
+            self._refuse_unless_uid_allowed(new_config)
             started = time.time()
             config_id = _config_id(started, self._deployment.config_id)
             self._deployment = Deployment(
@@ -322,8 +327,14 @@ class WriterCore:
                 if self._config_file is not None:
                     await asyncio.to_thread(atomic_write_json, self._config_file, new_config.to_json())
                 # Each write carries its frame geometry, so a running data path serves the new
-                # config as it is; only a dead one is restarted.
-                if self._state is WriterState.UNKNOWN:
+                # config as it is; only a dead one, or one whose message size limit is too small
+                # for the new frames, is restarted.
+                datapath = self._datapath
+                if (
+                    self._state is WriterState.UNKNOWN
+                    or datapath is None
+                    or not datapath.accepts_frames_of(new_config.frame_nbytes)
+                ):
                     await self._restart_datapath()
             except (OSError, DaqException) as exc:
                 message = (
@@ -356,7 +367,7 @@ class WriterCore:
         if self._state is WriterState.WRITING:
             acq = self._acquisition
             raise DaqException.failed_precondition(
-                f"writer is busy writing {acq.output_file} "
+                f"writer is busy writing {quote(acq.output_file)} "
                 f"({acq.n_write_completed} of {acq.n_images} images); "
                 "wait for it to finish or call stop"
             )
@@ -365,24 +376,56 @@ class WriterCore:
                 f"writer is in state UNKNOWN ({self._unknown_reason}); call stop to reset it"
             )
 
+    def _refuse_unless_uid_allowed(self, config: DaqConfig) -> None:
+        """A client must not have files given to any uid: only the service user, the uid this
+        writer runs as, and the operator's `--allowed-uids` range."""
+        uid = config.owner_uid
+        if (
+            uid is None
+            or uid == os.geteuid()
+            or (self._allowed_uids is not None and uid in self._allowed_uids)
+        ):
+            return
+        allowed = "0 (the service user)"
+        if os.geteuid() != 0:
+            allowed += f", {os.geteuid()} (the uid the writer runs as)"
+        if self._allowed_uids is not None:
+            allowed += f" and {self._allowed_uids} (--allowed-uids)"
+        raise DaqException.invalid_argument(
+            f"invalid config: writer_user_id: uid {uid} is not allowed; this writer accepts {allowed}"
+        )
+
     def _validate_path(self, text: str) -> Path:
-        """The resolved output path, or INVALID_ARGUMENT saying what is wrong; touches no file."""
+        """The resolved output path, or INVALID_ARGUMENT saying what is wrong; touches no file.
+
+        Every message quotes at most ~200 characters of the path (`quote`), however long it is.
+        """
         if not text:
             raise DaqException.invalid_argument("output_file is empty; give an absolute path to an .h5 file")
         if not os.path.isabs(text):
             raise DaqException.invalid_argument(
-                f"output_file {text!r} is not an absolute path; give the full path, e.g. /data/run_001.h5"
+                f"output_file {quote(text)} is not an absolute path; "
+                "give the full path, e.g. /data/run_001.h5"
             )
         try:
             resolved = confine(text, self._allowed_roots, what="output_file")
+            is_dir = text.endswith("/") or resolved.is_dir()
+            folder_exists = resolved.parent.is_dir()
         except PathNotAllowed as exc:
-            raise DaqException.invalid_argument(str(exc)) from exc
-        if text.endswith("/") or resolved.is_dir():
-            raise DaqException.invalid_argument(f"output_file {text!r} is a directory, not a file name")
-        folder = os.path.dirname(text)
-        if not resolved.parent.is_dir():
+            raise DaqException.invalid_argument(bounded(str(exc), 3 * MAX_QUOTE_CHARS)) from None
+        except (OSError, ValueError) as exc:  # ENAMETOOLONG, ELOOP, …: a bad path, not a server fault
             raise DaqException.invalid_argument(
-                f"output_file folder {folder!r} does not exist; create it first"
+                f"output_file {quote(text)} cannot be used: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
+        if any(resolved.is_relative_to(private) for private in self._private_dirs):
+            raise DaqException.invalid_argument(
+                f"output_file {quote(text)} lies in the writer's own state directory; choose another folder"
+            )
+        if is_dir:
+            raise DaqException.invalid_argument(f"output_file {quote(text)} is a directory, not a file name")
+        if not folder_exists:
+            raise DaqException.invalid_argument(
+                f"output_file folder {quote(os.path.dirname(text))} does not exist; create it first"
             )
         return resolved
 
@@ -424,7 +467,6 @@ class WriterCore:
             self._transition(WriterState.UNKNOWN, reason=f"the data path failed to start: {exc}")
             raise DaqException.internal(f"the data path failed to start: {exc}") from exc
         self._datapath = datapath
-        self._last_counters = None
         self._transition(WriterState.READY)
 
     async def _restart_datapath(self) -> None:
@@ -433,8 +475,7 @@ class WriterCore:
         old = self._datapath
         if old is not None:
             self._datapath = None
-            if self._last_counters is not None:
-                self._counter_base = _add_counters(self._counter_base, self._last_counters)
+            self._meter.restarted()
             try:
                 await asyncio.to_thread(old.close)
             except Exception:
@@ -538,39 +579,17 @@ class WriterCore:
                 await self._update_stats()
             except Exception:
                 _log.exception("collecting stats failed")
-            self._hub.publish(Tick(self._stats, self.status()))
+            self._hub.publish(Tick(self._meter.stats, self.status()))
 
     async def _update_stats(self) -> None:
         datapath = self._datapath
-        now = time.monotonic()
         counters: FrameCounters | None = None
         if datapath is not None:
             try:
                 counters = await asyncio.to_thread(datapath.counters)
             except DataPathError:
                 counters = None
-        if counters is None:
-            self._stats = DaqStats(
-                counters=_add_counters(self._counter_base, self._last_counters or FrameCounters())
-            )
-            return
-        previous, elapsed = self._last_counters, now - self._last_counters_time
-        self._last_counters, self._last_counters_time = counters, now
-        total = _add_counters(self._counter_base, counters)
-        if previous is None or elapsed <= 0 or counters.received < previous.received:
-            self._stats = DaqStats(counters=total)
-            return
-        self._stats = DaqStats(
-            detector=Throughput(
-                bytes_per_second=(counters.bytes_received - previous.bytes_received) / elapsed,
-                images_per_second=(counters.received - previous.received) / elapsed,
-            ),
-            writer=Throughput(
-                bytes_per_second=(counters.bytes_written - previous.bytes_written) / elapsed,
-                images_per_second=(counters.written - previous.written) / elapsed,
-            ),
-            counters=total,
-        )
+        self._meter.sample(counters, time.monotonic())
 
     def _publish_status(self) -> None:
         status = self.status()
@@ -586,14 +605,3 @@ class WriterCore:
         )
         self._last_published = status
         self._hub.publish(StatusChanged(status, significant))
-
-
-def _add_counters(a: FrameCounters, b: FrameCounters) -> FrameCounters:
-    return FrameCounters(
-        received=a.received + b.received,
-        written=a.written + b.written,
-        discarded=a.discarded + b.discarded,
-        malformed=a.malformed + b.malformed,
-        bytes_received=a.bytes_received + b.bytes_received,
-        bytes_written=a.bytes_written + b.bytes_written,
-    )

@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import logging
 import signal
 import socket
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import uvicorn
 
@@ -45,10 +47,11 @@ from servers.common.process import die_with_parent
 from servers.common.ready import ready_line
 from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DataPathFactory, WriterCore
 from servers.writer.datapath.api import DataPathHandle
-from servers.writer.datapath.handle import ProcessDataPath, rcvhwm_for_frames
+from servers.writer.datapath.handle import ProcessDataPath, max_message_for_frames, rcvhwm_for_frames
+from servers.writer.datapath.journal import WriteJournal
 from servers.writer.datapath.protocol import SocketKind
 from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
-from servers.writer.models import DaqConfig, load_config
+from servers.writer.models import DaqConfig, UidRange, load_config
 from servers.writer.redis_streams import DEFAULT_MAXLEN, RedisStreams
 from servers.writer.rest import create_app
 
@@ -104,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="directory output files must lie under (repeatable; default: the data root)",
     )
+    parser.add_argument(
+        "--allowed-uids",
+        type=_uid_range,
+        metavar="MIN-MAX",
+        help="uids writer_user_id may give files to, besides the uid the writer runs as (default: none)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="directory the writer keeps its write journal in, one writer per directory; output files "
+        "may not go there (default: DATA_ROOT/.daqif-writer/rest-PORT)",
+    )
     parser.add_argument("--redis-url", help="publish daq:status/config/log/stat streams to this Redis")
     parser.add_argument(
         "--redis-maxlen",
@@ -121,18 +136,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_datapath_factory(stream: str, socket_kind: str) -> DataPathFactory:
+def _uid_range(text: str) -> UidRange:
+    try:
+        return UidRange.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def make_datapath_factory(
+    stream: str, socket_kind: str, journal: WriteJournal | None = None
+) -> DataPathFactory:
     """A callable `config -> DataPathHandle` making the real data path process for `stream`.
 
     Each write carries its frame geometry (`WriteJob`); the config only sizes the receive queue
-    of a newly started process.
+    and the message size limit of a newly started process.
     """
     kind: SocketKind = "sub" if socket_kind == "sub" else "pull"
 
     def factory(config: DaqConfig) -> DataPathHandle:
         # ZeroMQ bounds its queue in messages: size it so queued frames stay within a memory budget.
         frame_bytes = config.image_pixel_height * config.image_pixel_width * max(1, config.bit_depth // 8)
-        return ProcessDataPath(stream, kind, rcvhwm=rcvhwm_for_frames(frame_bytes))
+        return ProcessDataPath(
+            stream,
+            kind,
+            rcvhwm=rcvhwm_for_frames(frame_bytes),
+            max_message_bytes=max_message_for_frames(config.frame_nbytes),
+            journal=journal,
+        )
 
     return factory
 
@@ -159,13 +189,6 @@ async def serve(args: argparse.Namespace) -> int:
     data_root: Path = args.data_root.resolve()
     data_root.mkdir(parents=True, exist_ok=True)
     roots = resolve_roots(args.allowed_root or [data_root])
-    core = WriterCore(
-        make_datapath_factory(args.stream, args.socket),
-        config,
-        allowed_roots=roots,
-        config_file=args.config,
-        sync_timeout=args.sync_timeout,
-    )
     # Bind both ports before anything starts, so a busy port is a one-line error naming it.
     try:
         rest_socket = _bind_rest_socket(args.host, args.rest_port)
@@ -179,6 +202,18 @@ async def serve(args: argparse.Namespace) -> int:
         await grpc_server.stop(None)
         raise
     rest_port = rest_socket.getsockname()[1]
+    # The REST port identifies a writer on its host, so it names the default state directory.
+    state_dir: Path = (args.state_dir or data_root / ".daqif-writer" / f"rest-{rest_port}").resolve()
+    state_lock = _lock_state_dir(state_dir)  # held (open) until this process ends
+    core = WriterCore(
+        make_datapath_factory(args.stream, args.socket, WriteJournal(state_dir / "write.json")),
+        config,
+        allowed_roots=roots,
+        allowed_uids=args.allowed_uids,
+        private_dirs=[state_dir, data_root / ".daqif-writer"],
+        config_file=args.config,
+        sync_timeout=args.sync_timeout,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -233,7 +268,26 @@ async def serve(args: argparse.Namespace) -> int:
             await redis_task
         await redis.close()
     stop_task.cancel()
+    state_lock.close()
     return 0
+
+
+def _lock_state_dir(state_dir: Path) -> IO[bytes]:
+    """Create and lock the state directory: two writers sharing one journal would repair each
+    other's files."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(state_dir / "lock", "ab")  # noqa: SIM115  # held for the process's lifetime
+    except OSError as exc:
+        raise OSError(f"cannot use the state directory {state_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise OSError(
+            f"another writer uses the state directory {state_dir}; give each writer its own --state-dir"
+        ) from None
+    return lock
 
 
 def _log_unexpected_end(task: asyncio.Task[None]) -> None:

@@ -11,6 +11,8 @@ refused, so a typo does not pass silently.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
@@ -24,6 +26,14 @@ DETECTOR_TYPES: Final = ("eiger", "gigafrost", "jungfrau", "bsread")
 BIT_DEPTH_DTYPES: Final = {8: "uint8", 16: "uint16", 32: "uint32"}
 # How much of a refused value an error message quotes (DESIGN §5a: at most ~200 characters).
 _QUOTE_LIMIT: Final = 200
+
+# A detector name becomes an HDF5 group name and a file attribute, and appears in paths and logs:
+# letters, digits, '_', '-' and '.', not starting with '.' or '-', at most 64 characters.
+DETECTOR_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+# Linux uids are 32-bit and (uid_t)-1 means "no change" to chown; -1 and 0 mean the service user.
+MAX_UID: Final = 2**32 - 2
+# Longest output_file accepted (Linux PATH_MAX); longer is refused before any file system call.
+MAX_PATH_CHARS: Final = 4096
 
 StrictInt = Annotated[int, Field(strict=True)]
 Int64 = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
@@ -45,7 +55,8 @@ class DaqConfig(BaseModel):
     detector_name: Annotated[str, Field(strict=True)] = Field(
         default=defaults.DETECTOR_NAME,
     )
-    """Names the HDF5 group the frames are written to: non-empty, without '/'."""
+    """Names the HDF5 group the frames are written to: 1-64 letters, digits, '_', '-', '.'
+    (not starting with '.' or '-')."""
     detector_type: Annotated[str, Field(strict=True)] = Field(default=defaults.DETECTOR_TYPE)
     """One of eiger, gigafrost, jungfrau, bsread (the writer treats all alike)."""
     image_pixel_height: StrictInt = Field(default=defaults.IMAGE_PIXEL_HEIGHT, ge=1)
@@ -56,8 +67,9 @@ class DaqConfig(BaseModel):
     """Number of detector modules assembled into a frame."""
     start_udp_port: StrictInt = Field(default=50000, ge=0, le=65535)
     """First UDP port the detector streams modules to."""
-    writer_user_id: StrictInt = Field(default=0)
-    """uid files are written for; < 1 means the user the service runs as."""
+    writer_user_id: StrictInt = Field(default=0, ge=-1, le=MAX_UID)
+    """uid files are written for; -1 or 0 means the user the service runs as. The writer accepts
+    only uids in its `--allowed-uids` range (default: the uid it runs as)."""
     module_positions: dict[str, ModulePosition] = Field(
         default_factory=lambda: {"0": [0, 511, 511, 0]},
     )
@@ -80,9 +92,10 @@ class DaqConfig(BaseModel):
     @field_validator("detector_name")
     @classmethod
     def _usable_as_group_name(cls, value: str) -> str:
-        if not value.strip() or "/" in value or value in (".", ".."):
+        if DETECTOR_NAME_PATTERN.fullmatch(value) is None:
             raise ValueError(
-                f"must be a non-empty name without '/' (it names the HDF5 group), got {_quote(value)}"
+                "must be 1-64 letters, digits, '_', '-' or '.', not starting with '.' or '-' "
+                f"(it names the HDF5 group), got {_quote(value)}"
             )
         return value
 
@@ -90,6 +103,11 @@ class DaqConfig(BaseModel):
     def dtype(self) -> str:
         """The numpy dtype name of a frame pixel."""
         return BIT_DEPTH_DTYPES[self.bit_depth]
+
+    @property
+    def frame_nbytes(self) -> int:
+        """Size of one uncompressed frame in bytes."""
+        return self.image_pixel_height * self.image_pixel_width * (self.bit_depth // 8)
 
     @property
     def owner_uid(self) -> int | None:
@@ -114,11 +132,57 @@ class WriteRequest(BaseModel):
     output_file: Annotated[str, Field(strict=True)] = Field(
         examples=["/data/run_001.h5"],
     )
-    """Absolute path of the HDF5 file, under the writer's allowed roots; its folder must exist."""
+    """Absolute path of the HDF5 file, under the writer's allowed roots; its folder must exist
+    (at most 4096 characters, each path component at most 255 bytes)."""
+
+    @field_validator("output_file")
+    @classmethod
+    def _within_path_limits(cls, value: str) -> str:
+        # Refused here, so no file system call ever sees it (ENAMETOOLONG) and no error echoes it.
+        if len(value) > MAX_PATH_CHARS:
+            raise ValueError(f"is {len(value)} characters long, the limit is {MAX_PATH_CHARS}")
+        if "\x00" in value:
+            raise ValueError("contains a NUL character")
+        try:
+            encoded = os.fsencode(value)
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode text (it holds a lone surrogate)") from None
+        for part in encoded.split(b"/"):
+            if len(part) > 255:
+                raise ValueError(f"has a path component of {len(part)} bytes, the limit is 255")
+        return value
+
     n_images: StrictInt = Field(ge=1, examples=[100])
     """Number of frames to record (the next ones the detector sends)."""
     run_id: Int64 | None = Field(default=None)
     """Identifies the run (root attribute `run_id` of the file); None: the start time in ns."""
+
+
+class UidRange(BaseModel):
+    """The uids (`first`..`last`, inclusive) a writer may give files to (`--allowed-uids MIN-MAX`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    first: int = Field(ge=1, le=MAX_UID)
+    last: int = Field(ge=1, le=MAX_UID)
+
+    @classmethod
+    def parse(cls, text: str) -> UidRange:
+        """`"MIN-MAX"` or a single `"UID"`; ValueError says what is wrong."""
+        first, _, last = text.partition("-")
+        try:
+            uid_range = cls(first=int(first), last=int(last or first))
+        except (ValueError, ValidationError):
+            raise ValueError(f"expected MIN-MAX or UID, uids 1..{MAX_UID}, got {_quote(text)}") from None
+        if uid_range.last < uid_range.first:
+            raise ValueError(f"expected MIN-MAX with MIN <= MAX, got {_quote(text)}")
+        return uid_range
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, int) and self.first <= uid <= self.last
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
 def parse_config(data: Any, *, source: str = "config") -> DaqConfig:

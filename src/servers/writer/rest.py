@@ -9,20 +9,34 @@ to validate (not JSON, an array, no body) or a bad path parameter gets HTTP 422 
 raises `RuntimeError`).
 
 The bodies are the pydantic models of `models.py`, so `/openapi.json` describes them.
+
+The server never answers 500 because of what a client sent: a body over `MAX_BODY_BYTES` is
+HTTP 413 (refused before it is read, or as soon as it passes the limit); a body nested too deeply
+for the JSON parser is HTTP 422; FastAPI's own refusals (unknown route, wrong method) keep their
+code, in the same envelope; any other unexpected error is logged and answered as HTTP 200
+`status: "error"` naming it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from daqif.errors import DaqException
+from daqif.errors import DaqException, bounded
 from servers.writer.core import WriterCore
 from servers.writer.models import DaqConfig, WriteRequest, describe_errors
+
+_log = logging.getLogger(__name__)
+
+# The largest body a request may have. The biggest legitimate one, a full config, is a few KiB.
+MAX_BODY_BYTES: Final = 1 << 20
 
 # What the body of each route is called in an error message.
 _BODY_NAMES = {
@@ -46,9 +60,62 @@ def _is_field_error(error: Mapping[str, Any]) -> bool:
     return len(loc) > 1 and loc[0] == "body" and error.get("type") != "json_invalid"
 
 
+class BodyTooLarge(Exception):
+    """A request body passed `MAX_BODY_BYTES` while it was being read."""
+
+
+class BodyLimit:
+    """ASGI middleware refusing bodies over `limit` bytes with HTTP 413, before they are buffered."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await _too_large(self.limit)(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # a chunked body without Content-Length
+                raise BodyTooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error(f"malformed request: the body is larger than {limit} bytes", 413)
+
+
 def create_app(core: WriterCore) -> FastAPI:
     """The FastAPI application serving `core`; the core's lifecycle is the caller's."""
     app = FastAPI(title="daqif writer (std_daq REST API)", version="1.3")
+    app.add_middleware(BodyLimit)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (unknown route, wrong method, a body its parser gave up on) in
+        # the std_daq envelope; a JSON body nested deeper than the parser's recursion limit is one.
+        if isinstance(exc.__cause__, BodyTooLarge):
+            return _too_large(MAX_BODY_BYTES)
+        if isinstance(exc.__cause__, RecursionError):
+            return _error("malformed request: the body is nested too deeply; send a flat JSON object", 422)
+        return _error(f"malformed request: {bounded(str(exc.detail), 200)}", exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault; still an answer the std_daq client can show.
+        _log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(f"internal error in the writer: {type(exc).__name__}: {bounded(str(exc), 200)}")
 
     @app.exception_handler(DaqException)
     async def _refused(request: Request, exc: DaqException) -> JSONResponse:

@@ -42,6 +42,7 @@ class FakeDataPath:
         self.result: WriteResult | None = None
         self.opened_at = 0.0
         self.frame_counters = FrameCounters()
+        self.max_frame_bytes = 1 << 20
 
     def start(self) -> None:
         if self.fail_start:
@@ -72,6 +73,9 @@ class FakeDataPath:
 
     def counters(self) -> FrameCounters:
         return self.frame_counters
+
+    def accepts_frames_of(self, frame_nbytes: int) -> bool:
+        return frame_nbytes <= self.max_frame_bytes
 
     # -- what the test makes happen -----------------------------------------------------------
 
@@ -290,7 +294,7 @@ def test_a_data_path_that_dies_while_idle_makes_the_writer_unknown_until_stop(tm
 def test_a_second_write_and_a_config_change_are_refused_while_writing(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         await h.core.start_write(h.request("first.h5", n_images=10))
-        with pytest.raises(DaqException, match=r"writer is busy writing .*first.h5 \(0 of 10 images\)"):
+        with pytest.raises(DaqException, match=r"writer is busy writing '.*first.h5' \(0 of 10 images\)"):
             await h.core.start_write(h.request("second.h5"))
         with pytest.raises(DaqException, match="the config cannot change during a write"):
             await h.core.set_config(parse_config({"bit_depth": 32}))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from daqif.errors import DaqException, ErrorCode
-from servers.writer.models import DaqConfig, load_config, parse_config
+from servers.writer.models import DaqConfig, UidRange, load_config, parse_config, parse_write_request
 from servers.writer.states import WriterState
 from servers.writer.status import Acquisition, WriterStatus
 
@@ -37,7 +37,16 @@ def test_module_positions_replace_the_whole_mapping() -> None:
         ({"bit_depth": 12}, "bit_depth: must be one of 8, 16, 32, got 12"),
         ({"image_pixel_width": 0}, "image_pixel_width: Input should be greater than or equal to 1 (got 0)"),
         ({"start_udp_port": 70000}, "start_udp_port: Input should be less than or equal to 65535"),
-        ({"detector_name": "a/b"}, "detector_name: must be a non-empty name without '/'"),
+        ({"detector_name": "a/b"}, "detector_name: must be 1-64 letters, digits, '_', '-' or '.'"),
+        (
+            {"detector_name": "a\x00b"},
+            "detector_name: must be 1-64 letters, digits, '_', '-' or '.', not starting "
+            "with '.' or '-' (it names the HDF5 group), got \"a\\u0000b\"",
+        ),
+        ({"detector_name": ".."}, "detector_name: must be 1-64 letters"),
+        ({"detector_name": "x" * 65}, "detector_name: must be 1-64 letters"),
+        ({"writer_user_id": 2**40}, "writer_user_id: Input should be less than or equal to 4294967294"),
+        ({"writer_user_id": -2}, "writer_user_id: Input should be greater than or equal to -1"),
         ({"module_positions": {"0": [1, 2]}}, "module_positions.0: List should have at least 4 items"),
         ({"bit_dept": 16}, "bit_dept: unknown field"),
     ],
@@ -96,3 +105,34 @@ def test_status_before_any_acquisition_has_null_file_and_times() -> None:
         "stop_time": None,
     }
     assert set(status["acquisition"]) == {"info", "message", "state", "stats"}
+
+
+@pytest.mark.parametrize("name", ["TESTDET", "jf_1M.module-0", "0", "_x"])
+def test_safe_detector_names_are_accepted(name: str) -> None:
+    assert parse_config({"detector_name": name}).detector_name == name
+
+
+@pytest.mark.parametrize(
+    ("output_file", "expected"),
+    [
+        ("/data/" + "x" * 300 + ".h5", "output_file: has a path component of 303 bytes, the limit is 255"),
+        ("/data/" + "x" * 5000, "output_file: is 5006 characters long, the limit is 4096"),
+        ("/data/a\x00.h5", "output_file: contains a NUL character"),
+        ("/data/\ud800.h5", "output_file: is not valid Unicode text"),
+    ],
+)
+def test_output_file_beyond_path_limits_is_refused_with_a_short_message(
+    output_file: str, expected: str
+) -> None:
+    with pytest.raises(DaqException) as info:
+        parse_write_request({"output_file": output_file, "n_images": 1})
+    assert expected in info.value.message
+    assert len(info.value.message) < 400
+
+
+def test_uid_range_parses_min_max_and_a_single_uid() -> None:
+    assert (1000 in UidRange.parse("1000-1999"), 2000 in UidRange.parse("1000-1999")) == (True, False)
+    assert str(UidRange.parse("4242")) == "4242" and 4242 in UidRange.parse("4242")
+    for bad in ("0-10", "20-10", "x", "1-2-3", ""):
+        with pytest.raises(ValueError, match="expected MIN-MAX"):
+            UidRange.parse(bad)

@@ -22,6 +22,7 @@ from servers.common.launch import WriterProcess
 from .conftest import (
     DETECTOR_NAME,
     SHAPE,
+    Simulator,
     WriterFactory,
     rest_status,
     start_simulator,
@@ -328,8 +329,9 @@ def test_invalid_config_is_refused_with_a_message(writer: WriterProcess, detecto
 
 
 def test_config_update_is_partial_persisted_and_deployed(
-    writer: WriterProcess, detector_config: Path
+    writer_factory: WriterFactory, simulator: Simulator, detector_config: Path
 ) -> None:
+    writer = writer_factory(simulator.endpoint, allowed_uids="12345")
     client = StdDaqClient(url_base=writer.rest_url)
     before = client.get_config()
     first_id = client.get_deployment_status()["config_id"]

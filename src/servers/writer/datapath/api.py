@@ -103,3 +103,7 @@ class DataPathHandle(Protocol):
 
     def counters(self) -> FrameCounters:
         """Cumulative frame counters (cheap; polled at ~1 Hz for stats)."""
+
+    def accepts_frames_of(self, frame_nbytes: int) -> bool:
+        """Whether frames of `frame_nbytes` (uncompressed) fit this process's message size limit;
+        if not, a new process must be started for them."""

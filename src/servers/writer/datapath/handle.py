@@ -33,6 +33,7 @@ from servers.writer.datapath.api import (
     WriteProgress,
     WriteResult,
 )
+from servers.writer.datapath.journal import WriteJournal
 from servers.writer.datapath.protocol import (
     ACTIVE_PHASES,
     DEFAULT_FLUSH_INTERVAL_S,
@@ -41,7 +42,7 @@ from servers.writer.datapath.protocol import (
     Slot,
     SocketKind,
 )
-from servers.writer.datapath.recovery import clear_swmr_flags
+from servers.writer.datapath.recovery import RepairFailed, repair_file
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,13 @@ class ProcessDataPath:
     `socket_kind` is ``"pull"`` for a PUSH source, ``"sub"`` for a PUB source. `rcvhwm` bounds the
     frames queued in ZeroMQ (see `rcvhwm_for_frames`). `start` may be called again after the
     process died or was closed; it starts a new one (with new counters).
+
+    `max_message_bytes` is the largest message part the socket accepts (``ZMQ_MAXMSGSIZE``): a
+    larger one makes ZeroMQ drop the connection instead of buffering it (`max_message_for_frames`).
+    With a `journal`, each write is recorded in it while it runs, and `start` first repairs the
+    file of a write the journal still names (the writer was killed during it). When the process
+    dies mid-write its file is repaired at once (`recovery.repair_file`), and the write's result
+    reports the frames the repaired file holds.
     """
 
     def __init__(
@@ -74,6 +82,8 @@ class ProcessDataPath:
         rcvhwm: int = DEFAULT_RCVHWM,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
         start_timeout: float = 60.0,
+        max_message_bytes: int | None = None,
+        journal: WriteJournal | None = None,
     ) -> None:
         if socket_kind not in ("pull", "sub"):
             raise ValueError(f"socket_kind must be 'pull' or 'sub', not {socket_kind!r}")
@@ -86,6 +96,8 @@ class ProcessDataPath:
         self.rcvhwm = rcvhwm
         self.flush_interval = flush_interval
         self.start_timeout = start_timeout
+        self.max_message_bytes = max_message_bytes
+        self.journal = journal
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._shared_map: mmap.mmap | None = None
@@ -95,6 +107,7 @@ class ProcessDataPath:
         self._replies: queue.Queue[protocol.Reply | None] = queue.Queue()
         self._results: dict[int, WriteResult] = {}  # write seq -> how it ended
         self._jobs: dict[int, tuple[WriteJob, float]] = {}  # write seq -> job, open time
+        self._repaired: dict[int, int] = {}  # write seq -> frames in its file after a repair
         self._death_handled = False
         self._reader: threading.Thread | None = None
 
@@ -104,6 +117,7 @@ class ProcessDataPath:
         """Spawn the process; return once it is connected to the stream."""
         if self.is_alive():
             return
+        self._repair_journaled_write()
         # A subprocess running the worker module, not multiprocessing's spawn: spawn re-imports
         # the caller's __main__, which breaks scripts without a main guard.
         parent_conn, child_conn = multiprocessing.Pipe(duplex=True)
@@ -122,6 +136,8 @@ class ProcessDataPath:
                 f"--conn-fd={child_conn.fileno()}",
                 f"--shared-fd={shared_fd}",
             ]
+            if self.max_message_bytes is not None:
+                command.append(f"--max-message-bytes={self.max_message_bytes}")
             # Its log goes to the writer's stderr, as the writer's own does.
             process = spawn(
                 command, env=_malloc_env(), stderr=None, pass_fds=(child_conn.fileno(), shared_fd)
@@ -136,6 +152,7 @@ class ProcessDataPath:
         with self._state_lock:
             self._results = {}
             self._jobs = {}
+            self._repaired = {}
             self._death_handled = False
         if not parent_conn.poll(self.start_timeout):
             self._kill()
@@ -245,6 +262,11 @@ class ProcessDataPath:
             bytes_written=values[Slot.BYTES_WRITTEN],
         )
 
+    def accepts_frames_of(self, frame_nbytes: int) -> bool:
+        """Whether frames of `frame_nbytes` fit this process's ``ZMQ_MAXMSGSIZE``."""
+        limit = self.max_message_bytes
+        return limit is None or max_message_for_frames(frame_nbytes) <= limit
+
     # -- internals -----------------------------------------------------------------------
 
     def _command(self, command: protocol.Command, timeout: float) -> protocol.Reply:
@@ -257,6 +279,7 @@ class ProcessDataPath:
                 seq = shared[Slot.WRITE_SEQ] + 1
                 with self._state_lock:
                     self._jobs[seq] = (command.job, time.time())
+                self._record_in_journal(seq, command.job)
             try:
                 conn.send(command)
             except (OSError, EOFError) as exc:
@@ -271,6 +294,8 @@ class ProcessDataPath:
             if reply is None:
                 self._replies.put(None)  # keep the "gone" marker for later commands
                 raise DataPathError("the data path process died")
+            if isinstance(command, protocol.Open) and reply.error is not None and self.journal is not None:
+                self.journal.clear(seq)  # nothing was left behind
             return reply
 
     def _read_pipe(
@@ -290,6 +315,9 @@ class ProcessDataPath:
                     self._state_lock.notify_all()
                 return
             if isinstance(message, protocol.Reply | protocol.Ended) and message.result is not None:
+                # Forgotten before the result is published: the next write cannot start sooner.
+                if self.journal is not None:
+                    self.journal.clear(message.seq)
                 with self._state_lock:
                     results[message.seq] = message.result
                     self._state_lock.notify_all()
@@ -305,7 +333,7 @@ class ProcessDataPath:
                 result = WriteResult(
                     output_file=job.output_file if job else "",
                     n_images=job.n_images if job else 0,
-                    n_written=n_written,
+                    n_written=self._repaired.get(seq, n_written),
                     interrupted=True,
                     error=f"the data path process died (exit code {exitcode}) during the write",
                     start_time=opened,
@@ -323,7 +351,8 @@ class ProcessDataPath:
         return None
 
     def _handle_death(self) -> None:
-        """Once, after the process is gone: make a file it left open readable without h5clear."""
+        """Once, after the process is gone: repair a file it left open (readable without h5clear,
+        datasets shrunk to the frames of its last flush)."""
         with self._state_lock:
             if self._death_handled:
                 return
@@ -331,20 +360,60 @@ class ProcessDataPath:
         shared = self._shared
         if shared is None or PHASES[shared[Slot.PHASE]] not in ACTIVE_PHASES:
             return
-        job, _opened = self._jobs.get(shared[Slot.WRITE_SEQ], (None, 0.0))
-        output_file = job.output_file if job else None
-        if output_file and os.path.exists(output_file):
-            if clear_swmr_flags(output_file):
-                log.warning("data path died during a write; %s is readable up to its last flush", output_file)
-            else:
-                log.warning(
-                    "data path died during a write; open %s with swmr=True or run 'h5clear -s' on it",
-                    output_file,
-                )
+        seq = shared[Slot.WRITE_SEQ]
+        with self._state_lock:
+            if seq in self._results:  # it ended (and said so) just before dying
+                return
+            job, _opened = self._jobs.get(seq, (None, 0.0))
+        if job is None:
+            return
+        n_frames = _repair(job, "the data path died during the write")
+        if n_frames is not None:
+            with self._state_lock:
+                self._repaired[seq] = n_frames
+        if self.journal is not None:
+            self.journal.clear(seq)
+
+    def _record_in_journal(self, seq: int, job: WriteJob) -> None:
+        if self.journal is None:
+            return
+        try:
+            self.journal.record(seq, job)
+        except OSError as exc:
+            raise DataPathError(
+                f"cannot record the write in the journal {self.journal.path}: {exc}"
+            ) from None
+
+    def _repair_journaled_write(self) -> None:
+        """Repair the file of a write the journal names: the writer was killed during it."""
+        if self.journal is None:
+            return
+        job = self.journal.pending()
+        if job is None:
+            return
+        _repair(job, "the writer was stopped during the write")
+        self.journal.clear()
 
     def _kill(self) -> None:
         if self._process is not None:
             kill(self._process)
+
+
+def _repair(job: WriteJob, why: str) -> int | None:
+    """Repair `job`'s file; the frames it holds now, or None (logged) when it cannot be repaired."""
+    try:
+        n_frames = repair_file(job)
+    except RepairFailed as exc:
+        log.error("%s; %s", why, exc)
+        return None
+    log.warning("%s; repaired %s: it holds the %d frame(s) of its last flush", why, job.output_file, n_frames)
+    return n_frames
+
+
+def max_message_for_frames(frame_nbytes: int) -> int:
+    """The ``ZMQ_MAXMSGSIZE`` for frames of `frame_nbytes`: room for bitshuffle-LZ4's worst case
+    (incompressible data grows by its framing, about 1/256) and a header, nothing more."""
+    return frame_nbytes + frame_nbytes // 128 + 65536
 
 
 def _malloc_env() -> dict[str, str]:

@@ -1,9 +1,72 @@
-"""Making an HDF5 file readable again after its writer was killed mid-write."""
+"""Making an HDF5 file readable and consistent again after its writer was killed mid-write.
+
+A data path killed during a write leaves ``data`` at its full extent (direct chunk writes need
+it), ``image_id``/``status`` at the frames of the last flush, and the superblock flagged "open for
+SWMR write" (plain readers refuse the file). `repair_file` clears the flag and shrinks every
+dataset to the frames of the last flush: what a SWMR reader was told was valid. It runs when the
+handle sees its process die, and when a writer starts and its state file names a write that never
+ended (the whole writer was killed).
+"""
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+from typing import Any
+
+from servers.writer.datapath.api import WriteJob
+
+log = logging.getLogger(__name__)
+
+
+class RepairFailed(RuntimeError):
+    """The file could not be repaired; the message says why."""
+
+
+def repair_file(job: WriteJob) -> int:
+    """Clear the SWMR flag of `job`'s file and shrink its datasets to the frames flushed.
+
+    Returns the number of frames the file holds afterwards (the length of ``image_id``). The
+    datasets are created empty if the process died before the first frame. `RepairFailed` says
+    why the file cannot be repaired (it is missing, not HDF5, or not one of ours).
+    """
+    import h5py
+    import numpy as np
+
+    path = job.output_file
+    if not os.path.exists(path):
+        raise RepairFailed(f"{path} does not exist")
+    clear_swmr_flags(path)  # else a non-SWMR open for writing is refused
+    try:
+        with h5py.File(path, "r+") as handle:
+            group = handle.get(job.detector_name)
+            if not isinstance(group, h5py.Group):
+                raise RepairFailed(f"{path} has no group {job.detector_name!r}")
+            image_id: Any = group.get("image_id")
+            n_frames = 0 if image_id is None else int(image_id.shape[0])
+            status: Any = group.get("status")
+            if status is not None:
+                n_frames = min(n_frames, int(status.shape[0]))
+            data: Any = group.get("data")
+            if data is None:
+                data = group.create_dataset(
+                    "data",
+                    shape=(0, job.height, job.width),
+                    maxshape=(max(1, job.n_images), job.height, job.width),
+                    chunks=(1, job.height, job.width),
+                    dtype=np.dtype(job.dtype),
+                )
+            n_frames = min(n_frames, int(data.shape[0]))
+            for name in ("image_id", "status"):
+                if name not in group:
+                    group.create_dataset(name, shape=(0,), maxshape=(max(1, job.n_images),), dtype=np.uint64)
+            for dataset in (data, group["image_id"], group["status"]):
+                if dataset.shape[0] != n_frames:
+                    dataset.resize(n_frames, axis=0)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise RepairFailed(f"cannot repair {path}: {exc}") from None
+    return n_frames
 
 
 def clear_swmr_flags(path: str) -> bool:

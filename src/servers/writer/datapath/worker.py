@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--socket", choices=["pull", "sub"], default="pull")
     parser.add_argument("--rcvhwm", type=int, default=DEFAULT_RCVHWM)
     parser.add_argument("--flush-interval", type=float, default=DEFAULT_FLUSH_INTERVAL_S)
+    parser.add_argument("--max-message-bytes", type=int, default=-1)
     parser.add_argument("--conn-fd", type=int, required=True)
     parser.add_argument("--shared-fd", type=int, required=True)
     args = parser.parse_args(argv)
@@ -58,7 +59,9 @@ def main(argv: list[str]) -> None:
     shared = mmap.mmap(args.shared_fd, protocol.SHARED_BYTES)
     os.close(args.shared_fd)
     socket_kind: SocketKind = "sub" if args.socket == "sub" else "pull"
-    worker = Worker(args.endpoint, socket_kind, args.rcvhwm, args.flush_interval, conn, shared)
+    worker = Worker(
+        args.endpoint, socket_kind, args.rcvhwm, args.flush_interval, conn, shared, args.max_message_bytes
+    )
     try:
         worker.run()
     finally:
@@ -80,6 +83,7 @@ class Worker:
         flush_interval: float,
         conn: multiprocessing.connection.Connection,
         shared: Any,
+        max_message_bytes: int = -1,
     ) -> None:
         import numpy as np
         import zmq
@@ -92,11 +96,19 @@ class Worker:
         self.socket = self.context.socket(zmq.SUB if socket_kind == "sub" else zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # A message part larger than any frame can be is refused by ZeroMQ itself (it drops the
+        # connection; the peer reconnects) instead of being buffered; -1: no limit.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if socket_kind == "sub":
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.endpoint = endpoint
         self.socket.connect(endpoint)
+        # ZeroMQ treats an oversized message as a protocol error and does not reconnect after one;
+        # the monitor tells us, so the stream is connected again (off the per-frame path).
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.poller.register(conn.fileno(), zmq.POLLIN)
         # Counters live in plain ints on the hot path and are published once per batch.
         self.received = 0
@@ -121,6 +133,8 @@ class Worker:
             ready = dict(self.poller.poll(self._poll_timeout_ms()))
             if ready.get(socket):
                 self._drain()
+            if ready.get(self.monitor):
+                self._reconnect()
             if (ready.get(conn_fd) or self.conn.poll(0)) and not self._handle_commands():
                 return
             write = self.write
@@ -159,6 +173,24 @@ class Worker:
                 break
             handle(parts)
         self._publish()
+
+    def _reconnect(self) -> None:
+        """The connection to the source was lost: connect again at once (a lost connection is
+        reconnected by ZeroMQ, but not one it dropped for a message over ``ZMQ_MAXMSGSIZE``)."""
+        zmq = self._zmq
+        while True:
+            try:
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        log.warning(
+            "lost the connection to %s (the source went away, or sent a message larger than a frame "
+            "can be); connecting again",
+            self.endpoint,
+        )
+        with contextlib.suppress(zmq.ZMQError):
+            self.socket.disconnect(self.endpoint)
+        self.socket.connect(self.endpoint)
 
     def _handle_message(self, parts: list[Any]) -> None:
         """The per-frame path: decode, check, write (or count why not)."""
@@ -331,6 +363,8 @@ class Worker:
         if self.write is not None:
             with contextlib.suppress(Exception):
                 self._end_write(interrupted=True)
+        self.socket.disable_monitor()
+        self.monitor.close(0)
         self.socket.close(0)
         self.context.term()
 
