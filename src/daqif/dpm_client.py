@@ -21,6 +21,7 @@ from google.protobuf import empty_pb2
 from daqif import defaults
 from daqif.errors import DaqException, ErrorCode
 from daqif.grpc_client import AsyncGrpcClient, GrpcClient
+from daqif.tls import TlsConfig
 from daqif.v1 import dpm_pb2, dpm_pb2_grpc
 
 DEFAULT_ADDRESS = defaults.DPM_ADDRESS
@@ -66,8 +67,10 @@ class DpmClient(GrpcClient):
 
     server_name = "DPM server"
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 10.0) -> None:
-        super().__init__(address, timeout=timeout)
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 10.0, tls: TlsConfig | None = None
+    ) -> None:
+        super().__init__(address, timeout=timeout, tls=tls)
         self._dpm = dpm_pb2_grpc.DpmControlStub(self._channel)
         self._daq = dpm_pb2_grpc.DpmDaqControlStub(self._channel)
 
@@ -171,8 +174,10 @@ class AsyncDpmClient(AsyncGrpcClient):
 
     server_name = "DPM server"
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 10.0) -> None:
-        super().__init__(address, timeout=timeout)
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 10.0, tls: TlsConfig | None = None
+    ) -> None:
+        super().__init__(address, timeout=timeout, tls=tls)
         self._dpm = dpm_pb2_grpc.DpmControlStub(self._channel)
         self._daq = dpm_pb2_grpc.DpmDaqControlStub(self._channel)
 

@@ -1,7 +1,9 @@
 """What every daqif gRPC client shares: the channel, closing it, and mapping errors.
 
 Each failed call raises `daqif.errors.DaqException` with the server's id, message and code; a
-stream ends quietly when the caller cancels it.
+stream ends quietly when the caller cancels it. With `tls` (a `daqif.tls.TlsConfig`), or an address
+written `grpcs://HOST:PORT`, the channel is TLS; a server that refuses the client's certificate (or
+a client that does not trust the server's) shows as UNAVAILABLE on the first call.
 """
 
 from __future__ import annotations
@@ -13,17 +15,32 @@ import grpc
 
 from daqif.errors import DaqException, ErrorCode
 from daqif.grpc_errors import from_rpc_error
+from daqif.tls import TlsConfig, split_address
+
+
+def _credentials(address: str, tls: TlsConfig | None) -> tuple[str, grpc.ChannelCredentials | None]:
+    """The gRPC target and the channel credentials (`None`: plain text) for `address`."""
+    target, by_scheme = split_address(address)
+    if tls is None and by_scheme:
+        tls = TlsConfig()
+    return target, tls.channel_credentials() if tls is not None else None
 
 
 class GrpcClient:
-    """Blocking base client: one channel to `address`, `timeout` seconds per call by default."""
+    """Blocking base client: one channel to `address`, `timeout` seconds per call by default, TLS
+    with `tls` (`daqif.tls.TlsError` naming a file that cannot be used)."""
 
     server_name = "server"
 
-    def __init__(self, address: str, *, timeout: float | None) -> None:
+    def __init__(self, address: str, *, timeout: float | None, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        target, credentials = _credentials(address, tls)
+        self.tls = credentials is not None
+        """The channel is TLS."""
+        self._channel = (
+            grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -67,10 +84,17 @@ class AsyncGrpcClient:
 
     server_name = "server"
 
-    def __init__(self, address: str, *, timeout: float | None) -> None:
+    def __init__(self, address: str, *, timeout: float | None, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        target, credentials = _credentials(address, tls)
+        self.tls = credentials is not None
+        """The channel is TLS."""
+        self._channel = (
+            grpc.aio.insecure_channel(target)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials)
+        )
 
     async def __aenter__(self) -> Self:
         return self

@@ -23,6 +23,15 @@ ready line, so parallel runs never race for a port; each server's log is in `dat
 - `writer`      → `Writer` fed by `simulator`: `.rest_url` (std_daq REST), `.grpc_address`,
   `.data_root` (output files must lie under it; `.raw_dir` exists).
 - `daq_system`  → `DaqSystem`: all three in one data root, with `.dpm`, `.writer`, `.simulator`.
+- `tls_files`   → `TlsFiles`: a throw-away CA (`daqif.certificates`) and the certificates it issued
+  in a temporary directory: `.ca_cert`, `.server` (for 127.0.0.1 and localhost), `.client`, their
+  `.server_tls` (mutual TLS) and `.client_tls` (a `daqif.tls.TlsConfig` showing `.client`).
+- `tls_dpm_server` → `DpmServer` served with mutual TLS from `tls_files`: `.address` is
+  `grpcs://HOST:PORT`, `.client` already holds the client certificate, `.tls` the files (to make
+  other clients, or `ca.issue(...)` more certificates).
+
+`cryptography` (a daqif dependency) makes the certificates: keys and certificates never leave the
+test's temporary directory, and are valid for one day.
 
 Everything a test may write lies under `data_root`, which the servers accept as allowed root.
 """
@@ -40,7 +49,10 @@ import pytest
 from daqif import defaults
 
 if TYPE_CHECKING:
+    from daqif.certificates import CertificatePair, ThrowawayCa
     from daqif.dpm_client import DpmClient
+    from daqif.tls import TlsConfig
+    from servers.common.tls import ServerTls
     from servers.supervisor import Supervisor
     from servers.system import SystemConfig
 
@@ -52,7 +64,7 @@ TEST_DETECTOR: dict[str, object] = {
 }
 
 
-def _config(data_root: Path, simulate: bool = True) -> SystemConfig:
+def _config(data_root: Path, simulate: bool = True, tls: ServerTls | None = None) -> SystemConfig:
     from servers.system import SystemConfig
 
     # Port 0 everywhere: each server binds a free port and reports it in its ready line, so
@@ -66,6 +78,7 @@ def _config(data_root: Path, simulate: bool = True) -> SystemConfig:
         simulate=simulate,
         sim_rate=1000.0,
         detector_overrides=dict(TEST_DETECTOR),
+        tls=tls,
     )
     config.prepare()
     return config
@@ -85,17 +98,49 @@ def _running(config: SystemConfig, names: set[str]) -> Iterator[tuple[SystemConf
 
 
 @dataclass
+class TlsFiles:
+    """A throw-away CA and the certificates it issued for one test."""
+
+    ca: ThrowawayCa
+    server: CertificatePair
+    """The server's certificate, for 127.0.0.1 and localhost."""
+    client: CertificatePair
+    """A client certificate the servers of `server_tls` accept."""
+
+    @property
+    def ca_cert(self) -> Path:
+        """The CA certificate (what clients trust, and servers ask client certificates to chain to)."""
+        return self.ca.cert
+
+    @property
+    def server_tls(self) -> ServerTls:
+        """Mutual TLS for a server: its certificate, client certificates required."""
+        from servers.common.tls import ServerTls
+
+        return ServerTls(cert=self.server.cert, key=self.server.key, client_ca=self.ca.cert)
+
+    @property
+    def client_tls(self) -> TlsConfig:
+        """A client trusting the CA and showing `client`."""
+        from daqif.tls import TlsConfig
+
+        return TlsConfig(ca=self.ca.cert, cert=self.client.cert, key=self.client.key)
+
+
+@dataclass
 class DpmServer:
     """A running `daqif-dpm-server`."""
 
     config: SystemConfig
     supervisor: Supervisor
+    tls: TlsFiles | None = None
+    """The certificates of a server run over TLS (`tls_dpm_server`)."""
     client: DpmClient = field(init=False)
 
     def __post_init__(self) -> None:
         from daqif.dpm_client import DpmClient
 
-        self.client = DpmClient(self.address)
+        self.client = DpmClient(self.address, tls=self.tls.client_tls if self.tls is not None else None)
 
     @property
     def address(self) -> str:
@@ -184,6 +229,27 @@ def dpm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DpmServer]:
     config = _config(tmp_path_factory.mktemp("daqif-dpm"), simulate=False)
     with _running(config, {"dpm"}) as (bound, supervisor):
         server = DpmServer(bound, supervisor)
+        try:
+            yield server
+        finally:
+            server.client.close()
+
+
+@pytest.fixture
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A throw-away CA with a server certificate (127.0.0.1, localhost) and a client certificate."""
+    from daqif.certificates import ThrowawayCa
+
+    ca = ThrowawayCa.create(tmp_path_factory.mktemp("daqif-tls"))
+    return TlsFiles(ca, ca.issue("server", hosts=["127.0.0.1", "localhost"]), ca.issue("client"))
+
+
+@pytest.fixture
+def tls_dpm_server(tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles) -> Iterator[DpmServer]:
+    """A fresh DPM server like `dpm_server`, served with mutual TLS; `.client` shows `tls_files.client`."""
+    config = _config(tmp_path_factory.mktemp("daqif-dpm"), simulate=False, tls=tls_files.server_tls)
+    with _running(config, {"dpm"}) as (bound, supervisor):
+        server = DpmServer(bound, supervisor, tls_files)
         try:
             yield server
         finally:

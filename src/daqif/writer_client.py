@@ -19,6 +19,7 @@ from typing import Any
 from daqif import defaults
 from daqif.errors import DaqException, ErrorCode
 from daqif.grpc_client import AsyncGrpcClient, GrpcClient
+from daqif.tls import TlsConfig
 from daqif.v1 import writer_pb2, writer_pb2_grpc
 
 DEFAULT_ADDRESS = defaults.WRITER_GRPC_ADDRESS
@@ -66,8 +67,10 @@ class WriterClient(GrpcClient):
 
     server_name = "writer"
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
-        super().__init__(address, timeout=timeout)
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0, tls: TlsConfig | None = None
+    ) -> None:
+        super().__init__(address, timeout=timeout, tls=tls)
         self._stub = writer_pb2_grpc.WriterControlStub(self._channel)
 
     def get_status(self) -> WriterStatus:
@@ -149,8 +152,10 @@ class AsyncWriterClient(AsyncGrpcClient):
 
     server_name = "writer"
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
-        super().__init__(address, timeout=timeout)
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0, tls: TlsConfig | None = None
+    ) -> None:
+        super().__init__(address, timeout=timeout, tls=tls)
         self._stub = writer_pb2_grpc.WriterControlStub(self._channel)
 
     async def get_status(self) -> WriterStatus:

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from daqif import defaults
+from daqif.tls import tls_address
 from servers.common.commands import DpmOptions, ServerOptions, SimOptions, WriterOptions
 from servers.common.ready import ReadyLine
+from servers.common.tls import ServerTls
 from servers.supervisor import ChildSpec, Supervisor
 
 DEFAULT_DPM_PORT = defaults.DPM_PORT
@@ -58,6 +60,8 @@ class SystemConfig:
     redis_url: str | None = None
     extra_allowed_roots: list[Path] = field(default_factory=list)
     detector_overrides: dict[str, object] = field(default_factory=dict)
+    tls: ServerTls | None = None
+    """Serve the gRPC ports (DPM, writer WriterControl) over TLS; the writer's REST stays HTTP."""
 
     @property
     def raw_dir(self) -> Path:
@@ -79,9 +83,14 @@ class SystemConfig:
     def writer_config_file(self) -> Path:
         return self.data_root / "writer-config.json"
 
+    def _grpc_address(self, port: int) -> str:
+        address = f"{self.host}:{port}"
+        return tls_address(address) if self.tls is not None else address
+
     @property
     def dpm_address(self) -> str:
-        return f"{self.host}:{self.dpm_port}"
+        """The DPM's gRPC address (`grpcs://HOST:PORT` over TLS, as the clients take it)."""
+        return self._grpc_address(self.dpm_port)
 
     @property
     def rest_url(self) -> str:
@@ -89,7 +98,8 @@ class SystemConfig:
 
     @property
     def writer_grpc_address(self) -> str:
-        return f"{self.host}:{self.writer_grpc_port}"
+        """The writer's gRPC address (`grpcs://HOST:PORT` over TLS)."""
+        return self._grpc_address(self.writer_grpc_port)
 
     @property
     def stream(self) -> str:
@@ -167,6 +177,7 @@ def writer_options(config: SystemConfig) -> WriterOptions:
         config=config.writer_config_file,
         allowed_roots=_roots(config),
         redis_url=config.redis_url or None,
+        tls=config.tls,
     )
 
 
@@ -178,6 +189,7 @@ def dpm_options(config: SystemConfig) -> DpmOptions:
         workspace=config.workspace,
         data_root=config.data_root,
         allowed_roots=_roots(config),
+        tls=config.tls,
     )
 
 

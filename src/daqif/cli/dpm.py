@@ -5,14 +5,17 @@
     daqif dpm active | watch [ID] | storage | exit
 
 Every command takes `--address HOST[:PORT]` (default 127.0.0.1:12083; a HOST alone uses port
-12083), `--json` and `--call-timeout`. `status ID` also answers for a finished (archived) DAQ
-with its final status. Followed on a terminal, a DAQ shows a progress bar; piped, every change
-is one line (and `--json` with `watch` one JSON document per line).
+12083), `--json` and `--call-timeout`, and for a DPM served over TLS `--tls-ca FILE` (the CA that
+signed its certificate) and, for mutual TLS, `--tls-cert FILE --tls-key FILE` (an address written
+`grpcs://HOST[:PORT]` also asks for TLS, trusting the system's CAs unless `--tls-ca` is given).
+`status ID` also answers for a finished (archived) DAQ with its final status. Followed on a
+terminal, a DAQ shows a progress bar; piped, every change is one line (and `--json` with `watch` one JSON document per line).
 
 Exit codes:
     0  done (`queue --wait`: the DAQ is COMPLETED)
     1  the call failed: refused by the DPM (the code, the id and its message on stderr),
-       DPM unreachable, unreadable or invalid specification, `--timeout` of `--wait` reached
+       DPM unreachable (or the TLS handshake refused), unreadable or invalid specification or
+       certificate file, `--timeout` of `--wait` reached
     2  wrong command line
     3  `queue --wait`: the DAQ ended ABORTED
     4  `queue --wait`: the DAQ raised an ERROR alert (printed) and waits for `daqif dpm retry ID`
@@ -33,9 +36,11 @@ from rich.table import Table
 
 from daqif import defaults
 from daqif.cli._output import console, fail, print_json, to_dict
+from daqif.cli._tls import add_client_tls_arguments, client_tls_from_args
 from daqif.dpm_client import DEFAULT_ADDRESS, DaqStatus, DpmClient, state_name, substate_name
 from daqif.errors import DaqException
 from daqif.spec import SpecificationError, load_specification
+from daqif.tls import TLS_SCHEME, TlsError, split_address
 from daqif.v1 import dpm_pb2
 
 EXIT_OK = 0
@@ -48,10 +53,14 @@ STEPS = ["SCHEDULED", "COLLECTING", "MERGING", "RELEASING", "COMPLETED"]
 
 
 def with_default_port(address: str, port: int = defaults.DPM_PORT) -> str:
-    """`HOST` → `HOST:port`; `[v6]` → `[v6]:port`; an address with a port is kept."""
-    if address.startswith("["):
-        return address if "]:" in address else f"{address}:{port}"
-    return address if ":" in address else f"{address}:{port}"
+    """`HOST` → `HOST:port`; `[v6]` → `[v6]:port`; an address with a port is kept (a `grpcs://`
+    prefix too)."""
+    host_port, tls = split_address(address)
+    if host_port.startswith("["):
+        host_port = host_port if "]:" in host_port else f"{host_port}:{port}"
+    elif ":" not in host_port:
+        host_port = f"{host_port}:{port}"
+    return TLS_SCHEME + host_port if tls else host_port
 
 
 def _severity(alert: dpm_pb2.DaqAlert) -> str:
@@ -312,7 +321,15 @@ def cmd_exit(args: argparse.Namespace, client: DpmClient) -> int:
 
 def _run(command: Callable[[argparse.Namespace, DpmClient], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        with DpmClient(with_default_port(args.address), timeout=args.call_timeout) as client:
+        try:
+            tls = client_tls_from_args(args)
+        except ValueError as exc:
+            return fail(str(exc), 2)
+        try:
+            client = DpmClient(with_default_port(args.address), timeout=args.call_timeout, tls=tls)
+        except TlsError as exc:
+            return fail(str(exc), EXIT_FAILED)
+        with client:
             try:
                 return command(args, client)
             except DaqException as exc:
@@ -330,6 +347,7 @@ def add_dpm_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
     common.add_argument("--call-timeout", type=float, default=10.0, help="seconds per call")
+    add_client_tls_arguments(common)
     dpm = subparsers.add_parser(
         "dpm",
         help="control a Data Product Manager",

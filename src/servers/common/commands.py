@@ -15,6 +15,7 @@ from typing import ClassVar, Literal, Protocol, Self
 from pydantic import BaseModel, ConfigDict, Field
 
 from servers.common.ready import ReadyLine
+from servers.common.tls import ServerTls
 
 
 class ServerOptions(Protocol):
@@ -62,6 +63,8 @@ class DpmOptions(_Options):
     """JSON settings file (`servers.dpm.config`)."""
     log_level: str | None = None
     """Logging level."""
+    tls: ServerTls | None = None
+    """Serve gRPC over TLS (mutual TLS with a client CA); `None`: plain text."""
 
     def command(self) -> list[str]:
         argv = [sys.executable, "-m", "servers.dpm.main", "--port", str(self.port)]
@@ -72,7 +75,7 @@ class DpmOptions(_Options):
             argv += ["--allowed-root", str(root)]
         _flag(argv, "--config", self.config)
         _flag(argv, "--log-level", self.log_level)
-        return argv
+        return argv + (self.tls.flags() if self.tls is not None else [])
 
     def pinned(self, ready: ReadyLine) -> Self:
         return self.model_copy(update={"port": ready.port("grpc")})
@@ -111,6 +114,8 @@ class WriterOptions(_Options):
     """The writer's own directory (write journal, lock); default under the data root, per REST port."""
     allowed_uids: str | None = None
     """`MIN-MAX`: the uids `writer_user_id` may give files to, besides the service user."""
+    tls: ServerTls | None = None
+    """Serve gRPC WriterControl over TLS (mutual TLS with a client CA); REST stays plain HTTP."""
     extra_args: tuple[str, ...] = ()
     """Further flags, appended as given."""
 
@@ -129,6 +134,8 @@ class WriterOptions(_Options):
         _flag(argv, "--log-level", self.log_level)
         _flag(argv, "--state-dir", self.state_dir)
         _flag(argv, "--allowed-uids", self.allowed_uids)
+        if self.tls is not None:
+            argv += self.tls.flags()
         return argv + list(self.extra_args)
 
     def pinned(self, ready: ReadyLine) -> Self:

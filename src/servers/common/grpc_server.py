@@ -40,9 +40,16 @@ def new_server() -> grpc.aio.Server:
     return grpc.aio.server(options=SERVER_OPTIONS)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int, what: str) -> int:
+def bind(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    what: str,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
     """Bind `server` to `host:port` (0: any free port); return the bound port.
 
+    With `credentials` (`servers.common.tls.ServerTls.credentials()`) the port serves TLS only.
     Raises `PortUnavailable` with one line naming `what` and the port, the line every daqif server
     prints before it exits non-zero.
     """
@@ -53,7 +60,11 @@ def bind(server: grpc.aio.Server, host: str, port: int, what: str) -> int:
         saved = os.dup(2)
         os.dup2(held.fileno(), 2)
         try:
-            bound = int(server.add_insecure_port(f"{host}:{port}"))
+            address = f"{host}:{port}"
+            if credentials is None:
+                bound = int(server.add_insecure_port(address))
+            else:
+                bound = int(server.add_secure_port(address, credentials))
         except RuntimeError:
             bound = 0
         finally:

@@ -5,12 +5,14 @@ A server prints exactly one line on stdout once every port it serves is bound an
     daqif-ready dpm grpc=127.0.0.1:40123
     daqif-ready writer rest=http://127.0.0.1:40124 grpc=127.0.0.1:40125
     daqif-ready sim stream=tcp://127.0.0.1:40126
+    daqif-ready dpm grpc=grpcs://127.0.0.1:40127        (served over TLS)
 
 The first word after the prefix names the server; each `name=address` pair is one endpoint with the
 port actually bound (a server started on port 0 reports the port the system picked). An address is
-`HOST:PORT` or `SCHEME://HOST:PORT`; an IPv6 host is written in brackets. The launcher learns the
-ports from this line (so a restart binds the same ones) and `daqif serve` compares them with the
-ports it asked for.
+`HOST:PORT` or `SCHEME://HOST:PORT`; an IPv6 host is written in brackets. A gRPC endpoint served
+over TLS is written `grpcs://HOST:PORT`, which the daqif clients accept as is (`Endpoint.tls`).
+The launcher learns the ports from this line (so a restart binds the same ones) and `daqif serve`
+compares them with the ports it asked for.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class Endpoint(BaseModel):
     """The host part (without IPv6 brackets)."""
     port: int = Field(ge=1, le=65535)
     """The port actually bound."""
+
+    @property
+    def tls(self) -> bool:
+        """The endpoint is served over TLS (`grpcs://` or `https://`)."""
+        return self.address.startswith(("grpcs://", "https://"))
 
 
 class ReadyLine(BaseModel):

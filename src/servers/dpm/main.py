@@ -2,11 +2,14 @@
 
     daqif-dpm-server --workspace /data/dpm [--host 127.0.0.1] [--port 12083]
                      [--allowed-root DIR ...] [--data-root DIR] [--config FILE]
+                     [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
 
 Prints one line `daqif-ready dpm grpc=HOST:PORT` on stdout once it serves (with `--port 0`
-the port is the one the system picked). A port already in use stops it with exit code 2 and one
-line naming the port, before it touches the workspace. SIGINT/SIGTERM or the `Exit` call stop it
-gracefully (exit code 0); every DAQ resumes from its persisted substate at the next start.
+the port is the one the system picked; served over TLS, `grpc=grpcs://HOST:PORT`). A certificate
+or key that cannot be used stops it with exit code 2 and one line naming the file; a port already
+in use, with exit code 2 and one line naming the port, before it touches the workspace.
+SIGINT/SIGTERM or the `Exit` call stop it gracefully (exit code 0); every DAQ resumes from its
+persisted substate at the next start.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 from pathlib import Path
 
 from daqif import defaults
+from daqif.tls import TlsError, tls_address
 from servers.common.grpc_server import (
     PortUnavailable,
     add_health_and_reflection,
@@ -28,6 +32,7 @@ from servers.common.grpc_server import (
 )
 from servers.common.process import die_with_parent
 from servers.common.ready import ready_line
+from servers.common.tls import ServerTls, add_tls_arguments, security_of, tls_from_args
 from servers.dpm.config import ConfigError, DpmConfig, build_config
 from servers.dpm.grpc_service import SERVICE_NAMES, add_services
 from servers.dpm.lifecycle import DataProductManager
@@ -62,11 +67,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=Path, help="JSON settings file (see servers.dpm.config)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_tls_arguments(parser)
     return parser.parse_args(argv)
 
 
-async def serve(config: DpmConfig, host: str, port: int) -> int:
-    """Run the server until SIGINT/SIGTERM or Exit; return the exit code."""
+async def serve(config: DpmConfig, host: str, port: int, tls: ServerTls | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM or Exit (over TLS with `tls`); return the exit code."""
+    try:
+        credentials = tls.credentials() if tls is not None else None
+    except TlsError as exc:
+        print(f"daqif-dpm-server: {exc}", file=sys.stderr)
+        return 2
     dpm = DataProductManager(config)
     stop = asyncio.Event()
     server = new_server()
@@ -74,7 +85,7 @@ async def serve(config: DpmConfig, host: str, port: int) -> int:
     health = add_health_and_reflection(server, SERVICE_NAMES)
     # The port first: a second server on a busy port must leave the first one's workspace alone.
     try:
-        bound = bind(server, host, port, "DPM gRPC services")
+        bound = bind(server, host, port, "DPM gRPC services", credentials)
     except PortUnavailable as exc:
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 2
@@ -97,11 +108,12 @@ async def serve(config: DpmConfig, host: str, port: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-    print(ready_line("dpm", grpc=f"{host}:{bound}"), flush=True)
+    address = f"{host}:{bound}"
+    print(ready_line("dpm", grpc=tls_address(address) if tls else address), flush=True)
     log.info(
-        "serving on %s:%d, workspace %s, allowed roots %s",
-        host,
-        bound,
+        "serving on %s (%s), workspace %s, allowed roots %s",
+        address,
+        security_of(tls),
         config.workspace,
         ", ".join(map(str, config.allowed_roots)),
     )
@@ -127,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             data_root=args.data_root,
             allowed_roots=args.allowed_root,
         )
-    except ConfigError as exc:
+        tls = tls_from_args(args)
+    except (ConfigError, TlsError) as exc:
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(config, args.host, args.port))
+    return asyncio.run(serve(config, args.host, args.port, tls))
 
 
 if __name__ == "__main__":

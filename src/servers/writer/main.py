@@ -2,6 +2,7 @@
 
     daqif-writer --stream tcp://127.0.0.1:9999 [--config DETECTOR.json] [--rest-port 5000]
                  [--grpc-port 12084] [--redis-url redis://127.0.0.1:6379/0] [--allowed-root DIR ...]
+                 [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
 
 REST (uvicorn) and gRPC run in one asyncio loop in this process; the data path (ZeroMQ → HDF5)
 runs in its own process. Servers bind 127.0.0.1 unless `--host` says otherwise. A port of 0 picks
@@ -11,6 +12,10 @@ a free one; the line printed when ready gives the ports in use:
 
 A port already in use (by anything, another writer's gRPC port included: gRPC's SO_REUSEPORT is
 off) stops it with exit code 2 and one line naming the port.
+
+With `--tls-cert`/`--tls-key` the gRPC WriterControl serves TLS only (mutual TLS with
+`--tls-client-ca`) and the ready line prints `grpc=grpcs://HOST:PORT`; the REST API stays plain HTTP
+(the std_daq clients speak plain HTTP): keep it on loopback or behind a TLS proxy.
 
 SIGINT/SIGTERM stop cleanly: an open file is closed as interrupted, the data path is stopped.
 """
@@ -33,6 +38,7 @@ import uvicorn
 
 from daqif import defaults
 from daqif.errors import DaqException
+from daqif.tls import TlsError, tls_address
 from daqif.v1 import writer_pb2_grpc
 from servers.common.grpc_server import (
     PortUnavailable,
@@ -45,6 +51,7 @@ from servers.common.grpc_server import (
 from servers.common.paths import resolve_roots
 from servers.common.process import die_with_parent
 from servers.common.ready import ready_line
+from servers.common.tls import add_tls_arguments, security_of, tls_from_args
 from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DataPathFactory, WriterCore
 from servers.writer.datapath.api import DataPathHandle
 from servers.writer.datapath.handle import ProcessDataPath, max_message_for_frames, rcvhwm_for_frames
@@ -133,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest wait of a write_sync call, seconds (default %(default)s)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    add_tls_arguments(parser)
     return parser
 
 
@@ -185,6 +193,8 @@ def _bind_rest_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    tls = tls_from_args(args)
+    grpc_credentials = tls.credentials() if tls is not None else None  # the files checked before any bind
     config = load_config(args.config)
     data_root: Path = args.data_root.resolve()
     data_root.mkdir(parents=True, exist_ok=True)
@@ -196,7 +206,7 @@ async def serve(args: argparse.Namespace) -> int:
         raise PortUnavailable(cannot_bind("REST API", args.host, args.rest_port, str(exc.strerror))) from None
     grpc_server = new_server()
     try:
-        grpc_port = bind(grpc_server, args.host, args.grpc_port, "gRPC WriterControl")
+        grpc_port = bind(grpc_server, args.host, args.grpc_port, "gRPC WriterControl", grpc_credentials)
     except PortUnavailable:
         rest_socket.close()
         await grpc_server.stop(None)
@@ -248,10 +258,16 @@ async def serve(args: argparse.Namespace) -> int:
         rest_task.result()
         return 1
 
+    grpc_address = f"{args.host}:{grpc_port}"
     print(
-        ready_line("writer", rest=f"http://{args.host}:{rest_port}", grpc=f"{args.host}:{grpc_port}"),
+        ready_line(
+            "writer",
+            rest=f"http://{args.host}:{rest_port}",
+            grpc=tls_address(grpc_address) if tls is not None else grpc_address,
+        ),
         flush=True,
     )
+    _log.info("gRPC WriterControl on %s (%s)", grpc_address, security_of(tls))
     stop_task = asyncio.create_task(stop.wait())
     await asyncio.wait({stop_task, rest_task}, return_when=asyncio.FIRST_COMPLETED)
     _log.info("shutting down")
@@ -308,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(serve(args))
     except DaqException as exc:
         print(f"daqif-writer: {exc.message}", file=sys.stderr)
+        return 2
+    except TlsError as exc:
+        print(f"daqif-writer: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"daqif-writer: {exc}", file=sys.stderr)
