@@ -9,7 +9,8 @@ Every command takes `--address HOST[:PORT]` (default 127.0.0.1:12083; a HOST alo
 signed its certificate) and, for mutual TLS, `--tls-cert FILE --tls-key FILE` (an address written
 `grpcs://HOST[:PORT]` also asks for TLS, trusting the system's CAs unless `--tls-ca` is given).
 `status ID` also answers for a finished (archived) DAQ with its final status. Followed on a
-terminal, a DAQ shows a progress bar; piped, every change is one line (and `--json` with `watch` one JSON document per line).
+terminal, a DAQ shows a progress bar; piped, every change is one line (and `--json` with
+`watch` one JSON document per line).
 
 Exit codes:
     0  done (`queue --wait`: the DAQ is COMPLETED)
