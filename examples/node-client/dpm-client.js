@@ -5,6 +5,11 @@
 // follows it with WatchDaqStatus until COMPLETED (or ABORTED) and reads QueryStorageStatus.
 //
 //   node dpm-client.js --spec SPEC.json [--address 127.0.0.1:12083] [--timeout SECONDS]
+//                      [--tls-ca CA.pem [--tls-cert CLIENT.pem --tls-key CLIENT.key]]
+//
+// With --tls-ca (or an address written grpcs://HOST:PORT, as a TLS server's ready line prints it)
+// the channel is TLS, trusting the CA given (else Node's default roots); --tls-cert and --tls-key
+// show a client certificate to a server that asks for one (mutual TLS).
 //
 // Prints one JSON object per line: {"event":"queued",...}, {"event":"status",...} for every
 // change, {"event":"storage",...}. Exit code 0 when the DAQ completed, 1 on an error (the
@@ -21,18 +26,37 @@ const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'proto');
 const DPM_PROTO = 'daqif/v1/dpm.proto';
 
 function parseArgs(argv) {
-  const args = { address: '127.0.0.1:12083', timeout: 120, spec: null };
+  const args = { address: '127.0.0.1:12083', timeout: 120, spec: null, tlsCa: null, tlsCert: null, tlsKey: null };
   for (let i = 0; i < argv.length; i++) {
     const key = argv[i];
     const value = argv[i + 1];
     if (key === '--address') { args.address = value; i++; }
     else if (key === '--spec') { args.spec = value; i++; }
     else if (key === '--timeout') { args.timeout = Number(value); i++; }
+    else if (key === '--tls-ca') { args.tlsCa = value; i++; }
+    else if (key === '--tls-cert') { args.tlsCert = value; i++; }
+    else if (key === '--tls-key') { args.tlsKey = value; i++; }
     else if (key === '--help' || key === '-h') { args.help = true; }
     else { throw new Error(`unknown argument ${key}`); }
   }
   if (!args.help && !args.spec) throw new Error('--spec SPEC.json is required');
+  if (!args.tlsCert !== !args.tlsKey) throw new Error('--tls-cert and --tls-key go together: give both');
   return args;
+}
+
+// The channel credentials and the target: TLS with any --tls-* flag or a grpcs:// address.
+function channel(args) {
+  const scheme = 'grpcs://';
+  const tls = args.address.startsWith(scheme) || args.tlsCa || args.tlsCert;
+  const target = args.address.startsWith(scheme) ? args.address.slice(scheme.length) : args.address;
+  if (!tls) return { target, credentials: grpc.credentials.createInsecure() };
+  const read = (file, what) => {
+    if (!file) return null;
+    try { return fs.readFileSync(file); } catch (err) { throw new Error(`cannot read the ${what} ${file}: ${err.message}`); }
+  };
+  const credentials = grpc.credentials.createSsl(
+    read(args.tlsCa, 'CA certificate'), read(args.tlsKey, 'private key'), read(args.tlsCert, 'certificate'));
+  return { target, credentials };
 }
 
 function loadServices() {
@@ -120,13 +144,20 @@ async function main() {
     return 1;
   }
   if (args.help) {
-    process.stdout.write('usage: node dpm-client.js --spec SPEC.json [--address HOST:PORT] [--timeout S]\n');
+    process.stdout.write('usage: node dpm-client.js --spec SPEC.json [--address HOST:PORT] [--timeout S]'
+      + ' [--tls-ca CA.pem [--tls-cert CLIENT.pem --tls-key CLIENT.key]]\n');
     return 0;
   }
+  let target, credentials;
+  try {
+    ({ target, credentials } = channel(args));
+  } catch (err) {
+    process.stderr.write(`error: ${err.message}\n`);
+    return 1;
+  }
   const daqif = loadServices();
-  const credentials = grpc.credentials.createInsecure();
-  const daqClient = new daqif.DpmDaqControl(args.address, credentials);
-  const dpmClient = new daqif.DpmControl(args.address, credentials);
+  const daqClient = new daqif.DpmDaqControl(target, credentials);
+  const dpmClient = new daqif.DpmControl(target, credentials);
   try {
     const specification = fs.readFileSync(args.spec, 'utf8');
     const reply = await unary(daqClient, 'QueueDaq', { specification }, 10);

@@ -78,3 +78,55 @@ def test_node_client_reports_the_daq_exception_of_a_refused_spec(
     assert "DaqException INVALID_ARGUMENT" in result.stderr
     assert 'id="NODE.2"' in result.stderr
     assert "sources[0].location" in result.stderr
+
+
+def node_spec(server: DpmServer, tmp_path: Path, daq_id: str) -> Path:
+    source = server.data_root / "raw" / f"{daq_id}.h5"
+    with h5py.File(source, "w") as f:
+        f["frames"] = list(range(10))
+    spec = tmp_path / f"{daq_id}.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "id": daq_id,
+                "target": {"fileId": daq_id},
+                "sources": [{"type": "hdf5File", "sourceName": "det", "location": str(source)}],
+                "receivers": [{"type": "olasReceiver", "path": str(server.receiver_dir)}],
+            }
+        )
+    )
+    return spec
+
+
+def test_node_client_completes_a_daq_over_mutual_tls_and_is_refused_without_a_certificate(
+    node: str, tls_dpm_server: DpmServer, tmp_path: Path
+) -> None:
+    tls = tls_dpm_server.tls
+    assert tls is not None and tls_dpm_server.address.startswith("grpcs://")
+    argv = [node, str(CLIENT), "--address", tls_dpm_server.address, "--tls-ca", str(tls.ca_cert)]
+    mine = ["--tls-cert", str(tls.client.cert), "--tls-key", str(tls.client.key)]
+    spec = node_spec(tls_dpm_server, tmp_path, "NODE.TLS")
+    result = subprocess.run([*argv, *mine, "--spec", str(spec)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tls_dpm_server.receiver_dir / "NODE.TLS.h5").exists()
+    refused = subprocess.run(
+        [*argv, "--spec", str(node_spec(tls_dpm_server, tmp_path, "NODE.NOCERT"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1
+    assert "UNAVAILABLE" in refused.stderr
+    assert not (tls_dpm_server.receiver_dir / "NODE.NOCERT.h5").exists()
+
+
+def test_node_client_names_a_missing_ca_file(node: str, tmp_path: Path) -> None:
+    missing = tmp_path / "ca.pem"
+    result = subprocess.run(
+        [node, str(CLIENT), "--tls-ca", str(missing), "--spec", str(tmp_path / "spec.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot read the CA certificate {missing}: ENOENT")

@@ -168,6 +168,8 @@ def test_watch_piped_prints_one_json_document_per_line(dpm_server: DpmServer, tm
         ("127.0.0.1:5000", "127.0.0.1:5000"),
         ("[::1]", "[::1]:12083"),
         ("[::1]:5000", "[::1]:5000"),
+        ("grpcs://dpm.example.org", "grpcs://dpm.example.org:12083"),
+        ("grpcs://127.0.0.1:5000", "grpcs://127.0.0.1:5000"),
     ],
 )
 def test_an_address_without_a_port_uses_the_default_port(given: str, used: str) -> None:
@@ -210,3 +212,39 @@ def test_exit_stops_the_server(dpm_server: DpmServer) -> None:
     result = daqif("dpm", "exit", "--json", "--address", dpm_server.address)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["message"]
+
+
+def test_commands_speak_mutual_tls_with_the_tls_flags_and_are_refused_without_a_certificate(
+    tls_dpm_server: DpmServer,
+) -> None:
+    tls = tls_dpm_server.tls
+    assert tls is not None
+    address = ["--address", tls_dpm_server.address, "--tls-ca", str(tls.ca_cert)]
+    client = ["--tls-cert", str(tls.client.cert), "--tls-key", str(tls.client.key)]
+    active = daqif("dpm", "active", "--json", *address, *client)
+    assert active.returncode == 0, active.stderr
+    assert json.loads(active.stdout) == []
+    refused = daqif("dpm", "active", "--call-timeout", "5", *address)
+    assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
+
+
+def test_a_missing_client_key_file_is_named_in_one_line(tls_dpm_server: DpmServer, tmp_path: Path) -> None:
+    tls = tls_dpm_server.tls
+    assert tls is not None
+    missing = tmp_path / "me.key"
+    result = daqif(
+        "dpm",
+        "active",
+        "--address",
+        tls_dpm_server.address,
+        "--tls-cert",
+        str(tls.client.cert),
+        "--tls-key",
+        str(missing),
+    )
+    assert result.returncode == 1
+    assert " ".join(result.stderr.split()) == (
+        f"error: cannot read the private key {missing}: No such file or directory"
+    )
+    half = daqif("dpm", "active", "--tls-cert", str(tls.client.cert))
+    assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
