@@ -91,10 +91,13 @@ class SourceRecord:
     timestamp: float = 0.0
     size: int = -1
     mtime_ns: int = -1
+    references: int = 0
+    """Files the source refers to (virtual, external data) collected with it."""
+    reference_bytes: int = 0
 
     @property
     def collected(self) -> bool:
-        return self.outcome in ("linked", "copied", "rsync")
+        return self.outcome in ("linked", "copied", "rsync")  # "linked": workspaces of earlier versions
 
 
 @dataclass

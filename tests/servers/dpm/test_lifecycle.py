@@ -82,7 +82,7 @@ def test_daq_with_two_hdf5_sources_and_keywords_passes_every_substate_to_the_rec
     assert exc.code is ErrorCode.NOT_FOUND
     record = wait_archived(client, server, reply.id)
     assert [h["substate"] for h in record["history"]] == substate_names(statuses)
-    assert [s["outcome"] for s in record["sources"]] == ["linked", "linked"]
+    assert [s["outcome"] for s in record["sources"]] == ["copied", "copied"]  # snapshots, never hard links
     assert record["receivers"][0]["outcome"] == "hardlink"
     assert (server.workspace / "archive" / reply.id / "logs" / "merge.log").stat().st_size > 0
     assert not (server.workspace / "archive" / reply.id / "sources").exists()
@@ -150,7 +150,7 @@ def test_free_space_reserve_holds_the_daq_scheduled_with_a_storage_warning(dpm: 
     assert (dpm.receiver / "SPACE1.product.h5").is_file()
 
 
-def test_failed_merge_waits_for_retry_and_a_source_changed_after_collection_warns(dpm: DpmHarness) -> None:
+def test_failed_merge_waits_for_retry_which_collects_the_sources_again(dpm: DpmHarness) -> None:
     server = dpm.start()
     client = dpm.client(server)
     broken = dpm.data / "raw" / "det1.h5"
@@ -163,7 +163,8 @@ def test_failed_merge_waits_for_retry_and_a_source_changed_after_collection_warn
     internal = client.get_internal_daq_status("MERGE1")
     assert "merge attempt 1" in Path(internal.merge_log).read_text()
 
-    # The source is rewritten in place (the collected hard link sees the same inode).
+    # The source is rewritten in place; the collected snapshot still holds the broken bytes,
+    # and the retry collects the source afresh.
     with open(broken, "r+b") as handle:
         handle.truncate(0)
     write_source(broken, "det1", seed=5)
@@ -171,6 +172,7 @@ def test_failed_merge_waits_for_retry_and_a_source_changed_after_collection_warn
 
     record = wait_archived(client, server, "MERGE1")
     assert record["substate"] == "COMPLETED"
-    assert [(a["id"], a["severity"]) for a in record["alerts"]] == [("modified:det1", "WARNING")]
+    assert record["alerts"] == []
+    assert record["attempts"]["collect"] == 1
     assert record["attempts"]["merge"] == 2
     assert verify(dpm.receiver / "MERGE1.product.h5").ok
