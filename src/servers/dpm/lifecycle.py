@@ -38,6 +38,7 @@ from pathlib import Path
 from daqif.errors import DaqException
 from daqif.spec import Hdf5FileSource, Specification, SpecificationError, load_specification
 from servers.common.paths import PathNotAllowed, confine, resolve_roots
+from servers.dpm import transfer
 from servers.dpm.config import DpmConfig
 from servers.dpm.events import StatusBus, StatusWatcher
 from servers.dpm.merge_runner import ForkServerMergeRunner, MergeRunner
@@ -100,7 +101,12 @@ class DataProductManager:
 
     async def start(self) -> None:
         """Rebuild the index from the workspace and resume every active DAQ."""
-        loaded = await asyncio.to_thread(self.workspace.load)
+        loaded = await asyncio.to_thread(self.workspace.load)  # takes the workspace lock
+        # Children of a server that died by kill -9 (rsync's own children outlive its death
+        # signal) must not keep writing into the workspace we now own.
+        for pid in transfer.kill_leftovers(self.workspace.root.resolve()):
+            log.warning("killed pid %d, left running by the previous server on this workspace", pid)
+        transfer.mark_children(self.workspace.root.resolve())
         # The merge fork server imports h5py & co. once, in the background (this only spawns it).
         self._runner.warm_up()
         self._archived = loaded.archived
