@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -35,7 +36,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from daqif.errors import DaqException
+from daqif.errors import DaqException, ErrorCode
 from daqif.spec import Hdf5FileSource, Specification, SpecificationError, load_specification
 from servers.common.paths import PathNotAllowed, confine, resolve_roots
 from servers.dpm import transfer
@@ -160,6 +161,13 @@ class DataProductManager:
         try:
             await self.workspace.create(record)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DaqException(
+                    spec.id,
+                    f"cannot persist DAQ {spec.id}: the workspace {self.workspace.root} is full; queue it "
+                    "again when there is space",
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                ) from None
             raise DaqException.internal(f"cannot persist DAQ {spec.id}: {exc}", id=spec.id) from None
         finally:
             self._reserved.discard(spec.id)

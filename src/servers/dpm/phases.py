@@ -197,14 +197,9 @@ class Phases:
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(f"=== merge attempt {r.attempts['merge']} at {_utc_now()} ===\n")
             argv = [str(spec_path), "--root", str(daq_dir), "--outfile", str(product)]
-            failure: str | None = None
-            try:
-                result = await self._runner.run(argv, log_path)
-            except OSError as exc:
-                failure = f"cannot start the merge program: {exc}"
-            else:
-                if result.returncode != 0:
-                    failure = result.last_error_line or f"exit {result.returncode}"
+            failure = await asyncio.to_thread(self._lacks_space_for_product, r)
+            if failure is None:
+                failure = await self._run_merge(argv, log_path)
         if failure is None and not product.is_file():
             failure = f"the merge program exited 0 but did not write {product}"
         if failure is not None:
@@ -214,6 +209,36 @@ class Phases:
         r.result = str(product)
         r.clear_alert(MERGING_ALERT)
         return True
+
+    async def _run_merge(self, argv: list[str], log_path: Path) -> str | None:
+        """Run the merge program within `merge_timeout_s`; None, or why it failed."""
+        timeout = self.config.merge_timeout_s
+        try:
+            # At the timeout the run is cancelled, which kills the merge process.
+            result = await asyncio.wait_for(self._runner.run(argv, log_path), timeout)
+        except TimeoutError:
+            return f"timed out after {timeout:g} s (merge_timeout_s); the merge process was killed"
+        except OSError as exc:
+            return f"cannot start the merge program: {exc}"
+        if result.returncode != 0:
+            return result.last_error_line or f"exit {result.returncode}"
+        return None
+
+    def _lacks_space_for_product(self, record: DaqRecord) -> str | None:
+        """Why the product may not fit above the free-space reserve, or None.
+
+        The product holds at most the collected bytes (unallocated storage stays unallocated),
+        so their sum bounds its size.
+        """
+        needed = sum(s.bytes + s.reference_bytes for s in record.sources)
+        available = self.storage().available
+        reserve = self.config.free_space_reserve_bytes
+        if available - needed >= reserve:
+            return None
+        return (
+            f"not enough space for the product: it may need {needed} bytes, {available} bytes are "
+            f"available in {self.workspace.root} and the reserve is {reserve} bytes"
+        )
 
     async def _collect_again(self, daq: ActiveDaq) -> bool:
         """Before a merge is retried (RetryMergeDaq, or a restart): collect every source afresh.

@@ -26,6 +26,7 @@ from .dpm_helpers import (
     wait_alert,
     wait_archived,
     wait_substate,
+    wait_until,
     write_source,
 )
 
@@ -176,3 +177,20 @@ def test_failed_merge_waits_for_retry_which_collects_the_sources_again(dpm: DpmH
     assert record["attempts"]["collect"] == 1
     assert record["attempts"]["merge"] == 2
     assert verify(dpm.receiver / "MERGE1.product.h5").ok
+
+
+def test_merge_running_past_merge_timeout_is_killed_with_an_error_and_can_be_retried(dpm: DpmHarness) -> None:
+    source = dpm.source("det1")
+    server = dpm.start({"merge_timeout_s": 0.001})  # shorter than any merge takes to start
+    client = dpm.client(server)
+    client.queue_daq(make_spec("SLOW1", [hdf5_source("det1", source)], [dpm.receiver]))
+
+    status = wait_alert(client, "SLOW1", "merging")
+    assert "timed out after 0.001 s (merge_timeout_s); the merge process was killed" in status.message
+    assert not (server.workspace / "products" / "SLOW1" / "SLOW1.product.h5").exists()
+    client.retry_merge_daq("SLOW1")  # accepted: the step runs again (and times out again)
+
+    def merge_attempts() -> int:
+        return sum(a.attempts for a in client.get_internal_daq_status("SLOW1").attempts if a.step == "merge")
+
+    wait_until(lambda: merge_attempts() >= 2, 60, "the retried merge")
