@@ -14,6 +14,10 @@ import grpc
 from daqif.errors import DaqException, ErrorCode
 from daqif.grpc_errors import from_rpc_error
 
+# A status list of many DAQs (GetActiveDaqs with 10,000, each alert bounded) exceeds gRPC's
+# default 4 MiB receive limit; the servers send what they have.
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 64 * 1024 * 1024),)
+
 
 class GrpcClient:
     """Blocking base client: one channel to `address`, `timeout` seconds per call by default."""
@@ -23,7 +27,7 @@ class GrpcClient:
     def __init__(self, address: str, *, timeout: float | None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
     def __enter__(self) -> Self:
         return self
@@ -70,7 +74,7 @@ class AsyncGrpcClient:
     def __init__(self, address: str, *, timeout: float | None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
     async def __aenter__(self) -> Self:
         return self
