@@ -14,9 +14,9 @@ Measures (targets of issue 2 on the 2-core reference machine):
 - `restart_s`: `kill -9` of the server holding `--daqs` DAQs, start until the health check
   answers SERVING (<= 5 s).
 - `data_path_ratio`: `cp` of two HDF5 sources (one bitshuffle-LZ4) ÷ queue-to-archived time of a
-  DAQ collecting (hard links), merging (with fsync) and releasing (hard link) the same sources,
-  same disk, medians of `--repeat` alternating runs (>= 0.8); `..._vs_cp_fsync` compares with a
-  `cp` made durable too.
+  DAQ collecting (copies: a collected source is a snapshot), merging (fsync) and releasing
+  (hard link) the same sources, same disk, medians of `--repeat` alternating runs (>= 0.8);
+  `..._vs_cp_fsync` compares with a `cp` made durable too.
 Prints one JSON summary with machine facts.
 """
 

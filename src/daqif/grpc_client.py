@@ -26,6 +26,11 @@ def _credentials(address: str, tls: TlsConfig | None) -> tuple[str, grpc.Channel
     return target, tls.channel_credentials() if tls is not None else None
 
 
+# A status list of many DAQs (GetActiveDaqs with 10,000, each alert bounded) exceeds gRPC's
+# default 4 MiB receive limit; the servers send what they have.
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 64 * 1024 * 1024),)
+
+
 class GrpcClient:
     """Blocking base client: one channel to `address`, `timeout` seconds per call by default, TLS
     with `tls` (`daqif.tls.TlsError` naming a file that cannot be used)."""
@@ -39,7 +44,9 @@ class GrpcClient:
         self.tls = credentials is not None
         """The channel is TLS."""
         self._channel = (
-            grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+            grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+            if credentials is None
+            else grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         )
 
     def __enter__(self) -> Self:
@@ -91,9 +98,9 @@ class AsyncGrpcClient:
         self.tls = credentials is not None
         """The channel is TLS."""
         self._channel = (
-            grpc.aio.insecure_channel(target)
+            grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
             if credentials is None
-            else grpc.aio.secure_channel(target, credentials)
+            else grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         )
 
     async def __aenter__(self) -> Self:

@@ -105,9 +105,12 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: DaqException) -> No
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
-def _unexpected(name: str, exc: Exception) -> DaqException:
-    log.exception("%s failed", name)
-    return DaqException.internal(f"{name}: {type(exc).__name__}: {exc}")
+async def _abort_for(context: grpc.aio.ServicerContext, name: str, exc: Exception) -> NoReturn:
+    """End the call for what handler `name` raised: a `DaqException` as it is, anything else as INTERNAL."""
+    if not isinstance(exc, DaqException):
+        log.exception("%s failed", name)
+        exc = DaqException.internal(f"{name}: {type(exc).__name__}: {exc}")
+    await abort_with(context, exc)
 
 
 def edge(handler: H) -> H:
@@ -121,12 +124,10 @@ def edge(handler: H) -> H:
     async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await handler(self, request, context)
-        except DaqException as exc:
-            await abort_with(context, exc)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort_with(context, _unexpected(handler.__name__, exc))
+            await _abort_for(context, handler.__name__, exc)
 
     return guarded  # type: ignore[return-value]
 
@@ -139,11 +140,9 @@ def stream_edge(handler: S) -> S:
         try:
             async for message in handler(self, request, context):
                 yield message
-        except DaqException as exc:
-            await abort_with(context, exc)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort_with(context, _unexpected(handler.__name__, exc))
+            await _abort_for(context, handler.__name__, exc)
 
     return guarded  # type: ignore[return-value]

@@ -1,36 +1,70 @@
 """Collecting one HDF5 source into the DAQ's workspace (`<daqdir>/sources/<sourceName>.h5`).
 
-A local source is confined to the allowed roots (again at collection time: a symlink may have
-changed since QueueDaq), then hard-linked if it is on the workspace's file system, else copied
-(`atomic_output`: a temporary name, fsync, rename). A `host:/path` source is fetched with rsync over the
-configured remote shell, also to a temporary name first. Either way the collected file appears
-under its final name only when complete.
+A collected source is a snapshot: the merge reads the bytes collected, whatever happens to the
+original later. A local source is confined to the allowed roots (again at collection time: a
+symlink may have changed since QueueDaq) and copied (`copy_file`: `copy_file_range`, which
+file systems with reflinks such as XFS and btrfs turn into a shared-extent clone; ext4 copies).
+It is never hard-linked: a writer that rewrites a file in place would rewrite the collected
+"copy" too. A `host:/path` source is fetched with rsync over the configured remote shell.
+Either way it is written to a temporary name first and appears under its final name only
+when complete.
+
+Then every file the collected source refers to (virtual dataset sources, external raw storage,
+external links; `references.py`) is resolved against the original's location and confined to
+the allowed roots, outside the workspace. Files whose data the merge reads (virtual and
+external) are collected beside it into `sources/<sourceName>.refs/`, and the manifest
+`sources/<sourceName>.refs.json` (stored name → collected copy) is written last: a source is
+collected when its manifest exists. A reference leading out is a `TransferError` naming the
+dataset and the file.
 """
 
 from __future__ import annotations
 
-import errno
+import asyncio
 import os
+import shutil
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from daqif.spec import Location
-from servers.common.atomic import atomic_output, copy_file, remove_quietly
+from servers.common.atomic import atomic_output, atomic_write_bytes, copy_file, remove_quietly
 from servers.common.paths import PathNotAllowed, confine
 from servers.dpm.transfer import TransferError, rsync_argv, run_process, run_stoppable
 
 
 @dataclass(frozen=True)
 class Collected:
-    """Outcome of collecting one source. `size`/`mtime_ns` are the original's (-1 if remote)."""
+    """Outcome of collecting one source. `size`/`mtime_ns` are the original's (-1 if remote).
 
-    outcome: str  # "linked", "copied" or "rsync"
+    `references` files it refers to were collected with it, `reference_bytes` in all.
+    """
+
+    outcome: str  # "copied" or "rsync"
     local_path: Path
     bytes: int
     size: int
     mtime_ns: int
+    references: int = 0
+    reference_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """Where collected files may come from: the allowed roots, never the DPM workspace."""
+
+    roots: Sequence[Path]
+    workspace: Path
+
+    def check(self, path_text: str, what: str) -> Path:
+        try:
+            resolved = confine(path_text, self.roots, what=what)
+        except PathNotAllowed as exc:
+            raise TransferError(str(exc)) from None
+        if resolved.is_relative_to(self.workspace):
+            raise TransferError(f"{what} {path_text!r} lies inside the DPM workspace {self.workspace}")
+        return resolved
 
 
 def collected_path(sources_dir: Path, source_name: str) -> Path:
@@ -39,6 +73,16 @@ def collected_path(sources_dir: Path, source_name: str) -> Path:
 
 def temp_path(destination: Path) -> Path:
     return destination.with_name(f".{destination.name}.daqif-tmp")
+
+
+def is_collected(destination: Path, size: int) -> bool:
+    """A complete collection of `destination` (of `size` bytes): the file and its manifest."""
+    from servers.dpm import references  # h5py: imported on first use, not at server start
+
+    try:
+        return os.stat(destination).st_size == size and references.manifest_path(destination).is_file()
+    except OSError:
+        return False
 
 
 def remove_stale_temps(sources_dir: Path) -> None:
@@ -54,22 +98,29 @@ async def collect_source(
     location: Location,
     destination: Path,
     *,
-    allowed_roots: Sequence[Path],
+    confinement: Confinement,
     rsync_command: str,
     remote_shell: str,
 ) -> Collected:
-    """Collect `location` to `destination`; raise `TransferError` saying why it failed."""
+    """Collect `location` and the files it refers to; raise `TransferError` saying why not."""
+    from servers.dpm import references
+
     destination.parent.mkdir(parents=True, exist_ok=True)
+    manifest = references.manifest_path(destination)
+    remove_quietly(manifest)  # not collected until the manifest is written again
+    await asyncio.to_thread(shutil.rmtree, references.references_dir(destination), True)
     if location.is_remote:
-        return await _collect_remote(location, destination, rsync_command, remote_shell)
-    return await _collect_local(location.path, destination, allowed_roots)
+        done = await _collect_remote(location, destination, rsync_command, remote_shell)
+    else:
+        done = await _collect_local(location.path, destination, confinement)
+    files, extra = await _collect_references(location, destination, confinement, rsync_command, remote_shell)
+    data = references.manifest_bytes(str(location), files)
+    await asyncio.to_thread(atomic_write_bytes, manifest, data)
+    return Collected(done.outcome, destination, done.bytes, done.size, done.mtime_ns, len(files), extra)
 
 
-async def _collect_local(path_text: str, destination: Path, allowed_roots: Sequence[Path]) -> Collected:
-    try:
-        source = confine(path_text, allowed_roots, what="source")
-    except PathNotAllowed as exc:
-        raise TransferError(str(exc)) from None
+async def _collect_local(path_text: str, destination: Path, confinement: Confinement) -> Collected:
+    source = confinement.check(path_text, "source")
     try:
         st = os.stat(source)
     except FileNotFoundError:
@@ -78,36 +129,72 @@ async def _collect_local(path_text: str, destination: Path, allowed_roots: Seque
         raise TransferError(f"cannot read source {path_text}: {exc.strerror}") from None
     if not os.path.isfile(source):
         raise TransferError(f"source {path_text} is not a regular file")
+    nbytes = await _snapshot(source, destination, path_text)
+    return Collected("copied", destination, nbytes, st.st_size, st.st_mtime_ns)
 
-    try:
-        existing = os.stat(destination)
-    except FileNotFoundError:
-        existing = None
-    if existing is not None and (existing.st_dev, existing.st_ino) == (st.st_dev, st.st_ino):
-        return Collected("linked", destination, st.st_size, st.st_size, st.st_mtime_ns)
 
+async def _snapshot(source: Path, destination: Path, path_text: str) -> int:
     try:
-        outcome, nbytes = await run_stoppable(
-            lambda stop: _link_or_copy(source, destination, path_text, stop)
-        )
+        return await run_stoppable(lambda stop: _copy(source, destination, path_text, stop))
     except OSError as exc:  # the fsync or the rename
-        raise TransferError(f"cannot collect source {path_text} into {destination}: {exc.strerror}") from None
-    return Collected(outcome, destination, nbytes, st.st_size, st.st_mtime_ns)
+        raise TransferError(f"cannot collect {path_text} into {destination}: {exc.strerror}") from None
 
 
-def _link_or_copy(source: Path, destination: Path, path_text: str, stop: threading.Event) -> tuple[str, int]:
-    """Hard-link `source` to `destination`, else copy it (across file systems); atomically."""
+def _copy(source: Path, destination: Path, path_text: str, stop: threading.Event) -> int:
+    """Copy `source` to `destination` atomically (reflinked where the file system can)."""
     with atomic_output(destination, temp_name=temp_path(destination).name) as tmp:
         try:
-            os.link(source, tmp)
-            return "linked", os.stat(tmp).st_size
+            return copy_file(source, tmp, stop=stop, durable=False)
         except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise TransferError(f"cannot link source {path_text}: {exc.strerror}") from None
-        try:
-            return "copied", copy_file(source, tmp, stop=stop, durable=False)
-        except OSError as exc:
-            raise TransferError(f"cannot copy source {path_text}: {exc.strerror}") from None
+            raise TransferError(f"cannot copy {path_text}: {exc.strerror}") from None
+
+
+async def _collect_references(
+    location: Location,
+    destination: Path,
+    confinement: Confinement,
+    rsync_command: str,
+    remote_shell: str,
+) -> tuple[dict[str, Path], int]:
+    """Confine every file `destination` refers to and collect those the merge reads.
+
+    Returns stored name → collected copy, and the bytes collected.
+    """
+    from servers.dpm import references
+
+    try:
+        found = await asyncio.to_thread(references.find_references, destination)
+    except references.ReferenceError as exc:
+        raise TransferError(str(exc)) from None
+    original = Path(location.path)
+    files: dict[str, Path] = {}
+    total = 0
+    refs_dir = references.references_dir(destination)
+    for ref in found:
+        resolved = references.resolve(ref.name, original)
+        where = f"source {location}: {ref.describe()}"
+        if not location.is_remote:
+            try:
+                confinement.check(str(resolved), "the file")
+            except TransferError as exc:
+                raise TransferError(f"{where}: {exc}") from None
+        if ref.name == ".":
+            files["."] = destination  # a virtual dataset mapping from its own file: the snapshot
+            continue
+        if not ref.is_read_by_merge or ref.name in files:
+            continue  # an external link is kept as a link: the merge never opens its file
+        copy = refs_dir / f"{len(files)}-{resolved.name}"
+        refs_dir.mkdir(exist_ok=True)
+        if location.is_remote:
+            remote = Location(host=location.host, path=str(resolved))
+            total += (await _collect_remote(remote, copy, rsync_command, remote_shell)).bytes
+        else:
+            real = confinement.check(str(resolved), "the file")
+            if not real.is_file():
+                raise TransferError(f"{where}, which is not a file at {resolved}")
+            total += await _snapshot(real, copy, str(resolved))
+        files[ref.name] = copy
+    return files, total
 
 
 async def _collect_remote(
@@ -143,9 +230,11 @@ def source_changed(path_text: str, size: int, mtime_ns: int) -> str | None:
 
 __all__ = [
     "Collected",
+    "Confinement",
     "TransferError",
     "collect_source",
     "collected_path",
+    "is_collected",
     "remove_stale_temps",
     "source_changed",
 ]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -35,9 +36,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from daqif.errors import DaqException
+from daqif.errors import DaqException, ErrorCode
 from daqif.spec import Hdf5FileSource, Specification, SpecificationError, load_specification
 from servers.common.paths import PathNotAllowed, confine, resolve_roots
+from servers.dpm import transfer
 from servers.dpm.config import DpmConfig
 from servers.dpm.events import StatusBus, StatusWatcher
 from servers.dpm.merge_runner import ForkServerMergeRunner, MergeRunner
@@ -100,7 +102,12 @@ class DataProductManager:
 
     async def start(self) -> None:
         """Rebuild the index from the workspace and resume every active DAQ."""
-        loaded = await asyncio.to_thread(self.workspace.load)
+        loaded = await asyncio.to_thread(self.workspace.load)  # takes the workspace lock
+        # Children of a server that died by kill -9 (rsync's own children outlive its death
+        # signal) must not keep writing into the workspace we now own.
+        for pid in transfer.kill_leftovers(self.workspace.root.resolve()):
+            log.warning("killed pid %d, left running by the previous server on this workspace", pid)
+        transfer.mark_children(self.workspace.root.resolve())
         # The merge fork server imports h5py & co. once, in the background (this only spawns it).
         self._runner.warm_up()
         self._archived = loaded.archived
@@ -154,6 +161,13 @@ class DataProductManager:
         try:
             await self.workspace.create(record)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DaqException(
+                    spec.id,
+                    f"cannot persist DAQ {spec.id}: the workspace {self.workspace.root} is full; queue it "
+                    "again when there is space",
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                ) from None
             raise DaqException.internal(f"cannot persist DAQ {spec.id}: {exc}", id=spec.id) from None
         finally:
             self._reserved.discard(spec.id)

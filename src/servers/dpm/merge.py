@@ -147,6 +147,7 @@ from daqif.spec import (
     TransformRule,
 )
 from servers.common.atomic import atomic_output, copy_file
+from servers.dpm import references
 
 ARCFILE = "ARCFILE"
 ORIGFILE = "ORIGFILE"
@@ -575,30 +576,6 @@ def _slab_bytes(arr: np.ndarray[Any, Any]) -> bytes:
     return np.ascontiguousarray(arr).tobytes()
 
 
-def _check_virtual_sources(dset: h5py.Dataset) -> None:
-    """Refuse a virtual dataset whose source files cannot be found: HDF5 would read its fill
-    value for them without a word, and the product would hold zeros instead of frames.
-
-    A relative source name is looked up next to the file being merged (which, in the DPM, is the
-    collected copy in the workspace): join writer files with absolute paths to merge them.
-    """
-    dcpl = dset.id.get_create_plist()
-    if dcpl.get_layout() != h5py.h5d.VIRTUAL:
-        return
-    base = Path(dset.file.filename).resolve().parent
-    for i in range(dcpl.get_virtual_count()):
-        name = dcpl.get_virtual_filename(i)
-        if name == ".":  # mapped from the same file
-            continue
-        path = Path(name) if os.path.isabs(name) else base / name
-        if not path.is_file():
-            raise MergeError(
-                f"virtual dataset {dset.name} in {dset.file.filename} maps data from {name!r}, which is not "
-                f"at {path}; use absolute source paths (daqif writer join without --relative) or merge "
-                "the files themselves"
-            )
-
-
 def _is_raw_copyable(dset: h5py.Dataset) -> bool:
     return bool(dset.id.get_create_plist().get_layout() == h5py.h5d.CHUNKED and not dset.dtype.hasobject)
 
@@ -724,6 +701,9 @@ class _OpenSource:
     is_base: bool
     keywords: list[_Keyword] = field(default_factory=list)
     other_attributes: list[str] = field(default_factory=list)
+    references: Mapping[str, Path] | None = None
+    """Stored file name → the file to read, for its virtual and external data; None: resolved
+    next to `path` (the standalone merge of files in place)."""
 
 
 def _copy_attributes(
@@ -748,6 +728,7 @@ class _Copier:
 
     def __init__(self, product: h5py.File, log: _Log) -> None:
         self.product = product
+        self.references: Mapping[str, Path] | None = None  # of the source being copied, see _OpenSource
         self.buffer = _ChunkBuffer()
         self.log = log
         self.sums: dict[str, _DatasetSum] = {}  # product dataset path -> its sum in the making
@@ -834,11 +815,14 @@ class _Copier:
             did = h5py.h5d.create(dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=exact)
             self._copy_chunks(src, did, path)
         else:
-            _check_virtual_sources(src)
+            values = src
+            if next(references.dataset_references(dcpl, src.name), None) is not None:
+                # Read only through the collected copies (a ReferenceError names dataset and file).
+                values = references.value_view(src, self.references, self._scratch_file(), self._next_name())
             did = h5py.h5d.create(
                 dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=_plain_dcpl(src, dcpl)
             )
-            self._copy_values(src, h5py.Dataset(did), path)
+            self._copy_values(values, h5py.Dataset(did), path, sparse=values is src)
         copied = dst[name]
         _copy_attributes(src.attrs, copied.attrs, [a for a in src.attrs if a != DATASUM], self.log)
 
@@ -865,11 +849,17 @@ class _Copier:
             fixed.set_filter(fid, flags, values)
         return fixed if self._probe(tid, src.id.get_space(), fixed) == want else None
 
-    def _probe(self, tid: Any, space: Any, dcpl: Any) -> list[tuple[int, int, tuple[int, ...]]]:
+    def _scratch_file(self) -> h5py.File:
+        """An in-memory file for probe datasets and the views of virtual and external data."""
         if self._scratch is None:
             self._scratch = h5py.File("daqif-merge-probe", "w", driver="core", backing_store=False)
-        name = f"p{len(self._scratch)}".encode()
-        did = h5py.h5d.create(self._scratch.id, name, tid, space, dcpl=dcpl)
+        return self._scratch
+
+    def _next_name(self) -> str:
+        return f"p{len(self._scratch_file())}"
+
+    def _probe(self, tid: Any, space: Any, dcpl: Any) -> list[tuple[int, int, tuple[int, ...]]]:
+        did = h5py.h5d.create(self._scratch_file().id, self._next_name().encode(), tid, space, dcpl=dcpl)
         return _filters(did.get_create_plist())
 
     def close(self) -> None:
@@ -887,23 +877,29 @@ class _Copier:
             did.write_direct_chunk(offset, data, mask)
             self.bytes_copied += len(data)
 
-    def _copy_values(self, src: h5py.Dataset, dst: h5py.Dataset, path: str) -> None:
+    def _copy_values(self, src: h5py.Dataset, dst: h5py.Dataset, path: str, sparse: bool = False) -> None:
+        """Copy `src` by value, by slabs; with `sparse`, storage `src` never allocated is not
+        written either (its fill values are still summed), so a source declaring a large empty
+        dataset does not make a large product."""
         total = self.sums[path] = _DatasetSum("values", src.dtype, src.shape, src.chunks)
         if src.shape is None:
             return
+        write = not (sparse and src.id.get_storage_size() == 0)
         if src.shape == ():
             arr = np.asarray(src[()])
-            dst[()] = arr
+            if write:
+                dst[()] = arr
             slab = _slab_bytes(arr)
             total.add(_slab_prefix(0, len(slab)), _leaf_digest(slab))
             return
         rows = _slab_rows(src)
         for index, start in enumerate(range(0, src.shape[0], rows)):
             arr = np.asarray(src[start : start + rows])
-            dst[start : start + len(arr)] = arr
             slab = _slab_bytes(arr)
             total.add(_slab_prefix(index, len(slab)), _leaf_digest(slab))
-            self.bytes_copied += len(slab)
+            if write:
+                dst[start : start + len(arr)] = arr
+                self.bytes_copied += len(slab)
 
 
 def _filters(dcpl: Any) -> list[tuple[int, int, tuple[int, ...]]]:
@@ -952,6 +948,20 @@ def resolve_sources(spec: Specification, root: Path) -> dict[str, Path]:
         else:
             files[source.source_name] = Path(source.location.path)
     return files
+
+
+def resolve_references(spec: Specification, source_files: Mapping[str, Path]) -> dict[str, dict[str, Path]]:
+    """Per source, the collected copies of the files it refers to, from the manifest the DPM
+    wrote beside each collected source (`<name>.refs.json`); sources without one are absent."""
+    found: dict[str, dict[str, Path]] = {}
+    for name, path in source_files.items():
+        manifest = references.manifest_path(Path(path))
+        if manifest.is_file():
+            try:
+                found[name] = references.read_manifest(manifest)
+            except references.ReferenceError as exc:
+                raise MergeError(str(exc)) from None
+    return found
 
 
 def _open_source(spec: Specification, source: Hdf5FileSource, path: Path, log: _Log) -> _OpenSource:
@@ -1026,12 +1036,16 @@ def merge(
     outfile: Path,
     log: logging.Logger | TextIO | None = None,
     dry_run: bool = False,
+    source_references: Mapping[str, Mapping[str, Path]] | None = None,
 ) -> MergeResult:
     """Build the data product of `spec` at `outfile` (see the module docstring for the format).
 
     `source_files` maps every HDF5 source's `sourceName` (`target.source` included) to the file
     to read. The product is written as `.<name>.part` beside `outfile` and renamed when complete.
     With `dry_run`, every source is opened and the plan logged, and nothing is written.
+    `source_references` maps a sourceName to the collected copies of the files its virtual and
+    external datasets name (`references.read_manifest`); a source without an entry reads them
+    next to its own file.
     Raises `MergeError` with a one-line message on any problem; `outfile` is then untouched.
     """
     started = time.monotonic()
@@ -1044,7 +1058,9 @@ def merge(
             )
     opened: list[_OpenSource] = []
     try:
-        return _merge_opened(spec, source_files, outfile, out, dry_run, started, opened)
+        return _merge_opened(
+            spec, source_files, outfile, out, dry_run, started, opened, source_references or {}
+        )
     except MergeError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
@@ -1062,9 +1078,11 @@ def _merge_opened(
     dry_run: bool,
     started: float,
     opened: list[_OpenSource],
+    source_references: Mapping[str, Mapping[str, Path]],
 ) -> MergeResult:
     for source in spec.hdf5_sources:
         opened.append(_open_source(spec, source, Path(source_files[source.source_name]), out))
+        opened[-1].references = source_references.get(source.source_name)
     by_name = {o.source.source_name: o for o in opened}
     base = by_name[spec.target_source.source_name] if spec.target_source else None
     per_source: list[tuple[str, list[_Keyword]]] = []
@@ -1252,6 +1270,7 @@ def _build(
                 out.info(f"copying {name!r} ({o.path}) to /{name}")
                 group = product.create_group(name, track_order=True)
                 _copy_attributes(o.file.attrs, group.attrs, o.other_attributes, out)
+                copier.references = o.references
                 copier.copy_tree(o.file, group, f"/{name}", f"/{name}", name)
                 flusher.kick()
             for path in copier.after_copy:  # HDF5-copied datasets: summed from the product
@@ -1329,7 +1348,6 @@ def _clone_source(
         if dcpl.get_layout() == h5py.h5d.VIRTUAL or (
             dcpl.get_layout() == h5py.h5d.CONTIGUOUS and dcpl.get_external_count() > 0
         ):
-            _check_virtual_sources(obj)
             recopy.append(path)  # data outside the source file: bring it into the product
         elif _is_raw_copyable(obj):
             total = sums[target] = _DatasetSum("raw", obj.dtype, obj.shape, obj.chunks)
@@ -1343,6 +1361,8 @@ def _clone_source(
     copied = copy_file(src.path, part, durable=False)  # fsynced with the whole part file
     product = stack.enter_context(h5py.File(part, "r+", libver=("v108", "latest")))
     copier = _Copier(product, out)
+    stack.callback(copier.close)  # its scratch file, also when the recopy below fails
+    copier.references = src.references
     copier.sums.update(sums)
     copier.after_copy.extend(after_copy)
     copier.bytes_copied += copied

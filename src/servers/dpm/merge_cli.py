@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 
 from daqif.spec import SpecificationError, load_specification
-from servers.dpm.merge import MergeError, ProductUnreadableError, merge, resolve_sources, verify
+from servers.dpm.merge import (
+    MergeError,
+    ProductUnreadableError,
+    merge,
+    resolve_references,
+    resolve_sources,
+    verify,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # merge failed, or --verify found a mismatch
@@ -32,7 +39,9 @@ exit codes:
 The product is written as .<name>.part beside the output file and renamed when complete,
 so the output file never holds a partial product. Sources are read from
 <root>/sources/<sourceName>.h5 when that exists (a DPM workspace), else from their local
-location.
+location. Virtual and external data are read from the copies listed in
+<root>/sources/<sourceName>.refs.json (written by the DPM when it collects), else from the
+files they name, resolved next to the source file.
 """
 
 
@@ -80,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     outfile = args.outfile if args.outfile is not None else args.root / spec.product_name
     try:
         sources = resolve_sources(spec, args.root)
-        merge(spec, sources, outfile, log=sys.stdout, dry_run=args.dry_run)
+        refs = resolve_references(spec, sources)
+        merge(spec, sources, outfile, log=sys.stdout, dry_run=args.dry_run, source_references=refs)
     except MergeError as exc:
         return _fail(str(exc), EXIT_FAILED)
     except KeyboardInterrupt:

@@ -12,6 +12,11 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from daqif.errors import bounded
+
+MAX_ALERT_CHARS = 500
+"""Characters of an alert description kept (then `… (N more characters)`)."""
+
 
 class SubState(StrEnum):
     """DPM substates; names match the `daqif.v1.DaqSubState` suffixes."""
@@ -91,10 +96,13 @@ class SourceRecord:
     timestamp: float = 0.0
     size: int = -1
     mtime_ns: int = -1
+    references: int = 0
+    """Files the source refers to (virtual, external data) collected with it."""
+    reference_bytes: int = 0
 
     @property
     def collected(self) -> bool:
-        return self.outcome in ("linked", "copied", "rsync")
+        return self.outcome in ("linked", "copied", "rsync")  # "linked": workspaces of earlier versions
 
 
 @dataclass
@@ -154,7 +162,12 @@ class DaqRecord:
         return any(a.severity is Severity.ERROR for a in self.alerts.values())
 
     def set_alert(self, alert_id: str, severity: Severity, description: str) -> None:
-        """Raise (or replace) the alert `alert_id`; its description becomes the status message."""
+        """Raise (or replace) the alert `alert_id`; its description becomes the status message.
+
+        The description is bounded (`MAX_ALERT_CHARS`): a path of 4,096 characters or the
+        output of a failed program must not make every status of 10,000 DAQs huge.
+        """
+        description = bounded(description, MAX_ALERT_CHARS)
         now = time.time()
         self.alerts[alert_id] = Alert(alert_id, severity, description, now)
         self.timestamp = now

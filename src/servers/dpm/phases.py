@@ -88,6 +88,7 @@ class Phases:
         self.config = config
         self.workspace = workspace
         self._roots = allowed_roots
+        self._confinement = collect.Confinement(allowed_roots, Path(workspace.root).resolve())
         self._runner = runner
         self._commit = commit
         self._transfers = asyncio.Semaphore(config.max_transfers)
@@ -147,7 +148,7 @@ class Phases:
                 done = await collect.collect_source(
                     location,
                     destination,
-                    allowed_roots=self._roots,
+                    confinement=self._confinement,
                     rsync_command=self.config.rsync_command,
                     remote_shell=self.config.rsync_remote_shell,
                 )
@@ -162,6 +163,8 @@ class Phases:
         source.outcome = done.outcome
         source.size = done.size
         source.mtime_ns = done.mtime_ns
+        source.references = done.references
+        source.reference_bytes = done.reference_bytes
         source.timestamp = time.time()
         daq.record.clear_alert(collecting_alert(source.source_name))
         await self._commit(daq)
@@ -177,6 +180,8 @@ class Phases:
         """Merge the collected sources into the product; on success `record.result` is its path."""
         r = daq.record
         await self.debug_delay(SubState.MERGING)
+        if r.attempts.get("merge", 0) > 0 and not await self._collect_again(daq):
+            return False
         self._check_modified(daq)
         daq_dir = self.workspace.daq_dir(r.id)
         product = self.product_path(r)
@@ -192,14 +197,9 @@ class Phases:
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(f"=== merge attempt {r.attempts['merge']} at {_utc_now()} ===\n")
             argv = [str(spec_path), "--root", str(daq_dir), "--outfile", str(product)]
-            failure: str | None = None
-            try:
-                result = await self._runner.run(argv, log_path)
-            except OSError as exc:
-                failure = f"cannot start the merge program: {exc}"
-            else:
-                if result.returncode != 0:
-                    failure = result.last_error_line or f"exit {result.returncode}"
+            failure = await asyncio.to_thread(self._lacks_space_for_product, r)
+            if failure is None:
+                failure = await self._run_merge(argv, log_path)
         if failure is None and not product.is_file():
             failure = f"the merge program exited 0 but did not write {product}"
         if failure is not None:
@@ -209,6 +209,49 @@ class Phases:
         r.result = str(product)
         r.clear_alert(MERGING_ALERT)
         return True
+
+    async def _run_merge(self, argv: list[str], log_path: Path) -> str | None:
+        """Run the merge program within `merge_timeout_s`; None, or why it failed."""
+        timeout = self.config.merge_timeout_s
+        try:
+            # At the timeout the run is cancelled, which kills the merge process.
+            result = await asyncio.wait_for(self._runner.run(argv, log_path), timeout)
+        except TimeoutError:
+            return f"timed out after {timeout:g} s (merge_timeout_s); the merge process was killed"
+        except OSError as exc:
+            return f"cannot start the merge program: {exc}"
+        if result.returncode != 0:
+            return result.last_error_line or f"exit {result.returncode}"
+        return None
+
+    def _lacks_space_for_product(self, record: DaqRecord) -> str | None:
+        """Why the product may not fit above the free-space reserve, or None.
+
+        The product holds at most the collected bytes (unallocated storage stays unallocated),
+        so their sum bounds its size.
+        """
+        needed = sum(s.bytes + s.reference_bytes for s in record.sources)
+        available = self.storage().available
+        reserve = self.config.free_space_reserve_bytes
+        if available - needed >= reserve:
+            return None
+        return (
+            f"not enough space for the product: it may need {needed} bytes, {available} bytes are "
+            f"available in {self.workspace.root} and the reserve is {reserve} bytes"
+        )
+
+    async def _collect_again(self, daq: ActiveDaq) -> bool:
+        """Before a merge is retried (RetryMergeDaq, or a restart): collect every source afresh.
+
+        A failed merge is often a source that was not ready; the retry takes it as it is now.
+        """
+        locations = {s.source_name: s.location for s in daq.spec.hdf5_sources}
+        for source in daq.record.sources:
+            daq.record.clear_alert(modified_alert(source.source_name))
+        results = await asyncio.gather(
+            *(self._collect_one(daq, s, locations[s.source_name]) for s in daq.record.sources)
+        )
+        return all(results)
 
     def _check_modified(self, daq: ActiveDaq) -> None:
         for source in daq.record.sources:
@@ -286,10 +329,7 @@ class Phases:
 
 
 def _still_there(source: SourceRecord) -> bool:
-    try:
-        return os.stat(source.local_path).st_size == source.bytes
-    except OSError:
-        return False
+    return collect.is_collected(Path(source.local_path), source.bytes)
 
 
 def _utc_now() -> str:

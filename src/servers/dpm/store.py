@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -197,11 +198,21 @@ class Workspace:
 
     def _create_sync(self, daq_id: str, data: bytes) -> None:
         assert self._journal_fd is not None, "load() opens the journal"
-        os.write(self._journal_fd, data + b"\n")
-        os.fdatasync(self._journal_fd)
+        journal_end = os.lseek(self._journal_fd, 0, os.SEEK_END)
         directory = self.daq_dir(daq_id)
-        directory.mkdir()
-        atomic_write_bytes(directory / STATUS_FILE, data, durable=False)
+        try:
+            written = os.write(self._journal_fd, data + b"\n")
+            if written != len(data) + 1:
+                raise OSError(errno.ENOSPC, "the queue journal line was written only in part")
+            os.fdatasync(self._journal_fd)
+            directory.mkdir()
+            atomic_write_bytes(directory / STATUS_FILE, data, durable=False)
+        except OSError:
+            # A refused QueueDaq leaves nothing behind: neither a directory that would block
+            # the id nor a journal line a restart would resurrect.
+            os.ftruncate(self._journal_fd, journal_end)
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         self._unsettled.add(daq_id)
         self._journal_ids.append(daq_id)
         if len(self._journal_ids) >= JOURNAL_CHECKPOINT_LINES:

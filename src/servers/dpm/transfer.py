@@ -2,17 +2,24 @@
 
 Every child process (rsync, the merge program) is started so that it dies with the server
 (`PR_SET_PDEATHSIG` through `setpriv`, when installed): after a `kill -9` of the server no
-orphan keeps writing into the workspace while the restarted server redoes the step. Cancelling
-the awaiting task kills the child; cancelling a copy stops it at its next chunk.
+orphan keeps writing into the workspace while the restarted server redoes the step. The death
+signal reaches only the direct child, and rsync starts children of its own (the remote shell,
+its receiver): each rsync therefore leads its own process group, which a cancellation kills
+whole, and every process the server starts inherits `DAQIF_DPM_WORKSPACE=<workspace>` in its
+environment, so the next server on the workspace finds and kills what outlived a `kill -9`
+(`kill_leftovers`, at start-up, under the workspace lock). Cancelling a copy stops it at its
+next chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shlex
 import shutil
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -37,6 +44,35 @@ def _dying_with_server(argv: Sequence[str]) -> list[str]:
     if _SETPRIV is None:
         return list(argv)
     return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+
+
+WORKSPACE_VARIABLE = "DAQIF_DPM_WORKSPACE"
+
+
+def mark_children(workspace: Path) -> None:
+    """Make every process started from now on carry the workspace in its environment."""
+    os.environ[WORKSPACE_VARIABLE] = str(workspace)
+
+
+def kill_leftovers(workspace: Path) -> list[int]:
+    """SIGKILL every process (but this one) marked with `workspace`; return their pids.
+
+    Only call it holding the workspace lock: the server that started them is then dead.
+    """
+    marker = f"{WORKSPACE_VARIABLE}={workspace}".encode()
+    killed = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environment = Path(entry.path, "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not readable: not one of ours
+        if marker in environment:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
 
 
 @dataclass(frozen=True)
@@ -70,6 +106,7 @@ async def run_process(argv: Sequence[str], *, log_path: Path | None = None) -> P
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log_handle if log_handle is not None else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group: a kill reaches rsync's children too
         )
         assert proc.stderr is not None
         lines: deque[str] = deque(maxlen=50)
@@ -82,8 +119,9 @@ async def run_process(argv: Sequence[str], *, log_path: Path | None = None) -> P
                     lines.append(line)
             code = await proc.wait()
         except asyncio.CancelledError:
-            if proc.returncode is None:
-                proc.kill()
+            if proc.returncode is None:  # not reaped yet: its pid still names its group
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
             raise
         return ProcessResult(code, tuple(lines))
@@ -93,8 +131,23 @@ async def run_process(argv: Sequence[str], *, log_path: Path | None = None) -> P
 
 
 def rsync_argv(rsync_command: str, remote_shell: str, source: str, destination: str) -> list[str]:
-    """The rsync command line for one file (`remote_shell` given to rsync's `-e`)."""
-    return [*shlex.split(rsync_command), "-e", remote_shell, "--times", "--checksum", source, destination]
+    """The rsync command line for one file (`remote_shell` given to rsync's `-e`).
+
+    `--` ends the options, so no operand is read as one (QueueDaq already refuses hosts and
+    paths starting with `-`); `--protect-args` sends the remote path to the remote rsync as
+    data, never through the remote shell's word splitting and globbing.
+    """
+    return [
+        *shlex.split(rsync_command),
+        "-e",
+        remote_shell,
+        "--protect-args",
+        "--times",
+        "--checksum",
+        "--",
+        source,
+        destination,
+    ]
 
 
 async def run_stoppable(work: Callable[[threading.Event], T]) -> T:

@@ -112,8 +112,8 @@ def test_target_source_is_collected_and_becomes_the_base_of_the_product(dpm: Dpm
 
     record = wait_archived(client, server, "BASE1")
     assert [(s["source_name"], s["outcome"]) for s in record["sources"]] == [
-        ("base", "linked"),
-        ("det1", "linked"),
+        ("base", "copied"),
+        ("det1", "copied"),
     ]
     with h5py.File(dpm.receiver / "BASE1.product.h5", "r") as f:
         np.testing.assert_array_equal(f["base/data"][()], base)  # the base's layout, at the root

@@ -25,6 +25,7 @@ from .dpm_helpers import (
     wait_alert,
     wait_archived,
     wait_substate,
+    wait_until,
 )
 
 
@@ -250,3 +251,27 @@ def test_watch_of_one_daq_starts_with_its_current_status(dpm: DpmHarness) -> Non
     assert first.state == dpm_pb2.DAQ_STATE_MERGING
     assert [d.id for d in client.get_active_daqs()] == ["HELD"]
     wait_substate(client, "HELD", "SCHEDULED")
+
+
+def test_get_active_daqs_answers_with_10000_daqs_each_with_a_long_alert(dpm: DpmHarness) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from servers.dpm.model import MAX_ALERT_CHARS
+
+    # Each source path is 4,000 characters long and does not exist: the collecting alert quotes it.
+    long_dir = "/".join(["d" * 200] * 19)
+    server = dpm.start({"max_transfers": 8})
+    client = dpm.client(server, timeout=120)
+
+    def queue(i: int) -> None:
+        location = dpm.data / long_dir / f"det{i}.h5"
+        client.queue_daq(make_spec(f"MANY{i}", [hdf5_source("det", location)]))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(queue, range(10_000)))
+    wait_until(lambda: sum(1 for s in client.get_active_daqs() if s.error) == 10_000, 300, "10,000 alerts")
+    daqs = client.get_active_daqs()
+    assert len(daqs) == 10_000
+    (alert,) = daqs[0].alerts
+    assert alert.id == "collecting:det" and alert.description.startswith(f"source {dpm.data}")
+    assert len(alert.description) <= MAX_ALERT_CHARS + 40 and "more characters)" in alert.description

@@ -26,6 +26,7 @@ from .dpm_helpers import (
     wait_alert,
     wait_archived,
     wait_substate,
+    wait_until,
     write_source,
 )
 
@@ -82,7 +83,7 @@ def test_daq_with_two_hdf5_sources_and_keywords_passes_every_substate_to_the_rec
     assert exc.code is ErrorCode.NOT_FOUND
     record = wait_archived(client, server, reply.id)
     assert [h["substate"] for h in record["history"]] == substate_names(statuses)
-    assert [s["outcome"] for s in record["sources"]] == ["linked", "linked"]
+    assert [s["outcome"] for s in record["sources"]] == ["copied", "copied"]  # snapshots, never hard links
     assert record["receivers"][0]["outcome"] == "hardlink"
     assert (server.workspace / "archive" / reply.id / "logs" / "merge.log").stat().st_size > 0
     assert not (server.workspace / "archive" / reply.id / "sources").exists()
@@ -150,7 +151,7 @@ def test_free_space_reserve_holds_the_daq_scheduled_with_a_storage_warning(dpm: 
     assert (dpm.receiver / "SPACE1.product.h5").is_file()
 
 
-def test_failed_merge_waits_for_retry_and_a_source_changed_after_collection_warns(dpm: DpmHarness) -> None:
+def test_failed_merge_waits_for_retry_which_collects_the_sources_again(dpm: DpmHarness) -> None:
     server = dpm.start()
     client = dpm.client(server)
     broken = dpm.data / "raw" / "det1.h5"
@@ -163,7 +164,8 @@ def test_failed_merge_waits_for_retry_and_a_source_changed_after_collection_warn
     internal = client.get_internal_daq_status("MERGE1")
     assert "merge attempt 1" in Path(internal.merge_log).read_text()
 
-    # The source is rewritten in place (the collected hard link sees the same inode).
+    # The source is rewritten in place; the collected snapshot still holds the broken bytes,
+    # and the retry collects the source afresh.
     with open(broken, "r+b") as handle:
         handle.truncate(0)
     write_source(broken, "det1", seed=5)
@@ -171,6 +173,24 @@ def test_failed_merge_waits_for_retry_and_a_source_changed_after_collection_warn
 
     record = wait_archived(client, server, "MERGE1")
     assert record["substate"] == "COMPLETED"
-    assert [(a["id"], a["severity"]) for a in record["alerts"]] == [("modified:det1", "WARNING")]
+    assert record["alerts"] == []
+    assert record["attempts"]["collect"] == 1
     assert record["attempts"]["merge"] == 2
     assert verify(dpm.receiver / "MERGE1.product.h5").ok
+
+
+def test_merge_running_past_merge_timeout_is_killed_with_an_error_and_can_be_retried(dpm: DpmHarness) -> None:
+    source = dpm.source("det1")
+    server = dpm.start({"merge_timeout_s": 0.001})  # shorter than any merge takes to start
+    client = dpm.client(server)
+    client.queue_daq(make_spec("SLOW1", [hdf5_source("det1", source)], [dpm.receiver]))
+
+    status = wait_alert(client, "SLOW1", "merging")
+    assert "timed out after 0.001 s (merge_timeout_s); the merge process was killed" in status.message
+    assert not (server.workspace / "products" / "SLOW1" / "SLOW1.product.h5").exists()
+    client.retry_merge_daq("SLOW1")  # accepted: the step runs again (and times out again)
+
+    def merge_attempts() -> int:
+        return sum(a.attempts for a in client.get_internal_daq_status("SLOW1").attempts if a.step == "merge")
+
+    wait_until(lambda: merge_attempts() >= 2, 60, "the retried merge")

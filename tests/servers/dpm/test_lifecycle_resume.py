@@ -140,3 +140,51 @@ def test_kill_9_during_a_running_merge_takes_the_merge_process_down_too(dpm: Dpm
     assert record["attempts"]["merge"] == 2
     assert os.listdir(dpm.receiver) == ["MERGE9.product.h5"]
     assert verify(dpm.receiver / "MERGE9.product.h5").ok
+
+
+# A remote shell that never answers and starts a child of its own: what rsync leaves behind
+# when it is killed, since its death signal reaches rsync alone.
+HANGING_SHELL = """#!/bin/sh
+sleep 3600 &
+wait
+"""
+
+
+def _marked_processes(workspace: Path) -> list[int]:
+    marker = f"DAQIF_DPM_WORKSPACE={workspace.resolve()}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and _alive(int(entry.name)):
+            with contextlib.suppress(OSError):
+                if marker in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return found
+
+
+def test_rsync_children_left_by_a_kill_9_are_killed_when_the_server_starts_again(dpm: DpmHarness) -> None:
+    shell = dpm.base / "hanging-ssh"
+    shell.write_text(HANGING_SHELL)
+    shell.chmod(0o755)
+    server = dpm.start({"rsync_remote_shell": str(shell)})
+    client = dpm.client(server)
+    client.queue_daq(make_spec("HANG1", [hdf5_source("det", "remotehost:/data/det.h5")]))
+
+    def shell_children() -> list[int]:
+        return [
+            p
+            for p in _marked_processes(server.workspace)
+            if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep")
+        ]
+
+    wait_until(shell_children, 60, "the remote shell's child")
+    server.kill()
+    assert not server.running
+    leftovers = wait_until(shell_children, 30, "the leftovers")
+    assert leftovers
+
+    server.start()
+    wait_until(lambda: not any(_alive(p) for p in leftovers), 30, "the leftovers to be killed")
+    log = server.log_text()
+    assert f"killed pid {leftovers[0]}" in log
+    client.abort_daq("HANG1")  # its new rsync hangs too: the abort kills its whole group
+    wait_until(lambda: not shell_children(), 30, "the abort to kill the new remote shell")

@@ -1,6 +1,6 @@
 """Every substate transition of the DPM core, in-process, with a fake merge runner (no processes).
 
-The real workspace, collection (hard links) and release run on tmp_path; only the merge program
+The real workspace, collection (copies) and release run on tmp_path; only the merge program
 is replaced (`FakeMergeRunner`), so each test takes milliseconds. The end-to-end behaviour through
 a real server and the real merge is in test_lifecycle.py.
 """

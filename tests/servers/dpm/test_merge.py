@@ -539,7 +539,9 @@ def test_source_failing_half_way_leaves_neither_product_nor_part_file(
     document = spec_document([hdf5_source("det1", two_detectors[0]), hdf5_source("broken", broken)])
 
     with pytest.raises(
-        MergeError, match=r"source 'broken': cannot copy dataset /external: .*external raw data file"
+        MergeError,
+        match=r"source .broken.: cannot copy dataset /external: dataset with external raw storage "
+        r"/external refers to .*pixels.raw",
     ):
         run_merge(tmp_path, document)
     assert not list((tmp_path / "out").iterdir())  # no product, no .part
@@ -721,6 +723,20 @@ def test_virtual_source_whose_frames_cannot_be_found_is_refused_not_zero_filled(
     sources = [hdf5_source("det", collected)]
     if path == "copied":  # a larger source is cloned; the joined file goes object by object
         sources.append(hdf5_source("big", write_detector_file(tmp_path / "big.h5", "jf", seed=3)))
-    with pytest.raises(MergeError, match=r"virtual dataset /DET/data .* maps data from 'a.h5'"):
+    with pytest.raises(MergeError, match=r"virtual dataset /DET/data refers to 'a.h5', which is not a file"):
         run_merge(tmp_path, spec_document(sources))
     assert not list((tmp_path / "out").glob("*.h5"))
+
+
+def test_a_source_declaring_an_empty_1_gib_dataset_makes_a_small_product(tmp_path: Path) -> None:
+    sparse = tmp_path / "sparse.h5"
+    with h5py.File(sparse, "w") as f:
+        f.create_dataset("empty", shape=(1 << 30,), dtype=np.uint8, fillvalue=7)  # never written
+    assert sparse.stat().st_size < 4096
+    big = write_detector_file(tmp_path / "big.h5", "jf", seed=1)  # the larger one is cloned
+    result, outfile = run_merge(tmp_path, spec_document([hdf5_source("big", big), hdf5_source("s", sparse)]))
+    assert outfile.stat().st_size < big.stat().st_size + (1 << 20)
+    with h5py.File(outfile, "r") as product:
+        empty = product["s/empty"]
+        assert empty.id.get_storage_size() == 0 and empty.shape == (1 << 30,) and empty[-1] == 7
+    assert verify(outfile).ok, result
