@@ -3,7 +3,7 @@ the `daqif.testing` fixtures).
 
 Layout under the data root (default `./daqif-data`):
 
-    <data-root>/raw/                 files the writer records (the writer's allowed root is the data root)
+    <data-root>/raw/                 files the writer records: its only allowed root (with --allowed-root's)
     <data-root>/dpm/                 the DPM workspace
     <data-root>/olas/                the default receiver directory for data products
     <data-root>/writer-config.json   the writer's detector config (created with embedded defaults)
@@ -134,6 +134,28 @@ class SystemConfig:
             return {**DEFAULT_DETECTOR, **loaded}
         return dict(DEFAULT_DETECTOR)
 
+    def protected(self) -> dict[str, Path]:
+        """What no allowed root may contain or lie inside, by what it is."""
+        return {
+            "the DPM workspace": self.workspace,
+            "the receiver directory": self.receiver_dir,
+            "the log directory": self.log_dir,
+            "the writer's config file": self.writer_config_file,
+        }
+
+    def check_roles_apart(self) -> None:
+        """Refuse allowed roots that overlap what another role owns: the writer could otherwise overwrite
+        a released product, an active DAQ's files or its own config. `ValueError` names both paths."""
+        for root in _roots(self):
+            root = root.resolve()
+            for what, path in self.protected().items():
+                path = path.resolve()
+                if root == path or root in path.parents or path in root.parents:
+                    raise ValueError(
+                        f"allowed root {root} overlaps {what} {path}: the writer could overwrite it; "
+                        "give a directory apart from both"
+                    )
+
     def prepare(self) -> None:
         """Create the data root layout and the writer's config file (embedded defaults)."""
         for directory in (self.data_root, self.raw_dir, self.workspace, self.receiver_dir, self.log_dir):
@@ -163,14 +185,16 @@ def sim_options(config: SystemConfig) -> SimOptions:
 
 
 def _roots(config: SystemConfig) -> tuple[Path, ...]:
-    return (config.data_root.resolve(), *config.extra_allowed_roots)
+    # Roles apart: the writer writes, and the DPM reads sources, under raw/ only, never where the DPM
+    # keeps its workspace or releases products, nor where serve keeps logs and the writer's config.
+    return (config.raw_dir.resolve(), *config.extra_allowed_roots)
 
 
 def writer_options(config: SystemConfig) -> WriterOptions:
     """The writer of the system, reading `config.stream`, its detector config in the data root."""
     return WriterOptions(
         stream=config.stream,
-        data_root=config.data_root,
+        data_root=config.raw_dir,
         host=config.host,
         rest_port=config.rest_port,
         grpc_port=config.writer_grpc_port,

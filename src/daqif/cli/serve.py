@@ -59,18 +59,31 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         type=Path,
         action="append",
         default=[],
-        help="more directories the servers may read and write (the data root always is)",
+        help="more directories the writer may write to and the DPM may read sources from (besides "
+        "<data-root>/raw); one inside the DPM workspace, the receiver directory, the logs or the "
+        "writer's config is refused",
     )
     serve.add_argument("--max-restarts", type=int, default=3, help="restarts per server before giving up")
+    from servers.common.tls import add_tls_arguments
+
+    add_tls_arguments(serve)  # passed to the DPM and the writer's gRPC port
     serve.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from daqif.tls import TlsError
     from servers import system
     from servers.common.launch import port_in_use
     from servers.common.ready import ready_line
+    from servers.common.tls import tls_from_args
     from servers.supervisor import ChildFailed, Supervisor
 
+    try:
+        tls = tls_from_args(args)
+        if tls is not None:
+            tls.credentials()  # a file that cannot be used stops serve before anything starts
+    except TlsError as exc:
+        return fail(str(exc))
     config = system.SystemConfig(
         data_root=args.data_root.resolve(),
         host=args.host,
@@ -85,7 +98,12 @@ def run_serve(args: argparse.Namespace) -> int:
         sim_compress=args.sim_compress,
         redis_url=args.redis_url,
         extra_allowed_roots=[p.resolve() for p in args.allowed_root],
+        tls=tls,
     )
+    try:
+        config.check_roles_apart()
+    except ValueError as exc:
+        return fail(str(exc))
     if config.stream_port == 0 and not args.simulate and not args.stream:
         return fail("--stream-port 0 needs --simulate (without it the writer must know where to connect)")
     # Before anything starts: a second serve must not touch the first one's data root.

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import pytest
@@ -19,7 +20,10 @@ import requests
 from std_daq_client import StdDaqClient
 
 from daqif.dpm_client import DpmClient
+from daqif.errors import DaqException, ErrorCode
+from daqif.tls import TlsConfig
 from daqif.v1 import dpm_pb2
+from daqif.writer_client import WriterClient
 from servers.common.process import descendants, is_alive
 from servers.common.ready import ReadyLine, is_ready_line, parse_ready_line
 from servers.supervisor import free_port
@@ -187,3 +191,37 @@ def test_dpm_exit_under_serve_is_a_clean_stop_that_is_not_restarted(
     assert serve.interrupt() == 0, serve.output
     assert "restarting" not in serve.output
     assert (data / "logs" / "dpm.log").read_text().count("daqif-ready dpm ") == 1
+
+
+def test_serve_with_tls_flags_serves_both_grpc_ports_over_mutual_tls(
+    tmp_path: Path, serves: list[Serve], tls_files: Any
+) -> None:
+    server = tls_files.server
+    tls_args = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
+    tls_args += ["--tls-client-ca", str(tls_files.ca_cert)]
+    serve = Serve(tmp_path, "--data-root", str(tmp_path / "data"), *any_ports(), *no_detector(), *tls_args)
+    serves.append(serve)
+    ready = serve.ready()
+    assert ready.address("dpm").startswith("grpcs://")
+    assert ready.address("writer_grpc").startswith("grpcs://")
+    with DpmClient(ready.address("dpm"), tls=tls_files.client_tls) as dpm:
+        assert dpm.get_active_daqs() == []
+    with WriterClient(ready.address("writer_grpc"), tls=tls_files.client_tls) as writer:
+        assert writer.get_status().state
+    without_certificate = TlsConfig(ca=tls_files.ca_cert)
+    with DpmClient(ready.address("dpm"), tls=without_certificate) as dpm, pytest.raises(DaqException) as info:
+        dpm.get_active_daqs()
+    assert info.value.code is ErrorCode.UNAVAILABLE
+    assert serve.interrupt() == 0, serve.output
+
+
+def test_serve_refuses_an_unusable_certificate_before_starting_anything(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    result = subprocess.run(
+        [sys.executable, "-m", "daqif.cli.main", "serve", "--data-root", str(tmp_path / "data"),
+         "--tls-cert", str(missing), "--tls-key", str(missing)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert str(missing) in result.stderr
+    assert not (tmp_path / "data").exists()
