@@ -9,9 +9,11 @@ import os
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -36,8 +38,48 @@ class PortUnavailable(OSError):
 
 
 def new_server() -> grpc.aio.Server:
-    """An asyncio gRPC server that cannot share its port with another process."""
-    return grpc.aio.server(options=SERVER_OPTIONS)
+    """An asyncio gRPC server that cannot share its port with another process, whose methods see an
+    undecodable request as `Undecodable` (answered INVALID_ARGUMENT by `edge`) instead of gRPC's UNKNOWN."""
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[_DecodeErrorsReachTheEdge()])
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a method receives instead of a request its message type cannot parse."""
+
+    method: str
+    problem: str
+
+    def error(self) -> DaqException:
+        hint = " (a string field must be valid UTF-8)" if "UTF-8" in self.problem else ""
+        return DaqException.invalid_argument(
+            f"{self.method}: the request is not a valid message: {self.problem}{hint}"
+        )
+
+
+class _DecodeErrorsReachTheEdge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """gRPC answers a request that fails to parse (invalid UTF-8 in a string field, truncated bytes)
+    with UNKNOWN before any handler runs; hand it to the handler as `Undecodable` so the one error
+    edge answers INVALID_ARGUMENT naming the method and the problem."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        parse = getattr(handler, "request_deserializer", None)
+        if handler is None or parse is None or not handler_call_details.method.startswith("/daqif."):
+            return handler  # the health and reflection services keep gRPC's own handling
+        method = str(handler_call_details.method).rsplit("/", 1)[-1]
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return Undecodable(method, str(exc).split(": ", 1)[-1])
+
+        return handler._replace(request_deserializer=tolerant)
 
 
 def bind(
@@ -123,6 +165,8 @@ def edge(handler: H) -> H:
     @functools.wraps(handler)
     async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -138,6 +182,8 @@ def stream_edge(handler: S) -> S:
     @functools.wraps(handler)
     async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             async for message in handler(self, request, context):
                 yield message
         except grpc.aio.AbortError:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 import pytest
 
+from daqif.dpm_client import DpmClient
 from daqif.errors import DaqException, ErrorCode
 from daqif.grpc_errors import to_rpc_status
+from servers.common.commands import DpmOptions
 from servers.common.grpc_server import edge, stream_edge
+from servers.common.launch import DpmProcess
 
 
 class AbortRecorded(Exception):
@@ -84,3 +88,40 @@ def test_a_stream_keeps_what_it_sent_and_ends_with_the_mapped_status() -> None:
     assert status is not None
     assert status.code is grpc.StatusCode.INTERNAL
     assert status.details == "Stream: KeyError: 'k'"
+
+
+def raw_call(address: str, method: str, payload: bytes) -> grpc.RpcError:
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(payload, timeout=10)
+    return caught.value
+
+
+def test_invalid_utf8_in_a_request_is_invalid_argument_and_the_dpm_keeps_serving(tmp_path: Path) -> None:
+    with DpmProcess(DpmOptions(workspace=tmp_path / "ws")).start() as dpm:
+        # QueueDaqRequest.specification (field 1, a string) holding the bytes ff fe.
+        error = raw_call(dpm.address, "/daqif.v1.DpmDaqControl/QueueDaq", b"\x0a\x02\xff\xfe")
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details() == (
+            "QueueDaq: the request is not a valid message: String field had bad UTF-8 "
+            "(a string field must be valid UTF-8)"
+        )
+        with DpmClient(dpm.address) as client:
+            assert client.get_active_daqs() == []
+
+
+def test_a_truncated_request_to_a_streaming_method_is_invalid_argument(tmp_path: Path) -> None:
+    with (
+        DpmProcess(DpmOptions(workspace=tmp_path / "ws")).start() as dpm,
+        grpc.insecure_channel(dpm.address) as channel,
+    ):
+        call = channel.unary_stream(
+            "/daqif.v1.DpmDaqControl/WatchDaqStatus",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            list(call(b"\x0a\x10ab", timeout=10))  # a 16-byte id field with 2 bytes
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith("WatchDaqStatus: the request is not a valid message")
