@@ -31,7 +31,7 @@ from pathlib import Path
 from daqif.spec import Location
 from servers.common.atomic import atomic_output, atomic_write_bytes, copy_file, remove_quietly
 from servers.common.paths import PathNotAllowed, confine
-from servers.dpm.transfer import TransferError, rsync_argv, run_process, run_stoppable
+from servers.dpm.transfer import TransferError, rsync, run_stoppable
 
 
 @dataclass(frozen=True)
@@ -203,14 +203,7 @@ async def _collect_remote(
     # Not fsynced on the event loop: a restart re-checks a collected source's size, and the
     # merge reads it soon after through the page cache.
     with atomic_output(destination, temp_name=temp_path(destination).name, durable=False) as tmp:
-        argv = rsync_argv(rsync_command, remote_shell, str(location), str(tmp))
-        try:
-            result = await run_process(argv)
-        except OSError as exc:
-            raise TransferError(f"cannot run rsync ({argv[0]}): {exc.strerror}") from None
-        if result.returncode != 0:
-            why = result.rsync_reason or f"exit code {result.returncode}"
-            raise TransferError(f"rsync of {location} failed: {why}")
+        await rsync(rsync_command, remote_shell, str(location), str(tmp), f"rsync of {location}")
     size = os.stat(destination).st_size
     return Collected("rsync", destination, size, -1, -1)
 

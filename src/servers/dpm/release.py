@@ -22,7 +22,7 @@ from pathlib import Path
 
 from servers.common.atomic import atomic_output, copy_file, remove_quietly
 from servers.common.paths import PathNotAllowed, confine
-from servers.dpm.transfer import TransferError, rsync_argv, run_process, run_stoppable, same_content
+from servers.dpm.transfer import TransferError, rsync, run_stoppable, same_content
 
 TEMP_SUFFIX = ".daqif-tmp"
 
@@ -125,12 +125,5 @@ async def release_remote(
 ) -> Released:
     """Deliver `product` to `host:path_text/<name>` with rsync."""
     target = f"{path_text.rstrip('/')}/{product.name}"
-    argv = rsync_argv(rsync_command, remote_shell, str(product), f"{host}:{target}")
-    try:
-        result = await run_process(argv)
-    except OSError as exc:
-        raise TransferError(f"cannot run rsync ({argv[0]}): {exc.strerror}") from None
-    if result.returncode != 0:
-        why = result.rsync_reason or f"exit code {result.returncode}"
-        raise TransferError(f"rsync to {host}:{path_text} failed: {why}")
+    await rsync(rsync_command, remote_shell, str(product), f"{host}:{target}", f"rsync to {host}:{path_text}")
     return Released("rsync", f"{host}:{target}")

@@ -150,6 +150,18 @@ def rsync_argv(rsync_command: str, remote_shell: str, source: str, destination: 
     ]
 
 
+async def rsync(rsync_command: str, remote_shell: str, source: str, destination: str, what: str) -> None:
+    """Copy one file with rsync (`rsync_argv`); `TransferError` saying `what` failed and why."""
+    argv = rsync_argv(rsync_command, remote_shell, source, destination)
+    try:
+        result = await run_process(argv)
+    except OSError as exc:
+        raise TransferError(f"cannot run rsync ({argv[0]}): {exc.strerror}") from None
+    if result.returncode != 0:
+        why = result.rsync_reason or f"exit code {result.returncode}"
+        raise TransferError(f"{what} failed: {why}")
+
+
 async def run_stoppable(work: Callable[[threading.Event], T]) -> T:
     """`work(stop)` on a worker thread; cancelling the caller sets `stop` and waits for it to end.
 

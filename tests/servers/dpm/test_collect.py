@@ -119,3 +119,40 @@ def test_target_source_is_collected_and_becomes_the_base_of_the_product(dpm: Dpm
         np.testing.assert_array_equal(f["base/data"][()], base)  # the base's layout, at the root
         assert "det1/det1/data" in f
         assert f.attrs["ORIGIN"] == "ESO"
+
+
+SSH_LIKE_SHELL = """#!/bin/sh
+# Like ssh: drop the options and the host, then hand the rest to a shell as one command line.
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -l) shift 2 ;;
+    -*) shift ;;
+    *) break ;;
+  esac
+done
+shift
+exec sh -c "$*"
+"""
+
+
+def test_a_remote_path_is_never_run_by_the_remote_shell(dpm: DpmHarness, tmp_path: Path) -> None:
+    """rsync's --protect-args sends the path as data: a real remote shell would otherwise split it at
+    spaces and run the `$(...)` in it."""
+    shell = tmp_path / "ssh-like"
+    shell.write_text(SSH_LIKE_SHELL)
+    shell.chmod(0o755)
+    marker = tmp_path / "PWNED"
+    remote_dir = dpm.base / "remote host"
+    name = f"det 9 $(touch {marker}).h5"
+    data = write_source(remote_dir / name, "det9", seed=9)
+    # RSYNC_OLD_ARGS=1 turns off the escaping newer rsyncs do by default: only --protect-args guards.
+    server = dpm.start({"rsync_remote_shell": str(shell), "rsync_command": "env RSYNC_OLD_ARGS=1 rsync"})
+    client = dpm.client(server)
+    location = f"detector-host:{remote_dir / name}"
+    client.queue_daq(make_spec("REMOTE2", [hdf5_source("det9", location)], [dpm.receiver]))
+
+    record = wait_archived(client, server, "REMOTE2")
+    assert record["substate"] == "COMPLETED", record["alerts"]
+    assert not marker.exists(), "the remote shell ran a command from the path"
+    with h5py.File(dpm.receiver / "REMOTE2.product.h5", "r") as f:
+        np.testing.assert_array_equal(f["det9/det9/data"][()], data)
