@@ -3,7 +3,7 @@ the `daqif.testing` fixtures).
 
 Layout under the data root (default `./daqif-data`):
 
-    <data-root>/raw/                 files the writer records: its only allowed root (with --allowed-root's)
+    <data-root>/raw/                 what the writer records (its only root); the DPM reads sources here
     <data-root>/dpm/                 the DPM workspace
     <data-root>/olas/                the default receiver directory for data products
     <data-root>/writer-config.json   the writer's detector config (created with embedded defaults)
@@ -212,7 +212,8 @@ def dpm_options(config: SystemConfig) -> DpmOptions:
         port=config.dpm_port,
         workspace=config.workspace,
         data_root=config.data_root,
-        allowed_roots=_roots(config),
+        # Receiver paths must lie under the DPM's allowed roots too: it releases into olas/.
+        allowed_roots=(*_roots(config), config.receiver_dir.resolve()),
         tls=config.tls,
     )
 

@@ -14,10 +14,11 @@ import requests
 from servers.system import SystemConfig, dpm_options, writer_options
 
 
-def test_the_writer_and_the_dpm_are_confined_to_raw(tmp_path: Path) -> None:
+def test_the_writer_is_confined_to_raw_and_the_dpm_to_raw_and_the_receivers(tmp_path: Path) -> None:
     config = SystemConfig(data_root=tmp_path)
     assert writer_options(config).allowed_roots == ((tmp_path / "raw").resolve(),)
-    assert dpm_options(config).allowed_roots == ((tmp_path / "raw").resolve(),)
+    raw, olas = (tmp_path / "raw").resolve(), (tmp_path / "olas").resolve()
+    assert dpm_options(config).allowed_roots == (raw, olas), "sources from raw/, products released to olas/"
     config.check_roles_apart()
 
 

@@ -88,7 +88,7 @@ def test_status_of_a_finished_daq_shows_its_final_substate_and_product(
 
 
 def test_wait_stops_at_an_error_alert_prints_it_and_exits_4(dpm_server: DpmServer, tmp_path: Path) -> None:
-    missing = dpm_server.data_root / "not-there"
+    missing = dpm_server.receiver_dir / "not-there"
     spec = write_spec(dpm_server, tmp_path, "CLI.4", receiver=missing)
     result = daqif("dpm", "queue", str(spec), "--wait", "--address", dpm_server.address)
     assert result.returncode == 4, result.stdout + result.stderr
@@ -102,7 +102,7 @@ def test_wait_stops_at_an_error_alert_prints_it_and_exits_4(dpm_server: DpmServe
 def test_keep_waiting_follows_past_the_alert_and_an_abort_exits_3_without_a_product(
     dpm_server: DpmServer, tmp_path: Path
 ) -> None:
-    missing = dpm_server.data_root / "later"
+    missing = dpm_server.receiver_dir / "later"
     spec = write_spec(dpm_server, tmp_path, "CLI.5", receiver=missing)
     command = [sys.executable, "-m", "daqif.cli.main", "dpm", "queue", str(spec), "--wait", "--keep-waiting"]
     with subprocess.Popen(
@@ -131,7 +131,7 @@ def test_watch_of_an_unknown_id_answers_not_found_at_once(dpm_server: DpmServer)
 
 
 def test_watch_piped_prints_one_json_document_per_line(dpm_server: DpmServer, tmp_path: Path) -> None:
-    spec = write_spec(dpm_server, tmp_path, "CLI.6", receiver=dpm_server.data_root / "no")
+    spec = write_spec(dpm_server, tmp_path, "CLI.6", receiver=dpm_server.receiver_dir / "no")
     dpm_server.client.queue_daq(spec.read_text())
     dpm_server.client.wait_for("CLI.6", substates=(), stop_when=lambda s: s.error, timeout=60)
     with subprocess.Popen(
