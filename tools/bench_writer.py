@@ -16,8 +16,10 @@ Measures, each against a reference measured in the same run:
 
 With ``--pollers N`` it measures only what status polling costs: a real writer (REST control plane
 and data path) records 20,000 64 KiB frames from a PUB source at ``--poller-rate`` (4 kHz), once
-with no client and once with N threads polling ``/writer/status`` as fast as they can, for
-``--poller-rounds`` rounds; it reports the frames lost in each.
+with no client, once with N threads polling ``/writer/status`` as fast as they can, and once more
+with N pollers and the data path put back to the control plane's nice (what a writer without the
+privilege to raise it gets), for ``--poller-rounds`` rounds; it reports the frames lost in each and
+the control plane's CPU per poll.
 
 Defaults finish in about a minute or two on 2 cores; ``--repeat 3 --rss-gib 10`` is the full run
 (the machine is shared: the per-round ratios show how much the load drifted).
@@ -239,10 +241,31 @@ def loss_run(directory: Path, rate: float, n: int) -> dict[str, Any]:
     }
 
 
-def poller_run(directory: Path, pollers: int, rate: float, n: int) -> dict[str, Any]:
+def thread_nices(pid: int) -> list[int]:
+    """The nice of each thread of `pid` (Linux nice is per thread)."""
+    nices = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        nices.append(int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return sorted(set(nices))
+
+
+def set_thread_nices(pid: int, nice: int) -> None:
+    """Set every thread of `pid` to `nice` (lowering a priority needs no privilege)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time `pid` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def poller_run(directory: Path, pollers: int, rate: float, n: int, *, boost: bool = True) -> dict[str, Any]:
     """Record `n` 64 KiB frames from a PUB source through a real writer while `pollers` threads
     poll ``/writer/status``; lost = gaps in the recorded ids, short = frames not recorded when the
-    simulator ended."""
+    simulator ended. With `boost` false the data path is put back to the control plane's nice
+    (the writer's behaviour without the privilege to raise it)."""
     import threading
 
     import requests
@@ -267,6 +290,10 @@ def poller_run(directory: Path, pollers: int, rate: float, n: int) -> dict[str, 
     writer = WriterProcess(
         WriterOptions(stream=endpoint, data_root=directory, config=config, socket="sub")
     ).start(timeout=120)
+    (datapath_pid,) = writer.data_path_pids()
+    if not boost:
+        set_thread_nices(datapath_pid, os.getpriority(os.PRIO_PROCESS, writer.pid))
+    datapath_nices = thread_nices(datapath_pid)
     stop = threading.Event()
     polls = [0] * pollers
 
@@ -287,6 +314,7 @@ def poller_run(directory: Path, pollers: int, rate: float, n: int) -> dict[str, 
         ).json()
         assert reply["status"] == "ok", reply
         started = time.monotonic()
+        control_cpu_start = cpu_seconds(writer.pid)
         sim = start_sim(
             shape,
             "--socket",
@@ -305,6 +333,7 @@ def poller_run(directory: Path, pollers: int, rate: float, n: int) -> dict[str, 
 
             wait_until(ended, n / rate * 3 + 60, "the write or the simulator to end")
             elapsed = time.monotonic() - started
+            control_cpu = cpu_seconds(writer.pid) - control_cpu_start
             requests.post(writer.rest_url + "/writer/stop", json={}, timeout=30)
         finally:
             sim.stop(60)
@@ -326,6 +355,10 @@ def poller_run(directory: Path, pollers: int, rate: float, n: int) -> dict[str, 
         "frames_lost": span - len(ids),
         "frames_short": n - len(ids),
         "status_polls_per_s": round(sum(polls) / max(elapsed, 1e-9)),
+        # The control plane's CPU per poll (its cost with no poller is the baseline of each round).
+        "control_plane_cpu_fraction": round(control_cpu / max(elapsed, 1e-9), 3),
+        "control_plane_cpu_us_per_poll": round(control_cpu / sum(polls) * 1e6) if sum(polls) else None,
+        "datapath_thread_nices": datapath_nices,
     }
 
 
@@ -337,9 +370,11 @@ def polling_main(args: argparse.Namespace) -> int:
     rounds: list[dict[str, Any]] = []
     try:
         for round_ in range(args.poller_rounds):
-            for pollers in (0, args.pollers):
-                print(f"[poll] round {round_ + 1}: {pollers} pollers ...", file=sys.stderr, flush=True)
-                rounds.append(poller_run(directory, pollers, args.poller_rate, args.poller_frames))
+            for pollers, boost in ((0, True), (args.pollers, True), (args.pollers, False)):
+                label = f"{pollers} pollers" + ("" if boost else ", data path not boosted")
+                print(f"[poll] round {round_ + 1}: {label} ...", file=sys.stderr, flush=True)
+                run = poller_run(directory, pollers, args.poller_rate, args.poller_frames, boost=boost)
+                rounds.append({"case": label, **run})
     finally:
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)
@@ -349,7 +384,8 @@ def polling_main(args: argparse.Namespace) -> int:
         "machine": machine_facts(Path(tempfile.gettempdir())),
         "rounds": rounds,
         "frames_lost": {
-            str(p): [r["frames_lost"] for r in rounds if r["pollers"] == p] for p in (0, args.pollers)
+            case: [r["frames_lost"] for r in rounds if r["case"] == case]
+            for case in dict.fromkeys(r["case"] for r in rounds)
         },
     }
     text = json.dumps(summary, indent=1)

@@ -56,7 +56,7 @@ from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DataPathFactory, WriterCor
 from servers.writer.datapath.api import DataPathHandle
 from servers.writer.datapath.handle import ProcessDataPath, max_message_for_frames, rcvhwm_for_frames
 from servers.writer.datapath.journal import WriteJournal
-from servers.writer.datapath.protocol import SocketKind
+from servers.writer.datapath.protocol import DEFAULT_PRIORITY_BOOST, SocketKind
 from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
 from servers.writer.models import DaqConfig, UidRange, load_config
 from servers.writer.redis_streams import DEFAULT_MAXLEN, RedisStreams
@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SYNC_TIMEOUT,
         help="longest wait of a write_sync call, seconds (default %(default)s)",
     )
+    parser.add_argument(
+        "--datapath-priority-boost",
+        type=int,
+        default=DEFAULT_PRIORITY_BOOST,
+        metavar="NICE_LEVELS",
+        help="nice levels the data path runs ahead of the control plane, so status polling cannot "
+        "take the CPU frames need; needs CAP_SYS_NICE or RLIMIT_NICE, 0 = off (default %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     add_tls_arguments(parser)
     return parser
@@ -152,7 +160,10 @@ def _uid_range(text: str) -> UidRange:
 
 
 def make_datapath_factory(
-    stream: str, socket_kind: str, journal: WriteJournal | None = None
+    stream: str,
+    socket_kind: str,
+    journal: WriteJournal | None = None,
+    priority_boost: int = DEFAULT_PRIORITY_BOOST,
 ) -> DataPathFactory:
     """A callable `config -> DataPathHandle` making the real data path process for `stream`.
 
@@ -170,6 +181,7 @@ def make_datapath_factory(
             rcvhwm=rcvhwm_for_frames(frame_bytes),
             max_message_bytes=max_message_for_frames(config.frame_nbytes),
             journal=journal,
+            priority_boost=priority_boost,
         )
 
     return factory
@@ -216,7 +228,12 @@ async def serve(args: argparse.Namespace) -> int:
     state_dir: Path = (args.state_dir or data_root / ".daqif-writer" / f"rest-{rest_port}").resolve()
     state_lock = _lock_state_dir(state_dir)  # held (open) until this process ends
     core = WriterCore(
-        make_datapath_factory(args.stream, args.socket, WriteJournal(state_dir / "write.json")),
+        make_datapath_factory(
+            args.stream,
+            args.socket,
+            WriteJournal(state_dir / "write.json"),
+            priority_boost=args.datapath_priority_boost,
+        ),
         config,
         allowed_roots=roots,
         allowed_uids=args.allowed_uids,
@@ -239,6 +256,9 @@ async def serve(args: argparse.Namespace) -> int:
     rest = _Uvicorn(
         uvicorn.Config(
             create_app(core),
+            # httptools parses a request in C, h11 in Python: a poll costs the control plane a
+            # fraction of the CPU (docs/writer.md, "Status polling").
+            http="httptools",
             log_level="warning",
             lifespan="off",
             access_log=False,

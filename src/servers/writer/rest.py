@@ -20,12 +20,12 @@ code, in the same envelope; any other unexpected error is logged and answered as
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Final
 
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -58,6 +58,25 @@ def _is_field_error(error: Mapping[str, Any]) -> bool:
     """An error about one field of a JSON object body (not about the body as a whole)."""
     loc: Sequence[Any] = error.get("loc", ())
     return len(loc) > 1 and loc[0] == "body" and error.get("type") != "json_invalid"
+
+
+class EncodedReply:
+    """The encoded body of a GET route, encoded again only when what it shows has changed.
+
+    Many clients poll the status several times a second; answering them from bytes already made
+    saves the JSON work of each poll (docs/writer.md, "Status polling"). `key` is the snapshot the
+    body shows (the core's status objects are immutable values, so `==` says it changed).
+    """
+
+    def __init__(self) -> None:
+        self._key: object = None
+        self._body = b""
+
+    def reply(self, key: object, build: Callable[[], JSONResponse]) -> Response:
+        if not self._body or key != self._key:
+            self._body = bytes(build().body)
+            self._key = key
+        return Response(self._body, media_type="application/json")
 
 
 class BodyTooLarge(Exception):
@@ -137,10 +156,14 @@ def create_app(core: WriterCore) -> FastAPI:
     def detector_name() -> str:
         return core.config.detector_name
 
+    status_reply, config_reply, stats_reply, deployment_reply = (EncodedReply() for _ in range(4))
+
     @app.get("/writer/status")
-    async def get_status() -> JSONResponse:
+    async def get_status() -> Response:
         status = core.status()
-        return _ok(f"Writer is {status.state.value}", "writer", status.to_json())
+        return status_reply.reply(
+            status, lambda: _ok(f"Writer is {status.state.value}", "writer", status.to_json())
+        )
 
     @app.post("/writer/write_async")
     async def write_async(write: WriteRequest) -> JSONResponse:
@@ -162,9 +185,12 @@ def create_app(core: WriterCore) -> FastAPI:
         return _ok("Writing stopped.", "writer", status.to_json())
 
     @app.get("/daq/config")
-    async def get_config() -> JSONResponse:
+    async def get_config() -> Response:
         config = core.config
-        return _ok(f"DAQ configured for bit_depth={config.bit_depth}.", "config", config.to_json())
+        return config_reply.reply(
+            config,
+            lambda: _ok(f"DAQ configured for bit_depth={config.bit_depth}.", "config", config.to_json()),
+        )
 
     @app.post("/daq/config")
     async def set_config(update: DaqConfig) -> JSONResponse:
@@ -173,8 +199,11 @@ def create_app(core: WriterCore) -> FastAPI:
         return _ok(f"DAQ configured for bit_depth={config.bit_depth}.", "config", config.to_json())
 
     @app.get("/daq/stats")
-    async def get_stats() -> JSONResponse:
-        return _ok(f"DAQ statistics for {detector_name()}.", "stats", core.stats().to_json())
+    async def get_stats() -> Response:
+        stats, name = core.stats(), detector_name()
+        return stats_reply.reply(
+            (stats, name), lambda: _ok(f"DAQ statistics for {name}.", "stats", stats.to_json())
+        )
 
     @app.get("/daq/logs/{n_logs}")
     async def get_logs(n_logs: Annotated[int, Path(ge=0)]) -> JSONResponse:
@@ -182,7 +211,11 @@ def create_app(core: WriterCore) -> FastAPI:
         return _ok(f"DAQ logs for {detector_name()}.", "logs", logs)
 
     @app.get("/daq/deployment")
-    async def get_deployment() -> JSONResponse:
-        return _ok(f"Deployment status for {detector_name()}.", "deployment", core.deployment().to_json())
+    async def get_deployment() -> Response:
+        deployment, name = core.deployment(), detector_name()
+        return deployment_reply.reply(
+            (deployment, name),
+            lambda: _ok(f"Deployment status for {name}.", "deployment", deployment.to_json()),
+        )
 
     return app

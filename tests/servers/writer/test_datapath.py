@@ -472,3 +472,39 @@ def test_a_write_getting_only_frames_of_another_shape_fails_naming_both_shapes(
     with h5py.File(tmp_path / "wrong.h5", "r") as f:
         assert f[f"{DETECTOR}/data"].shape == (0, *SHAPE), "closed like an interrupted write"
     assert datapath.is_alive()
+
+
+def _thread_nices(pid: int) -> set[int]:
+    return {
+        int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority needs CAP_SYS_NICE (root here)")
+def test_every_thread_of_the_data_path_runs_its_priority_boost_ahead_of_the_control_plane(
+    datapath_factory: DataPathFactory,
+) -> None:
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    datapath = datapath_factory("tcp://127.0.0.1:1", priority_boost=5)
+    pid = datapath.pid
+    assert pid is not None
+    # ZeroMQ's I/O thread receives the frames: it must inherit the boost, not only the main thread.
+    assert len(list(Path(f"/proc/{pid}/task").iterdir())) > 1
+    assert _thread_nices(pid) == {max(-20, own - 5)}
+
+
+def test_a_data_path_that_may_not_raise_its_priority_says_how_to_allow_it_and_keeps_running() -> None:
+    # Run as an unprivileged user (nobody) when root: the case of a writer without CAP_SYS_NICE.
+    drop = "os.setuid(65534); " if os.geteuid() == 0 else ""
+    code = (
+        "import os; from servers.writer.datapath.worker import raise_priority; "  # imported as root
+        f"{drop}print(raise_priority(10), os.getpriority(os.PRIO_PROCESS, 0))"
+    )
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert done.stdout.split() == [str(own), str(own)]
+    assert f"cannot raise the data path's priority to nice {max(-20, own - 10)}" in done.stderr
+    assert "LimitNICE" in done.stderr

@@ -37,6 +37,7 @@ from servers.writer.datapath.journal import WriteJournal
 from servers.writer.datapath.protocol import (
     ACTIVE_PHASES,
     DEFAULT_FLUSH_INTERVAL_S,
+    DEFAULT_PRIORITY_BOOST,
     DEFAULT_RCVHWM,
     PHASES,
     Slot,
@@ -72,6 +73,9 @@ class ProcessDataPath:
     file of a write the journal still names (the writer was killed during it). When the process
     dies mid-write its file is repaired at once (`recovery.repair_file`), and the write's result
     reports the frames the repaired file holds.
+
+    The process raises its priority `priority_boost` nice levels above the caller's (when it may,
+    `worker.raise_priority`), so a busy control plane does not take the CPU frames need.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class ProcessDataPath:
         start_timeout: float = 60.0,
         max_message_bytes: int | None = None,
         journal: WriteJournal | None = None,
+        priority_boost: int = DEFAULT_PRIORITY_BOOST,
     ) -> None:
         if socket_kind not in ("pull", "sub"):
             raise ValueError(f"socket_kind must be 'pull' or 'sub', not {socket_kind!r}")
@@ -98,6 +103,7 @@ class ProcessDataPath:
         self.start_timeout = start_timeout
         self.max_message_bytes = max_message_bytes
         self.journal = journal
+        self.priority_boost = priority_boost
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._shared_map: mmap.mmap | None = None
@@ -135,6 +141,7 @@ class ProcessDataPath:
                 f"--flush-interval={self.flush_interval}",
                 f"--conn-fd={child_conn.fileno()}",
                 f"--shared-fd={shared_fd}",
+                f"--priority-boost={self.priority_boost}",
             ]
             if self.max_message_bytes is not None:
                 command.append(f"--max-message-bytes={self.max_message_bytes}")

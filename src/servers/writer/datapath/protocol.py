@@ -20,6 +20,9 @@ SocketKind = Literal["pull", "sub"]  # "pull" for a PUSH source, "sub" for a PUB
 
 DEFAULT_RCVHWM: Final = 1000  # messages; see handle.rcvhwm_for_frames for a memory-bounded value
 DEFAULT_FLUSH_INTERVAL_S: Final = 1.0
+# Nice levels the data path runs ahead of the control plane: a control plane busy answering many
+# status pollers then cannot take the CPU the frames need (docs/writer.md, "Status polling").
+DEFAULT_PRIORITY_BOOST: Final = 10
 
 
 class Slot(enum.IntEnum):

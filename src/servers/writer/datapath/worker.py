@@ -27,6 +27,7 @@ from servers.writer.datapath.api import DataPathError, WriteJob, WritePhase, Wri
 from servers.writer.datapath.output import OutputFile
 from servers.writer.datapath.protocol import (
     DEFAULT_FLUSH_INTERVAL_S,
+    DEFAULT_PRIORITY_BOOST,
     DEFAULT_RCVHWM,
     PHASE_CODE,
     Slot,
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rcvhwm", type=int, default=DEFAULT_RCVHWM)
     parser.add_argument("--flush-interval", type=float, default=DEFAULT_FLUSH_INTERVAL_S)
     parser.add_argument("--max-message-bytes", type=int, default=-1)
+    parser.add_argument("--priority-boost", type=int, default=DEFAULT_PRIORITY_BOOST)
     parser.add_argument("--conn-fd", type=int, required=True)
     parser.add_argument("--shared-fd", type=int, required=True)
     args = parser.parse_args(argv)
@@ -55,6 +57,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_system_exit)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s daqif-datapath %(levelname)s %(message)s")
+    raise_priority(args.priority_boost)  # before ZeroMQ starts its I/O thread, which inherits it
     conn = multiprocessing.connection.Connection(args.conn_fd)
     shared = mmap.mmap(args.shared_fd, protocol.SHARED_BYTES)
     os.close(args.shared_fd)
@@ -66,6 +69,35 @@ def main(argv: list[str]) -> None:
         worker.run()
     finally:
         worker.shutdown()
+
+
+def raise_priority(boost: int) -> int:
+    """Run `boost` nice levels ahead of the control plane (which started this process at its own
+    nice); returns the nice this thread runs at.
+
+    Linux nice is per thread and inherited by threads started later: every thread running now
+    (imports start some) is raised, and ZeroMQ's I/O thread, started after, inherits it. Raising needs
+    CAP_SYS_NICE or an RLIMIT_NICE allowing it (systemd ``LimitNICE=``); without either the data
+    path stays at the control plane's nice, and says so once.
+    """
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if boost <= 0:
+        return current
+    target = max(-20, current - boost)
+    try:
+        for thread_id in sorted(int(task) for task in os.listdir("/proc/self/task")):
+            os.setpriority(os.PRIO_PROCESS, thread_id, target)
+    except PermissionError:
+        log.warning(
+            "cannot raise the data path's priority to nice %d (needs CAP_SYS_NICE or RLIMIT_NICE, "
+            "e.g. systemd LimitNICE=%d); it runs at the control plane's nice %d, so many status "
+            "pollers can cost frames",
+            target,
+            target,
+            current,
+        )
+        return current
+    return target
 
 
 def _raise_system_exit(_signum: int, _frame: object) -> None:
