@@ -183,12 +183,19 @@ def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema())
 
 
+_NAME = re2.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def json_path(parts: Any) -> str:
-    """`["sources", 1, "location"]` → `sources[1].location`."""
+    """`["sources", 1, "location"]` → `sources[1].location`; a key that is not a short plain name
+    is quoted in brackets and cut (`extra['']`, `extra['a b']`), so the path stays unambiguous and
+    leaves room for the problem in a bounded message."""
     out = ""
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif len(str(part)) > 64 or not _NAME.fullmatch(str(part)):
+            out += f"[{quote(str(part), 40)}]"
         else:
             out += f".{part}" if out else str(part)
     return out
@@ -261,7 +268,7 @@ def _check_values(value: Any, path: list[str | int], depth: int) -> None:
     elif isinstance(value, dict):
         for key, item in value.items():
             if "\x00" in key:
-                raise SpecificationError(json_path(path), "a key contains a NUL character")
+                raise SpecificationError(json_path([*path, key]), "the key contains a NUL character")
             _check_values(item, [*path, key], depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):

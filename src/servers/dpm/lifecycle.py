@@ -451,7 +451,7 @@ def _id_of(text: str) -> str:
     """The `id` of a specification that failed validation, if it has one (for the error)."""
     try:
         doc = json.loads(text)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # a document nested too deeply to parse has no id
         return ""
     value = doc.get("id") if isinstance(doc, dict) else None
     return value if isinstance(value, str) else ""
