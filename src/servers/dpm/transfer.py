@@ -101,15 +101,27 @@ async def run_process(argv: Sequence[str], *, log_path: Path | None = None) -> P
     """
     log_handle = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 - closed below
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *_dying_with_server(argv),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log_handle if log_handle is not None else asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # its own process group: a kill reaches rsync's children too
+        spawning = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
+                *_dying_with_server(argv),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_handle if log_handle is not None else asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # its own process group: a kill reaches rsync's children too
+            )
         )
-        assert proc.stderr is not None
         lines: deque[str] = deque(maxlen=50)
+        try:
+            # Shielded: a cancellation (an abort) while the child is being spawned must still get the
+            # child, to kill it below; otherwise it would run on, unowned.
+            proc = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            proc = await spawning
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise
+        assert proc.stderr is not None
         try:
             async for raw in proc.stderr:
                 if log_handle is not None:
