@@ -37,11 +37,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from daqif.errors import DaqException, ErrorCode
-from daqif.spec import Hdf5FileSource, Specification, SpecificationError, load_specification
+from daqif.spec import (
+    FitsKeywordsSource,
+    Hdf5FileSource,
+    KeywordKind,
+    Specification,
+    SpecificationError,
+    load_specification,
+)
 from servers.common.paths import PathNotAllowed, confine, resolve_roots
 from servers.dpm import transfer
 from servers.dpm.config import DpmConfig
 from servers.dpm.events import StatusBus, StatusWatcher
+from servers.dpm.merge import parse_card
 from servers.dpm.merge_runner import ForkServerMergeRunner, MergeRunner
 from servers.dpm.model import (
     DaqRecord,
@@ -143,6 +151,7 @@ class DataProductManager:
         except RecursionError:
             raise DaqException.invalid_argument("the specification is nested too deeply") from None
         self._check_paths(spec)
+        self._check_literal_cards(spec)
         if spec.id in self._active or spec.id in self._archived or spec.id in self._reserved:
             where = "is archived" if spec.id in self._archived else "is active"
             raise DaqException.already_exists(f"DAQ {spec.id} was queued before ({where})", id=spec.id)
@@ -289,6 +298,21 @@ class DataProductManager:
                 raise DaqException.invalid_argument(
                     f"{where}: {path!r} lies inside the DPM workspace {self._workspace_resolved}", id=spec.id
                 )
+
+    @staticmethod
+    def _check_literal_cards(spec: Specification) -> None:
+        """A `literalKeyword` card the merge cannot parse is refused now, not as a merge failure later."""
+        for i, source in enumerate(spec.sources):
+            if not isinstance(source, FitsKeywordsSource):
+                continue
+            for j, keyword in enumerate(source.keywords):
+                if keyword.kind is KeywordKind.LITERAL:
+                    try:
+                        parse_card(str(keyword.value))
+                    except ValueError as exc:
+                        raise DaqException.invalid_argument(
+                            f"sources[{i}].keywords[{j}].value: {exc}", id=spec.id
+                        ) from None
 
     @staticmethod
     def _local_paths(spec: Specification) -> Iterator[tuple[str, str]]:

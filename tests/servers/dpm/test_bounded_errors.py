@@ -31,3 +31,28 @@ def test_a_huge_value_is_invalid_argument_with_a_bounded_message(dpm_server: Any
     assert "more characters" in caught.value.message or len(caught.value.message) < 400
     # The server is still serving.
     assert dpm_server.client.get_active_daqs() == []
+
+
+@pytest.mark.parametrize(
+    ("card", "problem"),
+    [
+        ("DATE-OBS= '2026-12-01", "string value has no closing quote"),
+        ("lower = 1", "is not a valid keyword name"),
+        ("JUST SOME WORDS", "neither commentary"),
+    ],
+)
+def test_an_unparseable_literal_card_is_invalid_argument_at_queue_time(
+    dpm_server: Any, card: str, problem: str
+) -> None:
+    source = {
+        "type": "fitsKeywords",
+        "sourceName": "ocm",
+        "keywords": [{"type": "literalKeyword", "value": card}],
+    }
+    document = {"id": "CARD.1", "target": {"fileId": "CARD.1"}, "sources": [source]}
+    with pytest.raises(DaqException) as caught:
+        dpm_server.client.queue_daq(document)
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert caught.value.message.startswith("sources[0].keywords[0].value: card ")
+    assert problem in caught.value.message
+    assert dpm_server.client.get_active_daqs() == []
