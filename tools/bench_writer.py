@@ -57,6 +57,14 @@ def start_sim(shape: tuple[int, int], *extra: str, endpoint: str = "tcp://127.0.
     return SimProcess(options).start(timeout=120)
 
 
+def start_pub_sim(shape: tuple[int, int], rate: float, n: int, endpoint: str) -> SimProcess:
+    """A PUB simulator at `rate` Hz; the extra frames cover the subscription's start (a PUB source
+    drops frames until the subscriber is connected)."""
+    return start_sim(
+        shape, "--socket", "pub", "--rate", str(rate), "--count", str(n + int(rate) + 1000), endpoint=endpoint
+    )
+
+
 def wait_until(predicate: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -202,16 +210,7 @@ def loss_run(directory: Path, rate: float, n: int) -> dict[str, Any]:
         datapath.start()
         datapath.open_write(make_job(path, n, shape))
         # Extra frames cover the subscription's start (a PUB source drops frames until then).
-        sim = start_sim(
-            shape,
-            "--socket",
-            "pub",
-            "--rate",
-            str(rate),
-            "--count",
-            str(n + int(rate) + 1000),
-            endpoint=endpoint,
-        )
+        sim = start_pub_sim(shape, rate, n, endpoint)
         try:
             deadline = n / rate * 3 + 60
             wait_until(
@@ -315,16 +314,7 @@ def poller_run(directory: Path, pollers: int, rate: float, n: int, *, boost: boo
         assert reply["status"] == "ok", reply
         started = time.monotonic()
         control_cpu_start = cpu_seconds(writer.pid)
-        sim = start_sim(
-            shape,
-            "--socket",
-            "pub",
-            "--rate",
-            str(rate),
-            "--count",
-            str(n + int(rate) + 1000),
-            endpoint=endpoint,
-        )
+        sim = start_pub_sim(shape, rate, n, endpoint)
         try:
 
             def ended() -> bool:

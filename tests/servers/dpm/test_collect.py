@@ -14,7 +14,15 @@ import pytest
 from daqif.v1 import dpm_pb2
 from servers.dpm.merge import verify
 
-from .dpm_helpers import DpmHarness, hdf5_source, make_spec, wait_alert, wait_archived, write_source
+from .dpm_helpers import (
+    REMOTE_SHELL_SHIM,
+    DpmHarness,
+    hdf5_source,
+    make_spec,
+    wait_alert,
+    wait_archived,
+    write_source,
+)
 
 
 def test_missing_source_waits_in_collecting_until_created_and_retried(dpm: DpmHarness) -> None:
@@ -121,18 +129,8 @@ def test_target_source_is_collected_and_becomes_the_base_of_the_product(dpm: Dpm
         assert f.attrs["ORIGIN"] == "ESO"
 
 
-SSH_LIKE_SHELL = """#!/bin/sh
-# Like ssh: drop the options and the host, then hand the rest to a shell as one command line.
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -l) shift 2 ;;
-    -*) shift ;;
-    *) break ;;
-  esac
-done
-shift
-exec sh -c "$*"
-"""
+# Like ssh: the options and the host dropped, the rest handed to a shell as one command line.
+SSH_LIKE_SHELL = REMOTE_SHELL_SHIM.replace('exec "$@"', 'exec sh -c "$*"')
 
 
 def test_a_remote_path_is_never_run_by_the_remote_shell(dpm: DpmHarness, tmp_path: Path) -> None:
