@@ -235,6 +235,9 @@ _PATTERN_HINTS = {
     ),
     "^[A-Z0-9_-]+$": "FITS keyword names use upper-case letters, digits, _ and -",
     "^[A-Z0-9_-]+( [A-Z0-9_-]+)*$": "ESO keyword names are upper-case words separated by single spaces",
+    "^[A-Za-z0-9][A-Za-z0-9_.+-]*$": (
+        "a dictionary name is a file name of letters, digits and _ . + - such as ESO-VLT-DIC.TCS"
+    ),
     "^[+-][ev] \\S.*$": (
         "a selection pattern is '+' or '-', then 'e' (ESO) or 'v' (value), a space and a glob"
     ),

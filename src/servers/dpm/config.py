@@ -20,6 +20,7 @@ the file (all optional):
 | `rsync_remote_shell` | `"ssh"` | passed to rsync as `-e`; a command line, split like a shell would |
 | `storage_report_interval_s` | 1.0 | default WatchStorageStatus period and the free-space re-check period |
 | `watch_queue_size` | 10000 | status changes buffered per WatchDaqStatus watcher before it is dropped |
+| `dictionary_dirs` | `[]` | keyword dictionaries `<dir>/<name>` (`ESO-VLT-DIC.TCS`), then the built-in ones |
 | `debug_delays` | `{}` | TEST HOOK, see below |
 
 `debug_delays` is a test hook and nothing else: `{"COLLECTING": 5.0}` makes every DAQ wait that
@@ -92,6 +93,8 @@ class DpmConfig(BaseModel):
     """Default WatchStorageStatus period and the free-space re-check period."""
     watch_queue_size: Count = Field(10000, ge=1)
     """Status changes buffered per WatchDaqStatus watcher before it is dropped."""
+    dictionary_dirs: tuple[AbsolutePath, ...] = ()
+    """Directories of ESO keyword dictionaries (`<dir>/<name>`), searched in order, then the built-in ones."""
     debug_delays: dict[DebugSubState, Annotated[float, Field(ge=0, strict=True)]] = Field(
         default_factory=dict
     )

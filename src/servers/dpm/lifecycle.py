@@ -46,7 +46,7 @@ from daqif.spec import (
     load_specification,
 )
 from servers.common.paths import PathNotAllowed, confine, resolve_roots
-from servers.dpm import transfer
+from servers.dpm import keyword_check, transfer
 from servers.dpm.config import DpmConfig
 from servers.dpm.events import StatusBus, StatusWatcher
 from servers.dpm.merge import parse_card
@@ -152,6 +152,7 @@ class DataProductManager:
             raise DaqException.invalid_argument("the specification is nested too deeply") from None
         self._check_paths(spec)
         self._check_literal_cards(spec)
+        await asyncio.to_thread(keyword_check.check_keywords, spec, self.config.dictionary_dirs)
         if spec.id in self._active or spec.id in self._archived or spec.id in self._reserved:
             where = "is archived" if spec.id in self._archived else "is active"
             raise DaqException.already_exists(f"DAQ {spec.id} was queued before ({where})", id=spec.id)
