@@ -12,7 +12,7 @@ file, not the DPM's collected copy), the way HDF5 would have resolved it for the
 `resolve` turns `"."` (a virtual dataset mapping from its own file) into the source itself.
 
 The DPM confines and collects every file found (`phases.py`); the merge then reads virtual
-and external data only through the collected copies (`merge.py`, `value_view`), so HDF5 never
+and external data only through the collected copies (`merge/hdf5.py`, `value_view`), so HDF5 never
 opens a file that was not checked.
 """
 

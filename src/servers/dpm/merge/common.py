@@ -1,0 +1,110 @@
+"""Names, errors, results and the log shared by the merge modules (format: see `servers.dpm.merge`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from daqif.spec import (
+    FitsKeywordsSource,
+    Hdf5FileSource,
+    Specification,
+)
+
+ARCFILE = "ARCFILE"
+ORIGFILE = "ORIGFILE"
+DATE = "DATE"
+DATASUM = "DATASUM"
+KEYWORD_COMMENTS = "KEYWORD_COMMENTS"
+RESERVED_ATTRIBUTES = frozenset({ARCFILE, ORIGFILE, DATE, DATASUM, KEYWORD_COMMENTS})
+COMMENTARY = ("COMMENT", "HISTORY")
+CHECKSUM_PREFIX = "xxh3-sha256:"
+
+
+class MergeError(Exception):
+    """The merge could not be done; the message says what is wrong and where (one line)."""
+
+
+class ProductUnreadableError(MergeError):
+    """`verify()` could not read the file as an HDF5 product at all."""
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeResult:
+    """What `merge()` did. With `dry_run`, nothing was written: `bytes` is 0 and `checksum` ""."""
+
+    product: Path
+    bytes: int
+    datasets: int
+    keywords: int
+    checksum: str
+    duration_s: float
+    dry_run: bool = False
+    log: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyResult:
+    """The outcome of `verify()`: `ok`, or `mismatches` saying what differs."""
+
+    path: Path
+    ok: bool
+    stored: str
+    computed: str
+    datasets: int
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        if self.ok:
+            return f"{self.path}: OK ({self.datasets} datasets, {self.stored})"
+        return f"{self.path}: checksum mismatch: " + "; ".join(self.mismatches)
+
+
+# -- logging ---------------------------------------------------------------------------------------
+
+
+class MergeLog:
+    """Collects log lines for the result and forwards them to a logger or a text stream."""
+
+    def __init__(self, sink: logging.Logger | TextIO | None) -> None:
+        self.sink = sink
+        self.lines: list[str] = []
+        self.warnings: list[str] = []
+
+    def info(self, message: str) -> None:
+        self._emit("INFO", message)
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
+        self._emit("WARNING", message)
+
+    def _emit(self, level: str, message: str) -> None:
+        self.lines.append(f"{level} {message}")
+        if isinstance(self.sink, logging.Logger):
+            self.sink.log(logging.WARNING if level == "WARNING" else logging.INFO, "%s", message)
+        elif self.sink is not None:
+            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+            self.sink.write(f"{stamp} {level} {message}\n")
+            self.sink.flush()
+
+
+def source_where(spec: Specification, source: Hdf5FileSource | FitsKeywordsSource) -> str:
+    if source is spec.target_source:
+        return "target.source"
+    return f"sources[{spec.sources.index(source)}]"
+
+
+def as_text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def utc_date(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}"

@@ -1,0 +1,123 @@
+"""`merge()`: resolve the sources of a specification and build its product."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+from daqif.spec import (
+    FitsKeywordsSource,
+    Specification,
+)
+from servers.dpm import references
+from servers.dpm.merge.common import MergeError, MergeLog, MergeResult, source_where
+from servers.dpm.merge.hdf5 import OpenSource, check_base_names, describe_plan, open_source, write_product
+from servers.dpm.merge.keywords import Keyword, fits_keywords, merge_keywords
+
+
+def resolve_sources(spec: Specification, root: Path) -> dict[str, Path]:
+    """The file to read for each HDF5 source: `<root>/sources/<sourceName>.h5` when it exists (a
+    DPM workspace after collection), else the local `location`; a remote location without a
+    collected copy is a `MergeError`."""
+    files: dict[str, Path] = {}
+    for source in spec.hdf5_sources:
+        collected = Path(root) / "sources" / f"{source.source_name}.h5"
+        if collected.exists():
+            files[source.source_name] = collected
+        elif source.location.is_remote:
+            raise MergeError(
+                f"{source_where(spec, source)} {source.source_name!r}: remote location {source.location} "
+                f"has no collected copy at {collected}; collect it first (the DPM server does) or give a "
+                "local path"
+            )
+        else:
+            files[source.source_name] = Path(source.location.path)
+    return files
+
+
+def resolve_references(spec: Specification, source_files: Mapping[str, Path]) -> dict[str, dict[str, Path]]:
+    """Per source, the collected copies of the files it refers to, from the manifest the DPM
+    wrote beside each collected source (`<name>.refs.json`); sources without one are absent."""
+    found: dict[str, dict[str, Path]] = {}
+    for name, path in source_files.items():
+        manifest = references.manifest_path(Path(path))
+        if manifest.is_file():
+            try:
+                found[name] = references.read_manifest(manifest)
+            except references.ReferenceError as exc:
+                raise MergeError(str(exc)) from None
+    return found
+
+
+def merge(
+    spec: Specification,
+    source_files: Mapping[str, Path],
+    outfile: Path,
+    log: logging.Logger | TextIO | None = None,
+    dry_run: bool = False,
+    source_references: Mapping[str, Mapping[str, Path]] | None = None,
+) -> MergeResult:
+    """Build the data product of `spec` at `outfile` (see the module docstring for the format).
+
+    `source_files` maps every HDF5 source's `sourceName` (`target.source` included) to the file
+    to read. The product is written as `.<name>.part` beside `outfile` and renamed when complete.
+    With `dry_run`, every source is opened and the plan logged, and nothing is written.
+    `source_references` maps a sourceName to the collected copies of the files its virtual and
+    external datasets name (`references.read_manifest`); a source without an entry reads them
+    next to its own file.
+    Raises `MergeError` with a one-line message on any problem; `outfile` is then untouched.
+    """
+    started = time.monotonic()
+    out = MergeLog(log)
+    outfile = Path(outfile)
+    for source in spec.hdf5_sources:
+        if source.source_name not in source_files:
+            raise MergeError(
+                f"{source_where(spec, source)} {source.source_name!r}: no file given for this source"
+            )
+    opened: list[OpenSource] = []
+    try:
+        return _merge_opened(
+            spec, source_files, outfile, out, dry_run, started, opened, source_references or {}
+        )
+    except MergeError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise MergeError(f"merge of {spec.product_name} failed: {exc}") from exc
+    finally:
+        for o in opened:
+            o.file.close()
+
+
+def _merge_opened(
+    spec: Specification,
+    source_files: Mapping[str, Path],
+    outfile: Path,
+    out: MergeLog,
+    dry_run: bool,
+    started: float,
+    opened: list[OpenSource],
+    source_references: Mapping[str, Mapping[str, Path]],
+) -> MergeResult:
+    for source in spec.hdf5_sources:
+        opened.append(open_source(spec, source, Path(source_files[source.source_name]), out))
+        opened[-1].references = source_references.get(source.source_name)
+    by_name = {o.source.source_name: o for o in opened}
+    base = by_name[spec.target_source.source_name] if spec.target_source else None
+    per_source: list[tuple[str, list[Keyword]]] = []
+    for entry in spec.sources:
+        if isinstance(entry, FitsKeywordsSource):
+            per_source.append((entry.source_name, fits_keywords(entry, source_where(spec, entry))))
+        else:
+            per_source.append((entry.source_name, by_name[entry.source_name].keywords))
+    if base is not None:
+        per_source.append((base.source.source_name, base.keywords))
+    keywords = merge_keywords(per_source, out)
+    if base is not None:
+        check_base_names(base, spec)
+    if dry_run:
+        return describe_plan(spec, opened, keywords, outfile, out, started)
+    return write_product(spec, opened, base, keywords, outfile, out, started)
