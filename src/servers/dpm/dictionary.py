@@ -161,16 +161,17 @@ class Parameter:
         return str(self.value_format % plain)
 
     def formatted(self, value: Any) -> Any:
-        """`value` as the product holds it: its `Value Format` text read back as the type."""
+        """`value` as the product holds it: its `Value Format` text read back as the type (a
+        double as a float, an integer as an int, a string as a str, a logical as a bool)."""
         plain = _plain(value)
-        if self.type is ParameterType.LOGICAL or not self.value_format:
-            return plain
-        text = self.format_value(plain)
+        if self.type is ParameterType.LOGICAL:
+            return bool(plain)
+        text = self.format_value(plain) if self.value_format else plain
         if self.type is ParameterType.INTEGER:
             return int(text)
         if self.type is ParameterType.DOUBLE:
             return float(text)
-        return text
+        return str(text)
 
     def default_comment(self, keyword: str) -> str:
         """The `Comment Format` with its conversions filled by the indexes of `keyword`."""

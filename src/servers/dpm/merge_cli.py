@@ -1,6 +1,6 @@
 """`daqif-dpm-merge`: the standalone merge the DPM server runs, and the product checker.
 
-    daqif-dpm-merge SPEC.json --root DIR [--outfile F] [--dry-run]
+    daqif-dpm-merge SPEC.json --root DIR [--outfile F] [--dry-run] [--dictionary-dir DIR ...]
     daqif-dpm-merge --verify FILE
 
 Log lines go to stdout (the server appends them to the DAQ's `logs/merge.log`); an error is one
@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from daqif.spec import SpecificationError, load_specification
+from daqif.spec import Specification, SpecificationError, load_specification
+from servers.dpm.dictionary import DictionaryError, DictionarySet, load_dictionaries
 from servers.dpm.merge import (
     MergeError,
     ProductUnreadableError,
@@ -60,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="check and print what would be merged; write nothing"
     )
+    parser.add_argument(
+        "--dictionary-dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="where the specification's keywordDictionaries are (<DIR>/<name>; repeatable, searched in "
+        "order, then the built-in ones)",
+    )
     parser.add_argument("--verify", type=Path, metavar="FILE", help="recompute the checksums of a product")
     return parser
 
@@ -88,14 +98,36 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{args.specification}: {exc}", EXIT_BAD_SPEC)
     outfile = args.outfile if args.outfile is not None else args.root / spec.product_name
     try:
+        dictionaries = _dictionaries(spec, args.dictionary_dir)
         sources = resolve_sources(spec, args.root)
         refs = resolve_references(spec, sources)
-        merge(spec, sources, outfile, log=sys.stdout, dry_run=args.dry_run, source_references=refs)
+        merge(
+            spec,
+            sources,
+            outfile,
+            log=sys.stdout,
+            dry_run=args.dry_run,
+            source_references=refs,
+            dictionaries=dictionaries,
+        )
     except MergeError as exc:
         return _fail(str(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail("interrupted; no product written", EXIT_FAILED)
     return EXIT_OK
+
+
+def _dictionaries(spec: Specification, directories: list[Path]) -> DictionarySet | None:
+    """The specification's dictionaries, read now (a fixed dictionary counts at the next attempt)."""
+    if not spec.keyword_dictionaries:
+        return None
+    try:
+        dictionaries = load_dictionaries(spec.keyword_dictionaries, directories)
+    except DictionaryError as exc:
+        raise MergeError(str(exc)) from None
+    for line in dictionaries.describe():
+        print(line, flush=True)
+    return dictionaries
 
 
 def _verify(path: Path) -> int:

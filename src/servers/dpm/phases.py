@@ -197,6 +197,7 @@ class Phases:
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(f"=== merge attempt {r.attempts['merge']} at {_utc_now()} ===\n")
             argv = [str(spec_path), "--root", str(daq_dir), "--outfile", str(product)]
+            argv += [f"--dictionary-dir={d}" for d in self.config.dictionary_dirs]
             failure = await asyncio.to_thread(self._lacks_space_for_product, r)
             if failure is None:
                 failure = await self._run_merge(argv, log_path)

@@ -6,10 +6,11 @@
 
 Modules, one concern each: `common` (names, errors, results, the log), `keywords` (cards,
 `keywordRules`, the priority merge: where the merged keyword list of a product is final),
-`checksum` (per-dataset sums and the manifest digest), `hdf5` (copying sources into the
-product), `verify`, `plan` (`merge()` and the resolution of source files). The package imports
-nothing of the servers beyond `servers.common` and `servers.dpm.references`: it runs in the
-merge fork server (`merge_runner`), which preloads it.
+`dictionaries` (the product's ESO keywords checked and formatted by the specification's
+keyword dictionaries), `checksum` (per-dataset sums and the manifest digest), `hdf5` (copying
+sources into the product), `verify`, `plan` (`merge()` and the resolution of source files). The
+package imports nothing of the servers beyond `servers.common`, `servers.dpm.references` and
+`servers.dpm.dictionary`: it runs in the merge fork server (`merge_runner`), which preloads it.
 
 Product format (DESIGN §3; the decisions below are part of the format)
 -----------------------------------------------------------------------

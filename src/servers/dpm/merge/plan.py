@@ -13,7 +13,9 @@ from daqif.spec import (
     Specification,
 )
 from servers.dpm import references
+from servers.dpm.dictionary import DictionarySet
 from servers.dpm.merge.common import MergeError, MergeLog, MergeResult, source_where
+from servers.dpm.merge.dictionaries import apply_dictionaries
 from servers.dpm.merge.hdf5 import OpenSource, check_base_names, describe_plan, open_source, write_product
 from servers.dpm.merge.keywords import Keyword, fits_keywords, merge_keywords
 
@@ -59,6 +61,7 @@ def merge(
     log: logging.Logger | TextIO | None = None,
     dry_run: bool = False,
     source_references: Mapping[str, Mapping[str, Path]] | None = None,
+    dictionaries: DictionarySet | None = None,
 ) -> MergeResult:
     """Build the data product of `spec` at `outfile` (see the module docstring for the format).
 
@@ -67,7 +70,9 @@ def merge(
     With `dry_run`, every source is opened and the plan logged, and nothing is written.
     `source_references` maps a sourceName to the collected copies of the files its virtual and
     external datasets name (`references.read_manifest`); a source without an entry reads them
-    next to its own file.
+    next to its own file. `dictionaries` are the specification's `keywordDictionaries`
+    (`servers.dpm.dictionary.load_dictionaries`): the product's ESO keywords are checked against
+    them and formatted (`merge.dictionaries`).
     Raises `MergeError` with a one-line message on any problem; `outfile` is then untouched.
     """
     started = time.monotonic()
@@ -81,7 +86,7 @@ def merge(
     opened: list[OpenSource] = []
     try:
         return _merge_opened(
-            spec, source_files, outfile, out, dry_run, started, opened, source_references or {}
+            spec, source_files, outfile, out, dry_run, started, opened, source_references or {}, dictionaries
         )
     except MergeError:
         raise
@@ -101,6 +106,7 @@ def _merge_opened(
     started: float,
     opened: list[OpenSource],
     source_references: Mapping[str, Mapping[str, Path]],
+    dictionaries: DictionarySet | None,
 ) -> MergeResult:
     for source in spec.hdf5_sources:
         opened.append(open_source(spec, source, Path(source_files[source.source_name]), out))
@@ -116,6 +122,7 @@ def _merge_opened(
     if base is not None:
         per_source.append((base.source.source_name, base.keywords))
     keywords = merge_keywords(per_source, out)
+    apply_dictionaries(keywords, dictionaries, out)
     if base is not None:
         check_base_names(base, spec)
     if dry_run:

@@ -1,0 +1,67 @@
+"""The product's ESO keywords checked against the specification's keyword dictionaries.
+
+Called once the merged keyword list of a product is final (`plan._merge_opened`, right after
+`keywords.merge_keywords`), for HDF5 products and every other format alike. With
+`keywordDictionaries` in the specification, every ESO keyword of the product must be defined in
+one of them with a value of its type (`servers.dpm.dictionary`); the first that is not fails the
+merge naming the keyword, the source it came from and the dictionaries (the DPM raises the ERROR
+alert `merging`; fix the source file or the dictionary, then RetryMergeDaq). A keyword without a
+comment gets the dictionary's `Comment Format`, and each value is written as its `Value Format`
+makes it (`%.3f` of 0.12345 is held as 0.123; a double is held as a float, an integer as an int).
+The keywords of `fitsKeywords` sources were checked at QueueDaq already; they are checked again
+here (a dictionary may have changed since) and formatted the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from servers.dpm.dictionary import DictionarySet, KeywordNotValid, ParameterType
+from servers.dpm.merge.common import MergeError, MergeLog
+from servers.dpm.merge.keywords import Keyword, MergedKeywords
+
+# The HDF5 type of a source attribute is kept when it holds the dictionary's type.
+_KINDS = {
+    ParameterType.LOGICAL: "b",
+    ParameterType.INTEGER: "iu",
+    ParameterType.DOUBLE: "f",
+    ParameterType.STRING: "SUO",
+}
+
+
+def apply_dictionaries(merged: MergedKeywords, dictionaries: DictionarySet | None, log: MergeLog) -> None:
+    """Check, comment and format every ESO keyword of `merged` in place; `MergeError` names the first
+    keyword that is not defined or not of its type."""
+    if dictionaries is None:
+        return
+    problems: list[str] = []
+    for name, kw in merged.values.items():
+        if not kw.is_eso:
+            continue
+        try:
+            definition = dictionaries.check(kw.short_name, kw.value, kw.comment)
+        except KeywordNotValid as exc:
+            problems.append(exc.of_source(repr(merged.origin[name])))
+            continue
+        dtype = _kept_dtype(kw, definition.parameter.type, definition.value)
+        merged.values[name] = Keyword(kw.name, definition.value, definition.comment, dtype)
+    if problems:
+        more = f" (and {len(problems) - 1} more ESO keywords)" if len(problems) > 1 else ""
+        raise MergeError(f"{problems[0]}{more}; fix the source or the dictionary")
+    log.info(f"keywords checked against {dictionaries.names}")
+
+
+def _kept_dtype(kw: Keyword, kind: ParameterType, value: Any) -> np.dtype[Any] | None:
+    if kw.dtype is None or kw.dtype.kind not in _KINDS[kind]:
+        return None
+    if kind is ParameterType.STRING and value != _text(kw.value):
+        return None  # a formatted string may not fit the source's fixed length
+    return kw.dtype
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
