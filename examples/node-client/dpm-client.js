@@ -11,6 +11,11 @@
 // the channel is TLS, trusting the CA given (else Node's default roots); --tls-cert and --tls-key
 // show a client certificate to a server that asks for one (mutual TLS).
 //
+// The specification is sent as it is. It may name ESO keyword dictionaries, found by the DPM in its
+// `dictionary_dirs` or among its built-in ones, e.g. "keywordDictionaries": ["ESO-VLT-DIC.DAQIF_TCS"]:
+// then an ESO keyword they do not define (or of another type) is refused with INVALID_ARGUMENT
+// naming it, and the product's values and comments follow the dictionary.
+//
 // Prints one JSON object per line: {"event":"queued",...}, {"event":"status",...} for every
 // change, {"event":"storage",...}. Exit code 0 when the DAQ completed, 1 on an error (the
 // daqif.v1.DaqException from the rich status details is printed on stderr), 2 when aborted.

@@ -35,8 +35,16 @@ def test_node_client_queues_follows_to_completed_and_reads_storage(
             {
                 "id": "NODE.1",
                 "target": {"fileId": "NODE.1"},
-                "sources": [{"type": "hdf5File", "sourceName": "det", "location": str(source)}],
+                "sources": [
+                    {"type": "hdf5File", "sourceName": "det", "location": str(source)},
+                    {
+                        "type": "fitsKeywords",
+                        "sourceName": "tcs",
+                        "keywords": [{"type": "esoKeyword", "name": "TEL AIRM START", "value": 1.23456}],
+                    },
+                ],
                 "receivers": [{"type": "olasReceiver", "path": str(dpm_server.receiver_dir)}],
+                "keywordDictionaries": ["ESO-VLT-DIC.DAQIF_TCS"],
             }
         )
     )
@@ -52,7 +60,8 @@ def test_node_client_queues_follows_to_completed_and_reads_storage(
     substates = [e["status"]["substate"] for e in events if e["event"] == "status"]
     assert substates[-1] == "DAQ_SUB_STATE_COMPLETED"
     assert events[-1]["event"] == "storage" and events[-1]["storage"]["capacity"] > 0
-    assert (dpm_server.receiver_dir / "NODE.1.h5").exists()
+    with h5py.File(dpm_server.receiver_dir / "NODE.1.h5", "r") as f:
+        assert f.attrs["ESO TEL AIRM START"] == 1.235  # the dictionary's Value Format, %.3f
 
 
 def test_node_client_reports_the_daq_exception_of_a_refused_spec(

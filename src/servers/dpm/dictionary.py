@@ -33,10 +33,12 @@ Decisions where DICD leaves room (documented in `src/servers/dpm/README.md`):
   logical is always T or F). `format_value` gives the text of the card; `formatted` gives that
   text back as a value of the type (`%.3f` of 0.12345 is 0.123), which is what the product holds.
   An empty `Value Format` leaves values as they are.
-- `Comment Format` is the default comment: it is used when a keyword comes without one. Its printf
-  conversions (`%d`, `%i`, `%u`, `%s`; `%%` is a percent sign) are filled, in order, with the
-  indexes of the keyword's name (`DET CHIP12 GAIN` with `Gain of chip %d` → `Gain of chip 12`); a
-  comment format with more conversions than the name has indexes is a dictionary error.
+- `Comment Format` is the default comment: it is used when a keyword comes without one. Its
+  conversions `%d`, `%i`, `%u`, `%s` (with an optional `-`/`0` flag and a width, e.g. `%02d`)
+  are filled, in order, with the indexes of the keyword's name (`DET CHIP12 GAIN` with
+  `Gain of chip %d` gives `Gain of chip 12`); `%%` is a percent sign and any other `%` is kept
+  as text (`Humidity [%]`). A comment format with more conversions than the name has indexes
+  is a dictionary error.
 - Required fields: `Dictionary Name` in the first record, `Parameter Name` and `Type` in the
   others. Fields this module does not know (ESO dictionaries carry a few more) are kept in
   `Parameter.fields` and otherwise ignored; a field given twice in one record, a parameter
@@ -51,8 +53,10 @@ when it writes the product's keywords.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -189,6 +193,8 @@ class Dictionary:
     path: Path
     identification: tuple[tuple[str, str], ...]
     parameters: tuple[Parameter, ...]
+    sha256: str = ""
+    """Of the file's bytes, for the merge log (what exactly a product was checked against)."""
     _exact: dict[str, Parameter] = field(default_factory=dict, repr=False, compare=False)
     _indexed: _Node = field(default_factory=lambda: _Node(), repr=False, compare=False)
 
@@ -296,15 +302,22 @@ class DictionarySet:
         problem = parameter.type_problem(value)
         if problem is not None:
             raise KeywordNotValid(keyword, problem)
-        return Definition(
-            parameter, parameter.formatted(value), comment or parameter.default_comment(keyword)
-        )
+        try:
+            formatted = parameter.formatted(value)
+        except (ValueError, OverflowError, TypeError) as exc:  # e.g. %d of NaN
+            raise KeywordNotValid(
+                keyword,
+                f"value {quote(_plain(value), 60)} cannot be written as {parameter.value_format!r} "
+                f"({parameter.where}): {exc}",
+            ) from None
+        return Definition(parameter, formatted, comment or parameter.default_comment(keyword))
 
     def describe(self) -> Iterator[str]:
         """One line per dictionary (name, file, revision, parameters), for the merge log."""
         for d in self.dictionaries:
             version = f", {d.version}" if d.version else ""
-            yield f"dictionary {d.name}: {d.path}{version}, {len(d.parameters)} parameters"
+            digest = f", sha256 {d.sha256}" if d.sha256 else ""
+            yield f"dictionary {d.name}: {d.path}{version}, {len(d.parameters)} parameters{digest}"
 
 
 # -- values ------------------------------------------------------------------------------------------
@@ -558,7 +571,8 @@ def _load(path: str, _inode: int, size: int, _mtime_ns: int) -> Dictionary:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise DictionaryError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse_dictionary(raw.decode("utf-8", "replace"), Path(path))
+    parsed = parse_dictionary(raw.decode("utf-8", "replace"), Path(path))
+    return dataclasses.replace(parsed, sha256=hashlib.sha256(raw).hexdigest())
 
 
 def search_path(directories: Iterable[Path]) -> tuple[Path, ...]:

@@ -152,7 +152,8 @@ class DataProductManager:
             raise DaqException.invalid_argument("the specification is nested too deeply") from None
         self._check_paths(spec)
         self._check_literal_cards(spec)
-        await asyncio.to_thread(keyword_check.check_keywords, spec, self.config.dictionary_dirs)
+        if spec.keyword_dictionaries:  # files are read: off the event loop
+            await asyncio.to_thread(keyword_check.check_keywords, spec, self.config.dictionary_dirs)
         if spec.id in self._active or spec.id in self._archived or spec.id in self._reserved:
             where = "is archived" if spec.id in self._archived else "is active"
             raise DaqException.already_exists(f"DAQ {spec.id} was queued before ({where})", id=spec.id)

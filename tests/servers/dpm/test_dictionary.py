@@ -275,3 +275,22 @@ def test_written_dictionaries_parse_back(entries: list[tuple[list[str], Paramete
         assert d.lookup(keyword) is exact.get(keyword, p)  # an exact definition of the same name wins
         head, _, tail = description.partition(",")
         assert p.description == " ".join(x for x in (head.strip(), tail.strip()) if x)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.text(st.sampled_from("PTVDCN :%#i1a\n \t"), max_size=200))
+def test_any_text_parses_or_is_a_dictionary_error_naming_a_line(body: str) -> None:
+    try:
+        parse_dictionary(HEADER + body, Path("/d/X"))
+    except DictionaryError as exc:
+        assert str(exc).startswith("/d/X line ")
+
+
+def test_a_value_its_format_cannot_write_is_not_valid(tmp_path: Path) -> None:
+    (tmp_path / "ESO-VLT-DIC.T").write_text(
+        HEADER + "\nParameter Name: A B\nType: double\nValue Format: %d\n"
+    )
+    dictionaries = load_dictionaries(["ESO-VLT-DIC.T"], [tmp_path])
+    assert dictionaries.check("A B", 2.7).value == 2.0
+    with pytest.raises(KeywordNotValid, match=r"^ESO keyword 'A B' value nan cannot be written as '%d'"):
+        dictionaries.check("A B", float("nan"))

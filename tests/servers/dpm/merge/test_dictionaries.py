@@ -153,6 +153,9 @@ def test_a_merge_error_from_a_dictionary_is_retried_after_the_dictionary_is_fixe
         in alert.description
     )
 
+    log = Path(client.get_internal_daq_status("DICT1").merge_log).read_text()
+    assert log.count(f"dictionary ESO-VLT-DIC.SITE: {dics}/ESO-VLT-DIC.SITE") == 1  # provenance
+
     with open(dics / "ESO-VLT-DIC.SITE", "a") as handle:
         handle.write("\nParameter Name: INS MODE\nType: string\nComment Format: Instrument mode\n")
     client.retry_merge_daq("DICT1")
