@@ -10,6 +10,7 @@ want_test=0
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
+command -v fitsverify >/dev/null 2>&1 || need_apt+=(fitsverify)  # checks FITS products in the tests
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "setup: installing ${need_apt[*]} with apt-get"

@@ -132,7 +132,29 @@ class Hdf5FileSource:
     keyword_rules: tuple[KeywordRule, ...] | None = None
 
 
-Source = FitsKeywordsSource | Hdf5FileSource
+@dataclass(frozen=True)
+class FitsFileSource:
+    """A FITS file: primary-HDU keywords through `keyword_rules` (None: copy every user keyword;
+    empty: copy none), extensions copied verbatim."""
+
+    source_name: str
+    location: Location
+    keyword_rules: tuple[KeywordRule, ...] | None = None
+
+
+FileSource = Hdf5FileSource | FitsFileSource
+Source = FitsKeywordsSource | Hdf5FileSource | FitsFileSource
+
+
+class ProductFormat(enum.StrEnum):
+    """The product's format, decided by its file sources (`Specification.product_format`)."""
+
+    HDF5 = "hdf5"
+    FITS = "fits"
+
+    @property
+    def suffix(self) -> str:
+        return ".h5" if self is ProductFormat.HDF5 else ".fits"
 
 
 @dataclass(frozen=True)
@@ -152,19 +174,36 @@ class Specification:
     file_id: str
     sources: tuple[Source, ...]
     receivers: tuple[Receiver, ...] = ()
-    target_source: Hdf5FileSource | None = None
+    target_source: FileSource | None = None
     keyword_dictionaries: tuple[str, ...] = ()
     document: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def product_format(self) -> ProductFormat:
+        """FITS when any source or the target is a `fitsFile` (the loader refuses a mix), else HDF5."""
+        if any(isinstance(s, FitsFileSource) for s in self.file_sources):
+            return ProductFormat.FITS
+        return ProductFormat.HDF5
+
+    @property
     def product_name(self) -> str:
-        return f"{self.file_id}.h5"
+        return f"{self.file_id}{self.product_format.suffix}"
+
+    @property
+    def file_sources(self) -> tuple[FileSource, ...]:
+        """Every file source (collected before the merge), the target source first when there is one."""
+        base = (self.target_source,) if self.target_source else ()
+        return base + tuple(s for s in self.sources if isinstance(s, (Hdf5FileSource, FitsFileSource)))
 
     @property
     def hdf5_sources(self) -> tuple[Hdf5FileSource, ...]:
         """Every HDF5 source, the target source first when there is one."""
-        base = (self.target_source,) if self.target_source else ()
-        return base + tuple(s for s in self.sources if isinstance(s, Hdf5FileSource))
+        return tuple(s for s in self.file_sources if isinstance(s, Hdf5FileSource))
+
+    @property
+    def fits_sources(self) -> tuple[FitsFileSource, ...]:
+        """Every FITS file source, the target source first when there is one."""
+        return tuple(s for s in self.file_sources if isinstance(s, FitsFileSource))
 
     def to_json(self) -> str:
         return json.dumps(self.document, sort_keys=True)
@@ -308,14 +347,31 @@ def _rules(where: str, raw: list[dict[str, Any]] | None) -> tuple[KeywordRule, .
     return tuple(rules)
 
 
-def _hdf5_source(where: str, raw: dict[str, Any]) -> Hdf5FileSource:
+def _file_source(where: str, raw: dict[str, Any]) -> FileSource:
     location = Location.parse(raw["location"])
     _check_path(f"{where}.location", location.path)
-    return Hdf5FileSource(
+    kind = Hdf5FileSource if raw["type"] == "hdf5File" else FitsFileSource
+    return kind(
         source_name=raw["sourceName"],
         location=location,
         keyword_rules=_rules(f"{where}.keywordRules", raw.get("keywordRules")),
     )
+
+
+def _check_one_format(target: FileSource | None, sources: list[Source]) -> None:
+    """HDF5 and FITS file sources cannot make one product: refuse naming the first of each."""
+    first: dict[type, str] = {}
+    named: list[tuple[str, Source]] = [("target.source", target)] if target is not None else []
+    named += [(f"sources[{i}]", s) for i, s in enumerate(sources)]
+    for where, source in named:
+        if isinstance(source, (Hdf5FileSource, FitsFileSource)):
+            first.setdefault(type(source), f"{where} {quote(source.source_name)}")
+    if len(first) == 2:
+        raise SpecificationError(
+            "sources",
+            f"mixes hdf5File ({first[Hdf5FileSource]}) and fitsFile ({first[FitsFileSource]}) sources; "
+            "a product is either HDF5 (<fileId>.h5) or FITS (<fileId>.fits)",
+        )
 
 
 def _keyword(raw: dict[str, Any]) -> Keyword:
@@ -349,7 +405,7 @@ def load_specification(text: str | bytes | dict[str, Any]) -> Specification:
         raise _schema_problem(best if best is not None else errors[0])
 
     target = document["target"]
-    target_source = _hdf5_source("target.source", target["source"]) if "source" in target else None
+    target_source = _file_source("target.source", target["source"]) if "source" in target else None
     sources: list[Source] = []
     seen: dict[str, str] = {}
     if target_source is not None:
@@ -360,12 +416,13 @@ def load_specification(text: str | bytes | dict[str, Any]) -> Specification:
         if name in seen:
             raise SpecificationError(f"{where}.sourceName", f"{quote(name)} is already used by {seen[name]}")
         seen[name] = where
-        if raw["type"] == "hdf5File":
-            sources.append(_hdf5_source(where, raw))
+        if raw["type"] in ("hdf5File", "fitsFile"):
+            sources.append(_file_source(where, raw))
         else:
             sources.append(FitsKeywordsSource(name, tuple(_keyword(k) for k in raw["keywords"])))
     if not sources and target_source is None:
         raise SpecificationError("sources", "no sources: give at least one source or target.source")
+    _check_one_format(target_source, sources)
 
     receivers: list[Receiver] = []
     for i, raw in enumerate(document.get("receivers", [])):

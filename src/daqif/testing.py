@@ -34,6 +34,11 @@ ready line, so parallel runs never race for a port; each server's log is in `dat
 test's temporary directory, and are valid for one day.
 
 Everything a test may write lies under `data_root`, which the servers accept as allowed root.
+
+FITS sources for a DPM test (or a demo): `write_fits_detector_file(path, keywords={...}, chips=2)`
+writes a file as a detector control system does (a primary HDU with the detector's keywords,
+no data, and one image extension `CHIP<n>` per chip, with CHECKSUM/DATASUM), and
+`fits_file_source(name, path, rules)` is its `fitsFile` specification entry.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -280,3 +285,58 @@ def daq_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaqSystem]:
             yield DaqSystem(bound, dpm, Writer(bound), Simulator(bound))
         finally:
             dpm.client.close()
+
+
+def write_fits_detector_file(
+    path: Path,
+    *,
+    keywords: dict[str, Any] | None = None,
+    chips: int = 2,
+    shape: tuple[int, int] = (16, 16),
+    dtype: str = ">i2",
+    seed: int = 0,
+    compressed: bool = False,
+    primary_data: bool = False,
+    checksum: bool = True,
+) -> Path:
+    """Write a FITS file as a detector control system does: primary keywords, one image per chip.
+
+    `keywords` names FITS keywords (`EXPTIME`) or ESO ones written as `HIERARCH ESO <name>`
+    (`{"ESO DET DIT": 0.5}`); a value may be `(value, comment)`. Chip `n` (from 1) is the image
+    extension `CHIP<n>` with `EXTVER = n` and `HIERARCH ESO DET CHIP<n> ID`; its pixels come from
+    `seed` (reproducible). `compressed` writes tile-compressed (Rice) extensions; `primary_data` puts
+    an image in the primary HDU too; `checksum` adds CHECKSUM/DATASUM to every HDU.
+    """
+    import numpy as np
+    from astropy.io import fits
+
+    rng = np.random.default_rng(seed)
+    header = fits.Header()
+    for name, value in (keywords or {}).items():
+        card_name = f"HIERARCH {name}" if name.startswith("ESO ") or len(name) > 8 else name
+        header[card_name] = value
+    data = rng.integers(0, 1000, size=shape).astype(dtype) if primary_data else None
+    hdus: list[Any] = [fits.PrimaryHDU(data=data, header=header)]
+    for n in range(1, chips + 1):
+        pixels = rng.integers(0, 4000, size=shape).astype(dtype)
+        chip = fits.Header()
+        chip["EXTVER"] = n
+        chip[f"HIERARCH ESO DET CHIP{n} ID"] = (f"chip-{n}", "chip identifier")
+        if compressed:
+            hdus.append(fits.CompImageHDU(pixels, header=chip, name=f"CHIP{n}", compression_type="RICE_1"))
+        else:
+            hdus.append(fits.ImageHDU(pixels, header=chip, name=f"CHIP{n}"))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fits.HDUList(hdus).writeto(path, overwrite=True, checksum=checksum)
+    return path
+
+
+def fits_file_source(
+    source_name: str, location: str | Path, keyword_rules: list[Any] | None = None
+) -> dict[str, Any]:
+    """The `fitsFile` source of a Data Product Specification (rules None: copy every keyword)."""
+    source: dict[str, Any] = {"type": "fitsFile", "sourceName": source_name, "location": str(location)}
+    if keyword_rules is not None:
+        source["keywordRules"] = keyword_rules
+    return source

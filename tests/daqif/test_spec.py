@@ -109,7 +109,7 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("id with a slash", with_change("id", "a/b"), "id", "is not valid"),
     ("missing fileId", with_change("target.fileId", ...), "target", "'fileId' is a required property"),
     ("unknown top-level key", {**VALID, "colour": "red"}, "", "'colour' was unexpected"),
-    ("unknown source type", with_change("sources.0.type", "fitsFile"), "sources[0].type", "unknown type"),
+    ("unknown source type", with_change("sources.0.type", "netcdfFile"), "sources[0].type", "unknown type"),
     (
         "relative location",
         with_change("sources.1.location", "data/det1.h5"),

@@ -1,4 +1,4 @@
-"""Collecting one HDF5 source into the DAQ's workspace (`<daqdir>/sources/<sourceName>.h5`).
+"""Collecting one file source into the DAQ's workspace (`<daqdir>/sources/<sourceName>.h5|.fits`).
 
 A collected source is a snapshot: the merge reads the bytes collected, whatever happens to the
 original later. A local source is confined to the allowed roots (again at collection time: a
@@ -15,7 +15,7 @@ the allowed roots, outside the workspace. Files whose data the merge reads (virt
 external) are collected beside it into `sources/<sourceName>.refs/`, and the manifest
 `sources/<sourceName>.refs.json` (stored name → collected copy) is written last: a source is
 collected when its manifest exists. A reference leading out is a `TransferError` naming the
-dataset and the file.
+dataset and the file. A FITS source refers to no files (its manifest is empty).
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ class Confinement:
         return resolved
 
 
-def collected_path(sources_dir: Path, source_name: str) -> Path:
-    return sources_dir / f"{source_name}.h5"
+def collected_path(sources_dir: Path, source_name: str, suffix: str = ".h5") -> Path:
+    """`sources/<sourceName>.h5` (or `.fits`: `suffix` is the product format's)."""
+    return sources_dir / f"{source_name}{suffix}"
 
 
 def temp_path(destination: Path) -> Path:

@@ -38,9 +38,11 @@ from pathlib import Path
 
 from daqif.errors import DaqException, ErrorCode
 from daqif.spec import (
+    FitsFileSource,
     FitsKeywordsSource,
     Hdf5FileSource,
     KeywordKind,
+    ProductFormat,
     Specification,
     SpecificationError,
     load_specification,
@@ -49,7 +51,7 @@ from servers.common.paths import PathNotAllowed, confine, resolve_roots
 from servers.dpm import keyword_check, transfer
 from servers.dpm.config import DpmConfig
 from servers.dpm.events import StatusBus, StatusWatcher
-from servers.dpm.merge import parse_card
+from servers.dpm.merge import check_keyword_cards, parse_card
 from servers.dpm.merge_runner import ForkServerMergeRunner, MergeRunner
 from servers.dpm.model import (
     DaqRecord,
@@ -164,7 +166,7 @@ class DataProductManager:
             seq=next(self._seq),
             specification=text,
             timestamp=now,
-            sources=[SourceRecord(s.source_name, str(s.location)) for s in spec.hdf5_sources],
+            sources=[SourceRecord(s.source_name, str(s.location)) for s in spec.file_sources],
             receivers=[ReleaseRecord(i, r.path, r.host or "") for i, r in enumerate(spec.receivers)],
             history=[HistoryEntry(S.SCHEDULED, now, "queued")],
         )
@@ -303,7 +305,8 @@ class DataProductManager:
 
     @staticmethod
     def _check_literal_cards(spec: Specification) -> None:
-        """A `literalKeyword` card the merge cannot parse is refused now, not as a merge failure later."""
+        """A `literalKeyword` card the merge cannot parse, or a keyword that cannot be written as a
+        FITS card unaltered (`merge.fits_cards`), is refused now, not as a merge failure later."""
         for i, source in enumerate(spec.sources):
             if not isinstance(source, FitsKeywordsSource):
                 continue
@@ -315,13 +318,17 @@ class DataProductManager:
                         raise DaqException.invalid_argument(
                             f"sources[{i}].keywords[{j}].value: {exc}", id=spec.id
                         ) from None
+        try:
+            check_keyword_cards(spec, with_comments=spec.product_format is ProductFormat.FITS)
+        except ValueError as exc:
+            raise DaqException.invalid_argument(str(exc), id=spec.id) from None
 
     @staticmethod
     def _local_paths(spec: Specification) -> Iterator[tuple[str, str]]:
         if spec.target_source is not None and not spec.target_source.location.is_remote:
             yield "target.source.location", spec.target_source.location.path
         for i, source in enumerate(spec.sources):
-            if isinstance(source, Hdf5FileSource) and not source.location.is_remote:
+            if isinstance(source, (Hdf5FileSource, FitsFileSource)) and not source.location.is_remote:
                 yield f"sources[{i}].location", source.location.path
         for i, receiver in enumerate(spec.receivers):
             if receiver.host is None:

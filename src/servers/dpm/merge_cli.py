@@ -1,7 +1,12 @@
 """`daqif-dpm-merge`: the standalone merge the DPM server runs, and the product checker.
 
-    daqif-dpm-merge SPEC.json --root DIR [--outfile F] [--dry-run] [--dictionary-dir DIR ...]
+    daqif-dpm-merge SPEC.json --root DIR [--outfile F] [--dry-run] [--report R.json]
+                    [--dictionary-dir DIR ...]
     daqif-dpm-merge --verify FILE
+
+The product is `<fileId>.h5` for HDF5 sources, `<fileId>.fits` for FITS sources. `--report`
+writes what the DPM raises as WARNING alerts (`{"alerts": {"unmerged:<sourceName>": "..."},
+"warnings": [...]}`) after a successful merge.
 
 Log lines go to stdout (the server appends them to the DAQ's `logs/merge.log`); an error is one
 line on stderr and a non-zero exit, never a traceback.
@@ -14,6 +19,7 @@ import sys
 from pathlib import Path
 
 from daqif.spec import Specification, SpecificationError, load_specification
+from servers.common.atomic import atomic_write_json
 from servers.dpm.dictionary import DictionaryError, DictionarySet, load_dictionaries
 from servers.dpm.merge import (
     MergeError,
@@ -26,7 +32,7 @@ from servers.dpm.merge import (
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # merge failed, or --verify found a mismatch
-EXIT_UNREADABLE = 2  # --verify: the file cannot be read as an HDF5 product
+EXIT_UNREADABLE = 2  # --verify: the file cannot be read as an HDF5 or FITS product
 EXIT_USAGE = 2  # bad command line (argparse's own code)
 EXIT_BAD_SPEC = 3  # the specification is unreadable or invalid
 
@@ -34,13 +40,13 @@ _EPILOG = """\
 exit codes:
   0  merged (or --dry-run passed, or --verify: checksums match)
   1  the merge failed (the message says what and where); --verify: checksum mismatch
-  2  --verify: the file cannot be read as an HDF5 product; or a bad command line
+  2  --verify: the file cannot be read as an HDF5 or FITS product; or a bad command line
   3  the specification file cannot be read or is invalid
 
 The product is written as .<name>.part beside the output file and renamed when complete,
 so the output file never holds a partial product. Sources are read from
-<root>/sources/<sourceName>.h5 when that exists (a DPM workspace), else from their local
-location. Virtual and external data are read from the copies listed in
+<root>/sources/<sourceName>.h5 (.fits) when that exists (a DPM workspace), else from their
+local location. Virtual and external data are read from the copies listed in
 <root>/sources/<sourceName>.refs.json (written by the DPM when it collects), else from the
 files they name, resolved next to the source file.
 """
@@ -49,15 +55,18 @@ files they name, resolved next to the source file.
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="daqif-dpm-merge",
-        description="Merge the sources of a Data Product Specification into <fileId>.h5; verify a product.",
+        description=(
+            "Merge the sources of a Data Product Specification into <fileId>.h5 or <fileId>.fits; "
+            "verify a product."
+        ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("specification", nargs="?", type=Path, help="the Data Product Specification (JSON)")
     parser.add_argument(
-        "--root", type=Path, help="directory with sources/<sourceName>.h5; default output directory"
+        "--root", type=Path, help="directory with sources/<sourceName>.h5|.fits; default output directory"
     )
-    parser.add_argument("--outfile", type=Path, help="product path (default <root>/<fileId>.h5)")
+    parser.add_argument("--outfile", type=Path, help="product path (default <root>/<fileId>.h5|.fits)")
     parser.add_argument(
         "--dry-run", action="store_true", help="check and print what would be merged; write nothing"
     )
@@ -71,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         "order, then the built-in ones)",
     )
     parser.add_argument("--verify", type=Path, metavar="FILE", help="recompute the checksums of a product")
+    parser.add_argument(
+        "--report", type=Path, metavar="FILE", help="after a merge, write its alerts and warnings as JSON"
+    )
     return parser
 
 
@@ -83,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.verify is not None:
-        if args.specification is not None or args.root is not None or args.outfile or args.dry_run:
+        if (
+            args.specification is not None
+            or args.root is not None
+            or args.outfile
+            or args.dry_run
+            or args.report
+        ):
             parser.error("--verify FILE takes no other arguments")
         return _verify(args.verify)
     if args.specification is None or args.root is None:
@@ -101,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         dictionaries = _dictionaries(spec, args.dictionary_dir)
         sources = resolve_sources(spec, args.root)
         refs = resolve_references(spec, sources)
-        merge(
+        result = merge(
             spec,
             sources,
             outfile,
@@ -114,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail("interrupted; no product written", EXIT_FAILED)
+    if args.report is not None:
+        try:
+            atomic_write_json(args.report, {"alerts": result.alerts, "warnings": result.warnings})
+        except OSError as exc:
+            return _fail(f"cannot write the report {args.report}: {exc.strerror}", EXIT_FAILED)
     return EXIT_OK
 
 

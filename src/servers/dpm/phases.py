@@ -12,6 +12,7 @@ Alert ids: `storage` (WARNING, waiting for the free-space reserve), `collecting:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -136,13 +137,15 @@ class Phases:
         await self.debug_delay(SubState.COLLECTING)
         await asyncio.to_thread(collect.remove_stale_temps, self.workspace.sources_dir(r.id))
         r.count_attempt("collect")
-        locations = {s.source_name: s.location for s in daq.spec.hdf5_sources}
+        locations = {s.source_name: s.location for s in daq.spec.file_sources}
         todo = [s for s in r.sources if not (s.collected and _still_there(s))]
         results = await asyncio.gather(*(self._collect_one(daq, s, locations[s.source_name]) for s in todo))
         return all(results)
 
     async def _collect_one(self, daq: ActiveDaq, source: SourceRecord, location: Location) -> bool:
-        destination = collect.collected_path(self.workspace.sources_dir(daq.record.id), source.source_name)
+        destination = collect.collected_path(
+            self.workspace.sources_dir(daq.record.id), source.source_name, daq.spec.product_format.suffix
+        )
         async with self._transfers:
             try:
                 done = await collect.collect_source(
@@ -172,9 +175,9 @@ class Phases:
 
     # -- MERGING ------------------------------------------------------------------------------------
 
-    def product_path(self, record: DaqRecord) -> Path:
-        """Where the merge writes the product (`products/<id>/<fileId>.h5`), released from there."""
-        return self.workspace.product_dir(record.id) / f"{record.file_id}.h5"
+    def product_path(self, daq: ActiveDaq) -> Path:
+        """Where the merge writes the product (`products/<id>/<fileId>.h5|.fits`), released from there."""
+        return self.workspace.product_dir(daq.record.id) / daq.spec.product_name
 
     async def merge(self, daq: ActiveDaq) -> bool:
         """Merge the collected sources into the product; on success `record.result` is its path."""
@@ -184,7 +187,7 @@ class Phases:
             return False
         self._check_modified(daq)
         daq_dir = self.workspace.daq_dir(r.id)
-        product = self.product_path(r)
+        product = self.product_path(daq)
         log_path = self.workspace.merge_log(r.id)
         async with self._merges:
             await asyncio.to_thread(self._discard_partial_product, r)
@@ -196,7 +199,17 @@ class Phases:
             await asyncio.to_thread(spec_path.write_text, r.specification, "utf-8")
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(f"=== merge attempt {r.attempts['merge']} at {_utc_now()} ===\n")
-            argv = [str(spec_path), "--root", str(daq_dir), "--outfile", str(product)]
+            report = daq_dir / "merge-report.json"
+            await asyncio.to_thread(report.unlink, missing_ok=True)
+            argv = [
+                str(spec_path),
+                "--root",
+                str(daq_dir),
+                "--outfile",
+                str(product),
+                "--report",
+                str(report),
+            ]
             argv += [f"--dictionary-dir={d}" for d in self.config.dictionary_dirs]
             failure = await asyncio.to_thread(self._lacks_space_for_product, r)
             if failure is None:
@@ -209,6 +222,8 @@ class Phases:
             return False
         r.result = str(product)
         r.clear_alert(MERGING_ALERT)
+        for alert, message in (await asyncio.to_thread(_merge_alerts, report)).items():
+            daq.set_alert(alert, Severity.WARNING, message)  # e.g. unmerged:<sourceName>
         return True
 
     async def _run_merge(self, argv: list[str], log_path: Path) -> str | None:
@@ -246,7 +261,7 @@ class Phases:
 
         A failed merge is often a source that was not ready; the retry takes it as it is now.
         """
-        locations = {s.source_name: s.location for s in daq.spec.hdf5_sources}
+        locations = {s.source_name: s.location for s in daq.spec.file_sources}
         for source in daq.record.sources:
             daq.record.clear_alert(modified_alert(source.source_name))
         results = await asyncio.gather(
@@ -323,10 +338,19 @@ class Phases:
             shutil.rmtree(sources)
         if not any(rr.outcome == "symlink" for rr in record.receivers):
             self._discard_partial_product(record)
-        name = f"{record.file_id}.h5"
+        name = load_specification(record.specification).product_name
         for receiver in record.receivers:
             if not receiver.host:
                 release.remove_stale_temp(receiver.path, name, self._roots)
+
+
+def _merge_alerts(report: Path) -> dict[str, str]:
+    """The WARNING alerts a successful merge reported (`daqif-dpm-merge --report`)."""
+    try:
+        alerts = json.loads(report.read_text("utf-8")).get("alerts", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in alerts.items()} if isinstance(alerts, dict) else {}
 
 
 def _still_there(source: SourceRecord) -> bool:

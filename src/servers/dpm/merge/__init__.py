@@ -135,6 +135,7 @@ from servers.dpm.merge.common import (
     ProductUnreadableError,
     VerifyResult,
 )
+from servers.dpm.merge.fits_cards import check_keyword_cards
 from servers.dpm.merge.keywords import (
     ESO_NAME,
     FITS_NAME,
@@ -163,6 +164,7 @@ __all__ = [
     "ProductUnreadableError",
     "VerifyResult",
     "apply_keyword_rules",
+    "check_keyword_cards",
     "is_keyword_name",
     "merge",
     "parse_card",

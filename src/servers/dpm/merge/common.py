@@ -8,11 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from daqif.spec import (
-    FitsKeywordsSource,
-    Hdf5FileSource,
-    Specification,
-)
+from daqif.spec import Source, Specification
 
 ARCFILE = "ARCFILE"
 ORIGFILE = "ORIGFILE"
@@ -48,6 +44,8 @@ class MergeResult:
     dry_run: bool = False
     log: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    alerts: dict[str, str] = field(default_factory=dict)
+    """WARNING alerts for the DAQ (key, e.g. `unmerged:<sourceName>` → message)."""
 
 
 @dataclass
@@ -60,11 +58,12 @@ class VerifyResult:
     computed: str
     datasets: int
     mismatches: list[str] = field(default_factory=list)
+    unit: str = "datasets"  # what `datasets` counts: "HDUs" for a FITS product
 
     @property
     def message(self) -> str:
         if self.ok:
-            return f"{self.path}: OK ({self.datasets} datasets, {self.stored})"
+            return f"{self.path}: OK ({self.datasets} {self.unit}, {self.stored})"
         return f"{self.path}: checksum mismatch: " + "; ".join(self.mismatches)
 
 
@@ -78,6 +77,7 @@ class MergeLog:
         self.sink = sink
         self.lines: list[str] = []
         self.warnings: list[str] = []
+        self.alerts: dict[str, str] = {}
 
     def info(self, message: str) -> None:
         self._emit("INFO", message)
@@ -85,6 +85,11 @@ class MergeLog:
     def warning(self, message: str) -> None:
         self.warnings.append(message)
         self._emit("WARNING", message)
+
+    def alert(self, key: str, message: str) -> None:
+        """A warning that the DPM raises as a WARNING alert `key` on the DAQ."""
+        self.alerts[key] = message
+        self.warning(f"{key}: {message}")
 
     def _emit(self, level: str, message: str) -> None:
         self.lines.append(f"{level} {message}")
@@ -96,7 +101,7 @@ class MergeLog:
             self.sink.flush()
 
 
-def source_where(spec: Specification, source: Hdf5FileSource | FitsKeywordsSource) -> str:
+def source_where(spec: Specification, source: Source) -> str:
     if source is spec.target_source:
         return "target.source"
     return f"sources[{spec.sources.index(source)}]"

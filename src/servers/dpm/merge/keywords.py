@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,16 +263,21 @@ class MergedKeywords:
         return len(self.values) + sum(len(lines) for lines in self.commentary.values())
 
 
-def merge_keywords(per_source: Sequence[tuple[str, list[Keyword]]], log: MergeLog) -> MergedKeywords:
+def merge_keywords(
+    per_source: Sequence[tuple[str, list[Keyword]]],
+    log: MergeLog,
+    reserved: Container[str] = RESERVED_ATTRIBUTES,
+) -> MergedKeywords:
     """Merge the keywords of every source by priority; `per_source` in priority order, highest first.
 
     This is the one place where the merged keyword list of a product becomes final: what it
     returns is written as it is (checks of the whole product's keywords belong here).
+    `reserved`: names the merge writes itself (dropped with a warning), per product format.
     """
     merged = MergedKeywords()
     for source_name, keywords in per_source:
         for kw in keywords:
-            if kw.name in RESERVED_ATTRIBUTES:
+            if kw.name in reserved:
                 log.warning(f"source {source_name!r}: keyword {kw.name!r} is reserved for the merge; dropped")
                 continue
             if kw.is_commentary:

@@ -1,4 +1,9 @@
-"""`merge()`: resolve the sources of a specification and build its product."""
+"""`merge()`: resolve the sources of a specification and build its product.
+
+The product-format seam: one pipeline (sources resolved, opened, keywords through rules and
+the priority merge), and the writing of the product by format: `hdf5.py` for `<fileId>.h5`,
+`fits.py` for `<fileId>.fits` (`Specification.product_format`).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
-from daqif.spec import (
-    FitsKeywordsSource,
-    Specification,
-)
+from daqif.spec import FitsKeywordsSource, ProductFormat, Specification
 from servers.dpm import references
 from servers.dpm.dictionary import DictionarySet
 from servers.dpm.merge.common import MergeError, MergeLog, MergeResult, source_where
 from servers.dpm.merge.dictionaries import apply_dictionaries
+from servers.dpm.merge.fits import merge_fits
 from servers.dpm.merge.hdf5 import OpenSource, check_base_names, describe_plan, open_source, write_product
 from servers.dpm.merge.keywords import Keyword, fits_keywords, merge_keywords
 
 
 def resolve_sources(spec: Specification, root: Path) -> dict[str, Path]:
-    """The file to read for each HDF5 source: `<root>/sources/<sourceName>.h5` when it exists (a
-    DPM workspace after collection), else the local `location`; a remote location without a
-    collected copy is a `MergeError`."""
+    """The file to read for each file source: `<root>/sources/<sourceName>.h5` (`.fits` for a
+    FITS product) when it exists (a DPM workspace after collection), else the local `location`;
+    a remote location without a collected copy is a `MergeError`."""
     files: dict[str, Path] = {}
-    for source in spec.hdf5_sources:
-        collected = Path(root) / "sources" / f"{source.source_name}.h5"
+    suffix = spec.product_format.suffix
+    for source in spec.file_sources:
+        collected = Path(root) / "sources" / f"{source.source_name}{suffix}"
         if collected.exists():
             files[source.source_name] = collected
         elif source.location.is_remote:
@@ -65,7 +69,7 @@ def merge(
 ) -> MergeResult:
     """Build the data product of `spec` at `outfile` (see the module docstring for the format).
 
-    `source_files` maps every HDF5 source's `sourceName` (`target.source` included) to the file
+    `source_files` maps every file source's `sourceName` (`target.source` included) to the file
     to read. The product is written as `.<name>.part` beside `outfile` and renamed when complete.
     With `dry_run`, every source is opened and the plan logged, and nothing is written.
     `source_references` maps a sourceName to the collected copies of the files its virtual and
@@ -78,11 +82,18 @@ def merge(
     started = time.monotonic()
     out = MergeLog(log)
     outfile = Path(outfile)
-    for source in spec.hdf5_sources:
+    for source in spec.file_sources:
         if source.source_name not in source_files:
             raise MergeError(
                 f"{source_where(spec, source)} {source.source_name!r}: no file given for this source"
             )
+    if spec.product_format is ProductFormat.FITS:
+        try:
+            return merge_fits(spec, source_files, outfile, out, dry_run, started, dictionaries)
+        except MergeError:
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise MergeError(f"merge of {spec.product_name} failed: {exc}") from exc
     opened: list[OpenSource] = []
     try:
         return _merge_opened(

@@ -1,4 +1,4 @@
-"""`verify()`: recompute the checksums of an HDF5 product (see `servers.dpm.merge`)."""
+"""`verify()`: recompute the checksums of a product, HDF5 (see `servers.dpm.merge`) or FITS (`fits.py`)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4/... so compressed sou
 
 from servers.dpm.merge.checksum import ChunkBuffer, dataset_sum, manifest_digest
 from servers.dpm.merge.common import DATASUM, ProductUnreadableError, VerifyResult, as_text
+from servers.dpm.merge.fits import is_fits, verify_fits
 
 
 def verify(path: Path) -> VerifyResult:
     """Recompute every dataset's and the root `DATASUM` of a product; `ok` when all match.
+    A FITS product (by its first card): every HDU's `CHECKSUM` and `DATASUM`.
 
-    Raises `ProductUnreadableError` when the file cannot be read as HDF5 at all.
+    Raises `ProductUnreadableError` when the file cannot be read as HDF5 (or FITS) at all.
     """
     path = Path(path)
+    if is_fits(path):
+        return verify_fits(path)
     try:
         handle = h5py.File(path, "r")
     except (OSError, ValueError) as exc:

@@ -9,8 +9,10 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from astropy.io import fits
 
 from daqif.spec import load_specification
+from daqif.testing import fits_file_source, write_fits_detector_file
 from servers.dpm.dictionary import load_dictionaries
 from servers.dpm.merge import MergeError, merge, verify
 from servers.dpm.merge_cli import main
@@ -168,3 +170,44 @@ def test_a_merge_error_from_a_dictionary_is_retried_after_the_dictionary_is_fixe
             "ESO DET CHIP1 GAIN": "Gain of chip 1 [e-/ADU]",
         }
         assert f.attrs["ESO DET CHIP1 GAIN"] == 1.235
+
+
+def test_a_fits_product_gets_formatted_values_and_default_comments_and_refuses_undefined_keywords(
+    tmp_path: Path,
+) -> None:
+    dcs = write_fits_detector_file(
+        tmp_path / "dcs.fits",
+        keywords={"ESO DET CHIP1 GAIN": 1.23456, "ESO DET NDIT": (4, "frames"), "ESO DET CHIPS": 2},
+    )
+    document = spec_document(
+        [
+            keyword_source("tcs", [{"type": "esoKeyword", "name": "TEL AIRM START", "value": 1.23456}]),
+            fits_file_source("dcs", dcs),
+        ],
+        file_id="DICT",
+    )
+    document["keywordDictionaries"] = ["ESO-VLT-DIC.DAQIF_TCS", DCS]
+    spec = load_specification(document)
+    outfile = tmp_path / "DICT.fits"
+    merge(spec, {"dcs": dcs}, outfile, dictionaries=load_dictionaries(spec.keyword_dictionaries, []))
+
+    with fits.open(outfile) as hdus:
+        header = hdus[0].header
+        assert header["HIERARCH ESO DET CHIP1 GAIN"] == 1.235
+        assert header.comments["HIERARCH ESO DET CHIP1 GAIN"] == "Gain of chip 1 [e-/ADU]"
+        assert header["HIERARCH ESO TEL AIRM START"] == 1.235
+        assert header.comments["HIERARCH ESO TEL AIRM START"] == "Airmass at start"
+        assert header.comments["HIERARCH ESO DET NDIT"] == "frames"  # the source's own comment wins
+
+    document["keywordDictionaries"] = ["ESO-VLT-DIC.DAQIF_TCS"]
+    spec = load_specification(document)
+    with pytest.raises(
+        MergeError, match=r"ESO keyword 'DET CHIP1 GAIN' of source 'dcs' is not defined in ESO-VLT"
+    ):
+        merge(
+            spec,
+            {"dcs": dcs},
+            tmp_path / "BAD.fits",
+            dictionaries=load_dictionaries(spec.keyword_dictionaries, []),
+        )
+    assert not (tmp_path / "BAD.fits").exists()
