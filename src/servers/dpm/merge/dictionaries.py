@@ -8,6 +8,8 @@ merge naming the keyword, the source it came from and the dictionaries (the DPM 
 alert `merging`; fix the source file or the dictionary, then RetryMergeDaq). A keyword without a
 comment gets the dictionary's `Comment Format`, and each value is written as its `Value Format`
 makes it (`%.3f` of 0.12345 is held as 0.123; a double is held as a float, an integer as an int).
+On a FITS card a number is written as its `Value Format` text (`0.5000`, `1.23457E+04`) when
+that and the comment fit in the 80 characters (else as astropy writes the same value).
 The keywords of `fitsKeywords` sources were checked at QueueDaq already; they are checked again
 here (a dictionary may have changed since) and formatted the same way.
 """
@@ -17,11 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from astropy.io import fits
 
 from servers.dpm.dictionary import DictionarySet, KeywordNotValid, ParameterType
 from servers.dpm.merge.common import MergeError, MergeLog
 from servers.dpm.merge.keywords import Keyword, MergedKeywords
 
+_NUMBERS = (ParameterType.INTEGER, ParameterType.DOUBLE)
 # The HDF5 type of a source attribute is kept when it holds the dictionary's type.
 _KINDS = {
     ParameterType.LOGICAL: "b",
@@ -45,12 +49,35 @@ def apply_dictionaries(merged: MergedKeywords, dictionaries: DictionarySet | Non
         except KeywordNotValid as exc:
             problems.append(exc.of_source(repr(merged.origin[name])))
             continue
-        dtype = _kept_dtype(kw, definition.parameter.type, definition.value)
-        merged.values[name] = Keyword(kw.name, definition.value, definition.comment, dtype)
+        parameter = definition.parameter
+        dtype = _kept_dtype(kw, parameter.type, definition.value)
+        text = (
+            parameter.format_value(definition.value)
+            if parameter.type in _NUMBERS and parameter.value_format
+            else ""
+        )
+        merged.values[name] = Keyword(kw.name, definition.value, definition.comment, dtype, text)
     if problems:
         more = f" (and {len(problems) - 1} more ESO keywords)" if len(problems) > 1 else ""
         raise MergeError(f"{problems[0]}{more}; fix the source or the dictionary")
     log.info(f"keywords checked against {dictionaries.names}")
+
+
+def with_value_text(card: fits.Card, text: str) -> fits.Card:
+    """`card` with its value written as `text` (a number as its Value Format makes it: `0.5000`,
+    `1.23457E+04`), when that still fits in one card; else `card` as astropy wrote it."""
+    if not text:
+        return card
+    key = card.image.split("=", 1)[0]
+    image = f"{key}= {text.strip()}" + (f" / {card.comment}" if card.comment else "")
+    if len(image) > 80:
+        return card  # the comment would not fit beside the formatted value: astropy's card keeps it
+    try:
+        formatted = fits.Card.fromstring(image.ljust(80))
+        formatted.verify("exception")
+    except (ValueError, fits.VerifyError):
+        return card
+    return formatted if formatted.value == card.value else card
 
 
 def _kept_dtype(kw: Keyword, kind: ParameterType, value: Any) -> np.dtype[Any] | None:

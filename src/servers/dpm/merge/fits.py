@@ -61,7 +61,7 @@ from servers.dpm.merge.common import (
     source_where,
     utc_date,
 )
-from servers.dpm.merge.dictionaries import apply_dictionaries
+from servers.dpm.merge.dictionaries import apply_dictionaries, with_value_text
 from servers.dpm.merge.fits_cards import (
     FITS_RESERVED,
     STRUCTURE,
@@ -311,7 +311,7 @@ def _primary_header(
     for kw in dicb_order(values):
         where = f"keyword {kw.name!r} of source {keywords.origin.get(kw.name, 'merge')!r}"
         try:
-            header.append(render_card(kw.name, kw.value, kw.comment), end=True)
+            header.append(with_value_text(render_card(kw.name, kw.value, kw.comment), kw.text), end=True)
         except ValueError as exc:
             raise MergeError(f"{where}: {exc}") from None
     for name in ("HISTORY", "COMMENT"):

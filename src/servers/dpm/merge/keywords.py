@@ -36,6 +36,7 @@ class Keyword:
     value: Any
     comment: str = ""
     dtype: np.dtype[Any] | None = None  # the HDF5 source's type, kept in the product
+    text: str = ""  # the value as a dictionary's Value Format writes it on a card (`0.5000`)
 
     @property
     def is_eso(self) -> bool:

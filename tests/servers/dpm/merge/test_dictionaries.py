@@ -177,7 +177,7 @@ def test_a_fits_product_gets_formatted_values_and_default_comments_and_refuses_u
 ) -> None:
     dcs = write_fits_detector_file(
         tmp_path / "dcs.fits",
-        keywords={"ESO DET CHIP1 GAIN": 1.23456, "ESO DET NDIT": (4, "frames"), "ESO DET CHIPS": 2},
+        keywords={"ESO DET CHIP1 GAIN": 1.23456, "ESO DET NDIT": (4, "frames"), "ESO DET DIT": 0.5},
     )
     document = spec_document(
         [
@@ -198,6 +198,10 @@ def test_a_fits_product_gets_formatted_values_and_default_comments_and_refuses_u
         assert header["HIERARCH ESO TEL AIRM START"] == 1.235
         assert header.comments["HIERARCH ESO TEL AIRM START"] == "Airmass at start"
         assert header.comments["HIERARCH ESO DET NDIT"] == "frames"  # the source's own comment wins
+        cards = {card.keyword: card.image for card in header.cards}
+        assert cards["ESO DET DIT"].startswith("HIERARCH ESO DET DIT = 0.5000 / Detector integration time")
+        assert cards["ESO DET CHIP1 GAIN"].startswith("HIERARCH ESO DET CHIP1 GAIN = 1.235 / Gain of chip 1")
+    assert verify(outfile).ok
 
     document["keywordDictionaries"] = ["ESO-VLT-DIC.DAQIF_TCS"]
     spec = load_specification(document)
