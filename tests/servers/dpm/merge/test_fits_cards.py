@@ -54,6 +54,7 @@ LONG_ESO = " ".join(["ABCDEFGH"] * 7)  # 63 characters: HIERARCH ESO <name> = le
         ({"type": "valueKeyword", "name": "OBJECT", "value": "x" * 1025}, "at most 1024 are allowed"),
         ({"type": "esoKeyword", "name": "DET DIT", "value": 1, "comment": "naïve"}, "printable ASCII"),
         ({"type": "literalKeyword", "value": "OBJECT  = 'café' / a literal card"}, "printable ASCII"),
+        ({"type": "literalKeyword", "value": "COMMENT déjà vu"}, "printable ASCII"),
     ],
 )
 def test_a_keyword_no_card_can_hold_unaltered_is_refused_naming_source_and_keyword(
