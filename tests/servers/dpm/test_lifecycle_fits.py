@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+from pathlib import Path
 
 from astropy.io import fits
 
 from daqif.errors import ErrorCode
-from daqif.testing import fits_file_source
+from daqif.testing import fits_file_source, write_fits_detector_file
 from servers.dpm.merge import verify
 
 from .dpm_helpers import (
@@ -20,6 +23,7 @@ from .dpm_helpers import (
     wait_alert,
     wait_archived,
     wait_substate,
+    wait_until,
 )
 from .fits_samples import EXPECTED_CARDS, OCM, eso_spec, raw_hdus, write_dcs, write_fcs
 
@@ -131,3 +135,38 @@ def test_queue_daq_refuses_a_mixed_or_unrepresentable_fits_specification(dpm: Dp
         assert error.code is ErrorCode.INVALID_ARGUMENT
         assert problem in str(error)
     assert client.get_active_daqs() == []
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_kill_9_while_the_fits_merge_process_runs_then_the_product_is_released_once_and_valid(
+    dpm: DpmHarness,
+) -> None:
+    # The merge is frozen (SIGSTOP) once it writes to merge.log, then the server is killed.
+    dcs = write_fits_detector_file(dpm.data / "big.fits", chips=8, shape=(1024, 2048), seed=3)
+    server = dpm.start()
+    client = dpm.client(server)
+    client.queue_daq(eso_spec("FKILL", dcs, write_fcs(dpm.data / "fcs.fits"), [str(dpm.receiver)]))
+
+    def merge_process() -> int | None:
+        for child in _children(server.pid):
+            for grandchild in _children(child):  # the fork server's children are merges
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{grandchild}/fd/1").endswith("merge.log"):
+                        os.kill(grandchild, signal.SIGSTOP)
+                        return grandchild
+        return None
+
+    wait_until(merge_process, 60, "a running FITS merge")
+    server.kill()
+    server.start()
+    record = wait_archived(client, server, "FKILL")
+    assert record["substate"] == "COMPLETED"
+    assert os.listdir(dpm.receiver) == ["FKILL.fits"]
+    assert verify(dpm.receiver / "FKILL.fits").ok
+    assert [name for name, _, _ in raw_hdus(dpm.receiver / "FKILL.fits")][:3] == ["PRIMARY", "CHIP1", "CHIP2"]
