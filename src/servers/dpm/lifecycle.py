@@ -7,8 +7,9 @@ Each active DAQ has one driver task (`_drive`) that runs the step of its current
 moves it on with `_transition`. A failed step raises an ERROR alert (`collecting:<sourceName>`,
 `merging`, `releasing:<receiverIndex>`), gives back its active slot and waits for
 `RetryMergeDaq`, which runs the step again; the alert is cleared when the step succeeds.
-WARNING alerts do not stop a DAQ: `storage` (waiting in SCHEDULED for the free-space reserve)
-and `modified:<sourceName>` (a source changed after it was collected).
+WARNING alerts do not stop a DAQ: `storage` (waiting in SCHEDULED for the free-space reserve, or
+in MERGING until the product, as large as the collected sources, fits above it; the DAQ goes on
+by itself when space returns) and `modified:<sourceName>` (a source changed after it was collected).
 
 Resource limits are semaphores: active DAQs (`max_active_daqs`, taken in queue order when a
 DAQ leaves SCHEDULED), transfers and merges. Every change is persisted (`store.Workspace`)
