@@ -40,6 +40,7 @@ from daqif import defaults
 from daqif.errors import DaqException
 from daqif.tls import TlsError, tls_address
 from daqif.v1 import writer_pb2_grpc
+from servers.common import roles
 from servers.common.grpc_server import (
     PortUnavailable,
     add_health_and_reflection,
@@ -66,6 +67,7 @@ DEFAULT_REST_PORT = defaults.WRITER_REST_PORT
 DEFAULT_GRPC_PORT = defaults.WRITER_GRPC_PORT
 
 _log = logging.getLogger("daqif-writer")
+_OVERWRITE = "the writer could overwrite it; give directories apart"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +213,8 @@ async def serve(args: argparse.Namespace) -> int:
     data_root: Path = args.data_root.resolve()
     data_root.mkdir(parents=True, exist_ok=True)
     roots = resolve_roots(args.allowed_root or [data_root])
+    for root in roots:  # a DPM started by hand marked its workspace and receivers (servers.common.roles)
+        roles.refuse_overlap(root, "allowed root", roles.Role.WRITER_ROOT, _OVERWRITE)
     # Bind both ports before anything starts, so a busy port is a one-line error naming it.
     try:
         rest_socket = _bind_rest_socket(args.host, args.rest_port)
@@ -227,6 +231,8 @@ async def serve(args: argparse.Namespace) -> int:
     # The REST port identifies a writer on its host, so it names the default state directory.
     state_dir: Path = (args.state_dir or data_root / ".daqif-writer" / f"rest-{rest_port}").resolve()
     state_lock = _lock_state_dir(state_dir)  # held (open) until this process ends
+    for root in roots:
+        roles.mark_quietly(root, roles.Role.WRITER_ROOT, roles.owner_of_this_process("daqif-writer"))
     core = WriterCore(
         make_datapath_factory(
             args.stream,
@@ -345,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaqException as exc:
         print(f"daqif-writer: {exc.message}", file=sys.stderr)
         return 2
-    except TlsError as exc:
+    except (TlsError, roles.RolesOverlap) as exc:
         print(f"daqif-writer: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

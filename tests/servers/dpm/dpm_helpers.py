@@ -214,7 +214,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = 
 
 
 def visible_files(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory))
+    """The entries of `directory`, hidden ones included, but the DPM's role marker (`.daqif-receiver`)."""
+    from servers.common.roles import Role
+
+    return sorted(name for name in os.listdir(directory) if name not in set(Role))
 
 
 def archived_record(server: DpmServerProcess, daq_id: str) -> dict[str, Any]:

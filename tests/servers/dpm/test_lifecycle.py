@@ -23,6 +23,7 @@ from .dpm_helpers import (
     make_spec,
     statuses_until_final,
     substate_names,
+    visible_files,
     wait_alert,
     wait_archived,
     wait_substate,
@@ -65,7 +66,7 @@ def test_daq_with_two_hdf5_sources_and_keywords_passes_every_substate_to_the_rec
     assert final.result == str(server.workspace / "products" / reply.id / "LIFE_PRODUCT.h5")
 
     released = dpm.receiver / "LIFE_PRODUCT.h5"
-    assert sorted(os.listdir(dpm.receiver)) == ["LIFE_PRODUCT.h5"]
+    assert visible_files(dpm.receiver) == ["LIFE_PRODUCT.h5"]
     assert os.stat(released).st_ino == os.stat(final.result).st_ino  # a hard link, not a copy
     assert os.stat(released).st_nlink == 2
     assert verify(released).ok
@@ -112,7 +113,7 @@ def test_abort_ends_the_daq_aborted_from_each_non_final_substate(dpm: DpmHarness
     assert substate_names(statuses)[-3:] == [held_in, "ABORTING", "ABORTED"]
     assert statuses[-1].state == dpm_pb2.DAQ_STATE_COMPLETED
     assert wait_archived(client, server, "ABORT1")["substate"] == "ABORTED"
-    assert os.listdir(dpm.receiver) == []  # nothing released, no temporary file left
+    assert visible_files(dpm.receiver) == []  # nothing released, no temporary file left
     assert not (server.workspace / "daqs" / "ABORT1").exists()
     assert source.is_file()  # the original is never touched
 

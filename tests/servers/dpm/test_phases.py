@@ -7,7 +7,6 @@ Each test puts the workspace (or the receiver) on a real tmpfs of a few MiB and 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
@@ -21,6 +20,7 @@ from .dpm_helpers import (
     hdf5_source,
     make_spec,
     small_tmpfs,
+    visible_files,
     wait_alert,
     wait_archived,
     write_source,
@@ -79,7 +79,7 @@ def test_a_product_that_does_not_fit_above_the_reserve_waits_in_merging_and_comp
         assert f"reserve is {3 * MIB // 2} bytes" in alert.description
         # Nothing of the product was written, nothing released.
         assert not (server.workspace / "products" / "ROOM1").exists()
-        assert os.listdir(dpm.receiver) == []
+        assert visible_files(dpm.receiver) == []
 
         filler.unlink()  # space returns: the DAQ goes on by itself
         record = wait_archived(client, server, "ROOM1")
@@ -124,7 +124,7 @@ def test_a_disk_that_fills_during_the_merge_is_an_error_that_leaves_no_partial_p
         assert status.substate == dpm_pb2.DAQ_SUB_STATE_MERGING and status.error
         assert NO_SPACE in _alert(status, "merging").description
         assert not (server.workspace / "products" / "FULLM").exists()  # no partial product
-        assert os.listdir(dpm.receiver) == []  # nothing released
+        assert visible_files(dpm.receiver) == []  # nothing released
 
         filler.unlink()
         client.retry_merge_daq("FULLM")
@@ -148,7 +148,7 @@ def test_a_receiver_disk_that_fills_during_release_is_an_error_that_leaves_nothi
         status = wait_alert(client, "FULLR", "releasing:0")
         assert status.substate == dpm_pb2.DAQ_SUB_STATE_RELEASING and status.error
         assert NO_SPACE in _alert(status, "releasing:0").description
-        assert os.listdir(receiver) == ["filler"]  # no partial product, no temporary file
+        assert visible_files(receiver) == ["filler"]  # no partial product, no temporary file
 
         filler.unlink()
         client.retry_merge_daq("FULLR")
