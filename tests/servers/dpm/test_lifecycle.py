@@ -180,6 +180,24 @@ def test_failed_merge_waits_for_retry_which_collects_the_sources_again(dpm: DpmH
     assert verify(dpm.receiver / "MERGE1.product.h5").ok
 
 
+def test_a_backtracking_transform_regex_does_not_hold_the_merge_and_the_daq_completes(
+    dpm: DpmHarness,
+) -> None:
+    # `(A+)+$` against 'AAA…AC' takes Python's re 2^n steps (the adversarial run: 23.6 s of the
+    # only merge slot, doubling per character); with 60 A's this DAQ would never complete.
+    long_name = "ESO DET " + "A" * 60 + "C"
+    source = dpm.data / "raw" / "det.h5"
+    write_source(source, "det", attrs={long_name: 1, "ESO DET AA": 2})
+    rules = [{"type": "transform", "selectionPatterns": ["+e DET *"], "regex": "(A+)+$", "format": "X"}]
+    server = dpm.start()
+    client = dpm.client(server)
+    client.queue_daq(make_spec("REGEX1", [hdf5_source("det", source, keywordRules=rules)], [dpm.receiver]))
+    assert wait_archived(client, server, "REGEX1")["substate"] == "COMPLETED"
+    with h5py.File(dpm.receiver / "REGEX1.product.h5") as f:
+        assert f.attrs[long_name] == 1  # not matched: unchanged
+        assert f.attrs["ESO DET X"] == 2 and "ESO DET AA" not in f.attrs
+
+
 def test_merge_running_past_merge_timeout_is_killed_with_an_error_and_can_be_retried(dpm: DpmHarness) -> None:
     source = dpm.source("det1")
     server = dpm.start({"merge_timeout_s": 0.001})  # shorter than any merge takes to start
