@@ -198,6 +198,25 @@ def test_a_backtracking_transform_regex_does_not_hold_the_merge_and_the_daq_comp
         assert f.attrs["ESO DET X"] == 2 and "ESO DET AA" not in f.attrs
 
 
+def test_a_source_declaring_an_empty_1_gib_dataset_is_released_as_a_small_product(dpm: DpmHarness) -> None:
+    # The adversarial run: a 2.4 KB source declaring an empty 1 GiB dataset made a 1 GiB product.
+    sparse = dpm.data / "raw" / "sparse.h5"
+    sparse.parent.mkdir(parents=True)
+    with h5py.File(sparse, "w") as f:
+        f.create_dataset("empty", shape=(1 << 30,), dtype=np.uint8, chunks=(1 << 20,), fillvalue=7)
+    assert sparse.stat().st_size < 8192
+    server = dpm.start()
+    client = dpm.client(server)
+    client.queue_daq(make_spec("SPARSE1", [hdf5_source("s", sparse)], [dpm.receiver]))
+    assert wait_archived(client, server, "SPARSE1")["substate"] == "COMPLETED"
+    product = dpm.receiver / "SPARSE1.product.h5"
+    assert product.stat().st_size < (1 << 20)
+    with h5py.File(product) as f:
+        empty = f["s/empty"]
+        assert (empty.shape, empty.id.get_storage_size(), empty[-1]) == ((1 << 30,), 0, 7)
+    assert verify(product).ok
+
+
 def test_merge_running_past_merge_timeout_is_killed_with_an_error_and_can_be_retried(dpm: DpmHarness) -> None:
     source = dpm.source("det1")
     server = dpm.start({"merge_timeout_s": 0.001})  # shorter than any merge takes to start
