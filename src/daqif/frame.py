@@ -362,11 +362,13 @@ def _decode_protobuf(buf: bytes | memoryview) -> FrameHeader:
     )
 
 
-def check_data(header: FrameHeader, data: bytes | memoryview) -> None:
+def check_data(header: FrameHeader, data: bytes | memoryview, *, decode: bool = False) -> None:
     """Raise `FrameError` if `data` cannot be the frame `header` describes.
 
     Uncompressed data must be exactly ``header.nbytes``; a bitshuffle-LZ4 chunk must carry
-    bitshuffle's framing with the uncompressed size of the frame.
+    bitshuffle's framing with the uncompressed size of the frame. With `decode`, every LZ4 block
+    of the chunk is decompressed too and must give exactly its block of pixels (about 17 times the
+    cost of the framing walk: docs/writer.md).
     """
     size = len(data)
     if header.compression is Compression.NONE:
@@ -385,6 +387,8 @@ def check_data(header: FrameHeader, data: bytes | memoryview) -> None:
             f"{header.height}x{header.width} {header.dtype.name} = {header.nbytes} bytes"
         )
     problem = _bslz4_framing_problem(data, total, block, header.dtype.itemsize)
+    if problem is None and decode:
+        problem = _bslz4_block_problem(data, total, block, header.dtype.itemsize)
     if problem is not None:
         raise FrameError(f"frame {header.image_id}: bitshuffle-LZ4 chunk {problem}")
 
@@ -416,6 +420,34 @@ def _bslz4_framing_problem(data: bytes | memoryview, total: int, block: int, ite
         position += 4 + unpack(data, position)[0]
     if position + tail != size:
         return f"framing accounts for {position + tail} bytes, the chunk has {size}"
+    return None
+
+
+def _bslz4_block_problem(data: bytes | memoryview, total: int, block: int, itemsize: int) -> str | None:
+    """Which LZ4 block of a correctly framed bitshuffle-LZ4 chunk does not decode, or None.
+
+    Each block must decompress to exactly its size (`block`, the last one the whole multiple of 8
+    elements left); the bit shuffle is a permutation, so any decoded bytes are valid pixels.
+    """
+    import lz4.block
+
+    n_blocks, rest = divmod(total // itemsize, block // itemsize)
+    last = (rest - rest % 8) * itemsize
+    view = memoryview(data)
+    unpack = _BLOCK_SIZE.unpack_from
+    position = BSLZ4_CHUNK_HEADER_SIZE
+    for index in range(n_blocks + (rest >= 8)):
+        size = unpack(view, position)[0]
+        expected = block if index < n_blocks else last
+        try:
+            decoded = lz4.block.decompress(
+                view[position + 4 : position + 4 + size], uncompressed_size=expected
+            )
+        except lz4.block.LZ4BlockError as exc:
+            return f"block {index} (at byte {position}) is not valid LZ4: {exc}"
+        if len(decoded) != expected:
+            return f"block {index} (at byte {position}) decodes to {len(decoded)} bytes, not {expected}"
+        position += 4 + size
     return None
 
 

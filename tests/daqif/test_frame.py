@@ -194,6 +194,36 @@ def test_check_data_refuses_a_bslz4_chunk_of_another_frame_size() -> None:
         check_data(header, b"short")
 
 
+def _garble_lz4_blocks(chunk: bytes, blocks: set[int]) -> bytes:
+    """`chunk` with the LZ4 bytes of `blocks` overwritten, its framing (every block's size) kept."""
+    out = bytearray(chunk)
+    position = 12
+    for index in range(len(chunk)):
+        if position + 4 > len(chunk) - 1:
+            break
+        (size,) = struct.unpack_from(">I", out, position)
+        if index in blocks:
+            out[position + 4 : position + 4 + size] = b"\xff" * size
+        position += 4 + size
+    return bytes(out)
+
+
+@pytest.mark.parametrize("garbled", [0, 1])
+def test_check_data_decoding_refuses_garbage_lz4_blocks_that_the_framing_walk_lets_through(
+    garbled: int,
+) -> None:
+    # 64x96 uint16 = 12 KiB: one full 8 KiB block, then a last one of 4 KiB.
+    header = decode_header(encode_daqif_header(4, 64, 96, "uint16", compression=Compression.BSLZ4))
+    chunk = compress_bslz4(expected_frame(4, (64, 96), "uint16"))
+    check_data(header, chunk, decode=True)
+    garbage = _garble_lz4_blocks(chunk, {garbled})
+    check_data(header, garbage)  # the default check walks the framing only
+    with pytest.raises(
+        FrameError, match=rf"frame 4: bitshuffle-LZ4 chunk block {garbled} \(at byte \d+\) is not"
+    ):
+        check_data(header, garbage, decode=True)
+
+
 @pytest.mark.parametrize("dtype", CODES)
 def test_expected_frame_is_deterministic_exact_and_periodic(dtype: str) -> None:
     frame = expected_frame(5, (20, 30), dtype)

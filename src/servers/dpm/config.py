@@ -14,7 +14,7 @@ the file (all optional):
 | `max_active_daqs` | 4 | DAQs past SCHEDULED at once; 0 holds every DAQ in SCHEDULED |
 | `max_transfers` | 2 | concurrent source collections and receiver copies |
 | `max_merges` | 1 | concurrent merge programs |
-| `free_space_reserve_bytes` | 0 | collect only while more is free; merge only if the product fits above it |
+| `free_space_reserve_bytes` | 0 | collect only while more is free; merge once the product fits above it |
 | `merge_timeout_s` | 3600.0 | a longer merge is killed (ERROR `merging`; RetryMergeDaq runs it again) |
 | `rsync_command` | `"rsync"` | rsync program for `host:/path` sources and remote receivers |
 | `rsync_remote_shell` | `"ssh"` | passed to rsync as `-e`; a command line, split like a shell would |
@@ -82,7 +82,8 @@ class DpmConfig(BaseModel):
     max_merges: Count = Field(1, ge=1)
     """Concurrent merge programs."""
     free_space_reserve_bytes: Count = Field(0, ge=0)
-    """A DAQ starts collecting only while the workspace has more bytes available."""
+    """A DAQ starts collecting only while the workspace has more bytes available, and merging only
+    once its product (as large as the collected sources) fits above it."""
     merge_timeout_s: float = Field(3600.0, gt=0, strict=True)
     """A merge running longer is killed: ERROR alert `merging`, RetryMergeDaq runs it again."""
     rsync_command: str = Field("rsync", min_length=1)

@@ -7,8 +7,9 @@ Each active DAQ has one driver task (`_drive`) that runs the step of its current
 moves it on with `_transition`. A failed step raises an ERROR alert (`collecting:<sourceName>`,
 `merging`, `releasing:<receiverIndex>`), gives back its active slot and waits for
 `RetryMergeDaq`, which runs the step again; the alert is cleared when the step succeeds.
-WARNING alerts do not stop a DAQ: `storage` (waiting in SCHEDULED for the free-space reserve)
-and `modified:<sourceName>` (a source changed after it was collected).
+WARNING alerts do not stop a DAQ: `storage` (waiting in SCHEDULED for the free-space reserve, or
+in MERGING until the product, as large as the collected sources, fits above it; the DAQ goes on
+by itself when space returns) and `modified:<sourceName>` (a source changed after it was collected).
 
 Resource limits are semaphores: active DAQs (`max_active_daqs`, taken in queue order when a
 DAQ leaves SCHEDULED), transfers and merges. Every change is persisted (`store.Workspace`)
@@ -47,6 +48,7 @@ from daqif.spec import (
     SpecificationError,
     load_specification,
 )
+from servers.common import roles
 from servers.common.paths import PathNotAllowed, confine, resolve_roots
 from servers.dpm import keyword_check, transfer
 from servers.dpm.config import DpmConfig
@@ -82,6 +84,8 @@ TRANSITIONS: dict[SubState, frozenset[SubState]] = {
 """The allowed substate changes; `check_transition` refuses every other."""
 
 ABORTING_ALERT = "aborting"
+OWNER = roles.owner_of_this_process("daqif-dpm-server")
+_APART = "a writer could overwrite what the DPM makes there; give directories apart"
 INTERNAL_ALERT = "internal"
 
 
@@ -100,6 +104,7 @@ class DataProductManager:
         self.bus = StatusBus(config.watch_queue_size)
         self._roots = resolve_roots(config.allowed_roots)
         self._workspace_resolved = Path(config.workspace).resolve()
+        self._receivers_apart: set[Path] = set()  # receiver directories checked and marked
         self._active: dict[str, ActiveDaq] = {}
         self._archived: set[str] = set()
         self._reserved: set[str] = set()
@@ -113,6 +118,9 @@ class DataProductManager:
     async def start(self) -> None:
         """Rebuild the index from the workspace and resume every active DAQ."""
         loaded = await asyncio.to_thread(self.workspace.load)  # takes the workspace lock
+        # A writer started by hand marked its roots: refuse a workspace it could overwrite.
+        roles.refuse_overlap(self._workspace_resolved, "workspace", roles.Role.DPM_WORKSPACE, _APART)
+        roles.mark(self._workspace_resolved, roles.Role.DPM_WORKSPACE, OWNER)
         # Children of a server that died by kill -9 (rsync's own children outlive its death
         # signal) must not keep writing into the workspace we now own.
         for pid in transfer.kill_leftovers(self.workspace.root.resolve()):
@@ -302,6 +310,15 @@ class DataProductManager:
                 raise DaqException.invalid_argument(
                     f"{where}: {path!r} lies inside the DPM workspace {self._workspace_resolved}", id=spec.id
                 )
+            if where.startswith("receivers[") and resolved not in self._receivers_apart:
+                try:
+                    roles.refuse_overlap(resolved, "receiver directory", roles.Role.RECEIVER, _APART)
+                except roles.RolesOverlap as exc:
+                    raise DaqException.invalid_argument(f"{where}: {exc}", id=spec.id) from None
+                if resolved.is_dir():
+                    # Marked now, so that a writer started later refuses it; once per directory.
+                    roles.mark_quietly(resolved, roles.Role.RECEIVER, OWNER)
+                    self._receivers_apart.add(resolved)
 
     @staticmethod
     def _check_literal_cards(spec: Specification) -> None:

@@ -32,6 +32,7 @@ from servers.common.grpc_server import (
 )
 from servers.common.process import die_with_parent
 from servers.common.ready import ready_line
+from servers.common.roles import RolesOverlap
 from servers.common.tls import ServerTls, add_tls_arguments, security_of, tls_from_args
 from servers.dpm.config import ConfigError, DpmConfig, build_config
 from servers.dpm.grpc_service import SERVICE_NAMES, add_services
@@ -94,6 +95,9 @@ async def serve(config: DpmConfig, host: str, port: int, tls: ServerTls | None =
     except WorkspaceBusy as exc:
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 1
+    except RolesOverlap as exc:
+        print(f"daqif-dpm-server: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"daqif-dpm-server: cannot open workspace {config.workspace}: {exc}", file=sys.stderr)
         return 1

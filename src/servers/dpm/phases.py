@@ -4,7 +4,8 @@ Each phase does the work, records its outcome on the DAQ's record (per source, p
 alerts, attempts) and persists it through the `commit` it was given; it answers whether the
 step succeeded. It never changes the substate: `lifecycle.py` does, from the answer.
 
-Alert ids: `storage` (WARNING, waiting for the free-space reserve), `collecting:<sourceName>`,
+Alert ids: `storage` (WARNING, waiting in SCHEDULED for the free-space reserve, or in MERGING for
+the product to fit above it), `collecting:<sourceName>`,
 `merging`, `releasing:<receiverIndex>` (ERROR, the step failed) and `modified:<sourceName>`
 (WARNING, a source changed after it was collected).
 """
@@ -112,22 +113,30 @@ class Phases:
 
     # -- SCHEDULED: the free-space reserve ---------------------------------------------------------
 
-    async def wait_for_storage(self, daq: ActiveDaq) -> None:
+    async def wait_for_storage(self, daq: ActiveDaq, needed: int = 0) -> None:
+        """Wait, with a WARNING `storage` alert, until `needed` bytes fit above the reserve.
+
+        SCHEDULED waits for the reserve alone (`needed` 0); MERGING for the product
+        (`needed` = the collected bytes, `product_bytes`). The alert is cleared when it fits.
+        """
         reserve = self.config.free_space_reserve_bytes
         while True:
             available = (await asyncio.to_thread(self.storage)).available
-            if available >= reserve:
+            if available - needed >= reserve:
                 break
             if STORAGE_ALERT not in daq.record.alerts:
+                what = f"the product may need {needed} bytes, " if needed else ""
                 daq.set_alert(
                     STORAGE_ALERT,
                     Severity.WARNING,
-                    f"waiting for free space: {available} bytes available in {self.workspace.root}, "
+                    f"waiting for free space: {what}{available} bytes available in {self.workspace.root}, "
                     f"reserve is {reserve} bytes",
                 )
                 await self._commit(daq)
             await asyncio.sleep(self.config.storage_report_interval_s)
-        daq.record.clear_alert(STORAGE_ALERT)
+        if STORAGE_ALERT in daq.record.alerts:
+            daq.record.clear_alert(STORAGE_ALERT)
+            await self._commit(daq)
 
     # -- COLLECTING ---------------------------------------------------------------------------------
 
@@ -186,6 +195,8 @@ class Phases:
         if r.attempts.get("merge", 0) > 0 and not await self._collect_again(daq):
             return False
         self._check_modified(daq)
+        # Outside the merge slot: a product that does not fit must not hold up the others.
+        await self.wait_for_storage(daq, product_bytes(r))
         daq_dir = self.workspace.daq_dir(r.id)
         product = self.product_path(daq)
         log_path = self.workspace.merge_log(r.id)
@@ -217,6 +228,9 @@ class Phases:
         if failure is None and not product.is_file():
             failure = f"the merge program exited 0 but did not write {product}"
         if failure is not None:
+            # The merge removes its part file; one killed at the timeout cannot. Nothing half
+            # written stays to take the space a retry needs.
+            await asyncio.to_thread(self._discard_partial_product, r)
             daq.set_alert(MERGING_ALERT, Severity.ERROR, f"merge failed: {failure} (log: {log_path})")
             await self._commit(daq)
             return False
@@ -241,12 +255,12 @@ class Phases:
         return None
 
     def _lacks_space_for_product(self, record: DaqRecord) -> str | None:
-        """Why the product may not fit above the free-space reserve, or None.
+        """Why the product no longer fits above the free-space reserve, or None.
 
-        The product holds at most the collected bytes (unallocated storage stays unallocated),
-        so their sum bounds its size.
+        `merge` waited until it fitted; this is the check again inside the merge slot, for the
+        space another merge or program took meanwhile (then ERROR `merging`).
         """
-        needed = sum(s.bytes + s.reference_bytes for s in record.sources)
+        needed = product_bytes(record)
         available = self.storage().available
         reserve = self.config.free_space_reserve_bytes
         if available - needed >= reserve:
@@ -351,6 +365,16 @@ def _merge_alerts(report: Path) -> dict[str, str]:
     except (OSError, ValueError, AttributeError):
         return {}
     return {str(k): str(v) for k, v in alerts.items()} if isinstance(alerts, dict) else {}
+
+
+def product_bytes(record: DaqRecord) -> int:
+    """The expected size of the product: the bytes collected (sources and the files they refer to).
+
+    The merge copies what was collected and unallocated storage stays unallocated, so this
+    bounds the product, except where virtual datasets map the same data more than once (the
+    merge then writes it once per mapping; a disk that fills during the merge is ERROR `merging`).
+    """
+    return sum(s.bytes + s.reference_bytes for s in record.sources)
 
 
 def _still_there(source: SourceRecord) -> bool:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from servers.common import roles
 from servers.common.atomic import atomic_output, copy_file, remove_quietly
 from servers.common.paths import PathNotAllowed, confine
 from servers.dpm.transfer import TransferError, rsync, run_stoppable, same_content
@@ -63,6 +64,12 @@ async def release_local(
         raise TransferError(f"receiver directory {path_text} does not exist")
     if not directory.is_dir():
         raise TransferError(f"receiver path {path_text} is not a directory")
+    overlap = roles.marked_at_or_above(directory, roles.DPM_KEEPS_OUT)
+    if overlap is not None:  # a writer marked it after QueueDaq (servers.common.roles)
+        raise TransferError(
+            f"receiver directory {path_text} lies in {overlap.describe()}: a writer could overwrite it"
+        )
+    roles.mark_quietly(directory, roles.Role.RECEIVER, roles.owner_of_this_process("daqif-dpm-server"))
     destination = directory / product.name
     try:
         already = await asyncio.to_thread(_already_released, product, destination)

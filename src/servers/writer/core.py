@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from daqif.errors import MAX_QUOTE_CHARS, DaqException, ErrorCode, bounded, quote
+from servers.common import roles
 from servers.common.atomic import atomic_write_json
 from servers.common.paths import PathNotAllowed, confine
 from servers.writer.datapath.api import (
@@ -423,6 +424,14 @@ class WriterCore:
             )
         if is_dir:
             raise DaqException.invalid_argument(f"output_file {quote(text)} is a directory, not a file name")
+        marked = roles.marked_at_or_above(resolved.parent, roles.WRITER_KEEPS_OUT)
+        if marked is not None:  # marked by a DPM after this writer started (servers.common.roles)
+            raise DaqException.invalid_argument(
+                bounded(
+                    f"output_file {quote(text)} lies in {marked.describe()}; the writer never writes there",
+                    3 * MAX_QUOTE_CHARS,
+                )
+            )
         if not folder_exists:
             raise DaqException.invalid_argument(
                 f"output_file folder {quote(os.path.dirname(text))} does not exist; create it first"

@@ -40,6 +40,7 @@ from daqif import defaults
 from daqif.errors import DaqException
 from daqif.tls import TlsError, tls_address
 from daqif.v1 import writer_pb2_grpc
+from servers.common import roles
 from servers.common.grpc_server import (
     PortUnavailable,
     add_health_and_reflection,
@@ -66,6 +67,7 @@ DEFAULT_REST_PORT = defaults.WRITER_REST_PORT
 DEFAULT_GRPC_PORT = defaults.WRITER_GRPC_PORT
 
 _log = logging.getLogger("daqif-writer")
+_OVERWRITE = "the writer could overwrite it; give directories apart"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="nice levels the data path runs ahead of the control plane, so status polling cannot "
         "take the CPU frames need; needs CAP_SYS_NICE or RLIMIT_NICE, 0 = off (default %(default)s)",
     )
+    parser.add_argument(
+        "--verify-compressed",
+        action="store_true",
+        help="decode every LZ4 block of a bitshuffle-LZ4 frame before writing it: garbage inside correctly "
+        "framed blocks is malformed, not written; costs ~17 times the default framing check per frame",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     add_tls_arguments(parser)
     return parser
@@ -164,6 +172,7 @@ def make_datapath_factory(
     socket_kind: str,
     journal: WriteJournal | None = None,
     priority_boost: int = DEFAULT_PRIORITY_BOOST,
+    verify_compressed: bool = False,
 ) -> DataPathFactory:
     """A callable `config -> DataPathHandle` making the real data path process for `stream`.
 
@@ -182,6 +191,7 @@ def make_datapath_factory(
             max_message_bytes=max_message_for_frames(config.frame_nbytes),
             journal=journal,
             priority_boost=priority_boost,
+            verify_compressed=verify_compressed,
         )
 
     return factory
@@ -211,6 +221,8 @@ async def serve(args: argparse.Namespace) -> int:
     data_root: Path = args.data_root.resolve()
     data_root.mkdir(parents=True, exist_ok=True)
     roots = resolve_roots(args.allowed_root or [data_root])
+    for root in roots:  # a DPM started by hand marked its workspace and receivers (servers.common.roles)
+        roles.refuse_overlap(root, "allowed root", roles.Role.WRITER_ROOT, _OVERWRITE)
     # Bind both ports before anything starts, so a busy port is a one-line error naming it.
     try:
         rest_socket = _bind_rest_socket(args.host, args.rest_port)
@@ -227,12 +239,15 @@ async def serve(args: argparse.Namespace) -> int:
     # The REST port identifies a writer on its host, so it names the default state directory.
     state_dir: Path = (args.state_dir or data_root / ".daqif-writer" / f"rest-{rest_port}").resolve()
     state_lock = _lock_state_dir(state_dir)  # held (open) until this process ends
+    for root in roots:
+        roles.mark_quietly(root, roles.Role.WRITER_ROOT, roles.owner_of_this_process("daqif-writer"))
     core = WriterCore(
         make_datapath_factory(
             args.stream,
             args.socket,
             WriteJournal(state_dir / "write.json"),
             priority_boost=args.datapath_priority_boost,
+            verify_compressed=args.verify_compressed,
         ),
         config,
         allowed_roots=roots,
@@ -345,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaqException as exc:
         print(f"daqif-writer: {exc.message}", file=sys.stderr)
         return 2
-    except TlsError as exc:
+    except (TlsError, roles.RolesOverlap) as exc:
         print(f"daqif-writer: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -150,6 +152,47 @@ class DpmHarness:
             server.stop()
 
 
+@contextlib.contextmanager
+def small_tmpfs(mount_point: Path, harness: DpmHarness, size: str = "4m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `mount_point` (created) for the test; skips if mounting fails.
+
+    The harness's servers are stopped before it is unmounted (their files may be on it).
+    """
+    import pytest
+
+    mount_point.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        harness.close()
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill(directory: Path, leave: int = 0) -> Path:
+    """Take the free blocks of `directory`'s file system but about `leave` bytes; return the filler."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (1 << 16, 1 << 12, 1):  # large writes, then the last partial blocks
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+        if leave:
+            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
+    finally:
+        os.close(fd)
+    return filler
+
+
 def substate(name: str) -> int:
     from daqif.v1 import dpm_pb2
 
@@ -171,7 +214,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = 
 
 
 def visible_files(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory))
+    """The entries of `directory`, hidden ones included, but the DPM's role marker (`.daqif-receiver`)."""
+    from servers.common.roles import Role
+
+    return sorted(name for name in os.listdir(directory) if name not in set(Role))
 
 
 def archived_record(server: DpmServerProcess, daq_id: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from .dpm_helpers import (
     make_spec,
     statuses_until_final,
     substate_names,
+    visible_files,
     wait_alert,
     wait_archived,
     wait_substate,
@@ -65,7 +66,7 @@ def test_daq_with_two_hdf5_sources_and_keywords_passes_every_substate_to_the_rec
     assert final.result == str(server.workspace / "products" / reply.id / "LIFE_PRODUCT.h5")
 
     released = dpm.receiver / "LIFE_PRODUCT.h5"
-    assert sorted(os.listdir(dpm.receiver)) == ["LIFE_PRODUCT.h5"]
+    assert visible_files(dpm.receiver) == ["LIFE_PRODUCT.h5"]
     assert os.stat(released).st_ino == os.stat(final.result).st_ino  # a hard link, not a copy
     assert os.stat(released).st_nlink == 2
     assert verify(released).ok
@@ -112,7 +113,7 @@ def test_abort_ends_the_daq_aborted_from_each_non_final_substate(dpm: DpmHarness
     assert substate_names(statuses)[-3:] == [held_in, "ABORTING", "ABORTED"]
     assert statuses[-1].state == dpm_pb2.DAQ_STATE_COMPLETED
     assert wait_archived(client, server, "ABORT1")["substate"] == "ABORTED"
-    assert os.listdir(dpm.receiver) == []  # nothing released, no temporary file left
+    assert visible_files(dpm.receiver) == []  # nothing released, no temporary file left
     assert not (server.workspace / "daqs" / "ABORT1").exists()
     assert source.is_file()  # the original is never touched
 
@@ -177,6 +178,43 @@ def test_failed_merge_waits_for_retry_which_collects_the_sources_again(dpm: DpmH
     assert record["attempts"]["collect"] == 1
     assert record["attempts"]["merge"] == 2
     assert verify(dpm.receiver / "MERGE1.product.h5").ok
+
+
+def test_a_backtracking_transform_regex_does_not_hold_the_merge_and_the_daq_completes(
+    dpm: DpmHarness,
+) -> None:
+    # `(A+)+$` against 'AAA…AC' takes Python's re 2^n steps (the adversarial run: 23.6 s of the
+    # only merge slot, doubling per character); with 60 A's this DAQ would never complete.
+    long_name = "ESO DET " + "A" * 60 + "C"
+    source = dpm.data / "raw" / "det.h5"
+    write_source(source, "det", attrs={long_name: 1, "ESO DET AA": 2})
+    rules = [{"type": "transform", "selectionPatterns": ["+e DET *"], "regex": "(A+)+$", "format": "X"}]
+    server = dpm.start()
+    client = dpm.client(server)
+    client.queue_daq(make_spec("REGEX1", [hdf5_source("det", source, keywordRules=rules)], [dpm.receiver]))
+    assert wait_archived(client, server, "REGEX1")["substate"] == "COMPLETED"
+    with h5py.File(dpm.receiver / "REGEX1.product.h5") as f:
+        assert f.attrs[long_name] == 1  # not matched: unchanged
+        assert f.attrs["ESO DET X"] == 2 and "ESO DET AA" not in f.attrs
+
+
+def test_a_source_declaring_an_empty_1_gib_dataset_is_released_as_a_small_product(dpm: DpmHarness) -> None:
+    # The adversarial run: a 2.4 KB source declaring an empty 1 GiB dataset made a 1 GiB product.
+    sparse = dpm.data / "raw" / "sparse.h5"
+    sparse.parent.mkdir(parents=True)
+    with h5py.File(sparse, "w") as f:
+        f.create_dataset("empty", shape=(1 << 30,), dtype=np.uint8, chunks=(1 << 20,), fillvalue=7)
+    assert sparse.stat().st_size < 8192
+    server = dpm.start()
+    client = dpm.client(server)
+    client.queue_daq(make_spec("SPARSE1", [hdf5_source("s", sparse)], [dpm.receiver]))
+    assert wait_archived(client, server, "SPARSE1")["substate"] == "COMPLETED"
+    product = dpm.receiver / "SPARSE1.product.h5"
+    assert product.stat().st_size < (1 << 20)
+    with h5py.File(product) as f:
+        empty = f["s/empty"]
+        assert (empty.shape, empty.id.get_storage_size(), empty[-1]) == ((1 << 30,), 0, 7)
+    assert verify(product).ok
 
 
 def test_merge_running_past_merge_timeout_is_killed_with_an_error_and_can_be_retried(dpm: DpmHarness) -> None:

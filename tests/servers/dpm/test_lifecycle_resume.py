@@ -16,6 +16,7 @@ from .dpm_helpers import (
     hdf5_source,
     keyword_source,
     make_spec,
+    visible_files,
     wait_archived,
     wait_substate,
     wait_until,
@@ -66,8 +67,8 @@ def test_kill_9_then_restart_completes_every_daq_and_releases_each_product_once(
         assert record["substate"] == "COMPLETED"
         assert [r["outcome"] for r in record["receivers"]] == ["hardlink", "hardlink"]
     names = sorted(f"{d}.product.h5" for d in DAQS)
-    assert sorted(os.listdir(dpm.receiver)) == names  # no duplicate, no temporary file
-    assert sorted(os.listdir(second)) == names
+    assert visible_files(dpm.receiver) == names  # no duplicate, no temporary file
+    assert visible_files(second) == names
     for daq_id in DAQS:
         product = server.workspace / "products" / daq_id / f"{daq_id}.product.h5"
         assert verify(product).ok
@@ -93,7 +94,7 @@ def test_restart_resumes_every_queued_daq_in_queue_order(dpm: DpmHarness) -> Non
     assert all(r["substate"] == "COMPLETED" for r in records)
     started = [next(h["timestamp"] for h in r["history"] if h["substate"] == "COLLECTING") for r in records]
     assert started == sorted(started)
-    assert sorted(os.listdir(dpm.receiver)) == sorted(f"{d}.product.h5" for d in ids)
+    assert visible_files(dpm.receiver) == sorted(f"{d}.product.h5" for d in ids)
 
 
 def _children(pid: int) -> list[int]:
@@ -138,7 +139,7 @@ def test_kill_9_during_a_running_merge_takes_the_merge_process_down_too(dpm: Dpm
     server.start()
     record = wait_archived(client, server, "MERGE9")
     assert record["attempts"]["merge"] == 2
-    assert os.listdir(dpm.receiver) == ["MERGE9.product.h5"]
+    assert visible_files(dpm.receiver) == ["MERGE9.product.h5"]
     assert verify(dpm.receiver / "MERGE9.product.h5").ok
 
 

@@ -25,6 +25,8 @@ from servers.dpm.lifecycle import TRANSITIONS, DataProductManager, check_transit
 from servers.dpm.model import DaqStatusView, Severity, SubState
 from servers.dpm.transfer import ProcessResult
 
+from .dpm_helpers import visible_files
+
 S = SubState
 FAKE_ERROR = "daqif-dpm-merge: error: the fake merge failed"
 
@@ -371,4 +373,4 @@ def _assert_cleaned_up(dpm: DataProductManager, world: World, daq_id: str) -> No
     assert dpm.status(daq_id, include_archived=True).substate is S.ABORTED
     assert not (dpm.workspace.archived_dir(daq_id) / "sources").exists()
     assert not dpm.workspace.product_dir(daq_id).exists()
-    assert [p.name for p in world.receiver.iterdir()] == []
+    assert visible_files(world.receiver) == []

@@ -23,7 +23,15 @@ from daqif.vds import join_writer_files
 from servers.dpm.merge import verify
 from servers.dpm.references import ReferenceKind, find_references, resolve
 
-from .dpm_helpers import DpmHarness, hdf5_source, make_spec, wait_alert, wait_archived, wait_substate
+from .dpm_helpers import (
+    DpmHarness,
+    hdf5_source,
+    make_spec,
+    visible_files,
+    wait_alert,
+    wait_archived,
+    wait_substate,
+)
 
 FRAME = (4, 3)
 
@@ -83,7 +91,7 @@ def test_source_reaching_a_file_outside_the_allowed_roots_raises_an_error_and_is
     assert alert.severity == dpm_pb2.ALERT_SEVERITY_ERROR
     assert "/leak" in alert.description and repr(stored) in alert.description
     assert "outside the allowed roots" in alert.description
-    assert not list(dpm.receiver.iterdir())
+    assert visible_files(dpm.receiver) == []
     assert not (server.workspace / "products" / "LEAK1").exists()
 
 

@@ -11,10 +11,19 @@ from typing import Any
 
 import pytest
 
+from daqif.errors import ErrorCode
 from daqif.v1 import dpm_pb2
 from servers.dpm.merge import verify
 
-from .dpm_helpers import DpmHarness, hdf5_source, make_spec, wait_alert, wait_archived
+from .dpm_helpers import (
+    DpmHarness,
+    error_of,
+    hdf5_source,
+    make_spec,
+    visible_files,
+    wait_alert,
+    wait_archived,
+)
 
 
 def test_receiver_that_cannot_be_written_waits_in_releasing_until_retried(dpm: DpmHarness) -> None:
@@ -44,7 +53,7 @@ def test_receiver_that_cannot_be_written_waits_in_releasing_until_retried(dpm: D
     first, second = dpm.receiver / "REL1.product.h5", blocked / "REL1.product.h5"
     assert os.stat(first).st_ino == os.stat(second).st_ino
     assert os.stat(first).st_nlink == 3  # the workspace product and two receivers: once each
-    assert os.listdir(blocked) == ["REL1.product.h5"]
+    assert visible_files(blocked) == ["REL1.product.h5"]
 
 
 def test_receiver_holding_another_file_of_that_name_is_not_overwritten(dpm: DpmHarness) -> None:
@@ -69,7 +78,7 @@ def test_remote_receiver_gets_the_product_through_rsync(dpm: DpmHarness, remote_
     assert record["substate"] == "COMPLETED", record["alerts"]
     assert record["receivers"][0]["outcome"] == "rsync"
     assert record["receivers"][0]["released_path"] == f"archive-host:{remote_dir}/REL3.product.h5"
-    assert os.listdir(remote_dir) == ["REL3.product.h5"]
+    assert visible_files(remote_dir) == ["REL3.product.h5"]
     assert verify(remote_dir / "REL3.product.h5").ok
 
 
@@ -103,4 +112,31 @@ def test_receiver_on_another_file_system_gets_a_symlink_if_allowed_else_a_copy(
     assert product.is_file()  # archiving did not move the product the symlink points to
     assert not (copied / "REL4.product.h5").is_symlink()
     assert verify(copied / "REL4.product.h5").ok
-    assert os.listdir(linked) == ["REL4.product.h5"] and os.listdir(copied) == ["REL4.product.h5"]
+    assert visible_files(linked) == ["REL4.product.h5"] and visible_files(copied) == ["REL4.product.h5"]
+
+
+@pytest.mark.parametrize(
+    ("receiver", "where"),
+    [
+        ({"type": "olasReceiver", "host": "-e", "path": "/data/olas"}, "receivers[0].host"),
+        ({"type": "olasReceiver", "host": "--rsh=sh -c id", "path": "/data/olas"}, "receivers[0].host"),
+        (
+            {"type": "olasReceiver", "host": "-oProxyCommand=x@host", "path": "/data/olas"},
+            "receivers[0].host",
+        ),
+    ],
+)
+def test_a_receiver_host_rsync_would_read_as_an_option_is_refused_at_queue_daq_and_nothing_runs(
+    dpm: DpmHarness, receiver: dict[str, Any], where: str
+) -> None:
+    # What the adversarial run saw: host "-e" became rsync's -e option, the DAQ completed and
+    # nothing was delivered. Now QueueDaq refuses it, and the server goes on serving.
+    server = dpm.start()
+    client = dpm.client(server)
+    error = error_of(
+        lambda: client.queue_daq(make_spec("OPT1", [hdf5_source("det", dpm.source("det"))], [receiver]))
+    )
+    assert (error.code, error.id) == (ErrorCode.INVALID_ARGUMENT, "OPT1")
+    assert where in error.message and "never an option" in error.message
+    assert not (server.workspace / "daqs" / "OPT1").exists()
+    assert client.get_active_daqs() == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,40 +10,14 @@ import pytest
 
 from daqif.errors import ErrorCode
 
-from .dpm_helpers import DpmHarness, error_of, hdf5_source, make_spec, wait_archived
+from .dpm_helpers import DpmHarness, error_of, fill, hdf5_source, make_spec, small_tmpfs, wait_archived
 
 
 @pytest.fixture
 def small_disk(dpm: DpmHarness) -> Iterator[Path]:
     """`server0/` (the first server's directory, its workspace included) on a 4 MiB tmpfs."""
-    mount_point = dpm.base / "server0"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(dpm.base / "server0", dpm) as mount_point:
         yield mount_point
-    finally:
-        dpm.close()  # the servers first: their files are on it
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
-
-
-def _fill(directory: Path) -> Path:
-    """Take every free block of `directory`'s file system."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        for size in (1 << 16, 1 << 12, 1):  # large writes, then the last partial blocks
-            try:
-                while os.write(fd, b"\0" * size):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_queue_on_a_full_disk_is_resource_exhausted_leaves_nothing_and_can_be_queued_again(
@@ -53,7 +26,7 @@ def test_queue_on_a_full_disk_is_resource_exhausted_leaves_nothing_and_can_be_qu
     source = dpm.source("det", frames=1)
     server = dpm.start()
     client = dpm.client(server)
-    filler = _fill(small_disk)
+    filler = fill(small_disk)
     spec = make_spec("FULL1", [hdf5_source("det", source)], [dpm.receiver])
 
     error = error_of(lambda: client.queue_daq(spec))

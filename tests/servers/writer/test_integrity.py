@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,46 @@ def test_garbage_bitshuffle_lz4_frames_are_malformed_and_never_written(
     assert (counters["malformed"], counters["written"]) == (19, 5)
     with h5py.File(output, "r") as f:
         assert list(f[f"{DETECTOR_NAME}/image_id"][:]) == [1, 2, 3, 4, 5]
+    assert_pixels_match_ids(output)
+
+
+def _garble_lz4(chunk: bytes) -> bytes:
+    """`chunk` with every LZ4 block overwritten, its bitshuffle framing (each block's size) kept."""
+    out = bytearray(chunk)
+    position = 12
+    while position + 4 <= len(out):
+        (size,) = struct.unpack_from(">I", out, position)
+        if position + 4 + size > len(out):
+            break  # the raw trailing elements
+        out[position + 4 : position + 4 + size] = b"\xff" * size
+        position += 4 + size
+    return bytes(out)
+
+
+def test_with_verify_compressed_frames_whose_lz4_blocks_are_garbage_are_malformed_and_never_written(
+    writer_factory: WriterFactory, push_source: Any, data_root: Path
+) -> None:
+    source, endpoint = push_source
+    writer = writer_factory(endpoint, extra_args=("--verify-compressed",))
+    output = data_root / "verified.h5"
+    write_async(writer, output, 3)
+    h, w = SHAPE
+    good = [compress_bslz4(expected_frame(i, SHAPE, "uint16")) for i in range(1, 4)]
+    for image_id, chunk in enumerate(good, start=1):
+        # The framing check alone lets each of these through (tests/daqif/test_frame.py).
+        bad = [
+            encode_daqif_header(100 + image_id, h, w, "uint16", compression=Compression.BSLZ4),
+            _garble_lz4(chunk),
+        ]
+        source.send_multipart(bad)
+        source.send_multipart(
+            [encode_daqif_header(image_id, h, w, "uint16", compression=Compression.BSLZ4), chunk]
+        )
+    wait_for(lambda: rest_status(writer)["acquisition"]["state"] == "FINISHED")
+    counters = wait_for(lambda: (c := stats_counters(writer))["received"] == 6 and c)
+    assert (counters["malformed"], counters["written"]) == (3, 3)
+    with h5py.File(output, "r") as f:
+        assert list(f[f"{DETECTOR_NAME}/image_id"][:]) == [1, 2, 3]
     assert_pixels_match_ids(output)
 
 

@@ -75,7 +75,9 @@ class ProcessDataPath:
     reports the frames the repaired file holds.
 
     The process raises its priority `priority_boost` nice levels above the caller's (when it may,
-    `worker.raise_priority`), so a busy control plane does not take the CPU frames need.
+    `worker.raise_priority`), so a busy control plane does not take the CPU frames need. With
+    `verify_compressed` every LZ4 block of a bitshuffle-LZ4 frame is decoded before the frame is
+    written (`daqif.frame.check_data(decode=True)`; off by default, see docs/writer.md).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class ProcessDataPath:
         max_message_bytes: int | None = None,
         journal: WriteJournal | None = None,
         priority_boost: int = DEFAULT_PRIORITY_BOOST,
+        verify_compressed: bool = False,
     ) -> None:
         if socket_kind not in ("pull", "sub"):
             raise ValueError(f"socket_kind must be 'pull' or 'sub', not {socket_kind!r}")
@@ -104,6 +107,7 @@ class ProcessDataPath:
         self.max_message_bytes = max_message_bytes
         self.journal = journal
         self.priority_boost = priority_boost
+        self.verify_compressed = verify_compressed
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._shared_map: mmap.mmap | None = None
@@ -145,6 +149,8 @@ class ProcessDataPath:
             ]
             if self.max_message_bytes is not None:
                 command.append(f"--max-message-bytes={self.max_message_bytes}")
+            if self.verify_compressed:
+                command.append("--verify-compressed")
             # Its log goes to the writer's stderr, as the writer's own does.
             process = spawn(
                 command, env=_malloc_env(), stderr=None, pass_fds=(child_conn.fileno(), shared_fd)

@@ -50,6 +50,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--flush-interval", type=float, default=DEFAULT_FLUSH_INTERVAL_S)
     parser.add_argument("--max-message-bytes", type=int, default=-1)
     parser.add_argument("--priority-boost", type=int, default=DEFAULT_PRIORITY_BOOST)
+    parser.add_argument("--verify-compressed", action="store_true")
     parser.add_argument("--conn-fd", type=int, required=True)
     parser.add_argument("--shared-fd", type=int, required=True)
     args = parser.parse_args(argv)
@@ -65,6 +66,7 @@ def main(argv: list[str]) -> None:
     worker = Worker(
         args.endpoint, socket_kind, args.rcvhwm, args.flush_interval, conn, shared, args.max_message_bytes
     )
+    worker.verify_compressed = args.verify_compressed
     try:
         worker.run()
     finally:
@@ -123,6 +125,7 @@ class Worker:
         self._zmq = zmq
         self.conn = conn
         self.flush_interval = flush_interval
+        self.verify_compressed = False  # decode every LZ4 block of a compressed frame (costly)
         self.shared = np.frombuffer(shared, dtype=np.int64)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.SUB if socket_kind == "sub" else zmq.PULL)
@@ -236,7 +239,7 @@ class Worker:
         self.bytes_received += nbytes + len(header_part)
         try:
             header = decode_header(header_part.buffer)
-            check_data(header, data)
+            check_data(header, data, decode=self.verify_compressed)
         except FrameError as exc:
             self._count_malformed(str(exc))
             return
