@@ -2,6 +2,13 @@
 
     python tools/bench_merge.py                  # 256 MiB of sources, ~10 s
     python tools/bench_merge.py --size-gib 2     # the DPM target size (2 GiB)
+    python tools/bench_merge.py --fits --size-gib 2   # the FITS merge (below)
+
+With `--fits`: a DCS `target.source` and an FCS `fitsFile` source, each about half of `--size-gib`
+in image extensions of 2048x2048 int16 (8 MiB, with CHECKSUM/DATASUM), plus OCM keywords; the
+merged `<fileId>.fits` (kernel copy of every extension, DATASUM of each on a worker thread,
+fsync, rename) against `cp` + fsync of the same files into the same directory:
+`ratio_vs_cp_fsync` (target >= 0.8).
 
 Two sources laid out like the writer's files (one 1024x2048 uint16 frame per 4 MiB chunk): one
 uncompressed, one bitshuffle-LZ4 compressed, each about half of `--size-gib`. Each repetition
@@ -97,7 +104,10 @@ def main() -> int:
     )
     parser.add_argument("--repeat", type=int, default=3, help="repetitions (medians are reported; default 3)")
     parser.add_argument("--dir", type=Path, default=None, help="working directory (default: a temporary one)")
+    parser.add_argument("--fits", action="store_true", help="the FITS merge instead of the HDF5 one")
     args = parser.parse_args()
+    if args.fits:
+        return bench_fits(args.size_gib, args.repeat, args.dir)
 
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.dir))
     try:
@@ -161,6 +171,91 @@ def main() -> int:
                 "merge = kernel clone of the largest source + raw chunk copy of the other + XXH3/SHA-256 "
                 "checksums + fsync + rename; plain cp leaves its copy unsynced in the page cache"
             ),
+        }
+        json.dump(summary, sys.stdout, indent=1)
+        print()
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+FITS_CHIP = (2048, 2048)
+
+
+def write_fits_source(path: Path, target_bytes: int, seed: int) -> int:
+    """A detector-like FITS file: keywords, then 8 MiB image extensions up to `target_bytes`."""
+    from astropy.io import fits
+
+    rng = np.random.default_rng(seed)
+    pool = [rng.integers(0, 30000, FITS_CHIP, dtype=np.int16) for _ in range(3)]
+    primary = fits.PrimaryHDU()
+    primary.header["HIERARCH ESO DET DIT"] = 0.5
+    primary.writeto(path, overwrite=True, checksum=True)
+    n = 0
+    while path.stat().st_size < target_bytes:
+        chip = pool[n % len(pool)]
+        chip[0, 0] = n  # every extension differs
+        header = fits.Header([("EXTNAME", f"CHIP{n + 1}"), ("EXTVER", n + 1)])
+        fits.append(path, chip, header=header, checksum=True)
+        n += 1
+    return n
+
+
+def bench_fits(size_gib: float, repeat: int, directory: Path | None) -> int:
+    from daqif.testing import fits_file_source
+
+    work = Path(tempfile.mkdtemp(prefix="bench-merge-fits-", dir=directory))
+    try:
+        half = int(size_gib * 2**30 / 2)
+        sources = [work / "dcs.fits", work / "fcs.fits"]
+        extensions = [write_fits_source(sources[0], half, 1), write_fits_source(sources[1], half, 2)]
+        for source in sources:
+            fsync_file(source)
+        source_bytes = sum(s.stat().st_size for s in sources)
+        spec = load_specification(
+            {
+                "id": "BENCH.FITS",
+                "target": {"fileId": "BENCH.FITS", "source": fits_file_source("dcs", sources[0])},
+                "sources": [
+                    {
+                        "type": "fitsKeywords",
+                        "sourceName": "ocm",
+                        "keywords": [{"type": "valueKeyword", "name": "OBJECT", "value": "bench"}],
+                    },
+                    fits_file_source("fcs", sources[1]),
+                ],
+            }
+        )
+        outfile = work / spec.product_name
+        timings: dict[str, list[float]] = {"cp_fsync": [], "merge": []}
+        verify_s = 0.0
+        for r in range(repeat):
+            for what in ["cp_fsync", "merge"] if r % 2 == 0 else ["merge", "cp_fsync"]:
+                if what == "merge":
+                    result = merge(spec, {"dcs": sources[0], "fcs": sources[1]}, outfile)
+                    timings["merge"].append(result.duration_s)
+                    if r == 0:
+                        start = time.perf_counter()
+                        assert verify(outfile).ok
+                        verify_s = time.perf_counter() - start
+                    outfile.unlink()
+                else:
+                    timings[what].append(time_cp(sources, work / "copy", durable=True))
+        med = {k: statistics.median(v) for k, v in timings.items()}
+        summary = {
+            "benchmark": "FITS merge (target + 1 fitsFile source) vs cp + fsync of the same files",
+            "machine": machine_facts(work),
+            "source_bytes": source_bytes,
+            "extensions": extensions,
+            "repeat": repeat,
+            "seconds": {k: [round(x, 4) for x in v] for k, v in timings.items()},
+            "median_seconds": {k: round(v, 4) for k, v in med.items()},
+            "merge_mib_per_s": round(source_bytes / 2**20 / med["merge"], 1),
+            "verify_seconds": round(verify_s, 4),
+            "ratio_vs_cp_fsync": round(med["cp_fsync"] / med["merge"], 3),
+            "ratio_vs_cp_fsync_best": round(min(timings["cp_fsync"]) / min(timings["merge"]), 3),
+            "target_ratio": 0.8,
+            "note": "merge = copy_file_range of every HDU + DATASUM on a worker + fsync + rename",
         }
         json.dump(summary, sys.stdout, indent=1)
         print()

@@ -16,6 +16,13 @@
 // then an ESO keyword they do not define (or of another type) is refused with INVALID_ARGUMENT
 // naming it, and the product's values and comments follow the dictionary.
 //
+// SPEC.json is a Data Product Specification (src/daqif/schema/): `hdf5File` sources make
+// <fileId>.h5, `fitsFile` sources (and a `fitsFile` target.source) make <fileId>.fits, e.g. ESO's
+// shape: {"id": "X", "target": {"fileId": "X", "source": {"type": "fitsFile", "sourceName": "dcs",
+// "location": "/data/dcs.fits"}}, "sources": [{"type": "fitsKeywords", ...}, {"type": "fitsFile",
+// "sourceName": "fcs", "location": "fcs-host:/data/fcs.fits", "keywordRules": [...]}]}.
+// A specification mixing both is refused (INVALID_ARGUMENT, printed as below).
+//
 // Prints one JSON object per line: {"event":"queued",...}, {"event":"status",...} for every
 // change, {"event":"storage",...}. Exit code 0 when the DAQ completed, 1 on an error (the
 // daqif.v1.DaqException from the rich status details is printed on stderr), 2 when aborted.

@@ -298,14 +298,16 @@ def write_fits_detector_file(
     compressed: bool = False,
     primary_data: bool = False,
     checksum: bool = True,
+    extname: str = "CHIP",
 ) -> Path:
     """Write a FITS file as a detector control system does: primary keywords, one image per chip.
 
     `keywords` names FITS keywords (`EXPTIME`) or ESO ones written as `HIERARCH ESO <name>`
     (`{"ESO DET DIT": 0.5}`); a value may be `(value, comment)`. Chip `n` (from 1) is the image
-    extension `CHIP<n>` with `EXTVER = n` and `HIERARCH ESO DET CHIP<n> ID`; its pixels come from
-    `seed` (reproducible). `compressed` writes tile-compressed (Rice) extensions; `primary_data` puts
-    an image in the primary HDU too; `checksum` adds CHECKSUM/DATASUM to every HDU.
+    extension `<extname><n>` (`CHIP1`, …) with `EXTVER = n` and `HIERARCH ESO DET CHIP<n> ID`; its
+    pixels come from `seed` (reproducible). `compressed` writes tile-compressed (Rice) extensions;
+    `primary_data` puts an image in the primary HDU too; `checksum` adds CHECKSUM/DATASUM to every
+    HDU.
     """
     import numpy as np
     from astropy.io import fits
@@ -323,9 +325,11 @@ def write_fits_detector_file(
         chip["EXTVER"] = n
         chip[f"HIERARCH ESO DET CHIP{n} ID"] = (f"chip-{n}", "chip identifier")
         if compressed:
-            hdus.append(fits.CompImageHDU(pixels, header=chip, name=f"CHIP{n}", compression_type="RICE_1"))
+            hdus.append(
+                fits.CompImageHDU(pixels, header=chip, name=f"{extname}{n}", compression_type="RICE_1")
+            )
         else:
-            hdus.append(fits.ImageHDU(pixels, header=chip, name=f"CHIP{n}"))
+            hdus.append(fits.ImageHDU(pixels, header=chip, name=f"{extname}{n}"))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fits.HDUList(hdus).writeto(path, overwrite=True, checksum=checksum)

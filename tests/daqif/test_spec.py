@@ -12,10 +12,12 @@ import pytest
 
 from daqif.spec import (
     FilterRule,
+    FitsFileSource,
     FitsKeywordsSource,
     Hdf5FileSource,
     KeywordKind,
     Location,
+    ProductFormat,
     SpecificationError,
     TransformRule,
     load_specification,
@@ -268,3 +270,42 @@ def test_a_backtracking_pattern_runs_in_linear_time() -> None:
     rule = TransformRule(("+v *",), r"(A+)+$", "X")
     assert rule.rename("A" * 5000 + "B") == "A" * 5000 + "B"
     assert rule.rename("A" * 5000) == "X"
+
+
+def fits_document() -> dict[str, Any]:
+    doc = copy.deepcopy(VALID)
+    doc["target"]["source"] = {"type": "fitsFile", "sourceName": "dcs", "location": "dcs-host:/data/dcs.fits"}
+    doc["sources"][1]["type"] = "fitsFile"
+    doc["sources"][2] = {
+        "type": "fitsFile",
+        "sourceName": "fcs",
+        "location": "/data/fcs.fits",
+        "keywordRules": [],
+    }
+    return doc
+
+
+def test_fits_file_sources_and_target_make_a_fits_product() -> None:
+    spec = load_specification(fits_document())
+    assert isinstance(spec.target_source, FitsFileSource)
+    assert spec.target_source.location == Location(path="/data/dcs.fits", host="dcs-host")
+    assert spec.product_format is ProductFormat.FITS
+    assert spec.product_name == "TEST.2026-11-22T10:00:00.000.fits"
+    assert [s.source_name for s in spec.file_sources] == ["dcs", "det1", "fcs"]
+    assert spec.hdf5_sources == ()
+    det1 = spec.sources[1]
+    assert (
+        isinstance(det1, FitsFileSource) and det1.keyword_rules is not None and len(det1.keyword_rules) == 2
+    )
+    assert load_specification(VALID).product_name == "TEST.2026-11-22T10:00:00.000.h5"
+
+
+def test_a_specification_mixing_hdf5_and_fits_sources_is_refused_naming_the_first_of_each() -> None:
+    doc = fits_document()
+    doc["sources"].append({"type": "hdf5File", "sourceName": "det9", "location": "/data/det9.h5"})
+    doc["sources"].append({"type": "hdf5File", "sourceName": "det10", "location": "/data/det10.h5"})
+    with pytest.raises(SpecificationError) as info:
+        load_specification(doc)
+    assert info.value.where == "sources"
+    assert "hdf5File (sources[3] 'det9')" in info.value.problem
+    assert "fitsFile (target.source 'dcs')" in info.value.problem

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import h5py
 import pytest
+from astropy.io import fits
 
-from daqif.testing import DpmServer
+from daqif.testing import DpmServer, write_fits_detector_file
 
 CLIENT = Path(__file__).resolve().parents[2] / "examples" / "node-client" / "dpm-client.js"
 
@@ -23,12 +24,16 @@ def node() -> str:
     return path
 
 
+@pytest.mark.parametrize("source_type", ["hdf5File", "fitsFile"])
 def test_node_client_queues_follows_to_completed_and_reads_storage(
-    node: str, dpm_server: DpmServer, tmp_path: Path
+    node: str, dpm_server: DpmServer, tmp_path: Path, source_type: str
 ) -> None:
-    source = dpm_server.data_root / "raw" / "node.h5"
-    with h5py.File(source, "w") as f:
-        f["frames"] = list(range(10))
+    if source_type == "hdf5File":
+        source = dpm_server.data_root / "raw" / "node.h5"
+        with h5py.File(source, "w") as f:
+            f["frames"] = list(range(10))
+    else:
+        source = write_fits_detector_file(dpm_server.data_root / "raw" / "node.fits", chips=1)
     spec = tmp_path / "spec.json"
     spec.write_text(
         json.dumps(
@@ -36,7 +41,7 @@ def test_node_client_queues_follows_to_completed_and_reads_storage(
                 "id": "NODE.1",
                 "target": {"fileId": "NODE.1"},
                 "sources": [
-                    {"type": "hdf5File", "sourceName": "det", "location": str(source)},
+                    {"type": source_type, "sourceName": "det", "location": str(source)},
                     {
                         "type": "fitsKeywords",
                         "sourceName": "tcs",
@@ -60,8 +65,13 @@ def test_node_client_queues_follows_to_completed_and_reads_storage(
     substates = [e["status"]["substate"] for e in events if e["event"] == "status"]
     assert substates[-1] == "DAQ_SUB_STATE_COMPLETED"
     assert events[-1]["event"] == "storage" and events[-1]["storage"]["capacity"] > 0
-    with h5py.File(dpm_server.receiver_dir / "NODE.1.h5", "r") as f:
-        assert f.attrs["ESO TEL AIRM START"] == 1.235  # the dictionary's Value Format, %.3f
+    if source_type == "hdf5File":
+        with h5py.File(dpm_server.receiver_dir / "NODE.1.h5", "r") as f:
+            assert f.attrs["ESO TEL AIRM START"] == 1.235  # the dictionary's Value Format, %.3f
+    else:
+        header = fits.getheader(dpm_server.receiver_dir / "NODE.1.fits")
+        assert header["HIERARCH ESO TEL AIRM START"] == 1.235
+        assert header.comments["HIERARCH ESO TEL AIRM START"] == "Airmass at start"
 
 
 def test_node_client_reports_the_daq_exception_of_a_refused_spec(

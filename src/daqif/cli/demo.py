@@ -6,6 +6,11 @@
 4. queues it on the DPM and follows it to COMPLETED with a progress display;
 5. verifies the product's checksum (`daqif-dpm-merge --verify`), prints where it is and a summary
    (frames, bytes, time per stage), stops the system and exits 0.
+
+With `--fits` (ESO style; only the DPM runs): instead of 1-3, writes two FITS files as a detector
+control system does (a primary HDU with detector keywords, one image extension per chip,
+CHECKSUM/DATASUM), queues them with OCM and TCS `fitsKeywords` sources (the first file as
+`target.source`), then 4-5: the product is `<fileId>.fits`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ def add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     demo.add_argument("--frames", type=int, default=200, help="frames to record (default 200)")
     demo.add_argument("--rate", type=float, default=500.0, help="simulator frames per second (default 500)")
     demo.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per stage (default 120)")
+    demo.add_argument(
+        "--fits", action="store_true", help="ESO style: FITS detector files into a FITS product"
+    )
+    demo.add_argument("--chips", type=int, default=4, help="--fits: image extensions per detector file (4)")
     demo.set_defaults(func=run_demo)
 
 
@@ -114,6 +123,74 @@ def build_specification(daq_id: str, raw_file: Path, receiver: Path) -> dict[str
     }
 
 
+def write_fits_detector_files(raw_dir: Path, daq_id: str, chips: int) -> list[Path]:
+    """Two FITS files as detector control systems write them: primary keywords, one image per chip."""
+    from daqif.testing import write_fits_detector_file
+
+    files = []
+    for n, det in enumerate(("dcs1", "dcs2"), start=1):
+        keywords: dict[str, Any] = {
+            "INSTRUME": ("DAQIF", "instrument name"),
+            "EXPTIME": (0.5 * n, "exposure time [s]"),
+            "DATE-OBS": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3],
+            f"ESO DET{n} NAME": (det, "detector name"),
+            f"ESO DET{n} DIT": (0.5 * n, "integration time [s]"),
+            f"ESO DET{n} CHIPS": (chips, "number of chips"),
+        }
+        path = raw_dir / f"{daq_id}.{det}.fits"
+        files.append(
+            write_fits_detector_file(
+                path, keywords=keywords, chips=chips, shape=(256, 256), seed=n, extname=f"DET{n}.CHIP"
+            )
+        )
+    return files
+
+
+def build_fits_specification(daq_id: str, files: list[Path], receiver: Path) -> dict[str, Any]:
+    """ESO's shape: OCM and TCS keywords, a detector file as target.source and one more fitsFile."""
+    return {
+        "id": daq_id,
+        "target": {
+            "fileId": daq_id,
+            "source": {"type": "fitsFile", "sourceName": "dcs1", "location": str(files[0])},
+        },
+        "sources": [
+            {
+                "type": "fitsKeywords",
+                "sourceName": "ocm",
+                "keywords": [
+                    {"type": "valueKeyword", "name": "OBJECT", "value": "DEMO", "comment": "daqif demo"},
+                    {"type": "valueKeyword", "name": "ORIGIN", "value": "daqif"},
+                    {
+                        "type": "esoKeyword",
+                        "name": "DPR CATG",
+                        "value": "TEST",
+                        "comment": "observation category",
+                    },
+                    {"type": "literalKeyword", "value": "COMMENT merged by the daqif demo"},
+                ],
+            },
+            {
+                "type": "fitsKeywords",
+                "sourceName": "tcs",
+                "keywords": [
+                    {"type": "valueKeyword", "name": "RA", "value": 10.684708, "comment": "[deg] 00:42:44.3"},
+                    {"type": "valueKeyword", "name": "DEC", "value": 41.26875, "comment": "[deg] +41:16:07"},
+                    {"type": "esoKeyword", "name": "TEL AIRM START", "value": 1.12, "comment": "airmass"},
+                ],
+            },
+            {
+                "type": "fitsFile",
+                "sourceName": "dcs2",
+                "location": str(files[1]),
+                "keywordRules": [{"type": "filter", "selectionPatterns": ["+e DET2 *"]}],
+            },
+        ],
+        "receivers": [{"type": "olasReceiver", "path": str(receiver)}],
+        "keywordDictionaries": [],
+    }
+
+
 def stage_times(statuses: list[DaqStatus]) -> dict[str, float]:
     """Seconds spent in each DPM substate, from the status stream's timestamps."""
     times: dict[str, float] = {}
@@ -130,6 +207,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.frames < 1:
         return fail("--frames must be at least 1")
+    if args.chips < 1:
+        return fail("--chips must be at least 1")
     # Port 0 everywhere: every server picks a free port and reports it in its ready line.
     config = system.SystemConfig(
         data_root=args.data_root.resolve(),
@@ -148,22 +227,30 @@ def run_demo(args: argparse.Namespace) -> int:
     clock.begin("start servers")
     supervisor = Supervisor(log_dir=config.log_dir, max_restarts=0)
     try:
-        config = system.start(config, supervisor)
+        config = system.start(config, supervisor, ("dpm",) if args.fits else ("sim", "writer", "dpm"))
     except ChildFailed as exc:
         return fail(f"the system did not start: {exc}")
     try:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
         daq_id = f"DEMO.{stamp}"
-        raw_file = config.raw_dir / f"{daq_id}.h5"
-        clock.begin("record")
-        acquisition = record(config.rest_url, raw_file, args.frames, args.timeout)
-        if acquisition["state"] != "FINISHED" or acquisition["message"] != "Completed.":
-            return fail(f"recording failed: {acquisition['state']} {acquisition['message']}")
-        written = acquisition["stats"]["n_write_completed"]
-        console.print(f"recorded {written} frames to {raw_file}", highlight=False, soft_wrap=True)
-
-        clock.begin("data product")
-        spec = build_specification(daq_id, raw_file, config.receiver_dir)
+        if args.fits:
+            clock.begin("write FITS files")
+            files = write_fits_detector_files(config.raw_dir, daq_id, args.chips)
+            raw_file = files[0]
+            what = f"{len(files)} FITS files, {args.chips} chips each"
+            console.print(f"wrote {what}: {', '.join(map(str, files))}", highlight=False, soft_wrap=True)
+            clock.begin("data product")
+            spec = build_fits_specification(daq_id, files, config.receiver_dir)
+        else:
+            raw_file = config.raw_dir / f"{daq_id}.h5"
+            clock.begin("record")
+            acquisition = record(config.rest_url, raw_file, args.frames, args.timeout)
+            if acquisition["state"] != "FINISHED" or acquisition["message"] != "Completed.":
+                return fail(f"recording failed: {acquisition['state']} {acquisition['message']}")
+            what = f"{acquisition['stats']['n_write_completed']} frames"
+            console.print(f"recorded {what} to {raw_file}", highlight=False, soft_wrap=True)
+            clock.begin("data product")
+            spec = build_specification(daq_id, raw_file, config.receiver_dir)
         spec_file = config.data_root / f"{daq_id}.spec.json"
         spec_file.write_text(json.dumps(spec, indent=2) + "\n")
         seen: list[DaqStatus] = []
@@ -176,7 +263,7 @@ def run_demo(args: argparse.Namespace) -> int:
             )
         if final.substate != dpm_pb2.DAQ_SUB_STATE_COMPLETED:
             return fail(f"the DAQ ended {substate_name(final.substate)}: {final.message}")
-        product = config.receiver_dir / f"{daq_id}.h5"
+        product = config.receiver_dir / Path(final.result).name  # <fileId>.h5 or .fits
 
         clock.begin("verify")
         verify = subprocess.run(
@@ -193,7 +280,7 @@ def run_demo(args: argparse.Namespace) -> int:
         supervisor.stop()
 
     checksum = verify.stdout.strip().splitlines()[-1] if verify.stdout.strip() else "OK"
-    table = Table("stage", "seconds", title=f"daqif demo: {written} frames, {product.stat().st_size:,} bytes")
+    table = Table("stage", "seconds", title=f"daqif demo: {what}, {product.stat().st_size:,} bytes")
     for name, seconds in clock.stages.items():
         table.add_row(name, f"{seconds:.2f}")
     for name, seconds in stage_times(seen).items():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import h5py
+from astropy.io import fits
 
 
 def test_demo_on_a_terminal_leaves_a_verified_product_and_prints_dpm_timings(tmp_path: Path) -> None:
@@ -47,3 +48,35 @@ def test_demo_on_a_terminal_leaves_a_verified_product_and_prints_dpm_timings(tmp
         data = product["det1/SIM1/data"]
         assert data.shape == (40, 512, 512)
         assert list(product["det1/SIM1/image_id"][:]) == sorted(product["det1/SIM1/image_id"][:])
+
+
+def test_fits_demo_writes_detector_files_and_leaves_a_verified_fits_product(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daqif.cli.main",
+            "demo",
+            "--fits",
+            "--chips",
+            "2",
+            "--data-root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (product,) = (tmp_path / "olas").glob("DEMO.*.fits")
+    assert f"data product: {product}" in result.stdout.replace("\n", "")
+    assert "OK (5 HDUs" in result.stdout
+    with fits.open(product) as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "DET1.CHIP1", "DET1.CHIP2", "DET2.CHIP1", "DET2.CHIP2"]
+        header = hdul[0].header
+        assert (header["OBJECT"], header["RA"], header["HIERARCH ESO DET1 DIT"]) == ("DEMO", 10.684708, 0.5)
+        assert header["ARCFILE"] == product.name
+    done = subprocess.run(["fitsverify", "-q", str(product)], capture_output=True, text=True, check=False)
+    assert done.stdout.strip() == f"verification OK: {product}", done.stdout

@@ -1,4 +1,8 @@
-"""The DPM merge: build one data product `<fileId>.h5` from the sources of a specification.
+"""The DPM merge: build one data product from the sources of a specification.
+
+`<fileId>.h5` from `hdf5File` sources (the format below), `<fileId>.fits` from `fitsFile` sources
+(the format is in the docstring of `fits.py`): one pipeline, the writing chosen by
+`Specification.product_format` in `plan.py`.
 
 `merge()` (`plan.py`) is the one implementation; the DPM server runs it through `daqif-dpm-merge`
 (`servers.dpm.merge_cli`), and nothing here knows about gRPC or the server's workspace beyond the
@@ -8,12 +12,13 @@ Modules, one concern each: `common` (names, errors, results, the log), `keywords
 `keywordRules`, the priority merge: where the merged keyword list of a product is final),
 `dictionaries` (the product's ESO keywords checked and formatted by the specification's
 keyword dictionaries), `checksum` (per-dataset sums and the manifest digest), `hdf5` (copying
-sources into the product), `verify`, `plan` (`merge()` and the resolution of source files). The
-package imports nothing of the servers beyond `servers.common`, `servers.dpm.references` and
-`servers.dpm.dictionary`: it runs in the merge fork server (`merge_runner`), which preloads it.
+sources into the product), `fits` and `fits_cards` (the FITS product; cards, DICB order),
+`verify`, `plan` (`merge()` and the resolution of source files). The package imports nothing
+of the servers beyond `servers.common`, `servers.dpm.references` and `servers.dpm.dictionary`:
+it runs in the merge fork server (`merge_runner`), which preloads it.
 
-Product format (DESIGN §3; the decisions below are part of the format)
------------------------------------------------------------------------
+HDF5 product format (DESIGN §3; the decisions below are part of the format)
+----------------------------------------------------------------------------
 
 Layout
     Each `hdf5File` source's links (groups, datasets, named datatypes, soft and external links)

@@ -36,6 +36,7 @@ import errno
 import mmap
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
 
 from daqif.spec import FitsFileSource, FitsKeywordsSource, Specification
 from servers.common.atomic import atomic_output
@@ -185,21 +187,15 @@ class _FitsSource:
 def read_hdus(path: Path, what: str) -> list[_Hdu]:
     """Every HDU of `path` with its raw offsets (tile-compressed HDUs as the tables they are)."""
     try:
-        with fits.open(path, mode="readonly", memmap=False, disable_image_compression=True) as hdul:
-            hdul.readall()
-            out = []
-            for i, hdu in enumerate(hdul):
-                info = hdu.fileinfo()
-                out.append(
-                    _Hdu(
-                        i,
-                        str(hdu.name if i else ""),
-                        info["hdrLoc"],
-                        info["datLoc"],
-                        info["datSpan"],
-                        hdu.header,
-                    )
-                )
+        with warnings.catch_warnings():  # a truncated file is named below; astropy only warns
+            warnings.simplefilter("ignore", AstropyWarning)
+            with fits.open(path, mode="readonly", memmap=False, disable_image_compression=True) as hdul:
+                hdul.readall()
+                out = []
+                for i, hdu in enumerate(hdul):
+                    info = hdu.fileinfo()
+                    name = str(hdu.name if i else "")
+                    out.append(_Hdu(i, name, info["hdrLoc"], info["datLoc"], info["datSpan"], hdu.header))
     except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
         raise MergeError(f"{what}: cannot read {path} as a FITS file: {str(exc).splitlines()[0]}") from None
     size = os.stat(path).st_size
@@ -290,9 +286,8 @@ def _primary_header(
 ) -> fits.Header:
     header = fits.Header()
     if target is None:
-        header.extend(
-            [("SIMPLE", True, "conforms to FITS standard"), ("BITPIX", 8), ("NAXIS", 0)], strip=False
-        )
+        for card in (("SIMPLE", True, "conforms to FITS standard"), ("BITPIX", 8), ("NAXIS", 0)):
+            header.append(card)
     else:
         for card in target.hdus[0].header.cards:
             if STRUCTURE.fullmatch(card.keyword) and card.keyword != "EXTEND":
@@ -316,7 +311,8 @@ def _primary_header(
             raise MergeError(f"{where}: {exc}") from None
     for name in ("HISTORY", "COMMENT"):
         try:
-            header.extend(commentary_cards(name, keywords.commentary.get(name, [])), end=True)
+            for card in commentary_cards(name, keywords.commentary.get(name, [])):
+                header.append(card, end=True)
         except ValueError as exc:
             raise MergeError(f"keyword {name}: {exc}") from None
     if any(len(card.image) > 80 for card in header.cards) and "LONGSTRN" not in header:  # CONTINUE cards

@@ -188,6 +188,10 @@ def _check_source(i: int, source: FitsKeywordsSource, with_comments: bool) -> No
         if kw.kind is KeywordKind.LITERAL:
             card = parse_card(str(kw.value))  # already checked: it parses
             if card.commentary:
+                if not str(card.value).isascii() or not str(card.value).isprintable():
+                    raise ValueError(
+                        f"{where} {card.commentary!r}: the text has characters that are not printable ASCII"
+                    )
                 continue
             name, value, comment = card.name, card.value, card.comment
         else:
