@@ -65,14 +65,13 @@ def test_node_client_queues_follows_to_completed_and_reads_storage(
     substates = [e["status"]["substate"] for e in events if e["event"] == "status"]
     assert substates[-1] == "DAQ_SUB_STATE_COMPLETED"
     assert events[-1]["event"] == "storage" and events[-1]["storage"]["capacity"] > 0
-    suffix = ".h5" if source_type == "hdf5File" else ".fits"
-    product = dpm_server.receiver_dir / f"NODE.1{suffix}"
     if source_type == "hdf5File":
-        with h5py.File(product, "r") as f:
+        with h5py.File(dpm_server.receiver_dir / "NODE.1.h5", "r") as f:
             assert f.attrs["ESO TEL AIRM START"] == 1.235  # the dictionary's Value Format, %.3f
     else:
-        with fits.open(product) as hdus:
-            assert hdus[0].header["HIERARCH ESO TEL AIRM START"] == 1.235
+        header = fits.getheader(dpm_server.receiver_dir / "NODE.1.fits")
+        assert header["HIERARCH ESO TEL AIRM START"] == 1.235
+        assert header.comments["HIERARCH ESO TEL AIRM START"] == "Airmass at start"
 
 
 def test_node_client_reports_the_daq_exception_of_a_refused_spec(

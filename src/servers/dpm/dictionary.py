@@ -195,8 +195,8 @@ class Dictionary:
     parameters: tuple[Parameter, ...]
     sha256: str = ""
     """Of the file's bytes, for the merge log (what exactly a product was checked against)."""
-    _exact: dict[str, Parameter] = field(default_factory=dict, repr=False, compare=False)
-    _indexed: _Node = field(default_factory=lambda: _Node(), repr=False, compare=False)
+    _exact: dict[str, Parameter] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _indexed: _Node = field(default_factory=lambda: _Node(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for p in self.parameters:
