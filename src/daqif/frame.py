@@ -367,7 +367,7 @@ def check_data(header: FrameHeader, data: bytes | memoryview, *, decode: bool = 
 
     Uncompressed data must be exactly ``header.nbytes``; a bitshuffle-LZ4 chunk must carry
     bitshuffle's framing with the uncompressed size of the frame. With `decode`, every LZ4 block
-    of the chunk is decompressed too and must give exactly its block of pixels (about 17 times the
+    of the chunk is decompressed too and must give exactly its block of pixels (11 to 24 times the
     cost of the framing walk: docs/writer.md).
     """
     size = len(data)

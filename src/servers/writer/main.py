@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-compressed",
         action="store_true",
         help="decode every LZ4 block of a bitshuffle-LZ4 frame before writing it: garbage inside correctly "
-        "framed blocks is malformed, not written; costs ~17 times the default framing check per frame",
+        "framed blocks is malformed, not written; costs 11-24 times the default framing check per frame",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     add_tls_arguments(parser)
