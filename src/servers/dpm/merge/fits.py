@@ -286,14 +286,8 @@ def _primary_header(
 ) -> fits.Header:
     header = fits.Header()
     if target is None:
-<<<<<<< HEAD
-        header.extend(
-            [("SIMPLE", True, "conforms to FITS standard"), ("BITPIX", 8), ("NAXIS", 0)], strip=False
-        )
-=======
         for card in (("SIMPLE", True, "conforms to FITS standard"), ("BITPIX", 8), ("NAXIS", 0)):
             header.append(card)
->>>>>>> dict
     else:
         for card in target.hdus[0].header.cards:
             if STRUCTURE.fullmatch(card.keyword) and card.keyword != "EXTEND":
