@@ -15,10 +15,7 @@
 // `dictionary_dirs` or among its built-in ones, e.g. "keywordDictionaries": ["ESO-VLT-DIC.DAQIF_TCS"]:
 // then an ESO keyword they do not define (or of another type) is refused with INVALID_ARGUMENT
 // naming it, and the product's values and comments follow the dictionary.
-<<<<<<< HEAD
-=======
 //
->>>>>>> dict
 // SPEC.json is a Data Product Specification (src/daqif/schema/): `hdf5File` sources make
 // <fileId>.h5, `fitsFile` sources (and a `fitsFile` target.source) make <fileId>.fits, e.g. ESO's
 // shape: {"id": "X", "target": {"fileId": "X", "source": {"type": "fitsFile", "sourceName": "dcs",

@@ -13,15 +13,9 @@ Modules, one concern each: `common` (names, errors, results, the log), `keywords
 `dictionaries` (the product's ESO keywords checked and formatted by the specification's
 keyword dictionaries), `checksum` (per-dataset sums and the manifest digest), `hdf5` (copying
 sources into the product), `fits` and `fits_cards` (the FITS product; cards, DICB order),
-<<<<<<< HEAD
-`verify`, `plan` (`merge()` and the resolution of source files). The package imports nothing of
-the servers beyond `servers.common`, `servers.dpm.references` and `servers.dpm.dictionary`: it
-runs in the merge fork server (`merge_runner`), which preloads it.
-=======
 `verify`, `plan` (`merge()` and the resolution of source files). The package imports nothing
 of the servers beyond `servers.common`, `servers.dpm.references` and `servers.dpm.dictionary`:
 it runs in the merge fork server (`merge_runner`), which preloads it.
->>>>>>> dict
 
 HDF5 product format (DESIGN §3; the decisions below are part of the format)
 ----------------------------------------------------------------------------
