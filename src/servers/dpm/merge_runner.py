@@ -3,8 +3,9 @@
 The DPM runs each merge in a separate process (a crash or a kill of the merge cannot harm the
 server, and an abort kills it). Merges are forked by the merge launcher
 (`servers.dpm.merge_launcher`), a process started once with `servers.common.process.spawn` that
-imports only the merge program; each merge runs `merge_cli.main` with the same arguments as the
-command line would, output appended to the DAQ's `logs/merge.log`, and exits with its exit code.
+imports only the merge program and forks merge workers; each merge runs `merge_cli.main` with the
+same arguments as the command line would, output appended to the DAQ's `logs/merge.log`, and
+answers with its exit code (see the launcher for how workers are reused, killed and replaced).
 
 Why not `multiprocessing`'s fork server (used before): its children re-import the server's
 `__main__` (~40-55 ms of a ~60 ms DAQ), and `Process.start()` polls every other child's sentinel
@@ -60,10 +61,12 @@ class MergeRunner(Protocol):
 class _Launcher:
     """One running merge launcher: its process, its socket and the merges waiting for an exit code."""
 
-    def __init__(self) -> None:
+    def __init__(self, jobs_per_worker: int | None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             argv = [sys.executable, "-m", LAUNCHER_MODULE, "--fd", str(theirs.fileno())]
+            if jobs_per_worker is not None:
+                argv += ["--jobs-per-worker", str(jobs_per_worker)]
             self.process = spawn(
                 argv, env=_LAUNCHER_ENV, stdout=None, stderr=None, pass_fds=[theirs.fileno()]
             )
@@ -154,15 +157,19 @@ class _Launcher:
 
 
 class LauncherMergeRunner:
-    """The real runner: each merge a process forked by the merge launcher."""
+    """The real runner: each merge run by a merge worker of the merge launcher.
 
-    def __init__(self) -> None:
+    `jobs_per_worker`: merges a worker runs before it is replaced (default: the launcher's).
+    """
+
+    def __init__(self, jobs_per_worker: int | None = None) -> None:
+        self._jobs_per_worker = jobs_per_worker
         self._launcher: _Launcher | None = None
 
     def warm_up(self) -> None:
         # Spawning only: the launcher imports the merge in the background.
         if self._launcher is None or not self._launcher.alive:
-            self._launcher = _Launcher()
+            self._launcher = _Launcher(self._jobs_per_worker)
 
     async def run(self, argv: Sequence[str], log_path: Path) -> ProcessResult:
         """Run `daqif-dpm-merge ARGV` in its own process; output appended to `log_path`.

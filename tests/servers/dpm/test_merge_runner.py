@@ -26,21 +26,29 @@ def _merge_argv(tmp_path: Path, name: str, valid: bool) -> tuple[list[str], Path
     return [str(spec), "--root", str(root), "--outfile", str(root / f"{name}.h5")], root / "merge.log"
 
 
-def test_concurrent_merges_each_get_their_own_exit_code(tmp_path: Path) -> None:
-    # Starting one merge while others end is where multiprocessing lost exit codes (exit 255).
+@pytest.mark.parametrize("jobs_per_worker", [None, 2])
+def test_concurrent_merges_each_get_their_own_exit_code(tmp_path: Path, jobs_per_worker: int | None) -> None:
+    # Starting one merge while others end is where multiprocessing lost exit codes (exit 255);
+    # with 2 merges per worker, requests also meet workers being replaced.
+    n = 24
+
     async def main() -> list[int]:
-        runner = LauncherMergeRunner()
+        runner = LauncherMergeRunner(jobs_per_worker)
         runner.warm_up()
         try:
-            runs = [_merge_argv(tmp_path, f"M{i:03d}", valid=i % 3 != 0) for i in range(60)]
-            results = await asyncio.gather(*(runner.run(argv, log) for argv, log in runs))
-            return [r.returncode for r in results]
+            runs = [_merge_argv(tmp_path, f"M{i:03d}", valid=i % 3 != 0) for i in range(n)]
+            codes = []
+            for wave in range(0, n, 4):  # 4 at a time, as with max_merges 4
+                batch = runs[wave : wave + 4]
+                results = await asyncio.gather(*(runner.run(argv, log) for argv, log in batch))
+                codes += [r.returncode for r in results]
+            return codes
         finally:
             runner.close()
 
     codes = asyncio.run(main())
-    assert codes == [3 if i % 3 == 0 else 0 for i in range(60)]
-    for i in range(60):
+    assert codes == [3 if i % 3 == 0 else 0 for i in range(n)]
+    for i in range(n):
         assert (tmp_path / f"M{i:03d}" / f"M{i:03d}.h5").is_file() == (i % 3 != 0)
 
 
