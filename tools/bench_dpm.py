@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -379,6 +380,14 @@ def run_small_daqs(
             tracer.wait()
         server.stop()
     facts: dict[str, Any] = {"errors": len(errors), "completed": completed}
+    for line in (directory / "server" / "dpm-server.log").read_text().splitlines():
+        found = re.search(r"store: (\d+) changes in (\d+) group commits", line)
+        if found:
+            changes, batches = int(found[1]), int(found[2])
+            facts["store"] = {
+                "changes_per_daq": round(changes / n, 2),
+                "fdatasyncs_per_daq": round(batches / n, 2),
+            }
     if tracer is not None:
         facts["syscalls_per_daq"] = {
             name: round(count / n, 2) for name, count in parse_strace_counts(directory / "strace.txt").items()
@@ -437,6 +446,7 @@ def measure_small(work: Path, n: int, rounds: int, count_syscalls: bool) -> dict
     source = data / "det.h5"
     write_small_source(source)
     dpm_rates, loop_rates, loads, errors, completed = [], [], [], 0, 0
+    store: list[dict[str, float]] = []
     for r in range(rounds):
         order = ["dpm", "loop"] if r % 2 == 0 else ["loop", "dpm"]
         for what in order:
@@ -444,6 +454,7 @@ def measure_small(work: Path, n: int, rounds: int, count_syscalls: bool) -> dict
             if what == "dpm":
                 elapsed, facts = run_small_daqs(data / f"dpm{r}", source, n)
                 dpm_rates.append(n / elapsed)
+                store.append(facts.get("store", {}))
                 errors += facts["errors"]
                 completed += facts["completed"]
             else:
@@ -456,6 +467,7 @@ def measure_small(work: Path, n: int, rounds: int, count_syscalls: bool) -> dict
         "small_vs_loop": round(statistics.median(dpm_rates) / statistics.median(loop_rates), 3),
         "error_alerts": errors,
         "completed": f"{completed} of {n * rounds}",
+        "store_per_round": store,
         "load_average": spread(loads, 2),
     }
     if count_syscalls:

@@ -136,6 +136,14 @@ class Workspace:
             self._writer.join()
             self._writer = None
         self._checkpointer.shutdown(wait=True)
+        c = self.counters
+        log.info(
+            "store: %d changes in %d group commits (fdatasync); %d renames; %d checkpoint fsyncs",
+            c.changes,
+            c.batches,
+            c.renames,
+            c.checkpoint_fsyncs,
+        )
         if self._journal_fd is not None:
             os.close(self._journal_fd)
             self._journal_fd = None
