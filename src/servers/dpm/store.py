@@ -51,6 +51,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from servers.common.atomic import atomic_write_bytes, fsync_directory, fsync_file
 from servers.dpm.model import DaqRecord
@@ -203,8 +204,10 @@ class Workspace:
         last = _last_lines(journals)
         archived = set(os.listdir(self.archive_dir))
         directories = []
+        present: set[str] = set()
         with os.scandir(self.daqs) as entries:
             for entry in entries:
+                present.add(entry.name)
                 if entry.name.startswith(".") or entry.name in last:
                     continue  # hidden, or the journal holds a newer state than its status file
                 if entry.name in archived:
@@ -217,7 +220,7 @@ class Workspace:
         with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="dpm-load") as readers:
             records = [r for r in readers.map(self._read, directories) if r is not None]
         active = {r.id: r for r in records}
-        self._replay(last, active, archived)
+        self._replay(last, active, archived, present)
         number = journals[-1][0] + 1 if journals else 1
         self._open_journal(number)
         if journals:
@@ -255,16 +258,23 @@ class Workspace:
             if p.name.removeprefix(JOURNAL_PREFIX).isdigit()
         )
 
-    def _replay(self, last: dict[str, bytes], active: dict[str, DaqRecord], archived: set[str]) -> None:
+    def _replay(
+        self,
+        last: dict[str, tuple[bytes, dict[str, Any]]],
+        active: dict[str, DaqRecord],
+        archived: set[str],
+        present: set[str],
+    ) -> None:
         """Apply the last journal line of each DAQ: archive the final ones, others wait for the checkpoint."""
-        for daq_id, line in last.items():
-            record = DaqRecord.from_json(json.loads(line))
+        for daq_id, (line, parsed) in last.items():
+            record = DaqRecord.from_json(parsed)
             if record.substate.is_final:
                 active.pop(daq_id, None)
                 self._archive_files(daq_id, line)
                 archived.add(daq_id)
             else:
-                self.daq_dir(daq_id).mkdir(exist_ok=True)
+                if daq_id not in present:
+                    self.daq_dir(daq_id).mkdir()
                 self._latest[daq_id] = line  # its status file is written by the checkpoint
                 active[daq_id] = record
 
@@ -439,14 +449,15 @@ class Workspace:
         self.counters.checkpoint_fsyncs += 3
 
 
-def _last_lines(journals: list[tuple[int, Path]]) -> dict[str, bytes]:
-    """The last complete line of each DAQ in `journals` (read in order)."""
-    last: dict[str, bytes] = {}
+def _last_lines(journals: list[tuple[int, Path]]) -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """The last complete line of each DAQ in `journals` (read in order), and its parsed record."""
+    last: dict[str, tuple[bytes, dict[str, Any]]] = {}
     for _, path in journals:
         for line in path.read_bytes().split(b"\n"):
             # A torn last line (a crash during an append) was never acknowledged.
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                last[str(json.loads(line)["id"])] = line
+                parsed = json.loads(line)
+                last[str(parsed["id"])] = (line, parsed)
     return last
 
 
