@@ -567,7 +567,7 @@ def measure_scale(work: Path, daqs: int, cold: bool, repeat: int) -> dict[str, A
                 dropped = drop_caches() and dropped
             loads.append(load_average())
             start = time.perf_counter()
-            server.start()
+            server.start(timeout=600)
             wait_serving(server.address)
             restarts.append(time.perf_counter() - start)
             with DpmClient(server.address, timeout=60) as client:
