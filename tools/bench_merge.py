@@ -14,7 +14,9 @@ Two sources laid out like the writer's files (one 1024x2048 uint16 frame per 4 M
 uncompressed, one bitshuffle-LZ4 compressed, each about half of `--size-gib`. Each repetition
 runs `cp` of both files, `cp` + fsync of the copies, and the merge (which fsyncs its product:
 compare it with `ratio_vs_cp_fsync` for equal durability);
-the order alternates between repetitions. All reads come from the page cache (the sources were
+the order alternates between repetitions. `merge_process` runs the standalone `daqif-dpm-merge`
+(`python -m servers.dpm.merge_cli`) in a fresh process, interpreter start-up and imports included.
+All reads come from the page cache (the sources were
 just written), as they do in the DPM after a hard-link collection. Prints one JSON summary:
 machine facts, medians, and `ratio_vs_cp` = median cp time / median merge time (target >= 0.8).
 """
@@ -132,12 +134,37 @@ def main() -> int:
         }
         spec = load_specification(document)
         outfile = work / "BENCH.1.h5"
-        timings: dict[str, list[float]] = {"cp": [], "cp_fsync": [], "merge": []}
+        spec_file = work / "BENCH.1.json"
+        spec_file.write_text(json.dumps(document))
+        timings: dict[str, list[float]] = {"cp": [], "cp_fsync": [], "merge": [], "merge_process": []}
+        loads: list[float] = []
         verify_s = 0.0
         for r in range(args.repeat):
-            order = ["cp", "cp_fsync", "merge"] if r % 2 == 0 else ["merge", "cp_fsync", "cp"]
+            order = ["cp", "cp_fsync", "merge", "merge_process"]
+            if r % 2:
+                order.reverse()
             for what in order:
-                if what == "merge":
+                loads.append(round(os.getloadavg()[0], 2))
+                if what == "merge_process":
+                    # The standalone program, interpreter start-up and imports included.
+                    start = time.perf_counter()
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "servers.dpm.merge_cli",
+                            str(spec_file),
+                            "--root",
+                            str(work),
+                            "--outfile",
+                            str(outfile),
+                        ],
+                        check=True,
+                        stdout=subprocess.DEVNULL,
+                    )
+                    timings["merge_process"].append(time.perf_counter() - start)
+                    outfile.unlink()
+                elif what == "merge":
                     result = merge(spec, {"det1": sources[0], "det2": sources[1]}, outfile)
                     timings["merge"].append(result.duration_s)
                     if r == 0:
@@ -163,6 +190,9 @@ def main() -> int:
             "verify_seconds": round(verify_s, 4),
             "ratio_vs_cp": round(med["cp"] / med["merge"], 3),
             "ratio_vs_cp_fsync": round(med["cp_fsync"] / med["merge"], 3),
+            "process_ratio_vs_cp_fsync": round(med["cp_fsync"] / med["merge_process"], 3),
+            "min_max_seconds": {k: [round(min(v), 4), round(max(v), 4)] for k, v in timings.items()},
+            "load_average": {"median": statistics.median(loads), "min": min(loads), "max": max(loads)},
             # best-of ratios: less sensitive to other processes on a shared machine
             "ratio_vs_cp_best": round(min(timings["cp"]) / min(timings["merge"]), 3),
             "ratio_vs_cp_fsync_best": round(min(timings["cp_fsync"]) / min(timings["merge"]), 3),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import Any, cast
 
 import grpc
 from google.protobuf import empty_pb2
@@ -54,10 +54,16 @@ def alert_message(alert: Alert) -> dpm_pb2.DaqAlert:
 
 
 class StatusMessages:
-    """`DaqStatus` messages of status views, built once per view (GetActiveDaqs with 10,000)."""
+    """`DaqStatus` messages of status views, built once per view (GetActiveDaqs with 50,000).
+
+    `encoded_entries` answers GetActiveDaqs without building the response message: each view's
+    entry (field 1 of `GetActiveDaqsResponse`, i.e. tag, length and the encoded `DaqStatus`) is
+    encoded once and the reply is their concatenation, which is the encoding of the response.
+    """
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[DaqStatusView, dpm_pb2.DaqStatus]] = {}
+        self._entries: dict[str, tuple[DaqStatusView, bytes]] = {}
 
     def __call__(self, view: DaqStatusView) -> dpm_pb2.DaqStatus:
         hit = self._cache.get(view.id)
@@ -79,6 +85,20 @@ class StatusMessages:
         else:
             self._cache[view.id] = (view, message)
         return message
+
+    def encoded_entries(self, views: list[DaqStatusView]) -> bytes:
+        """The encoded `GetActiveDaqsResponse` listing `views`."""
+        entries = self._entries
+        for gone in entries.keys() - {v.id for v in views}:
+            del entries[gone]
+        parts = []
+        for view in views:
+            hit = entries.get(view.id)
+            if hit is None or hit[0] is not view:
+                encoded = dpm_pb2.GetActiveDaqsResponse(daqs=[self(view)]).SerializeToString()
+                hit = entries[view.id] = (view, encoded)
+            parts.append(hit[1])
+        return b"".join(parts)
 
 
 def internal_message(internal: InternalStatus, status: dpm_pb2.DaqStatus) -> dpm_pb2.InternalDaqStatus:
@@ -166,7 +186,8 @@ class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
     async def GetActiveDaqs(
         self, request: dpm_pb2.GetActiveDaqsRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.GetActiveDaqsResponse:
-        return dpm_pb2.GetActiveDaqsResponse(daqs=[self._status(v) for v in self._dpm.active()])
+        # Already encoded (see `StatusMessages.encoded_entries`; `add_services` passes bytes through).
+        return self._status.encoded_entries(self._dpm.active())  # type: ignore[return-value]
 
     @edge
     async def GetInternalDaqStatus(
@@ -235,8 +256,35 @@ class DpmControlService(dpm_pb2_grpc.DpmControlServicer):
         return dpm_pb2.ExitResponse(message="daqif-dpm-server exiting")
 
 
+class _Registration:
+    """Catches what a generated `add_*Servicer_to_server` registers, to adjust it before the server."""
+
+    def __init__(self) -> None:
+        self.generic: Any = ()
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic = handlers
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _encoded_or_message(response: Any) -> bytes:
+    return response if isinstance(response, bytes) else bytes(response.SerializeToString())
+
+
 def add_services(server: grpc.aio.Server, dpm: DataProductManager, exit_requested: asyncio.Event) -> None:
-    dpm_pb2_grpc.add_DpmDaqControlServicer_to_server(DpmDaqControlService(dpm), server)
+    registration = _Registration()
+    dpm_pb2_grpc.add_DpmDaqControlServicer_to_server(DpmDaqControlService(dpm), registration)
+    # GetActiveDaqs answers with bytes already encoded; the generic handler shares this dict.
+    active = registration.handlers["GetActiveDaqs"]
+    registration.handlers["GetActiveDaqs"] = active._replace(response_serializer=_encoded_or_message)
+    server.add_generic_rpc_handlers(registration.generic)
+    server.add_registered_method_handlers(registration.service, registration.handlers)
     dpm_pb2_grpc.add_DpmControlServicer_to_server(DpmControlService(dpm, exit_requested), server)
 
 

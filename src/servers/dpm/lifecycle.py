@@ -54,7 +54,7 @@ from servers.dpm import keyword_check, transfer
 from servers.dpm.config import DpmConfig
 from servers.dpm.events import StatusBus, StatusWatcher
 from servers.dpm.merge import check_keyword_cards, parse_card
-from servers.dpm.merge_runner import ForkServerMergeRunner, MergeRunner
+from servers.dpm.merge_runner import LauncherMergeRunner, MergeRunner
 from servers.dpm.model import (
     DaqRecord,
     DaqStatusView,
@@ -110,7 +110,7 @@ class DataProductManager:
         self._reserved: set[str] = set()
         self._seq = itertools.count(1)
         self._slots = asyncio.Semaphore(config.max_active_daqs)
-        self._runner = merge_runner if merge_runner is not None else ForkServerMergeRunner()
+        self._runner = merge_runner if merge_runner is not None else LauncherMergeRunner()
         self._phases = Phases(config, self.workspace, self._roots, self._runner, self._commit)
 
     # -- start / stop --------------------------------------------------------------------------
@@ -126,7 +126,7 @@ class DataProductManager:
         for pid in transfer.kill_leftovers(self.workspace.root.resolve()):
             log.warning("killed pid %d, left running by the previous server on this workspace", pid)
         transfer.mark_children(self.workspace.root.resolve())
-        # The merge fork server imports h5py & co. once, in the background (this only spawns it).
+        # The merge launcher imports h5py & co. once, in the background (this only spawns it).
         self._runner.warm_up()
         self._archived = loaded.archived
         self._seq = itertools.count(loaded.next_seq)
@@ -148,6 +148,7 @@ class DataProductManager:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        self._runner.close()
         self.workspace.close()
 
     # -- commands ------------------------------------------------------------------------------

@@ -1,19 +1,25 @@
 """Running `daqif-dpm-merge` as its own process, without paying its start-up for every DAQ.
 
 The DPM runs each merge in a separate process (a crash or a kill of the merge cannot harm the
-server, and an abort kills it). Starting `python -m servers.dpm.merge_cli` costs about half a
-second of imports (h5py, numpy, the filters) per DAQ, so merges are forked from a
-`multiprocessing` fork server that imported the merge program once. Each merge process runs
-`merge_cli.main` with the same arguments as the command line would, with stdout and stderr
-appended to the DAQ's `logs/merge.log`, and exits with its exit code.
+server, and an abort kills it). Merges are forked by the merge launcher
+(`servers.dpm.merge_launcher`), a process started once with `servers.common.process.spawn` that
+imports only the merge program and forks merge workers; each merge runs `merge_cli.main` with the
+same arguments as the command line would, output appended to the DAQ's `logs/merge.log`, and
+answers with its exit code (see the launcher for how workers are reused, killed and replaced).
 
-The fork server is started from a fresh interpreter (never forked from the server, whose gRPC
-threads must not be forked), from the server's main thread. It and each merge process have
-PR_SET_PDEATHSIG set (`forkserver_guard`): after a `kill -9` of the DPM the fork server dies,
-and every running merge with it, so no orphan keeps writing into the workspace while the
-restarted server merges again.
+Why not `multiprocessing`'s fork server (used before): its children re-import the server's
+`__main__` (~40-55 ms of a ~60 ms DAQ), and `Process.start()` polls every other child's sentinel
+from the calling thread while another thread waits in `Process.join()`: both read the 4-byte exit
+status from one pipe, one gets EOF, and a merge that succeeded is reported as exit 255 (issue 12).
+Here one reader, on the event loop, receives every exit code, each sent once by the launcher.
 
-The lifecycle sees only `MergeRunner` (warm up, run one merge); `ForkServerMergeRunner` is the
+The launcher is started from the server's main thread (the thread its death signal is tied to:
+`warm_up` at start, and `run` on the event loop, which is the main thread); it dies with the
+server, and every running merge with it, so no orphan keeps writing into the workspace while the
+restarted server merges again. If it dies, the merges it ran fail (ERROR `merging`, retried by
+RetryMergeDaq) and the next merge starts a new one.
+
+The lifecycle sees only `MergeRunner` (warm up, run one merge, close); `LauncherMergeRunner` is the
 real one, and the lifecycle tests run the whole state table in-process with a fake.
 """
 
@@ -21,97 +27,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import multiprocessing
-import multiprocessing.forkserver
-import os
-import signal
+import itertools
+import json
+import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from servers.common.process import spawn
 from servers.dpm.transfer import ProcessResult
 
-_PR_SET_PDEATHSIG = 1
-SERVER_PID_VARIABLE = "DAQIF_DPM_SERVER_PID"
-# The guard first: the fork server is protected before the slow imports.
-_PRELOAD = ["servers.dpm.forkserver_guard", "servers.dpm.merge_cli"]
-
-_context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(_PRELOAD)
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when the thread that started it ends."""
-    name = ctypes.util.find_library("c")
-    if name:
-        ctypes.CDLL(name).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def warm_up() -> None:
-    """Start the fork server now, so that the first merge does not wait for it.
-
-    Call it from the main thread: the fork server's death signal is tied to the thread that
-    started it (it only spawns the process; the imports happen in the fork server).
-    """
-    os.environ[SERVER_PID_VARIABLE] = str(os.getpid())
-    multiprocessing.forkserver.ensure_running()
-
-
-def _merge_process(argv: list[str], log_path: str) -> None:  # runs in the forked merge process
-    guard = sys.modules.get("servers.dpm.forkserver_guard")
-    die_with_parent()
-    if guard is None or os.getppid() != guard.FORKSERVER_PID:
-        os._exit(1)  # not forked by the guarded fork server, or it died before the guard was set
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process ends below
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    from servers.dpm.merge_cli import main
-
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException as exc:
-        print(f"daqif-dpm-merge: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-async def run_merge(argv: Sequence[str], log_path: Path) -> ProcessResult:
-    """Run `daqif-dpm-merge ARGV` in its own process; output appended to `log_path`.
-
-    Returns the exit code and, on failure, the last line the merge wrote (its one-line error).
-    Cancelling the caller kills the merge process.
-    """
-    offset = log_path.stat().st_size if log_path.exists() else 0
-    process = _context.Process(target=_merge_process, args=(list(argv), str(log_path)), daemon=False)
-    loop = asyncio.get_running_loop()
-    # On the main thread: if the fork server has to be (re)started, it is tied to this thread.
-    process.start()
-    try:
-        await loop.run_in_executor(None, process.join)
-    except asyncio.CancelledError:
-        process.kill()
-        with contextlib.suppress(Exception):
-            await asyncio.shield(loop.run_in_executor(None, process.join))
-        raise
-    code = process.exitcode if process.exitcode is not None else -1
-    process.close()
-    lines: tuple[str, ...] = ()
-    if code != 0:
-        with open(log_path, "rb") as handle:
-            handle.seek(offset)
-            tail = handle.read().decode("utf-8", "replace")
-        lines = tuple(line.strip() for line in tail.splitlines() if line.strip())[-50:]
-    return ProcessResult(code, lines)
+LAUNCHER_MODULE = "servers.dpm.merge_launcher"
+# The merge needs no BLAS: one thread keeps the launcher single-threaded, so forking it is safe.
+_LAUNCHER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 class MergeRunner(Protocol):
@@ -124,12 +54,144 @@ class MergeRunner(Protocol):
         """Run `daqif-dpm-merge ARGV`, output appended to `log_path`; cancelling kills it."""
         ...
 
+    def close(self) -> None:
+        """Stop (running merges are killed); called once the drivers are stopped."""
 
-class ForkServerMergeRunner:
-    """The real runner: each merge a process forked from the preloaded fork server."""
+
+class _Launcher:
+    """One running merge launcher: its process, its socket and the merges waiting for an exit code."""
+
+    def __init__(self, jobs_per_worker: int | None) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = [sys.executable, "-m", LAUNCHER_MODULE, "--fd", str(theirs.fileno())]
+            if jobs_per_worker is not None:
+                argv += ["--jobs-per-worker", str(jobs_per_worker)]
+            self.process = spawn(
+                argv, env=_LAUNCHER_ENV, stdout=None, stderr=None, pass_fds=[theirs.fileno()]
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._buffer = b""
+        self._reading = False
+        self.alive = True
+
+    async def run(self, argv: Sequence[str], log_path: Path) -> int:
+        """The exit code of one merge; cancelling kills it (and waits until it is dead)."""
+        loop = asyncio.get_running_loop()
+        if not self._reading:
+            loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._reading = True
+        request_id = next(self._ids)
+        done: asyncio.Future[int] = loop.create_future()
+        self._waiting[request_id] = done
+        # Shielded: a request half-written by a cancellation would garble the stream.
+        await asyncio.shield(self._send({"run": request_id, "argv": list(argv), "log": str(log_path)}))
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if not done.done():
+                with contextlib.suppress(OSError):
+                    await asyncio.shield(self._send({"kill": request_id}))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(done)
+            raise
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if not self.alive:
+            raise OSError(f"the merge launcher (pid {self.process.pid}) is not running")
+        await asyncio.get_running_loop().sock_sendall(self._sock, json.dumps(message).encode() + b"\n")
+
+    def _on_readable(self) -> None:
+        try:
+            chunk = self._sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._died()
+            return
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            message = json.loads(line)
+            if "exited" in message:
+                self._resolve(int(message["exited"]), code=int(message["code"]))
+            elif "failed" in message:
+                self._resolve(int(message["failed"]), error=OSError(str(message["error"])))
+
+    def _resolve(self, request_id: int, code: int = 0, error: OSError | None = None) -> None:
+        done = self._waiting.pop(request_id, None)
+        if done is None or done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(code)
+
+    def _died(self) -> None:
+        self.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(2)  # it closed its end: it is exiting
+        error = f"the merge launcher (pid {self.process.pid}) exited with code {self.process.returncode}"
+        for request_id in list(self._waiting):
+            self._resolve(request_id, error=OSError(error))
+
+    def close(self) -> None:
+        """Close the socket: the launcher kills its merges and exits."""
+        if self._reading:
+            with contextlib.suppress(Exception):
+                asyncio.get_event_loop().remove_reader(self._sock.fileno())
+            self._reading = False
+        if self.alive:
+            self.alive = False
+            self._sock.close()
+
+
+class LauncherMergeRunner:
+    """The real runner: each merge run by a merge worker of the merge launcher.
+
+    `jobs_per_worker`: merges a worker runs before it is replaced (default: the launcher's).
+    """
+
+    def __init__(self, jobs_per_worker: int | None = None) -> None:
+        self._jobs_per_worker = jobs_per_worker
+        self._launcher: _Launcher | None = None
 
     def warm_up(self) -> None:
-        warm_up()
+        # Spawning only: the launcher imports the merge in the background.
+        if self._launcher is None or not self._launcher.alive:
+            self._launcher = _Launcher(self._jobs_per_worker)
 
     async def run(self, argv: Sequence[str], log_path: Path) -> ProcessResult:
-        return await run_merge(argv, log_path)
+        """Run `daqif-dpm-merge ARGV` in its own process; output appended to `log_path`.
+
+        Returns the exit code and, on failure, the last lines the merge wrote (its one-line error).
+        Cancelling the caller kills the merge process. `OSError` if it could not be started.
+        """
+        self.warm_up()  # on the event loop, i.e. the main thread
+        assert self._launcher is not None
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        code = await self._launcher.run(argv, log_path)
+        lines: tuple[str, ...] = ()
+        if code != 0:
+            with open(log_path, "rb") as handle:
+                handle.seek(offset)
+                tail = handle.read().decode("utf-8", "replace")
+            lines = tuple(line.strip() for line in tail.splitlines() if line.strip())[-50:]
+        return ProcessResult(code, lines)
+
+    def close(self) -> None:
+        if self._launcher is not None:
+            self._launcher.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._launcher.process.wait(10)
+            self._launcher = None

@@ -1,9 +1,9 @@
-"""The DPM workspace on disk: one directory per DAQ, written atomically, rebuilt at start-up.
+"""The DPM workspace on disk: one directory per DAQ, a journal of every change, rebuilt at start-up.
 
 Layout (under the workspace directory):
 
     .lock                         held (flock) by the server using the workspace
-    queue-journal.<n>             DAQs queued since the last checkpoint (one JSON line each)
+    journal.<n>                   every record change since the last checkpoint (one JSON line each)
     daqs/<id>/daq.json            status + specification + queue position (one atomic file)
     daqs/<id>/sources/<name>.h5   collected sources
     daqs/<id>/specification.json  the specification handed to the merge program
@@ -15,40 +15,54 @@ Layout (under the workspace directory):
 The product lives outside the DAQ directory so that archiving (a rename of the DAQ directory)
 never moves a file a receiver may hold a symlink to.
 
-Durability. QueueDaq must not reply before the DAQ is durable, and must be fast: the new DAQ is
-appended to the queue journal with one `fdatasync` (an append to an open file: no new inode, no
-directory to sync) and its `daq.json` is written atomically but without syncing. Every later
-change replaces `daq.json` with the one atomic-write helper (temp, fsync, rename, fsync of the
-directory; the first one also syncs `daqs/`). A checkpoint thread makes the DAQs of a full
-journal durable one by one and then deletes that journal; at start-up every journal is replayed
-(a DAQ whose `daq.json` is missing is rebuilt from its line) and removed. All writes go through
-one writer thread, so the writes of one DAQ land in the order they were made and the event loop
-never waits on the disk.
+Durability: group commit. No change is acknowledged (QueueDaq reply, published status) before
+it is durable, and a change costs no fsync of its own: every change (create, save, archive) is
+the whole record as one line of the journal. One writer thread takes every change queued
+meanwhile, appends them in one `write` and makes them durable with one `fdatasync` (an append to
+an open file: no new inode, no directory to sync), and only then writes the status files and
+moves archived directories (atomic renames, not synced: the journal holds the state) and answers
+each change. Under load a batch holds the changes of many DAQs, so the cost per DAQ falls as the
+load rises. A new DAQ's directory and status file are written before its line (under a temporary
+name, renamed after): a full disk refuses the QueueDaq alone and leaves nothing, and a directory
+without `daq.json` (a crash before the line was durable) is removed at start-up.
+
+Checkpoint: when a journal holds `JOURNAL_CHECKPOINT_LINES` lines, a new one is started, and a
+checkpoint thread fsyncs the status files (and directories) of the DAQs the old one names, then
+deletes it. At start-up every journal is replayed in order (the last line of a DAQ is its state:
+its status file is rewritten, an archived one is moved to `archive/`) and handed to the
+checkpoint thread, so start-up waits for no fsync. A status file that cannot be written after its
+line is durable (a full disk) is written again at every batch; journals are not rotated until it
+is, so the journal keeps the state meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from servers.common.atomic import atomic_write_bytes, fsync_directory
+from servers.common.atomic import atomic_write_bytes, fsync_directory, fsync_file
 from servers.dpm.model import DaqRecord
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "daq.json"
 LOCK_FILE = ".lock"
-JOURNAL_PREFIX = "queue-journal."
-JOURNAL_CHECKPOINT_LINES = 1000
+JOURNAL_PREFIX = "journal."
+JOURNAL_CHECKPOINT_LINES = 4096
+_READERS = 16
 
 
 class WorkspaceBusy(RuntimeError):
@@ -71,6 +85,30 @@ class LoadedWorkspace:
     next_seq: int
 
 
+@dataclass
+class StoreCounters:
+    """What the store did to the disk (read by tests and `tools/bench_dpm.py`)."""
+
+    changes: int = 0
+    """Record changes made durable (creates, saves, archives)."""
+    batches: int = 0
+    """Group commits: one journal append and one `fdatasync` each."""
+    fsyncs: int = 0
+    """`fsync`/`fdatasync` calls on the event path (checkpoints not counted: see `checkpoint_fsyncs`)."""
+    renames: int = 0
+    """Renames of status files and directories."""
+    checkpoint_fsyncs: int = 0
+    """`fsync` calls of the checkpoint thread (in the background)."""
+
+
+@dataclass
+class _Change:
+    daq_id: str
+    data: bytes
+    kind: str  # "create", "save" or "archive"
+    done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+
 class Workspace:
     """Persistence of DAQ records in the workspace directory."""
 
@@ -79,18 +117,34 @@ class Workspace:
         self.daqs = self.root / "daqs"
         self.archive_dir = self.root / "archive"
         self.products = self.root / "products"
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpm-store")
+        self.counters = StoreCounters()
+        self._changes: queue.SimpleQueue[_Change | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpm-checkpoint")
         self._lock_fd: int | None = None
         # Owned by the writer thread:
         self._journal_fd: int | None = None
         self._journal_number = 0
-        self._journal_ids: list[str] = []
-        self._unsettled: set[str] = set()  # DAQ directories whose entry in daqs/ is not synced
+        self._journal_lines = 0
+        self._journal_ids: set[str] = set()
+        self._stale: dict[str, _Change] = {}  # durable archives whose move is not done yet
+        self._latest: dict[str, bytes] = {}  # active DAQ -> its latest durable record, not in its file
+        self._files_lock = threading.Lock()  # the writer's archive moves vs the checkpoint's writes
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
+        if self._writer is not None:
+            self._changes.put(None)
+            self._writer.join()
+            self._writer = None
         self._checkpointer.shutdown(wait=True)
+        c = self.counters
+        log.info(
+            "store: %d changes in %d group commits (fdatasync); %d renames; %d checkpoint fsyncs",
+            c.changes,
+            c.batches,
+            c.renames,
+            c.checkpoint_fsyncs,
+        )
         if self._journal_fd is not None:
             os.close(self._journal_fd)
             self._journal_fd = None
@@ -142,32 +196,41 @@ class Workspace:
     # -- start-up ----------------------------------------------------------------------------
 
     def load(self) -> LoadedWorkspace:
-        """Create the layout if needed and read every DAQ; archived ones by name only."""
+        """Create the layout if needed, read every DAQ (archived ones by name only), replay the journals."""
         self.lock()
         for directory in (self.daqs, self.archive_dir, self.products):
             directory.mkdir(parents=True, exist_ok=True)
+        journals = self._journals()
+        last = _last_lines(journals)
         archived = set(os.listdir(self.archive_dir))
-        active: list[DaqRecord] = []
+        directories = []
+        present: set[str] = set()
         with os.scandir(self.daqs) as entries:
             for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                record = self._read(Path(entry.path))
-                if record is None:
-                    continue
-                if record.id in archived:
+                present.add(entry.name)
+                if entry.name.startswith(".") or entry.name in last:
+                    continue  # hidden, or the journal holds a newer state than its status file
+                if entry.name in archived:
                     # Crashed between the final status write and the archive rename's
                     # cleanup: the archived copy is the truth.
                     shutil.rmtree(entry.path, ignore_errors=True)
                     continue
-                active.append(record)
-        known = {r.id for r in active} | archived
-        for record in self._replay_journals(known):
-            active.append(record)
-        active.sort(key=lambda r: r.seq)
-        next_seq = max((r.seq for r in active), default=0) + 1
+                directories.append(Path(entry.path))
+        # Many reads in flight: a cold page cache answers them together, not one by one.
+        with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="dpm-load") as readers:
+            records = [r for r in readers.map(self._read, directories) if r is not None]
+        active = {r.id: r for r in records}
+        self._replay(last, active, archived, present)
+        number = journals[-1][0] + 1 if journals else 1
+        self._open_journal(number)
+        if journals:
+            self._checkpointer.submit(self._checkpoint, [p for _, p in journals], set(last))
+        ordered = sorted(active.values(), key=lambda r: r.seq)
+        next_seq = max((r.seq for r in ordered), default=0) + 1
         # Archived DAQs' sequence numbers are not needed: seq only orders the active queue.
-        return LoadedWorkspace(active=active, archived=archived, next_seq=next_seq)
+        self._writer = threading.Thread(target=self._write_loop, name="dpm-store", daemon=True)
+        self._writer.start()
+        return LoadedWorkspace(active=ordered, archived=archived, next_seq=next_seq)
 
     def _read(self, directory: Path) -> DaqRecord | None:
         path = directory / STATUS_FILE
@@ -188,48 +251,151 @@ class Workspace:
             os.replace(directory, aside)
             return None
 
-    # -- writes (all on the writer thread) -----------------------------------------------------
+    def _journals(self) -> list[tuple[int, Path]]:
+        return sorted(
+            (int(p.name.removeprefix(JOURNAL_PREFIX)), p)
+            for p in self.root.glob(f"{JOURNAL_PREFIX}*")
+            if p.name.removeprefix(JOURNAL_PREFIX).isdigit()
+        )
+
+    def _replay(
+        self,
+        last: dict[str, tuple[bytes, dict[str, Any]]],
+        active: dict[str, DaqRecord],
+        archived: set[str],
+        present: set[str],
+    ) -> None:
+        """Apply the last journal line of each DAQ: archive the final ones, others wait for the checkpoint."""
+        for daq_id, (line, parsed) in last.items():
+            record = DaqRecord.from_json(parsed)
+            if record.substate.is_final:
+                active.pop(daq_id, None)
+                self._archive_files(daq_id, line)
+                archived.add(daq_id)
+            else:
+                if daq_id not in present:
+                    self.daq_dir(daq_id).mkdir()
+                self._latest[daq_id] = line  # its status file is written by the checkpoint
+                active[daq_id] = record
+
+    # -- writes: group commit on the writer thread ---------------------------------------------
 
     async def create(self, record: DaqRecord) -> None:
-        """Make a new DAQ durable (journal line), and write its directory and status file."""
-        data = _encode(record)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer, self._create_sync, record.id, data)
-
-    def _create_sync(self, daq_id: str, data: bytes) -> None:
-        assert self._journal_fd is not None, "load() opens the journal"
-        journal_end = os.lseek(self._journal_fd, 0, os.SEEK_END)
-        directory = self.daq_dir(daq_id)
-        try:
-            written = os.write(self._journal_fd, data + b"\n")
-            if written != len(data) + 1:
-                raise OSError(errno.ENOSPC, "the queue journal line was written only in part")
-            os.fdatasync(self._journal_fd)
-            directory.mkdir()
-            atomic_write_bytes(directory / STATUS_FILE, data, durable=False)
-        except OSError:
-            # A refused QueueDaq leaves nothing behind: neither a directory that would block
-            # the id nor a journal line a restart would resurrect.
-            os.ftruncate(self._journal_fd, journal_end)
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-        self._unsettled.add(daq_id)
-        self._journal_ids.append(daq_id)
-        if len(self._journal_ids) >= JOURNAL_CHECKPOINT_LINES:
-            self._rotate_journal()
+        """Make a new DAQ durable (its journal line) and create its directory."""
+        await self._submit(record.id, _encode(record), "create")
 
     async def save(self, record: DaqRecord) -> None:
-        """Replace the DAQ's status file with the record as it is now (durably)."""
-        data = _encode(record)
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._save_sync, record.id, data)
+        """Make the record as it is now durable (its status file follows at the next checkpoint)."""
+        await self._submit(record.id, _encode(record), "save")
 
-    def _save_sync(self, daq_id: str, data: bytes) -> None:
-        atomic_write_bytes(self.daq_dir(daq_id) / STATUS_FILE, data)
-        if daq_id in self._unsettled:
-            fsync_directory(self.daqs)
-            self._unsettled.discard(daq_id)
+    async def archive(self, record: DaqRecord) -> Path:
+        """Make a final record durable; move the DAQ's directory to the archive (sources removed)."""
+        await self._submit(record.id, _encode(record), "archive")
+        return self.archived_dir(record.id)
 
-    # -- the queue journal ---------------------------------------------------------------------
+    async def _submit(self, daq_id: str, data: bytes, kind: str) -> None:
+        change = _Change(daq_id, data, kind)
+        self._changes.put(change)
+        await asyncio.wrap_future(change.done)
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._changes.get()
+            if first is None:
+                return
+            batch = [first]
+            stopping = False
+            while not stopping:
+                try:
+                    change = self._changes.get_nowait()
+                except queue.Empty:
+                    break
+                if change is None:
+                    stopping = True
+                else:
+                    batch.append(change)
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # never leave a caller waiting
+                for change in batch:
+                    if not change.done.done():
+                        change.done.set_exception(exc)
+                log.exception("store writer: unexpected failure")
+            if stopping:
+                return
+
+    def _commit(self, batch: list[_Change]) -> None:
+        """One group commit: new directories, one journal append + fdatasync, then the archive moves."""
+        ready = [c for c in batch if c.kind != "create" or self._prepare_create(c)]
+        if not ready:
+            return
+        assert self._journal_fd is not None, "load() opens the journal"
+        journal_end = os.lseek(self._journal_fd, 0, os.SEEK_END)
+        payload = b"".join(c.data + b"\n" for c in ready)
+        try:
+            written = os.write(self._journal_fd, payload)
+            if written != len(payload):
+                raise OSError(errno.ENOSPC, "the journal lines were written only in part")
+            os.fdatasync(self._journal_fd)
+        except OSError as exc:
+            # Refused changes leave nothing behind: neither a line a restart would resurrect nor a
+            # new directory that would block the id.
+            os.ftruncate(self._journal_fd, journal_end)
+            for change in ready:
+                if change.kind == "create":
+                    shutil.rmtree(self.daq_dir(change.daq_id), ignore_errors=True)
+                change.done.set_exception(exc)
+            return
+        self.counters.batches += 1
+        self.counters.fsyncs += 1
+        self.counters.changes += len(ready)
+        self._journal_lines += len(ready)
+        with self._files_lock:
+            for change in ready:
+                self._journal_ids.add(change.daq_id)
+                if change.kind == "archive":
+                    self._latest.pop(change.daq_id, None)
+                    self._stale[change.daq_id] = change
+                else:
+                    self._latest[change.daq_id] = change.data
+            for change in list(self._stale.values()):
+                try:
+                    self.counters.renames += self._archive_files(change.daq_id, change.data)
+                    del self._stale[change.daq_id]
+                except OSError as exc:
+                    log.warning("DAQ %s: not archived yet (%s); the journal holds it", change.daq_id, exc)
+        for change in ready:
+            change.done.set_result(None)
+        if self._journal_lines >= JOURNAL_CHECKPOINT_LINES and not self._stale:
+            self._rotate_journal()
+
+    def _prepare_create(self, change: _Change) -> bool:
+        """Create a new DAQ's directory before its line is written; False (and answered) if refused."""
+        try:
+            self.daq_dir(change.daq_id).mkdir()
+        except OSError as exc:
+            change.done.set_exception(exc)
+            return False
+        return True
+
+    def _archive_files(self, daq_id: str, data: bytes) -> int:
+        """Put a final record's directory in the archive (idempotent); return the renames made.
+
+        The final status file is written as a new file (not renamed over the old one, which
+        ext4 would flush at once): the journal holds it until the checkpoint syncs it.
+        """
+        directory, target = self.daq_dir(daq_id), self.archived_dir(daq_id)
+        if directory.is_dir() and not target.exists():
+            shutil.rmtree(directory / "sources", ignore_errors=True)
+            _write_new(directory / STATUS_FILE, data)
+            os.replace(directory, target)
+            return 1
+        target.mkdir(exist_ok=True)
+        _write_new(target / STATUS_FILE, data)
+        shutil.rmtree(directory, ignore_errors=True)
+        return 0
+
+    # -- the journal and its checkpoint ----------------------------------------------------------
 
     def _journal_path(self, number: int) -> Path:
         return self.root / f"{JOURNAL_PREFIX}{number}"
@@ -238,77 +404,69 @@ class Workspace:
         self._journal_number = number
         self._journal_fd = os.open(self._journal_path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         fsync_directory(self.root)
-        self._journal_ids = []
+        self._journal_lines = 0
+        self._journal_ids = set()
 
     def _rotate_journal(self) -> None:
-        """Start a new journal; the checkpoint thread settles the old one's DAQs, then deletes it."""
+        """Start a new journal; the checkpoint thread writes the old one's DAQs durably, then deletes it."""
         assert self._journal_fd is not None
         os.close(self._journal_fd)
         old_path, old_ids = self._journal_path(self._journal_number), self._journal_ids
         self._open_journal(self._journal_number + 1)
-        self._unsettled.difference_update(old_ids)
-        self._checkpointer.submit(self._checkpoint, old_path, old_ids)
+        self._checkpointer.submit(self._checkpoint, [old_path], old_ids)
 
-    def _checkpoint(self, journal: Path, ids: list[str]) -> None:
+    def _checkpoint(self, journals: list[Path], ids: set[str]) -> None:
+        """Make the state of every DAQ named in `journals` durable in its files; delete the journals.
+
+        An active DAQ's status file is written with its latest durable state (which may be newer
+        than these journals: that state is in a newer journal too); an archived DAQ's was written
+        when it was archived. Under `_files_lock`, so a DAQ is not archived while its status file
+        is written.
+        """
+        synced: list[Path] = []
         for daq_id in ids:
-            directory = self.daq_dir(daq_id)
-            try:
-                fd = os.open(directory / STATUS_FILE, os.O_RDONLY)
-            except FileNotFoundError:
-                continue  # archived meanwhile: archiving is durable on its own
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
+            with self._files_lock:
+                data = self._latest.get(daq_id)
+                if data is not None:
+                    directory = self.daq_dir(daq_id)
+                    atomic_write_bytes(directory / STATUS_FILE, data, durable=False)
+                    if daq_id not in self._journal_ids:
+                        self._latest.pop(daq_id)  # durable in its file once synced below
+                else:
+                    directory = self.archived_dir(daq_id)
+            synced.append(directory)
+        for directory in synced:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                # Gone (archived, or archived and then found again): its newer state is in a newer journal.
+                fsync_file(directory / STATUS_FILE)
                 fsync_directory(directory)
-        fsync_directory(self.daqs)
-        os.unlink(journal)
+                self.counters.checkpoint_fsyncs += 2
+        for directory in (self.daqs, self.archive_dir):
+            fsync_directory(directory)
+        for journal in journals:
+            os.unlink(journal)
         fsync_directory(self.root)
+        self.counters.checkpoint_fsyncs += 3
 
-    def _replay_journals(self, known: set[str]) -> list[DaqRecord]:
-        """DAQs of the journals that have no directory (yet); makes them durable, removes journals."""
-        journals = sorted(
-            (int(p.name.removeprefix(JOURNAL_PREFIX)), p)
-            for p in self.root.glob(f"{JOURNAL_PREFIX}*")
-            if p.name.removeprefix(JOURNAL_PREFIX).isdigit()
-        )
-        rebuilt: list[DaqRecord] = []
-        for _, path in journals:
-            for line in path.read_bytes().split(b"\n"):
-                try:
-                    record = DaqRecord.from_json(json.loads(line))
-                except (ValueError, KeyError, TypeError):
-                    continue  # the torn last line of a crash during an append: never acknowledged
-                if record.id in known:
-                    continue
-                directory = self.daq_dir(record.id)
-                directory.mkdir(exist_ok=True)
-                atomic_write_bytes(directory / STATUS_FILE, line)
-                known.add(record.id)
-                rebuilt.append(record)
-        if journals:
-            fsync_directory(self.daqs)
-            for _, path in journals:
-                path.unlink()
-        self._open_journal(journals[-1][0] + 1 if journals else 1)
-        return rebuilt
 
-    async def archive(self, record: DaqRecord) -> Path:
-        """Move a final DAQ's directory to the archive (collected sources removed first)."""
-        data = _encode(record)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, self._archive_sync, record.id, data)
+def _last_lines(journals: list[tuple[int, Path]]) -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """The last complete line of each DAQ in `journals` (read in order), and its parsed record."""
+    last: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    for _, path in journals:
+        for line in path.read_bytes().split(b"\n"):
+            # A torn last line (a crash during an append) was never acknowledged.
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                parsed = json.loads(line)
+                last[str(parsed["id"])] = (line, parsed)
+    return last
 
-    def _archive_sync(self, daq_id: str, data: bytes) -> Path:
-        directory = self.daq_dir(daq_id)
-        atomic_write_bytes(directory / STATUS_FILE, data)
-        shutil.rmtree(directory / "sources", ignore_errors=True)
-        target = self.archived_dir(daq_id)
-        os.replace(directory, target)
-        fsync_directory(self.archive_dir)
-        fsync_directory(self.daqs)
-        return target
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write `path` afresh (removed first): a new inode, no rename over an existing file."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with open(path, "xb") as handle:
+        handle.write(data)
 
 
 def _encode(record: DaqRecord) -> bytes:

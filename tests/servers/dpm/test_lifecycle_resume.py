@@ -124,7 +124,7 @@ def test_kill_9_during_a_running_merge_takes_the_merge_process_down_too(dpm: Dpm
 
     def merge_process() -> int | None:
         for child in _children(server.pid):
-            for grandchild in _children(child):  # the fork server's children are merges
+            for grandchild in _children(child):  # the merge launcher's children are merges
                 # Once its output goes to merge.log, the merge has set its death signal.
                 with contextlib.suppress(OSError):
                     if os.readlink(f"/proc/{grandchild}/fd/1").endswith("merge.log"):

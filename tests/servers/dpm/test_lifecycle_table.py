@@ -43,10 +43,14 @@ class FakeMergeRunner:
         self.started = asyncio.Event()
         self.runs = 0
         self.warmed = False
+        self.closed = False
         self.crash: Exception | None = None
 
     def warm_up(self) -> None:
         self.warmed = True
+
+    def close(self) -> None:
+        self.closed = True
 
     async def run(self, argv: Sequence[str], log_path: Path) -> ProcessResult:
         self.runs += 1

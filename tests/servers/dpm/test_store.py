@@ -79,8 +79,8 @@ def test_queued_daq_whose_status_file_was_lost_is_rebuilt_from_the_journal(tmp_p
 
     asyncio.run(queue())
     # As after a power cut: J1's unsynced status file is gone, and the journal's last append is torn.
-    (tmp_path / "daqs" / "J1" / "daq.json").unlink()
-    journal = next(tmp_path.glob("queue-journal.*"))
+    (tmp_path / "daqs" / "J1" / "daq.json").unlink(missing_ok=True)
+    journal = next(tmp_path.glob("journal.*"))
     with open(journal, "ab") as handle:
         handle.write(b'{"version": 1, "id": "J3", "fi')
 
@@ -91,7 +91,7 @@ def test_queued_daq_whose_status_file_was_lost_is_rebuilt_from_the_journal(tmp_p
     assert loaded.active[0].substate is SubState.SCHEDULED
     assert (tmp_path / "daqs" / "J1" / "daq.json").is_file()
     assert not journal.exists()  # replayed, then removed; a new, empty journal is open
-    assert [p.stat().st_size for p in tmp_path.glob("queue-journal.*")] == [0]
+    assert [p.stat().st_size for p in tmp_path.glob("journal.*")] == [0]
 
 
 def test_full_journal_is_checkpointed_and_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,6 +107,6 @@ def test_full_journal_is_checkpointed_and_removed(tmp_path: Path, monkeypatch: p
         ws.close()  # waits for the checkpoints
 
     asyncio.run(queue())
-    journals = sorted(p.name for p in tmp_path.glob("queue-journal.*"))
-    assert journals == ["queue-journal.3"]
-    assert len((tmp_path / "queue-journal.3").read_bytes().splitlines()) == 1
+    journals = sorted(p.name for p in tmp_path.glob("journal.*"))
+    assert journals == ["journal.3"]
+    assert len((tmp_path / "journal.3").read_bytes().splitlines()) == 1
