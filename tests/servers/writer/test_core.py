@@ -43,6 +43,7 @@ class FakeDataPath:
         self.opened_at = 0.0
         self.frame_counters = FrameCounters()
         self.max_frame_bytes = 1 << 20
+        self.listeners: list[Callable[[], None]] = []
 
     def start(self) -> None:
         if self.fail_start:
@@ -71,6 +72,9 @@ class FakeDataPath:
     def progress(self) -> WriteProgress:
         return WriteProgress(phase=self.phase, n_written=self.n_written, result=self.result)
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self.listeners.append(callback)
+
     def counters(self) -> FrameCounters:
         return self.frame_counters
 
@@ -94,10 +98,14 @@ class FakeDataPath:
             stop_time=time.time(),
         )
         self.phase = WritePhase.FAILED if error else WritePhase.FINISHED
+        for callback in self.listeners:
+            callback()
         return self.result
 
     def die(self) -> None:
         self.alive = False
+        for callback in self.listeners:
+            callback()
 
 
 class Harness:
@@ -205,6 +213,24 @@ def test_the_acquisition_follows_the_data_path_and_completes(tmp_path: Path) -> 
             assert h.core.logs(10) == [status.acquisition]
             logged = [event async for event in _drain(events) if isinstance(event, AcquisitionLogged)]
             assert [event.acquisition for event in logged] == [status.acquisition]
+
+    run_with_core(tmp_path, scenario)
+
+
+def test_the_end_of_a_write_is_pushed_by_the_data_path_not_found_by_the_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import servers.writer.core
+
+    monkeypatch.setattr(servers.writer.core, "PROGRESS_INTERVAL", 3600.0)  # the poll never comes
+
+    async def scenario(h: Harness) -> None:
+        await h.core.start_write(h.request(n_images=2))
+        await asyncio.sleep(0)  # the progress loop is waiting for its (hour-long) interval now
+        h.datapath.write_frames(2)
+        h.datapath.end()
+        status = await h.status_where(acquisition_state(AcquisitionState.FINISHED))
+        assert (status.state, status.acquisition.n_write_completed) == (WriterState.READY, 2)
 
     run_with_core(tmp_path, scenario)
 

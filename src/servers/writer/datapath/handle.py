@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Final
 
 from servers.common.process import kill, spawn, terminate
@@ -116,6 +117,7 @@ class ProcessDataPath:
         self._repaired: dict[int, int] = {}  # write seq -> frames in its file after a repair
         self._death_handled = False
         self._reader: threading.Thread | None = None
+        self._listeners: list[Callable[[], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -254,6 +256,10 @@ class ProcessDataPath:
             n_written = result.n_written
         return WriteProgress(phase=phase, n_written=n_written, result=result)
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` from the pipe's reader thread when a write ended or the process died."""
+        self._listeners.append(callback)
+
     def counters(self) -> FrameCounters:
         """Cumulative frame counters since the process started."""
         shared = self._shared
@@ -320,6 +326,7 @@ class ProcessDataPath:
                 replies.put(None)
                 with self._state_lock:
                     self._state_lock.notify_all()
+                self._notify()
                 return
             if isinstance(message, protocol.Reply | protocol.Ended) and message.result is not None:
                 # Forgotten before the result is published: the next write cannot start sooner.
@@ -330,6 +337,15 @@ class ProcessDataPath:
                     self._state_lock.notify_all()
             if isinstance(message, protocol.Reply):
                 replies.put(message)
+            elif isinstance(message, protocol.Ended):
+                self._notify()
+
+    def _notify(self) -> None:
+        for callback in self._listeners:
+            try:
+                callback()
+            except Exception:  # a listener's bug must not stop the reader thread
+                log.exception("a data path listener failed")
 
     def _death_result(self, seq: int, n_written: int) -> WriteResult:
         with self._state_lock:

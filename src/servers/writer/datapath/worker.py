@@ -33,6 +33,7 @@ from servers.writer.datapath.protocol import (
     Slot,
     SocketKind,
 )
+from servers.writer.datapath.writeback import WRITEBACK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class Worker:
         self.malformed = 0
         self.bytes_received = 0
         self.bytes_written = 0
+        self.next_writeback = WRITEBACK_BYTES  # bytes_written at which the open file is next written back
         self.write: OutputFile | None = None
         self.write_seq = 0
         self.malformed_since_log = 0
@@ -254,6 +256,9 @@ class Worker:
             return
         self.written += 1
         self.bytes_written += nbytes
+        if self.bytes_written >= self.next_writeback:
+            self.next_writeback = self.bytes_written + WRITEBACK_BYTES
+            write.writeback.kick()
         if write.full:
             self._finish_write()
 
@@ -339,6 +344,7 @@ class Worker:
             return protocol.Reply(error=f"cannot open {job.output_file!r}: {exc}")
         self.write_seq += 1
         self.write = write
+        self.next_writeback = self.bytes_written + WRITEBACK_BYTES
         self.shared[Slot.WRITE_SEQ] = self.write_seq
         self.shared[Slot.N_WRITTEN] = 0
         self._set_phase(WritePhase.WAITING_IMAGES)
