@@ -329,16 +329,20 @@ class WriterCore:
             try:
                 if self._config_file is not None:
                     await asyncio.to_thread(atomic_write_json, self._config_file, new_config.to_json())
-                # Each write carries its frame geometry, so a running data path serves the new
-                # config as it is; only a dead one, or one whose message size limit is too small
-                # for the new frames, is restarted.
+                # Each write carries its frame geometry; the receive queue is sized for the new
+                # frames (a queue sized for 64 KiB frames would hold gigabytes of 4 MiB ones).
+                # A dead data path, or one that cannot resize, is restarted with the new config.
                 datapath = self._datapath
-                if (
-                    self._state is WriterState.UNKNOWN
-                    or datapath is None
-                    or not datapath.accepts_frames_of(new_config.frame_nbytes)
-                ):
+                if self._state is WriterState.UNKNOWN or datapath is None:
                     await self._restart_datapath()
+                else:
+                    try:
+                        await asyncio.to_thread(
+                            datapath.resize_for, new_config.frame_nbytes, DATAPATH_CALL_TIMEOUT
+                        )
+                    except DataPathError as exc:
+                        _log.warning("resizing the receive queue failed (%s); restarting the data path", exc)
+                        await self._restart_datapath()
             except (OSError, DaqException) as exc:
                 message = (
                     exc.message if isinstance(exc, DaqException) else f"cannot persist the config: {exc}"

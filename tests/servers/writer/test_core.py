@@ -42,7 +42,7 @@ class FakeDataPath:
         self.result: WriteResult | None = None
         self.opened_at = 0.0
         self.frame_counters = FrameCounters()
-        self.max_frame_bytes = 1 << 20
+        self.sized_for: list[int] = []  # frame sizes the receive queue was resized for
         self.listeners: list[Callable[[], None]] = []
 
     def start(self) -> None:
@@ -78,8 +78,8 @@ class FakeDataPath:
     def counters(self) -> FrameCounters:
         return self.frame_counters
 
-    def accepts_frames_of(self, frame_nbytes: int) -> bool:
-        return frame_nbytes <= self.max_frame_bytes
+    def resize_for(self, frame_nbytes: int, timeout: float = 10.0) -> None:
+        self.sized_for.append(frame_nbytes)
 
     # -- what the test makes happen -----------------------------------------------------------
 
@@ -337,6 +337,8 @@ def test_a_config_change_sets_only_the_fields_given_and_the_next_write_uses_it(t
         await h.core.start_write(h.request())
         job = h.datapath.job
         assert job is not None and (job.height, job.width, job.dtype) == (6, 9, "uint32")
+        assert h.datapath.sized_for == [6 * 9 * 4]  # the receive queue was sized for the new frames
+        assert len(h.datapaths) == 1  # without a restart
 
     run_with_core(tmp_path, scenario)
 

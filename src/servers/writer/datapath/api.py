@@ -109,6 +109,7 @@ class DataPathHandle(Protocol):
     def counters(self) -> FrameCounters:
         """Cumulative frame counters (cheap; polled at ~1 Hz for stats)."""
 
-    def accepts_frames_of(self, frame_nbytes: int) -> bool:
-        """Whether frames of `frame_nbytes` (uncompressed) fit this process's message size limit;
-        if not, a new process must be started for them."""
+    def resize_for(self, frame_nbytes: int, timeout: float = 10.0) -> None:
+        """Size the receive queue and the message size limit for frames of `frame_nbytes`
+        (uncompressed), so queued frames stay within the memory budget whatever the config
+        (between writes; `DataPathError` if the process cannot)."""

@@ -52,10 +52,28 @@ log = logging.getLogger(__name__)
 CLOSE_GRACE_S: Final = 30.0
 
 
-def rcvhwm_for_frames(frame_nbytes: int, budget_bytes: int = 256 << 20) -> int:
+# The bytes of frames the receive queue may hold (docs/writer.md, "Memory"): about 1 s of 64 KiB
+# frames at 4 kHz.
+RECEIVE_QUEUE_BYTES: Final = 256 << 20
+
+
+# What the data path holds besides queued frames: the interpreter, numpy, h5py, pyzmq, HDF5's
+# caches, the frames being written, and heap glibc keeps for reuse (`_malloc_env`).
+BASE_RSS_BYTES: Final = 192 << 20
+
+
+def datapath_rss_budget(frame_nbytes: int) -> int:
+    """The most resident memory the data path may use for frames of `frame_nbytes`, whatever
+    the configs before (docs/writer.md, "Memory")."""
+    # A queued message holds a frame, a bitshuffle-LZ4 one at most 1/128 more (its framing).
+    return BASE_RSS_BYTES + rcvhwm_for_frames(frame_nbytes) * (frame_nbytes + frame_nbytes // 128)
+
+
+def rcvhwm_for_frames(frame_nbytes: int, budget_bytes: int = RECEIVE_QUEUE_BYTES) -> int:
     """A receive high-water mark (in messages) that keeps queued frames within `budget_bytes`.
 
-    ZeroMQ counts messages, not bytes: 1000 queued 4 MiB frames would be 4 GiB.
+    ZeroMQ counts messages, not bytes: 1000 queued 4 MiB frames would be 4 GiB. At least 16
+    messages, so frames over `budget_bytes` / 16 (16 MiB) get a queue of 16 frames.
     """
     return max(16, min(10_000, budget_bytes // max(1, frame_nbytes)))
 
@@ -275,10 +293,15 @@ class ProcessDataPath:
             bytes_written=values[Slot.BYTES_WRITTEN],
         )
 
-    def accepts_frames_of(self, frame_nbytes: int) -> bool:
-        """Whether frames of `frame_nbytes` fit this process's ``ZMQ_MAXMSGSIZE``."""
-        limit = self.max_message_bytes
-        return limit is None or max_message_for_frames(frame_nbytes) <= limit
+    def resize_for(self, frame_nbytes: int, timeout: float = 10.0) -> None:
+        """Size the receive queue (`rcvhwm_for_frames`) and the message limit
+        (`max_message_for_frames`) for frames of `frame_nbytes`; between writes only."""
+        rcvhwm, max_message = rcvhwm_for_frames(frame_nbytes), max_message_for_frames(frame_nbytes)
+        reply = self._command(protocol.Resize(rcvhwm, max_message), timeout)
+        if reply.error is not None:
+            raise DataPathError(reply.error)
+        # A process started again (after it died) starts with these.
+        self.rcvhwm, self.max_message_bytes = rcvhwm, max_message
 
     # -- internals -----------------------------------------------------------------------
 

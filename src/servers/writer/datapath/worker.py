@@ -321,6 +321,8 @@ class Worker:
                 return False  # the control plane is gone
             if isinstance(command, protocol.Open):
                 self.conn.send(self._open(command.job))
+            elif isinstance(command, protocol.Resize):
+                self.conn.send(self._resize(command))
             elif isinstance(command, protocol.Stop | protocol.Close):
                 if self.write is None:
                     self.conn.send(protocol.Reply())
@@ -348,6 +350,25 @@ class Worker:
         self.shared[Slot.WRITE_SEQ] = self.write_seq
         self.shared[Slot.N_WRITTEN] = 0
         self._set_phase(WritePhase.WAITING_IMAGES)
+        return protocol.Reply()
+
+    def _resize(self, command: protocol.Resize) -> protocol.Reply:
+        """New receive queue limits: ZeroMQ applies them to new connections only, so the socket
+        connects again (frames queued by the old connection are received first or dropped;
+        between writes they would only be discarded)."""
+        if self.write is not None:
+            return protocol.Reply(error=f"a write is open ({self.write.job.output_file}); resize after it")
+        zmq = self._zmq
+        self.socket.setsockopt(zmq.RCVHWM, command.rcvhwm)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, command.max_message_bytes)
+        with contextlib.suppress(zmq.ZMQError):
+            self.socket.disconnect(self.endpoint)
+        self.socket.connect(self.endpoint)
+        log.info(
+            "receive queue resized: at most %d messages of at most %d bytes",
+            command.rcvhwm,
+            command.max_message_bytes,
+        )
         return protocol.Reply()
 
     def _finish_write(self) -> None:
