@@ -470,5 +470,5 @@ def _malloc_env() -> dict[str, str]:
     frames up to 32 MiB on the heap and the heap from being trimmed below 512 MiB (memory stays
     bounded by the receive high-water mark, see `rcvhwm_for_frames`). Values already set win.
     """
-    tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+    tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
     return {name: value for name, value in tuned.items() if name not in os.environ}
