@@ -88,6 +88,8 @@ class ProcessDataPath:
 
     `max_message_bytes` is the largest message part the socket accepts (``ZMQ_MAXMSGSIZE``): a
     larger one makes ZeroMQ drop the connection instead of buffering it (`max_message_for_frames`).
+    `resize_for` sizes both for other frames in the running process (after a config change), so
+    its memory stays within `datapath_rss_budget`.
     With a `journal`, each write is recorded in it while it runs, and `start` first repairs the
     file of a write the journal still names (the writer was killed during it). When the process
     dies mid-write its file is repaired at once (`recovery.repair_file`), and the write's result
