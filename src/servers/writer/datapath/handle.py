@@ -469,7 +469,7 @@ def _malloc_env() -> dict[str, str]:
 
     ZeroMQ allocates every received message; by default glibc serves large ones with mmap and
     returns them with munmap, so each frame costs ~one page fault per 4 KiB. Fixed thresholds keep
-    frames up to 32 MiB on the heap and the heap from being trimmed below 512 MiB (memory stays
+    frames up to 32 MiB on the heap and the heap from being trimmed below 128 MiB (memory stays
     bounded by the receive high-water mark, see `rcvhwm_for_frames`). Values already set win.
     """
     tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}

@@ -77,6 +77,7 @@ def test_4_mib_frames_after_a_64_kib_config_keep_the_data_path_within_its_memory
             writing.clear()
             sampler.join()
         after = rss_bytes(pid)
+    print(f"data path RSS: peak {peak >> 20} MiB, after {after >> 20} MiB")
     budget = datapath_rss_budget(LARGE[0] * LARGE[1] * 2)
     assert max(peak, after) <= budget, (
         f"data path RSS {max(peak, after) >> 20} MiB > budget {budget >> 20} MiB"
