@@ -1,18 +1,24 @@
-"""Benchmark of the writer's data path (issue 3's table): prints a JSON summary with machine facts.
+"""Benchmark of the writer (issue 12): prints a JSON summary with machine facts, then a table.
 
-Simulator (``python -m servers.sim.main``) and data path (`ProcessDataPath`) run as separate
-processes over TCP loopback. The data path is driven through its handle directly (the REST/gRPC
-control plane adds nothing per frame); the output says so.
+Three variants write the same frames to the same directory, interleaved (the order turns each
+round), every one timed until its file is durable (fsync'd with its folder, inside the timed
+span), each run writing ``--gib`` (2 GiB: at least 2 s on this machine's disk), after
+``os.sync()`` so no run pays for the one before:
 
-Measures, each against a reference measured in the same run:
+- **daqif**: a real ``daqif-writer`` (REST + gRPC control plane, data path process) and a PUSH
+  simulator over TCP loopback; timed from REST ``write_async`` until gRPC ``WatchStatus`` shows
+  the acquisition FINISHED (the writer fsyncs before it says so). ``end_push_ms`` is the time from
+  the data path's stop time (file durable) to the client seeing FINISHED;
+- **peer**: ``tools/bench_peer.py``, the writer a user would write by hand (pyzmq PULL
+  ``copy=False`` + h5py ``write_direct_chunk``, one frame per chunk, then fsync), against its own
+  simulator; timed from creating its file until it is durable;
+- **plain write**: Python ``os.pwrite`` of the same frames at the file offsets the daqif file has
+  them (read from its chunk index), then fsync: the cost of the bytes alone.
 
-- writer bytes/s for 64 KiB (256x128 uint16), 512 KiB (512x512) and 4 MiB (2048x1024) frames,
-  divided by a plain Python file write of the same frames to the same directory;
-- frames/s written for 64 KiB frames;
-- with ``--compress bslz4``: raw-equivalent bytes/s divided by the uncompressed run;
-- frames lost in a write of 20,000 64 KiB frames from a PUB source at the highest rate that
-  holds (starting near the measured write rate, 15 % lower per attempt);
-- the data path's resident memory, sampled during a long 4 MiB-frame write (``--rss-gib``).
+Sizes: 64 KiB (256x128 uint16), 512 KiB (512x512), 4 MiB (2048x1024), 8 MiB (2048x2048).
+Reported per size: medians with min-max of GB/s, daqif frames/s, daqif ÷ peer and daqif ÷ plain
+(ratios of the same round), the load average (1 min) at the start of each run.
+With ``--loss-frames N``: frames lost from a PUB source at the highest rate that holds.
 
 With ``--pollers N`` it measures only what status polling costs: a real writer (REST control plane
 and data path) records 20,000 64 KiB frames from a PUB source at ``--poller-rate`` (4 kHz), once
@@ -21,8 +27,8 @@ with N pollers and the data path put back to the control plane's nice (what a wr
 privilege to raise it gets), for ``--poller-rounds`` rounds; it reports the frames lost in each and
 the control plane's CPU per poll.
 
-Defaults finish in about a minute or two on 2 cores; ``--repeat 3 --rss-gib 10`` is the full run
-(the machine is shared: the per-round ratios show how much the load drifted).
+The defaults take about 5 minutes on 2 cores. The machine may be shared: read the load average
+beside each figure and the per-round values in the JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,13 +49,18 @@ import numpy as np
 from bench_common import machine_facts
 
 from daqif.frame import PATTERN_PERIOD, expected_frame
+from servers.common.atomic import fsync_directory
 from servers.common.launch import SimOptions, SimProcess
 from servers.supervisor import free_port
 from servers.writer.datapath.api import WriteJob, WritePhase, WriteResult
 from servers.writer.datapath.handle import ProcessDataPath, rcvhwm_for_frames
 
-SIZES: dict[str, tuple[int, int]] = {"64KiB": (256, 128), "512KiB": (512, 512), "4MiB": (2048, 1024)}
-DEFAULT_FRAMES = {"64KiB": 10_000, "512KiB": 1_500, "4MiB": 200}
+SIZES: dict[str, tuple[int, int]] = {
+    "64KiB": (256, 128),
+    "512KiB": (512, 512),
+    "4MiB": (2048, 1024),
+    "8MiB": (2048, 2048),
+}
 DTYPE = "uint16"
 
 
@@ -106,95 +118,173 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def writer_run(
-    directory: Path, shape: tuple[int, int], n: int, *, compress: bool, sample_rss: bool = False
-) -> dict[str, Any]:
-    """Record `n` frames from a simulator sending as fast as it can (PUSH: nothing is lost)."""
-    frame_bytes = shape[0] * shape[1] * np.dtype(DTYPE).itemsize
-    extra = ["--header", "daqif", "--compress", "bslz4"] if compress else []
-    sim = start_sim(shape, *extra)
-    datapath = ProcessDataPath(sim.endpoint, "pull", rcvhwm=rcvhwm_for_frames(frame_bytes))
-    path = directory / f"writer-{shape[0]}x{shape[1]}-{'bslz4' if compress else 'raw'}.h5"
-    samples: list[int] = []
+def detector_config(directory: Path, shape: tuple[int, int]) -> Path:
+    config = directory / f"detector-{shape[0]}x{shape[1]}.json"
+    config.write_text(
+        json.dumps(
+            {
+                "detector_name": "bench",
+                "bit_depth": 16,
+                "image_pixel_height": shape[0],
+                "image_pixel_width": shape[1],
+            }
+        )
+    )
+    return config
+
+
+def daqif_run(directory: Path, shape: tuple[int, int], n: int) -> tuple[dict[str, Any], list[int]]:
+    """A real writer (REST + gRPC + data path) records `n` frames from a PUSH simulator: timed from
+    REST ``write_async`` until gRPC ``WatchStatus`` shows FINISHED (the file is durable then).
+    Returns the run and the file offsets of the chunks (for the plain write)."""
+    import requests
+
+    from daqif.writer_client import WriterClient, acquisition_state_name
+    from servers.common.launch import WriterOptions, WriterProcess
+
+    path = directory / f"daqif-{shape[0]}x{shape[1]}.h5"
+    sim = start_sim(shape)
+    writer = WriterProcess(
+        WriterOptions(stream=sim.endpoint, data_root=directory, config=detector_config(directory, shape))
+    ).start(timeout=120)
     try:
-        datapath.start()
-        wait_until(lambda: datapath.counters().received > 0, 60, "frames to arrive")
-        os.sync()  # start from clean page cache, like the plain-write reference
-        datapath.open_write(make_job(path, n, shape))
-        if sample_rss:
-            assert datapath.pid is not None
-            while datapath.progress().phase not in (WritePhase.FINISHED, WritePhase.FAILED):
-                samples.append(rss_bytes(datapath.pid))
-                time.sleep(0.25)
-        result = wait_result(datapath, timeout=3600)
-        counters = datapath.counters()
+        with requests.Session() as rest, WriterClient(writer.grpc_address, timeout=None) as client:
+
+            def received() -> bool:
+                stats = rest.get(writer.rest_url + "/daq/stats", timeout=30).json()["stats"]
+                return bool(stats["counters"]["received"])
+
+            wait_until(received, 60, "frames to reach the writer")
+            time.sleep(1.0)  # the receive queue fills, as it does for the peer
+            watch = client.watch_status(timeout=3600)
+            next(watch)  # the current status; every change follows
+            os.sync()  # start from a clean page cache, as every variant does
+            load = os.getloadavg()[0]
+            start = time.perf_counter()
+            reply = rest.post(
+                writer.rest_url + "/writer/write_async",
+                json={"output_file": str(path), "n_images": n},
+                timeout=30,
+            ).json()
+            if reply["status"] != "ok":
+                raise RuntimeError(f"write_async refused: {reply}")
+            for status in watch:
+                state = acquisition_state_name(status.acquisition.state)
+                if state in ("FINISHED", "FAILED"):
+                    break
+            elapsed = time.perf_counter() - start
+            seen = time.time()
+            if state != "FINISHED" or status.acquisition.message != "Completed.":
+                raise RuntimeError(f"the write did not complete: {status.acquisition.message}")
+            # The data path's stop time is taken once the file is durable: what follows is the push.
+            end_push_ms = (seen - status.acquisition.stats.stop_time) * 1000
     finally:
-        datapath.close()
+        writer.stop()
         sim.stop(60)
-        sim_summary = sim.summary()
-    elapsed = result.stop_time - result.start_time
-    fsync_s = fsync_file(path)
-    file_bytes = path.stat().st_size
+    with h5py.File(path, "r") as f:
+        offsets: list[int] = []
+        f["bench/data"].id.chunk_iter(lambda info: offsets.append(info.byte_offset))
     path.unlink()
-    run: dict[str, Any] = {
-        "frames": n,
-        "frame_bytes": frame_bytes,
-        "compressed": compress,
-        "seconds": round(elapsed, 3),
-        "frames_per_s": round(n / elapsed, 1),
-        "raw_bytes_per_s": round(n * frame_bytes / elapsed),
-        "durable_seconds": round(elapsed + fsync_s, 3),
-        "durable_raw_bytes_per_s": round(n * frame_bytes / (elapsed + fsync_s)),
-        "file_bytes": file_bytes,
-        "stored_bytes_per_frame": round(counters.bytes_written / max(1, counters.written)),
-        "malformed": counters.malformed,
-        "simulator_frames_per_s": round(sim_summary.frames_per_s, 1),
-    }
-    if samples:
-        quarter = max(1, len(samples) // 4)
-        run["rss_samples"] = len(samples)
-        run["rss_mib_min"] = round(min(samples) / 2**20, 1)
-        run["rss_mib_max"] = round(max(samples) / 2**20, 1)
-        run["rss_mib_first_quarter_mean"] = round(float(np.mean(samples[:quarter])) / 2**20, 1)
-        run["rss_mib_last_quarter_mean"] = round(float(np.mean(samples[-quarter:])) / 2**20, 1)
-        step = max(1, len(samples) // 40)
-        run["rss_mib_series"] = [round(value / 2**20) for value in samples[::step]]
-    return run
+    return _throughput(n, shape, elapsed, load) | {"end_push_ms": round(end_push_ms, 2)}, sorted(offsets)
 
 
-def fsync_file(path: Path) -> float:
-    """Seconds to make `path` durable (what is still in the page cache goes to disk)."""
-    start = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY)
+def peer_run(directory: Path, shape: tuple[int, int], n: int) -> dict[str, Any]:
+    """`bench_peer.py`, the hand-written writer, records `n` frames from a PUSH simulator."""
+    path = directory / f"peer-{shape[0]}x{shape[1]}.h5"
+    sim = start_sim(shape)
     try:
-        os.fsync(fd)
+        command = [sys.executable, str(Path(__file__).with_name("bench_peer.py")), sim.endpoint, str(path)]
+        command += [str(n), str(shape[0]), str(shape[1]), str(rcvhwm_for_frames(frame_bytes_of(shape)))]
+        load = os.getloadavg()[0]
+        out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=3600).stdout
     finally:
-        os.close(fd)
-    return time.perf_counter() - start
+        sim.stop(60)
+    path.unlink()
+    return _throughput(n, shape, float(out), load)
 
 
-def plain_write(directory: Path, shape: tuple[int, int], n: int) -> dict[str, Any]:
-    """The reference: Python writes the same frames to a file in the same directory."""
+def plain_run(directory: Path, shape: tuple[int, int], offsets: list[int]) -> dict[str, Any]:
+    """Python writes the same frames at the offsets the writer's file has them, then fsyncs."""
     frames = [expected_frame(i, shape, DTYPE).tobytes() for i in range(PATTERN_PERIOD)]
     path = directory / f"plain-{shape[0]}x{shape[1]}.bin"
     os.sync()
+    load = os.getloadavg()[0]
     start = time.perf_counter()
-    with open(path, "wb") as handle:
-        for i in range(1, n + 1):
-            handle.write(frames[i % PATTERN_PERIOD])
-        elapsed = time.perf_counter() - start
-        handle.flush()
-        os.fsync(handle.fileno())
-    durable = time.perf_counter() - start
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for index, offset in enumerate(offsets):
+            os.pwrite(fd, frames[(index + 1) % PATTERN_PERIOD], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_directory(directory)
+    elapsed = time.perf_counter() - start
     path.unlink()
-    frame_bytes = len(frames[0])
+    return _throughput(len(offsets), shape, elapsed, load)
+
+
+def frame_bytes_of(shape: tuple[int, int]) -> int:
+    return shape[0] * shape[1] * np.dtype(DTYPE).itemsize
+
+
+def _throughput(n: int, shape: tuple[int, int], seconds: float, load: float) -> dict[str, Any]:
     return {
         "frames": n,
-        "seconds": round(elapsed, 3),
-        "bytes_per_s": round(n * frame_bytes / elapsed),
-        "durable_seconds": round(durable, 3),
-        "durable_bytes_per_s": round(n * frame_bytes / durable),
+        "seconds": round(seconds, 3),
+        "frames_per_s": round(n / seconds, 1),
+        "gb_per_s": round(n * frame_bytes_of(shape) / seconds / 1e9, 3),
+        "load_average_1min": round(load, 2),
     }
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(float(np.median(values)), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
+def throughput_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    """Per size: `--rounds` interleaved rounds of daqif, the peer and the plain write (the order
+    turns each round, so no variant always runs after the same one)."""
+    sizes: dict[str, Any] = {}
+    for name in args.sizes.split(","):
+        shape = SIZES[name]
+        n = max(16, int(args.gib * 2**30 / frame_bytes_of(shape)))
+        runs: dict[str, list[dict[str, Any]]] = {"daqif": [], "peer": [], "plain_write": []}
+        offsets: list[int] = []
+        order = ["daqif", "peer", "plain_write"]
+        for round_ in range(args.rounds):
+            for variant in order:
+                print(f"[{name}] round {round_ + 1}: {variant}, {n} frames ...", file=sys.stderr, flush=True)
+                if variant == "daqif":
+                    run, offsets = daqif_run(directory, shape, n)
+                elif variant == "peer":
+                    run = peer_run(directory, shape, n)
+                else:
+                    run = plain_run(directory, shape, offsets)
+                runs[variant].append(run)
+            order = order[1:] + order[:1]  # the plain write needs the offsets of round 1's daqif
+        over_peer = [d["gb_per_s"] / p["gb_per_s"] for d, p in zip(runs["daqif"], runs["peer"], strict=True)]
+        over_plain = [
+            d["gb_per_s"] / p["gb_per_s"] for d, p in zip(runs["daqif"], runs["plain_write"], strict=True)
+        ]
+        sizes[name] = {
+            "shape": list(shape),
+            "frames_per_run": n,
+            "daqif_gb_per_s": _spread([r["gb_per_s"] for r in runs["daqif"]]),
+            "daqif_frames_per_s": _spread([r["frames_per_s"] for r in runs["daqif"]]),
+            "peer_gb_per_s": _spread([r["gb_per_s"] for r in runs["peer"]]),
+            "plain_write_gb_per_s": _spread([r["gb_per_s"] for r in runs["plain_write"]]),
+            "daqif_over_peer": _spread(over_peer),
+            "daqif_over_plain_write": _spread(over_plain),
+            "end_push_ms": _spread([r["end_push_ms"] for r in runs["daqif"]]),
+            "load_average_1min": _spread([r["load_average_1min"] for v in runs.values() for r in v]),
+            "shortest_run_s": min(r["seconds"] for v in runs.values() for r in v),
+            "runs": runs,
+        }
+    return sizes
 
 
 def loss_run(directory: Path, rate: float, n: int) -> dict[str, Any]:
@@ -393,14 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sizes", default=",".join(SIZES), help="comma-separated subset of " + ",".join(SIZES)
     )
-    parser.add_argument("--frames-scale", type=float, default=1.0, help="multiply the default frame counts")
-    parser.add_argument("--no-compress", action="store_true", help="skip the bslz4 runs")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds per size (medians are reported)")
-    parser.add_argument("--loss-frames", type=int, default=20_000, help="frames in the loss test (0 = skip)")
-    parser.add_argument("--loss-attempts", type=int, default=6, help="rates tried in the loss test")
+    parser.add_argument("--gib", type=float, default=2.0, help="GiB written per run (default %(default)s)")
     parser.add_argument(
-        "--rss-gib", type=float, default=1.0, help="GiB of 4 MiB frames for the RSS run (0 = skip)"
+        "--rounds", type=int, default=3, help="interleaved rounds per size (default %(default)s)"
     )
+    parser.add_argument("--loss-frames", type=int, default=0, help="frames in the PUB loss test (0 = skip)")
+    parser.add_argument("--loss-attempts", type=int, default=6, help="rates tried in the loss test")
     parser.add_argument("--pollers", type=int, default=0, help="only measure status polling with N clients")
     parser.add_argument("--poller-rounds", type=int, default=4, help="rounds of the polling measurement")
     parser.add_argument(
@@ -416,61 +504,16 @@ def main(argv: list[str] | None = None) -> int:
     directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir
     directory.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
-        "benchmark": "daqif writer data path",
-        "driver": "ProcessDataPath handle directly (no REST/gRPC control plane); simulator and data "
-        "path are separate processes over tcp loopback",
+        "benchmark": "daqif writer end to end (REST write_async -> FINISHED, file durable) vs the "
+        "hand-written peer (tools/bench_peer.py) and a plain write at the same offsets, all fsync'd",
         "machine": machine_facts(directory),
-        "sizes": {},
     }
     try:
-        for name in args.sizes.split(","):
-            shape = SIZES[name]
-            n = max(10, int(DEFAULT_FRAMES[name] * args.frames_scale))
-            runs: dict[str, list[dict[str, Any]]] = {"writer": [], "plain_write": [], "writer_bslz4": []}
-            # Interleaved repeats: a shared machine's load drifts; ratios use each round's own pair.
-            for round_ in range(args.repeat):
-                print(f"[{name}] round {round_ + 1}: writer, {n} frames ...", file=sys.stderr, flush=True)
-                runs["writer"].append(writer_run(directory, shape, n, compress=False))
-                print(f"[{name}] round {round_ + 1}: plain file write ...", file=sys.stderr, flush=True)
-                runs["plain_write"].append(plain_write(directory, shape, n))
-                if not args.no_compress:
-                    print(f"[{name}] round {round_ + 1}: writer, bslz4 ...", file=sys.stderr, flush=True)
-                    runs["writer_bslz4"].append(writer_run(directory, shape, n, compress=True))
-            ratios = [
-                w["raw_bytes_per_s"] / p["bytes_per_s"]
-                for w, p in zip(runs["writer"], runs["plain_write"], strict=True)
-            ]
-            # Page-cache speed swings with the kernel's write-back of earlier runs; the durable ratio
-            # (each side timed until its file is on disk) is the steadier comparison.
-            durable = [
-                w["durable_raw_bytes_per_s"] / p["durable_bytes_per_s"]
-                for w, p in zip(runs["writer"], runs["plain_write"], strict=True)
-            ]
-            entry: dict[str, Any] = {
-                "shape": list(shape),
-                **{key: value for key, value in runs.items() if value},
-                "writer_over_plain_write_per_round": [round(r, 3) for r in ratios],
-                "writer_over_plain_write": round(float(np.median(ratios)), 3),
-                "writer_over_plain_write_durable_per_round": [round(r, 3) for r in durable],
-                "writer_over_plain_write_durable": round(float(np.median(durable)), 3),
-                "writer_frames_per_s": round(
-                    float(np.median([w["frames_per_s"] for w in runs["writer"]])), 1
-                ),
-            }
-            if runs["writer_bslz4"]:
-                gains = [
-                    c["raw_bytes_per_s"] / w["raw_bytes_per_s"]
-                    for c, w in zip(runs["writer_bslz4"], runs["writer"], strict=True)
-                ]
-                entry["bslz4_raw_equivalent_over_uncompressed_per_round"] = [round(g, 3) for g in gains]
-                entry["bslz4_raw_equivalent_over_uncompressed"] = round(float(np.median(gains)), 3)
-            summary["sizes"][name] = entry
-        if "64KiB" in summary["sizes"]:
-            summary["frames_per_s_64KiB"] = summary["sizes"]["64KiB"]["writer_frames_per_s"]
+        summary["sizes"] = throughput_main(args, directory)
         if args.loss_frames:
-            start_rate = float(summary.get("frames_per_s_64KiB", 8000.0)) * 0.9
+            measured = summary["sizes"].get("64KiB", {}).get("daqif_frames_per_s", {}).get("median", 8000.0)
+            rate = round(float(measured) * 0.9, -1)
             attempts = []
-            rate = round(start_rate, -1)
             for _ in range(args.loss_attempts):
                 print(f"[loss] {args.loss_frames} frames at {rate:.0f} Hz ...", file=sys.stderr, flush=True)
                 attempt = loss_run(directory, rate, args.loss_frames)
@@ -483,20 +526,33 @@ def main(argv: list[str] | None = None) -> int:
                 "source": "PUB (drops when the writer falls behind), 64 KiB frames",
                 "attempts": attempts,
                 "highest_rate_without_loss_hz": held[0]["rate_hz"] if held else None,
-                "frames_lost_at_that_rate": 0 if held else None,
             }
-        if args.rss_gib:
-            n = max(16, int(args.rss_gib * 2**30 / (4 * 2**20)))
-            print(f"[rss] 4 MiB frames, {n} frames ({args.rss_gib} GiB) ...", file=sys.stderr, flush=True)
-            summary["rss_4MiB"] = writer_run(directory, SIZES["4MiB"], n, compress=False, sample_rss=True)
     finally:
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)
-    text = json.dumps(summary, indent=2)
+    summary["load_average_at_end"] = os.getloadavg()
+    text = json.dumps(summary, indent=1)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    print(_table(summary), file=sys.stderr)
     return 0
+
+
+def _cell(value: dict[str, float]) -> str:
+    return f"{value['median']:.2f} ({value['min']:.2f}-{value['max']:.2f})"
+
+
+def _table(summary: dict[str, Any]) -> str:
+    """One line per size: medians with min-max, the ratios and the load beside them."""
+    columns = ["daqif_gb_per_s", "peer_gb_per_s", "plain_write_gb_per_s", "daqif_over_peer"]
+    columns += ["daqif_over_plain_write", "load_average_1min"]
+    lines = ["size  frames/s  " + "  ".join(f"{c:18}" for c in columns) + "  push ms"]
+    for name, entry in summary["sizes"].items():
+        cells = "  ".join(f"{_cell(entry[c]):18}" for c in columns)
+        fps = entry["daqif_frames_per_s"]["median"]
+        lines.append(f"{name:6}{fps:>8.0f}  {cells}  {entry['end_push_ms']['median']:.1f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

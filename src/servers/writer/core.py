@@ -13,9 +13,10 @@ checked against the table in `states.py`:
 - `start`/`stop`: UNKNOWN → READY once a data path process is up (a restart passes via UNKNOWN);
 - `start_write`: READY → WRITING, a new acquisition WAITING_IMAGES once the file is open (or a new
   FAILED one when it cannot be opened);
-- `_poll_write`: the acquisition follows the data path's phase, and ends FINISHED
-  ("Completed."/"Interrupted.") or FAILED ("ERROR: …") with the writer back to READY, or UNKNOWN
-  when the data path process died;
+- `_poll_write`: the acquisition follows the data path's phase (looked at 10 times a second,
+  and at once when the data path says a write ended: the end is pushed,
+  `DataPathHandle.on_change`), and ends FINISHED ("Completed."/"Interrupted.") or FAILED
+  ("ERROR: …") with the writer back to READY, or UNKNOWN when the data path process died;
 - `stop`: interrupts a write (FINISHED "Interrupted.") and resets UNKNOWN → READY.
 """
 
@@ -69,7 +70,8 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_SYNC_TIMEOUT = 60.0
 DEFAULT_LOG_CAPACITY = 1000
-# How often the current write is polled; the status a client sees lags the data path by at most this.
+# How often the current write is polled; the status a client sees lags the data path by at most
+# this. The end of a write does not wait for the poll: the data path pushes it (`on_change`).
 PROGRESS_INTERVAL = 0.1
 STATS_INTERVAL = 1.0
 # How long to wait for the data path to open or close a file before the writer gives up on it.
@@ -133,6 +135,7 @@ class WriterCore:
         self._lock = asyncio.Lock()
         self._write_ended = asyncio.Event()
         self._write_ended.set()
+        self._datapath_changed = asyncio.Event()  # set (from the data path's thread) to poll at once
         self._hub = EventHub()
         self._last_published: WriterStatus | None = None
         self._meter = StatsMeter()
@@ -327,16 +330,20 @@ class WriterCore:
             try:
                 if self._config_file is not None:
                     await asyncio.to_thread(atomic_write_json, self._config_file, new_config.to_json())
-                # Each write carries its frame geometry, so a running data path serves the new
-                # config as it is; only a dead one, or one whose message size limit is too small
-                # for the new frames, is restarted.
+                # Each write carries its frame geometry; the receive queue is sized for the new
+                # frames (a queue sized for 64 KiB frames would hold gigabytes of 4 MiB ones).
+                # A dead data path, or one that cannot resize, is restarted with the new config.
                 datapath = self._datapath
-                if (
-                    self._state is WriterState.UNKNOWN
-                    or datapath is None
-                    or not datapath.accepts_frames_of(new_config.frame_nbytes)
-                ):
+                if self._state is WriterState.UNKNOWN or datapath is None:
                     await self._restart_datapath()
+                else:
+                    try:
+                        await asyncio.to_thread(
+                            datapath.resize_for, new_config.frame_nbytes, DATAPATH_CALL_TIMEOUT
+                        )
+                    except DataPathError as exc:
+                        _log.warning("resizing the receive queue failed (%s); restarting the data path", exc)
+                        await self._restart_datapath()
             except (OSError, DaqException) as exc:
                 message = (
                     exc.message if isinstance(exc, DaqException) else f"cannot persist the config: {exc}"
@@ -467,6 +474,14 @@ class WriterCore:
 
     async def _start_datapath(self) -> None:
         datapath = self._factory(self._config)
+        loop = asyncio.get_running_loop()
+        changed = self._datapath_changed
+
+        def poll_at_once() -> None:  # called from the data path's reader thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the writer is gone
+                loop.call_soon_threadsafe(changed.set)
+
+        datapath.on_change(poll_at_once)
         try:
             await asyncio.to_thread(datapath.start)
         except Exception as exc:
@@ -573,8 +588,14 @@ class WriterCore:
         self._publish_status()
 
     async def _progress_loop(self) -> None:
+        changed = self._datapath_changed
         while True:
-            await asyncio.sleep(PROGRESS_INTERVAL)
+            # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancel (close) that comes
+            # while the event is set.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROGRESS_INTERVAL):
+                    await changed.wait()
+            changed.clear()
             try:
                 async with self._lock:
                     await self._poll_write()

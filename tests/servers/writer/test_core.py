@@ -42,7 +42,8 @@ class FakeDataPath:
         self.result: WriteResult | None = None
         self.opened_at = 0.0
         self.frame_counters = FrameCounters()
-        self.max_frame_bytes = 1 << 20
+        self.sized_for: list[int] = []  # frame sizes the receive queue was resized for
+        self.listeners: list[Callable[[], None]] = []
 
     def start(self) -> None:
         if self.fail_start:
@@ -71,11 +72,14 @@ class FakeDataPath:
     def progress(self) -> WriteProgress:
         return WriteProgress(phase=self.phase, n_written=self.n_written, result=self.result)
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self.listeners.append(callback)
+
     def counters(self) -> FrameCounters:
         return self.frame_counters
 
-    def accepts_frames_of(self, frame_nbytes: int) -> bool:
-        return frame_nbytes <= self.max_frame_bytes
+    def resize_for(self, frame_nbytes: int, timeout: float = 10.0) -> None:
+        self.sized_for.append(frame_nbytes)
 
     # -- what the test makes happen -----------------------------------------------------------
 
@@ -94,10 +98,14 @@ class FakeDataPath:
             stop_time=time.time(),
         )
         self.phase = WritePhase.FAILED if error else WritePhase.FINISHED
+        for callback in self.listeners:
+            callback()
         return self.result
 
     def die(self) -> None:
         self.alive = False
+        for callback in self.listeners:
+            callback()
 
 
 class Harness:
@@ -209,6 +217,24 @@ def test_the_acquisition_follows_the_data_path_and_completes(tmp_path: Path) -> 
     run_with_core(tmp_path, scenario)
 
 
+def test_the_end_of_a_write_is_pushed_by_the_data_path_not_found_by_the_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import servers.writer.core
+
+    monkeypatch.setattr(servers.writer.core, "PROGRESS_INTERVAL", 3600.0)  # the poll never comes
+
+    async def scenario(h: Harness) -> None:
+        await h.core.start_write(h.request(n_images=2))
+        await asyncio.sleep(0)  # the progress loop is waiting for its (hour-long) interval now
+        h.datapath.write_frames(2)
+        h.datapath.end()
+        status = await h.status_where(acquisition_state(AcquisitionState.FINISHED))
+        assert (status.state, status.acquisition.n_write_completed) == (WriterState.READY, 2)
+
+    run_with_core(tmp_path, scenario)
+
+
 def test_a_write_that_fails_in_the_data_path_is_failed_and_not_logged(tmp_path: Path) -> None:
     problem = "frames are 512x512 uint16, the detector config says 6x4 uint16"
 
@@ -311,6 +337,8 @@ def test_a_config_change_sets_only_the_fields_given_and_the_next_write_uses_it(t
         await h.core.start_write(h.request())
         job = h.datapath.job
         assert job is not None and (job.height, job.width, job.dtype) == (6, 9, "uint32")
+        assert h.datapath.sized_for == [6 * 9 * 4]  # the receive queue was sized for the new frames
+        assert len(h.datapaths) == 1  # without a restart
 
     run_with_core(tmp_path, scenario)
 

@@ -7,6 +7,7 @@ One concern per module:
 - `protocol`: what crosses the process boundary (pipe messages, the shared counter page);
 - `worker`: the process itself (``python -m servers.writer.datapath.worker``): the receive loop;
 - `output`: one open HDF5 output file (datasets, direct chunk writes, SWMR flushes);
+- `writeback`: the file written back to disk while frames arrive, and made durable at its end;
 - `recovery`: making a file readable again after the process was killed mid-write.
 
 File layout and behaviour (DESIGN §4):
@@ -30,7 +31,8 @@ File layout and behaviour (DESIGN §4):
   its full extent from the start: direct chunk writes cannot go beyond a dataset's extent, and
   growing it per frame would cost more than the write).
 - When the write ends all datasets have exactly the frames written (an interrupted write
-  shrinks ``data``). If the process is killed, the file holds everything up to the last flush;
+  shrinks ``data``), and the file and its folder are fsync'd before the end is reported: a
+  FINISHED write is durable. If the process is killed, the file holds everything up to the last flush;
   the handle then clears the file's SWMR-write flag (`recovery.clear_swmr_flags`) so any HDF5
   reader can open it without ``h5clear``.
 - Frames received while no write is open are counted as discarded. A message that is not a

@@ -10,6 +10,7 @@ ever reach the control plane.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,9 +102,14 @@ class DataPathHandle(Protocol):
     def progress(self) -> WriteProgress:
         """The phase and frame count of the current or last write (cheap; polled at ~10 Hz)."""
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` (from any thread, so it must only schedule work) when a write ended
+        on its own or the process died: the end of a write is pushed, not found by the poll."""
+
     def counters(self) -> FrameCounters:
         """Cumulative frame counters (cheap; polled at ~1 Hz for stats)."""
 
-    def accepts_frames_of(self, frame_nbytes: int) -> bool:
-        """Whether frames of `frame_nbytes` (uncompressed) fit this process's message size limit;
-        if not, a new process must be started for them."""
+    def resize_for(self, frame_nbytes: int, timeout: float = 10.0) -> None:
+        """Size the receive queue and the message size limit for frames of `frame_nbytes`
+        (uncompressed), so queued frames stay within the memory budget whatever the config
+        (between writes; `DataPathError` if the process cannot)."""

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Final
 
 from servers.common.process import kill, spawn, terminate
@@ -51,10 +52,28 @@ log = logging.getLogger(__name__)
 CLOSE_GRACE_S: Final = 30.0
 
 
-def rcvhwm_for_frames(frame_nbytes: int, budget_bytes: int = 256 << 20) -> int:
+# The bytes of frames the receive queue may hold (docs/writer.md, "Memory"): about 1 s of 64 KiB
+# frames at 4 kHz.
+RECEIVE_QUEUE_BYTES: Final = 256 << 20
+
+
+# What the data path holds besides queued frames: the interpreter, numpy, h5py, pyzmq, HDF5's
+# caches, the frames being written, and heap glibc keeps for reuse (`_malloc_env`).
+BASE_RSS_BYTES: Final = 192 << 20
+
+
+def datapath_rss_budget(frame_nbytes: int) -> int:
+    """The most resident memory the data path may use for frames of `frame_nbytes`, whatever
+    the configs before (docs/writer.md, "Memory")."""
+    # A queued message holds a frame, a bitshuffle-LZ4 one at most 1/128 more (its framing).
+    return BASE_RSS_BYTES + rcvhwm_for_frames(frame_nbytes) * (frame_nbytes + frame_nbytes // 128)
+
+
+def rcvhwm_for_frames(frame_nbytes: int, budget_bytes: int = RECEIVE_QUEUE_BYTES) -> int:
     """A receive high-water mark (in messages) that keeps queued frames within `budget_bytes`.
 
-    ZeroMQ counts messages, not bytes: 1000 queued 4 MiB frames would be 4 GiB.
+    ZeroMQ counts messages, not bytes: 1000 queued 4 MiB frames would be 4 GiB. At least 16
+    messages, so frames over `budget_bytes` / 16 (16 MiB) get a queue of 16 frames.
     """
     return max(16, min(10_000, budget_bytes // max(1, frame_nbytes)))
 
@@ -69,6 +88,8 @@ class ProcessDataPath:
 
     `max_message_bytes` is the largest message part the socket accepts (``ZMQ_MAXMSGSIZE``): a
     larger one makes ZeroMQ drop the connection instead of buffering it (`max_message_for_frames`).
+    `resize_for` sizes both for other frames in the running process (after a config change), so
+    its memory stays within `datapath_rss_budget`.
     With a `journal`, each write is recorded in it while it runs, and `start` first repairs the
     file of a write the journal still names (the writer was killed during it). When the process
     dies mid-write its file is repaired at once (`recovery.repair_file`), and the write's result
@@ -120,6 +141,7 @@ class ProcessDataPath:
         self._repaired: dict[int, int] = {}  # write seq -> frames in its file after a repair
         self._death_handled = False
         self._reader: threading.Thread | None = None
+        self._listeners: list[Callable[[], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -260,6 +282,10 @@ class ProcessDataPath:
             n_written = result.n_written
         return WriteProgress(phase=phase, n_written=n_written, result=result)
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` from the pipe's reader thread when a write ended or the process died."""
+        self._listeners.append(callback)
+
     def counters(self) -> FrameCounters:
         """Cumulative frame counters since the process started."""
         shared = self._shared
@@ -275,10 +301,15 @@ class ProcessDataPath:
             bytes_written=values[Slot.BYTES_WRITTEN],
         )
 
-    def accepts_frames_of(self, frame_nbytes: int) -> bool:
-        """Whether frames of `frame_nbytes` fit this process's ``ZMQ_MAXMSGSIZE``."""
-        limit = self.max_message_bytes
-        return limit is None or max_message_for_frames(frame_nbytes) <= limit
+    def resize_for(self, frame_nbytes: int, timeout: float = 10.0) -> None:
+        """Size the receive queue (`rcvhwm_for_frames`) and the message limit
+        (`max_message_for_frames`) for frames of `frame_nbytes`; between writes only."""
+        rcvhwm, max_message = rcvhwm_for_frames(frame_nbytes), max_message_for_frames(frame_nbytes)
+        reply = self._command(protocol.Resize(rcvhwm, max_message), timeout)
+        if reply.error is not None:
+            raise DataPathError(reply.error)
+        # A process started again (after it died) starts with these.
+        self.rcvhwm, self.max_message_bytes = rcvhwm, max_message
 
     # -- internals -----------------------------------------------------------------------
 
@@ -326,6 +357,7 @@ class ProcessDataPath:
                 replies.put(None)
                 with self._state_lock:
                     self._state_lock.notify_all()
+                self._notify()
                 return
             if isinstance(message, protocol.Reply | protocol.Ended) and message.result is not None:
                 # Forgotten before the result is published: the next write cannot start sooner.
@@ -336,6 +368,15 @@ class ProcessDataPath:
                     self._state_lock.notify_all()
             if isinstance(message, protocol.Reply):
                 replies.put(message)
+            elif isinstance(message, protocol.Ended):
+                self._notify()
+
+    def _notify(self) -> None:
+        for callback in self._listeners:
+            try:
+                callback()
+            except Exception:  # a listener's bug must not stop the reader thread
+                log.exception("a data path listener failed")
 
     def _death_result(self, seq: int, n_written: int) -> WriteResult:
         with self._state_lock:
@@ -434,8 +475,8 @@ def _malloc_env() -> dict[str, str]:
 
     ZeroMQ allocates every received message; by default glibc serves large ones with mmap and
     returns them with munmap, so each frame costs ~one page fault per 4 KiB. Fixed thresholds keep
-    frames up to 32 MiB on the heap and the heap from being trimmed below 512 MiB (memory stays
+    frames up to 32 MiB on the heap and the heap from being trimmed below 128 MiB (memory stays
     bounded by the receive high-water mark, see `rcvhwm_for_frames`). Values already set win.
     """
-    tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+    tuned = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
     return {name: value for name, value in tuned.items() if name not in os.environ}

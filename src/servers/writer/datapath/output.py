@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from daqif.frame import Compression, FrameHeader
 from servers.writer.datapath.api import DataPathError, WriteJob, WritePhase, WriteResult
+from servers.writer.datapath.writeback import Writeback, make_durable
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class OutputFile:
         self.mismatch_problem = ""
         self.file = create_file(job, h5py)
         self.group = self.file[job.detector_name]
+        try:
+            self.writeback = Writeback(job.output_file)
+        except OSError as exc:
+            self.file.close()
+            raise DataPathError(f"cannot open {job.output_file!r} for writeback: {exc}") from None
 
     # -- per frame ---------------------------------------------------------------------------
 
@@ -171,18 +177,25 @@ class OutputFile:
         self.next_flush = time.monotonic() + self.flush_interval
 
     def close(self) -> None:
-        """Flush, shrink to the frames written, close."""
+        """Flush, shrink to the frames written, close, and make the file durable (fsync'd with
+        its folder): a write is FINISHED only once its file would survive a power cut."""
         self.phase = WritePhase.FLUSHING_IMAGES
         if self.data is None:
             self._create_datasets(compressed=False)
         self.flush()
         if self.n_written < self.job.n_images:
             self.data.resize((self.n_written, self.job.height, self.job.width))
+        self.writeback.stop()
         self.file.close()
+        if self.writeback.error is not None:
+            raise OSError(f"writing to the disk failed: {self.writeback.error}")
+        make_durable(self.job.output_file)
         self.stop_time = time.time()
 
     def abandon(self) -> None:
         """Close after an error, keeping whatever reached the file."""
+        with contextlib.suppress(Exception):
+            self.writeback.stop()
         with contextlib.suppress(Exception):
             self.file.close()
         self.stop_time = time.time()

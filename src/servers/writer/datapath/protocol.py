@@ -1,6 +1,6 @@
 """What crosses the data path's process boundary: pipe messages and the shared counter page.
 
-Commands (`Open`, `Stop`, `Close`) go down a ``multiprocessing`` pipe and each gets one `Reply`;
+Commands (`Open`, `Stop`, `Close`, `Resize`) go down a ``multiprocessing`` pipe and each gets one `Reply`;
 the process also sends `Ready` once connected and `Ended` when a write ends on its own. Counters
 and the current write's phase live in one page of shared memory (`Slot` indexes its int64s), so
 the control plane reads them without waiting for the process.
@@ -63,7 +63,16 @@ class Close:
     pass
 
 
-Command = Open | Stop | Close
+@dataclass(frozen=True)
+class Resize:
+    """Size the receive queue for other frames (between writes): the socket reconnects with
+    these options, so the queue of the new connection holds at most `rcvhwm` messages."""
+
+    rcvhwm: int
+    max_message_bytes: int
+
+
+Command = Open | Stop | Close | Resize
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from servers.writer.datapath.protocol import (
     Slot,
     SocketKind,
 )
+from servers.writer.datapath.writeback import WRITEBACK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class Worker:
         self.malformed = 0
         self.bytes_received = 0
         self.bytes_written = 0
+        self.next_writeback = WRITEBACK_BYTES  # bytes_written at which the open file is next written back
         self.write: OutputFile | None = None
         self.write_seq = 0
         self.malformed_since_log = 0
@@ -257,6 +259,9 @@ class Worker:
             return
         self.written += 1
         self.bytes_written += nbytes
+        if self.bytes_written >= self.next_writeback:
+            self.next_writeback = self.bytes_written + WRITEBACK_BYTES
+            write.writeback.kick()
         if write.full:
             self._finish_write()
 
@@ -319,6 +324,8 @@ class Worker:
                 return False  # the control plane is gone
             if isinstance(command, protocol.Open):
                 self.conn.send(self._open(command.job))
+            elif isinstance(command, protocol.Resize):
+                self.conn.send(self._resize(command))
             elif isinstance(command, protocol.Stop | protocol.Close):
                 if self.write is None:
                     self.conn.send(protocol.Reply())
@@ -342,9 +349,29 @@ class Worker:
             return protocol.Reply(error=f"cannot open {job.output_file!r}: {exc}")
         self.write_seq += 1
         self.write = write
+        self.next_writeback = self.bytes_written + WRITEBACK_BYTES
         self.shared[Slot.WRITE_SEQ] = self.write_seq
         self.shared[Slot.N_WRITTEN] = 0
         self._set_phase(WritePhase.WAITING_IMAGES)
+        return protocol.Reply()
+
+    def _resize(self, command: protocol.Resize) -> protocol.Reply:
+        """New receive queue limits: ZeroMQ applies them to new connections only, so the socket
+        connects again (frames queued by the old connection are received first or dropped;
+        between writes they would only be discarded)."""
+        if self.write is not None:
+            return protocol.Reply(error=f"a write is open ({self.write.job.output_file}); resize after it")
+        zmq = self._zmq
+        self.socket.setsockopt(zmq.RCVHWM, command.rcvhwm)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, command.max_message_bytes)
+        with contextlib.suppress(zmq.ZMQError):
+            self.socket.disconnect(self.endpoint)
+        self.socket.connect(self.endpoint)
+        log.info(
+            "receive queue resized: at most %d messages of at most %d bytes",
+            command.rcvhwm,
+            command.max_message_bytes,
+        )
         return protocol.Reply()
 
     def _finish_write(self) -> None:
