@@ -7,7 +7,10 @@ Layout under the data root (default `./daqif-data`):
     <data-root>/dpm/                 the DPM workspace
     <data-root>/olas/                the default receiver directory for data products
     <data-root>/writer-config.json   the writer's detector config (created with embedded defaults)
-    <data-root>/logs/<server>.log    each server's output (sim, writer, dpm), appended across runs
+    <data-root>/logs/<server>.log    each server's output (sim, writer, dpm, web), appended across runs
+
+`dpm_metrics_port` turns on the DPM's Prometheus endpoint and `web_port` adds the status page
+(`servers.web`), a read-only client of the DPM and the writer started after them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ DEFAULT_DPM_PORT = defaults.DPM_PORT
 DEFAULT_REST_PORT = defaults.WRITER_REST_PORT
 DEFAULT_WRITER_GRPC_PORT = defaults.WRITER_GRPC_PORT
 DEFAULT_STREAM_PORT = defaults.SIM_STREAM_PORT
+DEFAULT_DPM_METRICS_PORT = defaults.DPM_METRICS_PORT
+DEFAULT_WEB_PORT = defaults.WEB_PORT
 
 DEFAULT_DETECTOR: dict[str, object] = {
     "detector_name": defaults.DETECTOR_NAME,
@@ -62,6 +67,10 @@ class SystemConfig:
     detector_overrides: dict[str, object] = field(default_factory=dict)
     tls: ServerTls | None = None
     """Serve the gRPC ports (DPM, writer WriterControl) over TLS; the writer's REST stays HTTP."""
+    dpm_metrics_port: int | None = None
+    """The DPM's Prometheus `/metrics` port (0: a free one); `None`: no metrics endpoint."""
+    web_port: int | None = None
+    """The status page's port (0: a free one); `None`: no status page."""
 
     @property
     def raw_dir(self) -> Path:
@@ -102,6 +111,16 @@ class SystemConfig:
         return self._grpc_address(self.writer_grpc_port)
 
     @property
+    def dpm_metrics_url(self) -> str | None:
+        """`http://HOST:PORT` of the DPM's Prometheus endpoint (`/metrics` under it), if it has one."""
+        return None if self.dpm_metrics_port is None else f"http://{self.host}:{self.dpm_metrics_port}"
+
+    @property
+    def web_url(self) -> str | None:
+        """`http://HOST:PORT/` of the status page, if there is one."""
+        return None if self.web_port is None else f"http://{self.host}:{self.web_port}/"
+
+    @property
     def stream(self) -> str:
         # ZeroMQ spells "any free port" `*`.
         return self.stream_endpoint or f"tcp://{self.host}:{self.stream_port or '*'}"
@@ -115,6 +134,10 @@ class SystemConfig:
         }
         if self.simulate and self.stream_endpoint is None:
             ports["simulator stream"] = self.stream_port
+        if self.dpm_metrics_port is not None:
+            ports["DPM metrics"] = self.dpm_metrics_port
+        if self.web_port is not None:
+            ports["status page"] = self.web_port
         return {what: port for what, port in ports.items() if port != 0}
 
     def bound(self, ready: ReadyLine) -> SystemConfig:
@@ -124,7 +147,8 @@ class SystemConfig:
         if ready.server == "writer":
             return replace(self, rest_port=ready.port("rest"), writer_grpc_port=ready.port("grpc"))
         if ready.server == "dpm":
-            return replace(self, dpm_port=ready.port("grpc"))
+            metrics = ready.port("metrics") if self.dpm_metrics_port is not None else None
+            return replace(self, dpm_port=ready.port("grpc"), dpm_metrics_port=metrics)
         raise ValueError(f"{ready.server!r} is not a server of the system")
 
     def detector(self) -> dict[str, object]:
@@ -215,6 +239,7 @@ def dpm_options(config: SystemConfig) -> DpmOptions:
         # Receiver paths must lie under the DPM's allowed roots too: it releases into olas/.
         allowed_roots=(*_roots(config), config.receiver_dir.resolve()),
         tls=config.tls,
+        metrics_port=config.dpm_metrics_port,
     )
 
 

@@ -41,6 +41,18 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     serve.add_argument("--rest-port", type=int, default=system.DEFAULT_REST_PORT)
     serve.add_argument("--writer-grpc-port", type=int, default=system.DEFAULT_WRITER_GRPC_PORT)
     serve.add_argument(
+        "--dpm-metrics-port",
+        type=int,
+        default=system.DEFAULT_DPM_METRICS_PORT,
+        help="the DPM's Prometheus /metrics port (default %(default)s; the writer's is its REST port)",
+    )
+    serve.add_argument(
+        "--web-port",
+        type=int,
+        default=system.DEFAULT_WEB_PORT,
+        help="port of the status page (default %(default)s)",
+    )
+    serve.add_argument(
         "--stream-port",
         type=int,
         default=system.DEFAULT_STREAM_PORT,
@@ -99,6 +111,8 @@ def run_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         extra_allowed_roots=[p.resolve() for p in args.allowed_root],
         tls=tls,
+        dpm_metrics_port=args.dpm_metrics_port,
+        web_port=args.web_port,
     )
     try:
         config.check_roles_apart()
@@ -141,12 +155,14 @@ def run_serve(args: argparse.Namespace) -> int:
                 rest=bound.rest_url,
                 writer_grpc=bound.writer_grpc_address,
                 stream=bound.stream,
+                **({"dpm_metrics": bound.dpm_metrics_url} if bound.dpm_metrics_url else {}),
+                **({"web": bound.web_url.rstrip("/")} if bound.web_url else {}),
             )
         )
         supervisor.announce(
             f"daqif serve ready: DPM grpc {bound.dpm_address} | writer REST {bound.rest_url} "
             f"grpc {bound.writer_grpc_address} | stream {bound.stream} | data {bound.data_root} "
-            f"| logs {bound.log_dir}"
+            f"| logs {bound.log_dir}" + (f" | status page {bound.web_url}" if bound.web_url else "")
         )
         supervisor.run(stop)
         if not stop.is_set():
