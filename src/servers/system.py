@@ -22,7 +22,7 @@ from pathlib import Path
 
 from daqif import defaults
 from daqif.tls import tls_address
-from servers.common.commands import DpmOptions, ServerOptions, SimOptions, WriterOptions
+from servers.common.commands import DpmOptions, ServerOptions, SimOptions, WebOptions, WriterOptions
 from servers.common.ready import ReadyLine
 from servers.common.tls import ServerTls
 from servers.supervisor import ChildSpec, Supervisor
@@ -146,6 +146,8 @@ class SystemConfig:
             return replace(self, stream_port=ready.port("stream"))
         if ready.server == "writer":
             return replace(self, rest_port=ready.port("rest"), writer_grpc_port=ready.port("grpc"))
+        if ready.server == "web":
+            return replace(self, web_port=ready.port("http"))
         if ready.server == "dpm":
             metrics = ready.port("metrics") if self.dpm_metrics_port is not None else None
             return replace(self, dpm_port=ready.port("grpc"), dpm_metrics_port=metrics)
@@ -190,7 +192,7 @@ class SystemConfig:
 
 
 _DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
-_ORDER = ("sim", "writer", "dpm")
+_ORDER = ("sim", "writer", "dpm", "web")
 
 
 def sim_options(config: SystemConfig) -> SimOptions:
@@ -243,6 +245,13 @@ def dpm_options(config: SystemConfig) -> DpmOptions:
     )
 
 
+def web_options(config: SystemConfig) -> WebOptions:
+    """The status page of the system, reading the DPM and the writer's gRPC ports."""
+    return WebOptions(
+        dpm=config.dpm_address, writer=config.writer_grpc_address, host=config.host, port=config.web_port or 0
+    )
+
+
 def children(config: SystemConfig) -> list[ChildSpec]:
     """The servers of the system, in start order: simulator (if any), writer, DPM.
 
@@ -250,12 +259,14 @@ def children(config: SystemConfig) -> list[ChildSpec]:
     simulator bound.
     """
     specs = [ChildSpec("sim", sim_options(config))] if config.simulate else []
-    return [*specs, ChildSpec("writer", writer_options(config)), ChildSpec("dpm", dpm_options(config))]
+    specs += [ChildSpec("writer", writer_options(config)), ChildSpec("dpm", dpm_options(config))]
+    return specs + ([ChildSpec("web", web_options(config))] if config.web_port is not None else [])
 
 
 def start(config: SystemConfig, supervisor: Supervisor, names: Iterable[str] = _ORDER) -> SystemConfig:
-    """Start the servers `names` (of sim, writer, dpm; the simulator only with `config.simulate`)
-    in order under `supervisor`; return `config` with every port the servers bound.
+    """Start the servers `names` (of sim, writer, dpm, web; the simulator only with
+    `config.simulate`, the status page only with `config.web_port`) in order under `supervisor`;
+    return `config` with every port the servers bound.
 
     Raises `ChildFailed` (every child stopped) if one does not come up.
     """
@@ -267,9 +278,12 @@ def start(config: SystemConfig, supervisor: Supervisor, names: Iterable[str] = _
         "sim": sim_options,
         "writer": writer_options,
         "dpm": dpm_options,
+        "web": web_options,
     }
     for name in _ORDER:
         if name not in wanted or (name == "sim" and not config.simulate):
+            continue
+        if name == "web" and config.web_port is None:
             continue
         ready = supervisor.start_child(ChildSpec(name, builders[name](config))).ready
         config = config.bound(ready)

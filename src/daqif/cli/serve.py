@@ -1,7 +1,9 @@
 """`daqif serve`: the whole system in one command.
 
-Starts the writer (std_daq REST + gRPC WriterControl), the Data Product Manager and, with
-`--simulate`, the detector simulator, as supervised processes with embedded defaults. A port
+Starts the writer (std_daq REST + gRPC WriterControl, Prometheus `/metrics` on its REST port), the
+Data Product Manager (Prometheus metrics on `--dpm-metrics-port`), the status page (`--web-port`,
+http://127.0.0.1:8080/) and, with `--simulate`, the detector simulator, as supervised processes
+with embedded defaults. A port
 already in use stops it before anything starts (exit code 1, naming the port). Once every server
 is up it prints one ready line (`daqif-ready serve dpm=... rest=... writer_grpc=... stream=...`).
 Each server's output goes to <data-root>/logs/<server>.log and, prefixed, to stdout.
@@ -112,8 +114,14 @@ def run_serve(args: argparse.Namespace) -> int:
         extra_allowed_roots=[p.resolve() for p in args.allowed_root],
         tls=tls,
         dpm_metrics_port=args.dpm_metrics_port,
-        web_port=args.web_port,
+        # Over mutual TLS the page would need a client certificate of its own: run `daqif web` with
+        # the --tls-* flags then.
+        web_port=None if tls is not None else args.web_port,
     )
+    if tls is not None:
+        console.print(
+            "note: with TLS the status page is not started; run `daqif web` with --tls-ca/--tls-cert"
+        )
     try:
         config.check_roles_apart()
     except ValueError as exc:

@@ -194,6 +194,30 @@ class SimOptions(_Options):
         return self.model_copy(update={"endpoint": ready.address("stream")})
 
 
+class WebOptions(_Options):
+    """The command line of the status page (`python -m servers.web.main`, what `daqif web` runs)."""
+
+    server: ClassVar[str] = "web"
+
+    dpm: str
+    """The DPM's gRPC address."""
+    writer: str
+    """The writer's gRPC WriterControl address."""
+    host: str | None = None
+    """Interface to serve on (default: loopback)."""
+    port: int = Field(default=0, ge=0, le=65535)
+    """Port of the page; 0 picks a free one."""
+
+    def command(self) -> list[str]:
+        argv = [sys.executable, "-m", "servers.web.main", "--dpm", self.dpm, "--writer", self.writer]
+        argv += ["--port", str(self.port)]
+        _flag(argv, "--host", self.host)
+        return argv
+
+    def pinned(self, ready: ReadyLine) -> Self:
+        return self.model_copy(update={"port": ready.port("http")})
+
+
 class Command(_Options):
     """Any program that prints a ready line naming itself `server` (tools, tests of the launcher)."""
 

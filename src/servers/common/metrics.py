@@ -31,8 +31,9 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-def bind_metrics_socket(host: str, port: int) -> socket.socket:
-    """A listening socket for the metrics endpoint; `PortUnavailable` naming the port if busy."""
+def bind_http_socket(host: str, port: int, what: str) -> socket.socket:
+    """A listening socket for an HTTP endpoint (`what` it serves, for the error): `PortUnavailable`
+    naming the port if it is busy."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -40,9 +41,14 @@ def bind_metrics_socket(host: str, port: int) -> socket.socket:
         sock.listen(64)
     except OSError as exc:
         sock.close()
-        raise PortUnavailable(cannot_bind("Prometheus metrics", host, port, str(exc.strerror))) from None
+        raise PortUnavailable(cannot_bind(what, host, port, str(exc.strerror))) from None
     sock.setblocking(False)
     return sock
+
+
+def bind_metrics_socket(host: str, port: int) -> socket.socket:
+    """The listening socket of a `/metrics` endpoint (`bind_http_socket`)."""
+    return bind_http_socket(host, port, "Prometheus metrics")
 
 
 class MetricsEndpoint:
