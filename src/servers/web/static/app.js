@@ -95,27 +95,29 @@ function onWriter(writer) {
 // -- throughput plot (SVG) ---------------------------------------------------------------------------
 
 function renderRates() {
+  // Two panels on one time axis: frames/s above, bytes/s below, each scaled to its own peak.
   const svg = $("rate-plot");
-  const [w, h, left, bottom, top] = [420, 170, 34, 18, 8];
+  const [w, left, right] = [420, 46, 16];
   svg.replaceChildren();
   const now = Date.now() / 1000;
   const points = state.rates.filter((p) => p.t >= now - HISTORY_S);
-  const x = (t) => left + ((t - (now - HISTORY_S)) / HISTORY_S) * (w - left - 34);
-  svg.append(el("svg:line", { x1: left, y1: h - bottom, x2: w - 34, y2: h - bottom, stroke: "#d0d7de" }));
-  for (const minutes of [5, 4, 3, 2, 1, 0]) {
-    const tx = x(now - minutes * 60);
-    svg.append(el("svg:text", { x: tx, y: h - 4, "text-anchor": "middle" }, minutes ? `-${minutes}m` : "now"));
+  // The time axis spans the history there is, from one minute up to five.
+  const span = Math.min(HISTORY_S, Math.max(60, points.length ? now - points[0].t : 0));
+  const x = (t) => left + ((t - (now - span)) / span) * (w - left - right);
+  for (let i = 5; i >= 0; i -= 1) {
+    const ago = (span * i) / 5;
+    const text = i === 0 ? "now" : ago >= 60 ? `-${(ago / 60).toFixed(1)}m` : `-${ago.toFixed(0)}s`;
+    svg.append(el("svg:text", { x: x(now - ago), y: 166, "text-anchor": "middle" }, text));
   }
-  for (const [key, color, side] of [["fps", "#1f6feb", "left"], ["bps", "#8250df", "right"]]) {
-    const peak = Math.max(1, ...points.map((p) => p[key]));
-    const y = (v) => h - bottom - (v / peak) * (h - bottom - top);
+  for (const [key, color, unit, top, bottom] of [["fps", "#1f6feb", "", 6, 74], ["bps", "#8250df", "B", 82, 150]]) {
+    const peak = Math.max(1, ...points.map((p) => p[key])) * 1.15;
+    const y = (v) => bottom - (v / peak) * (bottom - top);
+    svg.append(el("svg:line", { x1: left, y1: bottom, x2: w - right, y2: bottom, stroke: "#d0d7de" }));
+    const label = el("svg:text", { x: left - 4, y: top + 8, "text-anchor": "end" }, human(peak, unit));
+    label.setAttribute("style", `fill:${color}`);
+    svg.append(label, el("svg:text", { x: left - 4, y: bottom, "text-anchor": "end" }, "0"));
     const path = points.map((p, i) => `${i ? "L" : "M"}${x(p.t).toFixed(1)},${y(p[key]).toFixed(1)}`).join(" ");
     if (path) svg.append(el("svg:path", { d: path, fill: "none", stroke: color, "stroke-width": 1.6 }));
-    const label = side === "left"
-      ? el("svg:text", { x: 2, y: top + 8 }, human(peak))
-      : el("svg:text", { x: w - 2, y: top + 8, "text-anchor": "end" }, human(peak, "B"));
-    label.setAttribute("style", `fill:${color}`);
-    svg.append(label);
   }
   const last = points[points.length - 1];
   $("fps-now").textContent = last ? human(last.fps) : "–";
