@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from servers.web.model import DaqCard, Link, RatePoint, StorageCard, WriterCard
@@ -61,15 +61,30 @@ class StatusBoard:
             self.active[card.id] = card
         self._publish("daq", card.model_dump())
 
-    def daqs(self, active: list[DaqCard], finished: list[DaqCard]) -> None:
-        """The whole set after (re)connecting: `active` now, and those that ended meanwhile."""
-        self.active = {card.id: card for card in active}
-        for card in finished:
+    def daqs(self, active: list[DaqCard], ended: list[DaqCard], gone: Sequence[str] = ()) -> None:
+        """A reconciliation with the DPM (on connecting, and now and then): `active` as it answered,
+        `ended` the final statuses of DAQs that ended unseen, `gone` ids it no longer knows.
+
+        The watch stream may have told newer statuses meanwhile: a card older than the one shown, or
+        of a DAQ already finished, changes nothing.
+        """
+        for card in active:
+            shown = self.active.get(card.id)
+            if self._is_finished(card.id) or (shown is not None and shown.timestamp > card.timestamp):
+                continue
+            self.active[card.id] = card
+        for card in ended:
+            self.active.pop(card.id, None)
             self._add_finished(card)
+        for daq_id in gone:
+            self.active.pop(daq_id, None)
         self._publish("daqs", self._daqs())
 
+    def _is_finished(self, daq_id: str) -> bool:
+        return any(done.id == daq_id for done in self.finished)
+
     def _add_finished(self, card: DaqCard) -> None:
-        if not any(done.id == card.id for done in self.finished):
+        if not self._is_finished(card.id):
             self.finished.appendleft(card)
 
     def writer_status(self, card: WriterCard) -> None:

@@ -7,7 +7,8 @@ takes the whole state afresh (the DPM's active DAQs, and the final status of tho
 meanwhile), so the page is whole again without a reload.
 
 - DPM: `GetActiveDaqs` then `WatchDaqStatus` (every change of every DAQ) and
-  `WatchStorageStatus` (the workspace file system, every `STORAGE_INTERVAL_S`);
+  `WatchStorageStatus` (the workspace file system, every `STORAGE_INTERVAL_S`); `GetActiveDaqs`
+  again every `RECONCILE_S` (a DAQ that ended between the first one and the watch's start);
 - writer: `WatchStatus` (every change of its state and acquisition) and `GetStats` once a second
   for the frames/s and bytes/s of the plot (the writer computes them over its last second).
 """
@@ -21,7 +22,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from daqif.dpm_client import AsyncDpmClient
-from daqif.errors import DaqException
+from daqif.errors import DaqException, ErrorCode
 from daqif.tls import TlsConfig
 from daqif.writer_client import AsyncWriterClient
 from servers.web.board import StatusBoard
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 RETRY_S = 1.0
 STORAGE_INTERVAL_S = 2.0
 STATS_INTERVAL_S = 1.0
+RECONCILE_S = 30.0
 
 
 class StreamEnded(Exception):
@@ -66,9 +68,13 @@ async def follow_dpm(board: StatusBoard, address: str, tls: TlsConfig | None = N
     while True:
         try:
             async with AsyncDpmClient(address, timeout=10.0, tls=tls) as client:
-                await _resync_daqs(board, client)
+                await _reconcile(board, client)
                 board.link("dpm", True, f"connected to the DPM at {address}")
-                await _until_one_ends(_watch_daqs(board, client), _watch_storage(board, client))
+                await _until_one_ends(
+                    _watch_daqs(board, client),
+                    _watch_storage(board, client),
+                    _reconcile_now_and_then(board, client),
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -76,16 +82,33 @@ async def follow_dpm(board: StatusBoard, address: str, tls: TlsConfig | None = N
         await asyncio.sleep(RETRY_S)
 
 
-async def _resync_daqs(board: StatusBoard, client: AsyncDpmClient) -> None:
+async def _reconcile(board: StatusBoard, client: AsyncDpmClient) -> None:
+    """Take the DPM's active DAQs, and the final status of each DAQ shown active that is not."""
     active = [daq_card(s) for s in await client.get_active_daqs()]
     now_active = {card.id for card in active}
-    ended = []
+    ended, gone = [], []
     for daq_id in [i for i in board.active if i not in now_active]:  # ended while we were away
         try:
-            ended.append(daq_card(await client.get_daq_status(daq_id, include_archived=True)))
-        except DaqException:
+            card = daq_card(await client.get_daq_status(daq_id, include_archived=True))
+        except DaqException as exc:
+            if exc.code is not ErrorCode.NOT_FOUND:
+                raise
             log.info("DAQ %s is no longer known to the DPM", daq_id)
-    board.daqs(active, ended)
+            gone.append(daq_id)
+            continue
+        if card.final:
+            ended.append(card)
+        else:
+            active.append(card)  # queued after the GetActiveDaqs reply
+    board.daqs(active, ended, gone)
+
+
+async def _reconcile_now_and_then(board: StatusBoard, client: AsyncDpmClient) -> None:
+    # The watch stream starts after the first reconciliation: a DAQ that ended in between would stay
+    # shown as active. Reconciling again now and then puts that right (one GetActiveDaqs per period).
+    while True:
+        await asyncio.sleep(RECONCILE_S)
+        await _reconcile(board, client)
 
 
 async def _watch_daqs(board: StatusBoard, client: AsyncDpmClient) -> None:

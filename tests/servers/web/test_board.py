@@ -64,3 +64,15 @@ def test_after_a_reconnect_the_active_set_is_replaced_and_those_that_ended_are_f
     assert [(d.id, d.substate) for d in board.finished] == [("GONE", "ABORTED")]
     board.storage_status(StorageCard(path="/w", capacity=10, free=5, available=4))
     assert board.snapshot()["storage"] == {"path": "/w", "capacity": 10, "free": 5, "available": 4}
+
+
+def test_a_reconciliation_never_puts_back_an_older_status_than_the_watch_stream_told() -> None:
+    board = StatusBoard()
+    board.daq(card("A", "RELEASING", timestamp=5.0))
+    board.daq(card("B", "COMPLETED", timestamp=5.0))
+    board.daq(card("C"))
+    # GetActiveDaqs answered before the stream's newer statuses arrived:
+    board.daqs([card("A", "MERGING", timestamp=4.0), card("B", "RELEASING", timestamp=4.0)], [], ["C"])
+    assert board.active["A"].substate == "RELEASING"
+    assert "B" not in board.active and [d.id for d in board.finished] == ["B"]
+    assert "C" not in board.active  # no longer known to the DPM
