@@ -5,6 +5,10 @@ restart. A real server process, real HDF5 sources, real releases."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -109,3 +113,24 @@ def test_gauges_are_rebuilt_from_the_workspace_after_a_restart(dpm: DpmHarness) 
     product = os.stat(dpm.receiver / "METRICS.STUCK.product.h5").st_size
     assert value(finished, "daqif_dpm_merged_bytes_total") == product
     assert value(finished, "daqif_dpm_released_bytes_total") == product
+
+
+def test_a_busy_metrics_port_is_a_one_line_error_before_the_workspace_is_touched(tmp_path: Path) -> None:
+    workspace = tmp_path / "dpm"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "servers.dpm.main", "--port", "0"),
+                *("--workspace", str(workspace), "--metrics-port", str(port)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert f"cannot bind the Prometheus metrics to 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not workspace.exists()
