@@ -11,6 +11,10 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
 command -v fitsverify >/dev/null 2>&1 || need_apt+=(fitsverify)  # checks FITS products in the tests
+# The status page's tests drive a real headless browser (tests/servers/web/).
+if ((want_test)) && ! command -v chromium >/dev/null 2>&1; then
+  need_apt+=(chromium)
+fi
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "setup: installing ${need_apt[*]} with apt-get"

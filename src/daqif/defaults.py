@@ -17,6 +17,10 @@ WRITER_REST_PORT = 5000
 """Standard DAQ REST API of `daqif-writer` (the port the published `std_daq_client` examples use)."""
 SIM_STREAM_PORT = 12085
 """ZeroMQ endpoint port of the detector simulator under `daqif serve --simulate`."""
+DPM_METRICS_PORT = 12086
+"""Prometheus `/metrics` of the DPM under `daqif serve` (the bare server serves none by default)."""
+WEB_PORT = 8080
+"""The status page (`daqif web`, `daqif serve`)."""
 
 DPM_ADDRESS = f"{HOST}:{DPM_PORT}"
 WRITER_GRPC_ADDRESS = f"{HOST}:{WRITER_GRPC_PORT}"

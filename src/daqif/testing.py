@@ -18,7 +18,8 @@ afterwards; every server binds port 0 and the fixture learns the port it got fro
 ready line, so parallel runs never race for a port; each server's log is in `data_root/logs/`):
 
 - `dpm_server`  → `DpmServer`: `.address`, `.client` (a `DpmClient`), `.data_root`, `.workspace`,
-  `.receiver_dir`; `.kill()` (SIGKILL, for crash tests) and `.restart()` (same port and workspace).
+  `.receiver_dir`, `.metrics_url` (its Prometheus `/metrics`); `.kill()` (SIGKILL, for crash
+  tests) and `.restart()` (same port and workspace).
 - `simulator`   → `Simulator`: `.endpoint`, `.shape`, `.dtype` (64x64 uint16 frames at 1 kHz, ids from 1).
 - `writer`      → `Writer` fed by `simulator`: `.rest_url` (std_daq REST), `.grpc_address`,
   `.data_root` (output files must lie under it; `.raw_dir` exists).
@@ -80,6 +81,7 @@ def _config(data_root: Path, simulate: bool = True, tls: ServerTls | None = None
         rest_port=0,
         writer_grpc_port=0,
         stream_port=0,
+        dpm_metrics_port=0,
         simulate=simulate,
         sim_rate=1000.0,
         detector_overrides=dict(TEST_DETECTOR),
@@ -158,6 +160,11 @@ class DpmServer:
     @property
     def workspace(self) -> Path:
         return self.config.workspace
+
+    @property
+    def metrics_url(self) -> str:
+        """`http://HOST:PORT/metrics`: the server's Prometheus metrics."""
+        return f"{self.config.dpm_metrics_url}/metrics"
 
     @property
     def receiver_dir(self) -> Path:

@@ -7,7 +7,10 @@ Layout under the data root (default `./daqif-data`):
     <data-root>/dpm/                 the DPM workspace
     <data-root>/olas/                the default receiver directory for data products
     <data-root>/writer-config.json   the writer's detector config (created with embedded defaults)
-    <data-root>/logs/<server>.log    each server's output (sim, writer, dpm), appended across runs
+    <data-root>/logs/<server>.log    each server's output (sim, writer, dpm, web), appended across runs
+
+`dpm_metrics_port` turns on the DPM's Prometheus endpoint and `web_port` adds the status page
+(`servers.web`), a read-only client of the DPM and the writer started after them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from daqif import defaults
 from daqif.tls import tls_address
-from servers.common.commands import DpmOptions, ServerOptions, SimOptions, WriterOptions
+from servers.common.commands import DpmOptions, ServerOptions, SimOptions, WebOptions, WriterOptions
 from servers.common.ready import ReadyLine
 from servers.common.tls import ServerTls
 from servers.supervisor import ChildSpec, Supervisor
@@ -28,6 +31,8 @@ DEFAULT_DPM_PORT = defaults.DPM_PORT
 DEFAULT_REST_PORT = defaults.WRITER_REST_PORT
 DEFAULT_WRITER_GRPC_PORT = defaults.WRITER_GRPC_PORT
 DEFAULT_STREAM_PORT = defaults.SIM_STREAM_PORT
+DEFAULT_DPM_METRICS_PORT = defaults.DPM_METRICS_PORT
+DEFAULT_WEB_PORT = defaults.WEB_PORT
 
 DEFAULT_DETECTOR: dict[str, object] = {
     "detector_name": defaults.DETECTOR_NAME,
@@ -62,6 +67,10 @@ class SystemConfig:
     detector_overrides: dict[str, object] = field(default_factory=dict)
     tls: ServerTls | None = None
     """Serve the gRPC ports (DPM, writer WriterControl) over TLS; the writer's REST stays HTTP."""
+    dpm_metrics_port: int | None = None
+    """The DPM's Prometheus `/metrics` port (0: a free one); `None`: no metrics endpoint."""
+    web_port: int | None = None
+    """The status page's port (0: a free one); `None`: no status page."""
 
     @property
     def raw_dir(self) -> Path:
@@ -102,6 +111,16 @@ class SystemConfig:
         return self._grpc_address(self.writer_grpc_port)
 
     @property
+    def dpm_metrics_url(self) -> str | None:
+        """`http://HOST:PORT` of the DPM's Prometheus endpoint (`/metrics` under it), if it has one."""
+        return None if self.dpm_metrics_port is None else f"http://{self.host}:{self.dpm_metrics_port}"
+
+    @property
+    def web_url(self) -> str | None:
+        """`http://HOST:PORT/` of the status page, if there is one."""
+        return None if self.web_port is None else f"http://{self.host}:{self.web_port}/"
+
+    @property
     def stream(self) -> str:
         # ZeroMQ spells "any free port" `*`.
         return self.stream_endpoint or f"tcp://{self.host}:{self.stream_port or '*'}"
@@ -115,6 +134,10 @@ class SystemConfig:
         }
         if self.simulate and self.stream_endpoint is None:
             ports["simulator stream"] = self.stream_port
+        if self.dpm_metrics_port is not None:
+            ports["DPM metrics"] = self.dpm_metrics_port
+        if self.web_port is not None:
+            ports["status page"] = self.web_port
         return {what: port for what, port in ports.items() if port != 0}
 
     def bound(self, ready: ReadyLine) -> SystemConfig:
@@ -123,8 +146,11 @@ class SystemConfig:
             return replace(self, stream_port=ready.port("stream"))
         if ready.server == "writer":
             return replace(self, rest_port=ready.port("rest"), writer_grpc_port=ready.port("grpc"))
+        if ready.server == "web":
+            return replace(self, web_port=ready.port("http"))
         if ready.server == "dpm":
-            return replace(self, dpm_port=ready.port("grpc"))
+            metrics = ready.port("metrics") if self.dpm_metrics_port is not None else None
+            return replace(self, dpm_port=ready.port("grpc"), dpm_metrics_port=metrics)
         raise ValueError(f"{ready.server!r} is not a server of the system")
 
     def detector(self) -> dict[str, object]:
@@ -166,7 +192,7 @@ class SystemConfig:
 
 
 _DTYPES = {8: "uint8", 16: "uint16", 32: "uint32"}
-_ORDER = ("sim", "writer", "dpm")
+_ORDER = ("sim", "writer", "dpm", "web")
 
 
 def sim_options(config: SystemConfig) -> SimOptions:
@@ -215,6 +241,14 @@ def dpm_options(config: SystemConfig) -> DpmOptions:
         # Receiver paths must lie under the DPM's allowed roots too: it releases into olas/.
         allowed_roots=(*_roots(config), config.receiver_dir.resolve()),
         tls=config.tls,
+        metrics_port=config.dpm_metrics_port,
+    )
+
+
+def web_options(config: SystemConfig) -> WebOptions:
+    """The status page of the system, reading the DPM and the writer's gRPC ports."""
+    return WebOptions(
+        dpm=config.dpm_address, writer=config.writer_grpc_address, host=config.host, port=config.web_port or 0
     )
 
 
@@ -225,12 +259,14 @@ def children(config: SystemConfig) -> list[ChildSpec]:
     simulator bound.
     """
     specs = [ChildSpec("sim", sim_options(config))] if config.simulate else []
-    return [*specs, ChildSpec("writer", writer_options(config)), ChildSpec("dpm", dpm_options(config))]
+    specs += [ChildSpec("writer", writer_options(config)), ChildSpec("dpm", dpm_options(config))]
+    return specs + ([ChildSpec("web", web_options(config))] if config.web_port is not None else [])
 
 
 def start(config: SystemConfig, supervisor: Supervisor, names: Iterable[str] = _ORDER) -> SystemConfig:
-    """Start the servers `names` (of sim, writer, dpm; the simulator only with `config.simulate`)
-    in order under `supervisor`; return `config` with every port the servers bound.
+    """Start the servers `names` (of sim, writer, dpm, web; the simulator only with
+    `config.simulate`, the status page only with `config.web_port`) in order under `supervisor`;
+    return `config` with every port the servers bound.
 
     Raises `ChildFailed` (every child stopped) if one does not come up.
     """
@@ -242,9 +278,12 @@ def start(config: SystemConfig, supervisor: Supervisor, names: Iterable[str] = _
         "sim": sim_options,
         "writer": writer_options,
         "dpm": dpm_options,
+        "web": web_options,
     }
     for name in _ORDER:
         if name not in wanted or (name == "sim" and not config.simulate):
+            continue
+        if name == "web" and config.web_port is None:
             continue
         ready = supervisor.start_child(ChildSpec(name, builders[name](config))).ready
         config = config.bound(ready)

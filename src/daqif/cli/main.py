@@ -4,6 +4,7 @@ daqif dpm …       control a Data Product Manager (gRPC)
 daqif writer …    control a Standard DAQ writer (REST)
 daqif serve       run the whole system (DPM, writer, optional simulator)
 daqif demo        record frames and build a verified data product, end to end
+daqif web         serve the live status page of a DPM and a writer
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from daqif import __version__
 from daqif.cli.demo import add_demo_parser
 from daqif.cli.dpm import add_dpm_parser
 from daqif.cli.serve import add_serve_parser
+from daqif.cli.web import add_web_parser
 from daqif.cli.writer import add_writer_parser
 
 
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_writer_parser(subparsers)
     add_serve_parser(subparsers)
     add_demo_parser(subparsers)
+    add_web_parser(subparsers)
     return parser
 
 

@@ -1,7 +1,9 @@
 """`daqif serve`: the whole system in one command.
 
-Starts the writer (std_daq REST + gRPC WriterControl), the Data Product Manager and, with
-`--simulate`, the detector simulator, as supervised processes with embedded defaults. A port
+Starts the writer (std_daq REST + gRPC WriterControl, Prometheus `/metrics` on its REST port), the
+Data Product Manager (Prometheus metrics on `--dpm-metrics-port`), the status page (`--web-port`,
+http://127.0.0.1:8080/) and, with `--simulate`, the detector simulator, as supervised processes
+with embedded defaults. A port
 already in use stops it before anything starts (exit code 1, naming the port). Once every server
 is up it prints one ready line (`daqif-ready serve dpm=... rest=... writer_grpc=... stream=...`).
 Each server's output goes to <data-root>/logs/<server>.log and, prefixed, to stdout.
@@ -40,6 +42,18 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     serve.add_argument("--dpm-port", type=int, default=system.DEFAULT_DPM_PORT)
     serve.add_argument("--rest-port", type=int, default=system.DEFAULT_REST_PORT)
     serve.add_argument("--writer-grpc-port", type=int, default=system.DEFAULT_WRITER_GRPC_PORT)
+    serve.add_argument(
+        "--dpm-metrics-port",
+        type=int,
+        default=system.DEFAULT_DPM_METRICS_PORT,
+        help="the DPM's Prometheus /metrics port (default %(default)s; the writer's is its REST port)",
+    )
+    serve.add_argument(
+        "--web-port",
+        type=int,
+        default=system.DEFAULT_WEB_PORT,
+        help="port of the status page (default %(default)s)",
+    )
     serve.add_argument(
         "--stream-port",
         type=int,
@@ -99,7 +113,15 @@ def run_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         extra_allowed_roots=[p.resolve() for p in args.allowed_root],
         tls=tls,
+        dpm_metrics_port=args.dpm_metrics_port,
+        # Over mutual TLS the page would need a client certificate of its own: run `daqif web` with
+        # the --tls-* flags then.
+        web_port=None if tls is not None else args.web_port,
     )
+    if tls is not None:
+        console.print(
+            "note: with TLS the status page is not started; run `daqif web` with --tls-ca/--tls-cert"
+        )
     try:
         config.check_roles_apart()
     except ValueError as exc:
@@ -141,12 +163,14 @@ def run_serve(args: argparse.Namespace) -> int:
                 rest=bound.rest_url,
                 writer_grpc=bound.writer_grpc_address,
                 stream=bound.stream,
+                **({"dpm_metrics": bound.dpm_metrics_url} if bound.dpm_metrics_url else {}),
+                **({"web": bound.web_url.rstrip("/")} if bound.web_url else {}),
             )
         )
         supervisor.announce(
             f"daqif serve ready: DPM grpc {bound.dpm_address} | writer REST {bound.rest_url} "
             f"grpc {bound.writer_grpc_address} | stream {bound.stream} | data {bound.data_root} "
-            f"| logs {bound.log_dir}"
+            f"| logs {bound.log_dir}" + (f" | status page {bound.web_url}" if bound.web_url else "")
         )
         supervisor.run(stop)
         if not stop.is_set():

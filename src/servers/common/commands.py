@@ -65,9 +65,12 @@ class DpmOptions(_Options):
     """Logging level."""
     tls: ServerTls | None = None
     """Serve gRPC over TLS (mutual TLS with a client CA); `None`: plain text."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus metrics on this port (0: a free one); `None`: no metrics endpoint."""
 
     def command(self) -> list[str]:
         argv = [sys.executable, "-m", "servers.dpm.main", "--port", str(self.port)]
+        _flag(argv, "--metrics-port", self.metrics_port)
         _flag(argv, "--host", self.host)
         _flag(argv, "--workspace", self.workspace)
         _flag(argv, "--data-root", self.data_root)
@@ -78,7 +81,10 @@ class DpmOptions(_Options):
         return argv + (self.tls.flags() if self.tls is not None else [])
 
     def pinned(self, ready: ReadyLine) -> Self:
-        return self.model_copy(update={"port": ready.port("grpc")})
+        update = {"port": ready.port("grpc")}
+        if self.metrics_port is not None:
+            update["metrics_port"] = ready.port("metrics")
+        return self.model_copy(update=update)
 
 
 class WriterOptions(_Options):
@@ -186,6 +192,30 @@ class SimOptions(_Options):
 
     def pinned(self, ready: ReadyLine) -> Self:
         return self.model_copy(update={"endpoint": ready.address("stream")})
+
+
+class WebOptions(_Options):
+    """The command line of the status page (`python -m servers.web.main`, what `daqif web` runs)."""
+
+    server: ClassVar[str] = "web"
+
+    dpm: str
+    """The DPM's gRPC address."""
+    writer: str
+    """The writer's gRPC WriterControl address."""
+    host: str | None = None
+    """Interface to serve on (default: loopback)."""
+    port: int = Field(default=0, ge=0, le=65535)
+    """Port of the page; 0 picks a free one."""
+
+    def command(self) -> list[str]:
+        argv = [sys.executable, "-m", "servers.web.main", "--dpm", self.dpm, "--writer", self.writer]
+        argv += ["--port", str(self.port)]
+        _flag(argv, "--host", self.host)
+        return argv
+
+    def pinned(self, ready: ReadyLine) -> Self:
+        return self.model_copy(update={"port": ready.port("http")})
 
 
 class Command(_Options):

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -37,10 +37,12 @@ class PortUnavailable(OSError):
     """A server cannot bind its port (in use, or not a local address); the message names it."""
 
 
-def new_server() -> grpc.aio.Server:
+def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     """An asyncio gRPC server that cannot share its port with another process, whose methods see an
-    undecodable request as `Undecodable` (answered INVALID_ARGUMENT by `edge`) instead of gRPC's UNKNOWN."""
-    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[_DecodeErrorsReachTheEdge()])
+    undecodable request as `Undecodable` (answered INVALID_ARGUMENT by `edge`) instead of gRPC's UNKNOWN.
+
+    `interceptors` come after that one (e.g. the DPM's metrics timing QueueDaq)."""
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[_DecodeErrorsReachTheEdge(), *interceptors])
 
 
 @dataclass(frozen=True)

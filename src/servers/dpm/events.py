@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from servers.dpm.model import DaqStatusView
 
@@ -65,6 +66,15 @@ class StatusBus:
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._watchers: set[StatusWatcher] = set()
+        self._observers: list[Callable[[DaqStatusView], None]] = []
+
+    def observe(self, observer: Callable[[DaqStatusView], None]) -> None:
+        """Call `observer` with every status published from now on, synchronously, in order.
+
+        For in-process adapters that must see every change and cannot fall behind (the metrics);
+        `observer` must be quick and must not raise (an exception is logged and ignored).
+        """
+        self._observers.append(observer)
 
     def subscribe(self, daq_id: str, current: list[DaqStatusView]) -> StatusWatcher:
         """Subscribe; `current` (the statuses at this instant) is delivered first.
@@ -80,6 +90,11 @@ class StatusBus:
         self._watchers.discard(watcher)
 
     def publish(self, view: DaqStatusView) -> None:
+        for observer in self._observers:
+            try:
+                observer(view)
+            except Exception:
+                log.exception("a status observer failed on DAQ %s", view.id)
         for watcher in list(self._watchers):
             if not watcher._offer(view):
                 log.warning(

@@ -2,10 +2,12 @@
 
     daqif-dpm-server --workspace /data/dpm [--host 127.0.0.1] [--port 12083]
                      [--allowed-root DIR ...] [--data-root DIR] [--config FILE]
-                     [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
+                     [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--metrics-port P]
 
 Prints one line `daqif-ready dpm grpc=HOST:PORT` on stdout once it serves (with `--port 0`
-the port is the one the system picked; served over TLS, `grpc=grpcs://HOST:PORT`). A certificate
+the port is the one the system picked; served over TLS, `grpc=grpcs://HOST:PORT`). With
+`--metrics-port P` (off by default) it also serves Prometheus metrics at `http://HOST:P/metrics`
+(`metrics.py`) and the ready line ends `metrics=http://HOST:P`. A certificate
 or key that cannot be used stops it with exit code 2 and one line naming the file; a port already
 in use, with exit code 2 and one line naming the port, before it touches the workspace.
 SIGINT/SIGTERM or the `Exit` call stop it gracefully (exit code 0); every DAQ resumes from its
@@ -30,6 +32,7 @@ from servers.common.grpc_server import (
     mark_serving,
     new_server,
 )
+from servers.common.metrics import MetricsEndpoint, bind_metrics_socket
 from servers.common.process import die_with_parent
 from servers.common.ready import ready_line
 from servers.common.roles import RolesOverlap
@@ -37,6 +40,7 @@ from servers.common.tls import ServerTls, add_tls_arguments, security_of, tls_fr
 from servers.dpm.config import ConfigError, DpmConfig, build_config
 from servers.dpm.grpc_service import SERVICE_NAMES, add_services
 from servers.dpm.lifecycle import DataProductManager
+from servers.dpm.metrics import DpmMetrics
 from servers.dpm.store import WorkspaceBusy
 
 log = logging.getLogger("daqif-dpm-server")
@@ -68,25 +72,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=Path, help="JSON settings file (see servers.dpm.config)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve Prometheus metrics at http://HOST:P/metrics; 0 picks a free port (default: off)",
+    )
     add_tls_arguments(parser)
     return parser.parse_args(argv)
 
 
-async def serve(config: DpmConfig, host: str, port: int, tls: ServerTls | None = None) -> int:
-    """Run the server until SIGINT/SIGTERM or Exit (over TLS with `tls`); return the exit code."""
+async def serve(
+    config: DpmConfig, host: str, port: int, tls: ServerTls | None = None, metrics_port: int | None = None
+) -> int:
+    """Run the server until SIGINT/SIGTERM or Exit (over TLS with `tls`, with Prometheus metrics on
+    `metrics_port` unless None); return the exit code."""
     try:
         credentials = tls.credentials() if tls is not None else None
     except TlsError as exc:
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 2
     dpm = DataProductManager(config)
+    metrics = DpmMetrics(dpm) if metrics_port is not None else None
     stop = asyncio.Event()
-    server = new_server()
+    server = new_server([metrics.interceptor()] if metrics is not None else [])
     add_services(server, dpm, stop)
     health = add_health_and_reflection(server, SERVICE_NAMES)
-    # The port first: a second server on a busy port must leave the first one's workspace alone.
+    # The ports first: a second server on a busy port must leave the first one's workspace alone.
+    endpoint: MetricsEndpoint | None = None
     try:
         bound = bind(server, host, port, "DPM gRPC services", credentials)
+        if metrics is not None and metrics_port is not None:
+            endpoint = MetricsEndpoint(metrics.registry, bind_metrics_socket(host, metrics_port))
     except PortUnavailable as exc:
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 2
@@ -101,7 +118,11 @@ async def serve(config: DpmConfig, host: str, port: int, tls: ServerTls | None =
     except OSError as exc:
         print(f"daqif-dpm-server: cannot open workspace {config.workspace}: {exc}", file=sys.stderr)
         return 1
+    if metrics is not None:
+        metrics.attach()  # before any await: the resumed DAQs have not moved yet
     await server.start()
+    if endpoint is not None:
+        await endpoint.start()
     await mark_serving(health, SERVICE_NAMES)
     signalled: list[str] = []
 
@@ -113,7 +134,10 @@ async def serve(config: DpmConfig, host: str, port: int, tls: ServerTls | None =
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     address = f"{host}:{bound}"
-    print(ready_line("dpm", grpc=tls_address(address) if tls else address), flush=True)
+    endpoints = {"grpc": tls_address(address) if tls else address}
+    if endpoint is not None:
+        endpoints["metrics"] = f"http://{host}:{endpoint.port}"
+    print(ready_line("dpm", **endpoints), flush=True)
     log.info(
         "serving on %s (%s), workspace %s, allowed roots %s",
         address,
@@ -125,6 +149,8 @@ async def serve(config: DpmConfig, host: str, port: int, tls: ServerTls | None =
     # Whoever started us (daqif serve) tells a requested exit from a signal by this line.
     log.info("stopping (%s)", signalled[0] if signalled else "Exit requested")
     await server.stop(grace=2.0)
+    if endpoint is not None:
+        await endpoint.stop()
     await dpm.stop()
     return 0
 
@@ -147,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TlsError) as exc:
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(config, args.host, args.port, tls))
+    return asyncio.run(serve(config, args.host, args.port, tls, args.metrics_port))
 
 
 if __name__ == "__main__":

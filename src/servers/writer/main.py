@@ -4,6 +4,8 @@
                  [--grpc-port 12084] [--redis-url redis://127.0.0.1:6379/0] [--allowed-root DIR ...]
                  [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
 
+`GET /metrics` on the REST port serves the writer's Prometheus metrics (`metrics.py`).
+
 REST (uvicorn) and gRPC run in one asyncio loop in this process; the data path (ZeroMQ → HDF5)
 runs in its own process. Servers bind 127.0.0.1 unless `--host` says otherwise. A port of 0 picks
 a free one; the line printed when ready gives the ports in use:
@@ -59,6 +61,7 @@ from servers.writer.datapath.handle import ProcessDataPath, max_message_for_fram
 from servers.writer.datapath.journal import WriteJournal
 from servers.writer.datapath.protocol import DEFAULT_PRIORITY_BOOST, SocketKind
 from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
+from servers.writer.metrics import start_metrics
 from servers.writer.models import DaqConfig, UidRange, load_config
 from servers.writer.redis_streams import DEFAULT_MAXLEN, RedisStreams
 from servers.writer.rest import create_app
@@ -268,9 +271,17 @@ async def serve(args: argparse.Namespace) -> int:
     await grpc_server.start()
     await mark_serving(health, [SERVICE_NAME])
 
+    redis: RedisStreams | None = None
+    redis_task: asyncio.Task[None] | None = None
+    if args.redis_url:
+        redis = RedisStreams(core, args.redis_url, maxlen=args.redis_maxlen)
+        redis_task = asyncio.create_task(redis.run(), name="redis")
+        redis_task.add_done_callback(_log_unexpected_end)
+    metrics, metrics_task = start_metrics(core, redis)
+    metrics_task.add_done_callback(_log_unexpected_end)
     rest = _Uvicorn(
         uvicorn.Config(
-            create_app(core),
+            create_app(core, metrics.registry),
             # httptools parses a request in C, h11 in Python: a poll costs the control plane a
             # fraction of the CPU (docs/writer.md, "Status polling").
             http="httptools",
@@ -281,12 +292,6 @@ async def serve(args: argparse.Namespace) -> int:
         )
     )
     rest_task = asyncio.create_task(rest.serve(sockets=[rest_socket]), name="rest")
-    redis: RedisStreams | None = None
-    redis_task: asyncio.Task[None] | None = None
-    if args.redis_url:
-        redis = RedisStreams(core, args.redis_url, maxlen=args.redis_maxlen)
-        redis_task = asyncio.create_task(redis.run(), name="redis")
-        redis_task.add_done_callback(_log_unexpected_end)
     while not rest.started and not rest_task.done():
         await asyncio.sleep(0.02)
     if rest_task.done():
@@ -318,6 +323,9 @@ async def serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await redis_task
         await redis.close()
+    metrics_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await metrics_task
     stop_task.cancel()
     state_lock.close()
     return 0

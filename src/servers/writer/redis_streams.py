@@ -54,6 +54,12 @@ class RedisStreams:
         # (stream, entry id or "*", fields) not yet accepted by Redis
         self._pending: deque[tuple[str, str, dict[str, bytes]]] = deque(maxlen=PENDING_LIMIT)
         self._down = False
+        self._reached = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether the last entry sent reached Redis (False before the first one)."""
+        return self._reached and not self._down
 
     async def run(self) -> None:
         """Publish the current config and status, then every event; returns only when cancelled."""
@@ -110,4 +116,5 @@ class RedisStreams:
         if self._down:
             _log.info("redis at %s reachable again", self._url)
             self._down = False
+        self._reached = True
         return True

@@ -10,6 +10,9 @@ raises `RuntimeError`).
 
 The bodies are the pydantic models of `models.py`, so `/openapi.json` describes them.
 
+`GET /metrics` (not part of the std_daq API) serves the writer's Prometheus metrics
+(`metrics.py`) in the text exposition format.
+
 The server never answers 500 because of what a client sent: a body over `MAX_BODY_BYTES` is
 HTTP 413 (refused before it is read, or as soon as it passes the limit); a body nested too deeply
 for the JSON parser is HTTP 422; FastAPI's own refusals (unknown route, wrong method) keep their
@@ -26,6 +29,7 @@ from typing import Annotated, Any, Final
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -146,8 +150,9 @@ def _too_large(limit: int) -> JSONResponse:
     return _error(f"malformed request: the body is larger than {limit} bytes", 413)
 
 
-def create_app(core: WriterCore) -> FastAPI:
-    """The FastAPI application serving `core`; the core's lifecycle is the caller's."""
+def create_app(core: WriterCore, metrics: CollectorRegistry | None = None) -> FastAPI:
+    """The FastAPI application serving `core` (and `metrics` at `GET /metrics`, when given);
+    the core's lifecycle is the caller's."""
     app = FastAPI(title="daqif writer (std_daq REST API)", version="1.3")
     app.add_middleware(BodyLimit)
 
@@ -268,5 +273,13 @@ def create_app(core: WriterCore) -> FastAPI:
     @app.get("/daq/deployment")
     async def get_deployment() -> Response:
         return Response(deployment_body(), media_type="application/json")
+
+    if metrics is not None:
+        registry = metrics
+
+        @app.get("/metrics", include_in_schema=False)
+        async def get_metrics() -> Response:
+            """Prometheus text exposition of the writer's metrics."""
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

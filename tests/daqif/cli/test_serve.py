@@ -92,7 +92,10 @@ def serves(tmp_path: Path) -> Iterator[list[Serve]]:
 
 
 def any_ports() -> list[str]:
-    return ["--dpm-port", "0", "--rest-port", "0", "--writer-grpc-port", "0", "--stream-port", "0"]
+    return [
+        *("--dpm-port", "0", "--rest-port", "0", "--writer-grpc-port", "0", "--stream-port", "0"),
+        *("--dpm-metrics-port", "0", "--web-port", "0"),
+    ]
 
 
 def no_detector() -> list[str]:

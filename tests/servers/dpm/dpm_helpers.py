@@ -98,6 +98,7 @@ class DpmServerProcess(DpmProcess):
         workspace: Path | None = None,
         allowed_roots: Sequence[Path] = (),
         data_root: Path | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.directory = directory
         self.workspace = workspace or directory / "dpm-workspace"
@@ -108,6 +109,7 @@ class DpmServerProcess(DpmProcess):
             allowed_roots=tuple(allowed_roots),
             data_root=data_root,
             config=self.config_file,
+            metrics_port=metrics_port,
         )
         super().__init__(options, log_file=directory / "dpm-server.log")
 

@@ -1,0 +1,1 @@
+"""The live status page (`daqif web`, `daqif serve --web-port`): reads state, changes nothing."""
