@@ -243,8 +243,19 @@ def json_path(parts: Any) -> str:
 def _schema_problem(error: jsonschema.ValidationError) -> SpecificationError:
     where = json_path(error.absolute_path)
     keyword = error.validator
-    if keyword == "additionalProperties":
-        return SpecificationError(where, f"{error.message}")
+    if keyword == "additionalProperties" and isinstance(error.instance, dict):
+        # Name the first unexpected key in the path itself (quoted and cut when long), so that
+        # even a document-level typo says where it is.
+        known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+        extras = [key for key in error.instance if key not in known]
+        if extras:
+            allowed = ", ".join(sorted(known)) or "none"
+            more = f" (and {len(extras) - 1} more)" if len(extras) > 1 else ""
+            return SpecificationError(
+                json_path([*error.absolute_path, extras[0]]),
+                f"unknown field{more}; the fields allowed here are: {quote(allowed, 300)}",
+            )
+        return SpecificationError(where, error.message)
     if keyword == "required":
         return SpecificationError(where, error.message)
     if keyword == "enum" and error.absolute_path and error.absolute_path[-1] == "type":

@@ -110,7 +110,7 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("id of wrong type", with_change("id", 42), "id", "is not of type"),
     ("id with a slash", with_change("id", "a/b"), "id", "is not valid"),
     ("missing fileId", with_change("target.fileId", ...), "target", "'fileId' is a required property"),
-    ("unknown top-level key", {**VALID, "colour": "red"}, "", "'colour' was unexpected"),
+    ("unknown top-level key", {**VALID, "colour": "red"}, "colour", "unknown field"),
     ("unknown source type", with_change("sources.0.type", "netcdfFile"), "sources[0].type", "unknown type"),
     (
         "relative location",

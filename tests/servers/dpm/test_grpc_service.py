@@ -148,7 +148,7 @@ INVALID: list[tuple[str, Any, list[str]]] = [
     ("receiver outside roots", _set("receivers.0.path", "/tmp"), ["receivers[0].path", "outside"]),
     ("unknown receiver type", _set("receivers.0.type", "ftpReceiver"), ["receivers[0].type", "unknown type"]),
     ("receiver in the workspace", "WORKSPACE", ["receivers[0].path", "inside the DPM workspace"]),
-    ("unknown property", _set("extra", True), ["'extra' was unexpected"]),
+    ("unknown property", _set("extra", True), ["extra: unknown field", "allowed here are"]),
 ]
 
 
