@@ -102,7 +102,7 @@ class DataProductManager:
         self.bus = StatusBus(config.watch_queue_size)
         self._roots = resolve_roots(config.allowed_roots)
         self._workspace_resolved = Path(config.workspace).resolve()
-        self._receivers_apart: set[Path] = set()  # receiver directories checked and marked
+        self._receivers_apart: set[Path] = set()  # receiver directories marked by this run
         self._active: dict[str, ActiveDaq] = {}
         self._archived: set[str] = set()
         self._reserved: set[str] = set()
@@ -188,6 +188,7 @@ class DataProductManager:
             raise DaqException.internal(f"cannot persist DAQ {spec.id}: {exc}", id=spec.id) from None
         finally:
             self._reserved.discard(spec.id)
+        self._mark_receivers(spec)
         daq = ActiveDaq(record, spec)
         self._active[spec.id] = daq
         self.bus.publish(daq.view)
@@ -296,7 +297,8 @@ class DataProductManager:
     # -- validation at QueueDaq ------------------------------------------------------------------
 
     def _check_paths(self, spec: Specification) -> None:
-        """Local source and receiver paths must lie under the allowed roots, outside the workspace."""
+        """Local source and receiver paths must lie under the allowed roots, outside the workspace;
+        receiver directories apart from every writer root (`servers.common.roles`)."""
         for where, path in self._local_paths(spec):
             try:
                 resolved = confine(path, self._roots, what="path")
@@ -311,10 +313,17 @@ class DataProductManager:
                     roles.refuse_overlap(resolved, "receiver directory", roles.Role.RECEIVER, _APART)
                 except roles.RolesOverlap as exc:
                     raise DaqException.invalid_argument(f"{where}: {exc}", id=spec.id) from None
-                if resolved.is_dir():
-                    # Marked now, so that a writer started later refuses it; once per directory.
-                    roles.mark_quietly(resolved, roles.Role.RECEIVER, OWNER)
-                    self._receivers_apart.add(resolved)
+
+    def _mark_receivers(self, spec: Specification) -> None:
+        """Mark the local receiver directories of an accepted DAQ, so that a writer started later
+        refuses them (`servers.common.roles`); once per directory and server run."""
+        for receiver in spec.receivers:
+            if receiver.host is not None:
+                continue
+            directory = Path(receiver.path).resolve()
+            if directory not in self._receivers_apart and directory.is_dir():
+                roles.mark_quietly(directory, roles.Role.RECEIVER, OWNER)
+                self._receivers_apart.add(directory)
 
     @staticmethod
     def _check_literal_cards(spec: Specification) -> None:
