@@ -118,7 +118,7 @@ class DataProductManager:
         loaded = await asyncio.to_thread(self.workspace.load)  # takes the workspace lock
         # A writer started by hand marked its roots: refuse a workspace it could overwrite.
         roles.refuse_overlap(self._workspace_resolved, "workspace", roles.Role.DPM_WORKSPACE, _APART)
-        roles.mark(self._workspace_resolved, roles.Role.DPM_WORKSPACE, OWNER)
+        roles.mark_quietly(self._workspace_resolved, roles.Role.DPM_WORKSPACE, OWNER)  # a full disk too
         # Children of a server that died by kill -9 (rsync's own children outlive its death
         # signal) must not keep writing into the workspace we now own.
         for pid in transfer.kill_leftovers(self.workspace.root.resolve()):
