@@ -104,7 +104,7 @@ class DataProductManager:
         self.bus = StatusBus(config.watch_queue_size)
         self._roots = resolve_roots(config.allowed_roots)
         self._workspace_resolved = Path(config.workspace).resolve()
-        self._receivers_apart: set[Path] = set()  # receiver directories checked and marked
+        self._receivers_apart: set[Path] = set()  # receiver directories marked by this run
         self._active: dict[str, ActiveDaq] = {}
         self._archived: set[str] = set()
         self._reserved: set[str] = set()
@@ -120,7 +120,7 @@ class DataProductManager:
         loaded = await asyncio.to_thread(self.workspace.load)  # takes the workspace lock
         # A writer started by hand marked its roots: refuse a workspace it could overwrite.
         roles.refuse_overlap(self._workspace_resolved, "workspace", roles.Role.DPM_WORKSPACE, _APART)
-        roles.mark(self._workspace_resolved, roles.Role.DPM_WORKSPACE, OWNER)
+        roles.mark_quietly(self._workspace_resolved, roles.Role.DPM_WORKSPACE, OWNER)  # a full disk too
         # Children of a server that died by kill -9 (rsync's own children outlive its death
         # signal) must not keep writing into the workspace we now own.
         for pid in transfer.kill_leftovers(self.workspace.root.resolve()):
@@ -193,6 +193,7 @@ class DataProductManager:
             raise DaqException.internal(f"cannot persist DAQ {spec.id}: {exc}", id=spec.id) from None
         finally:
             self._reserved.discard(spec.id)
+        self._mark_receivers(spec)
         daq = ActiveDaq(record, spec)
         self._active[spec.id] = daq
         self.bus.publish(daq.view)
@@ -301,7 +302,8 @@ class DataProductManager:
     # -- validation at QueueDaq ------------------------------------------------------------------
 
     def _check_paths(self, spec: Specification) -> None:
-        """Local source and receiver paths must lie under the allowed roots, outside the workspace."""
+        """Local source and receiver paths must lie under the allowed roots, outside the workspace;
+        receiver directories apart from every writer root (`servers.common.roles`)."""
         for where, path in self._local_paths(spec):
             try:
                 resolved = confine(path, self._roots, what="path")
@@ -316,10 +318,17 @@ class DataProductManager:
                     roles.refuse_overlap(resolved, "receiver directory", roles.Role.RECEIVER, _APART)
                 except roles.RolesOverlap as exc:
                     raise DaqException.invalid_argument(f"{where}: {exc}", id=spec.id) from None
-                if resolved.is_dir():
-                    # Marked now, so that a writer started later refuses it; once per directory.
-                    roles.mark_quietly(resolved, roles.Role.RECEIVER, OWNER)
-                    self._receivers_apart.add(resolved)
+
+    def _mark_receivers(self, spec: Specification) -> None:
+        """Mark the local receiver directories of an accepted DAQ, so that a writer started later
+        refuses them (`servers.common.roles`); once per directory and server run."""
+        for receiver in spec.receivers:
+            if receiver.host is not None:
+                continue
+            directory = Path(receiver.path).resolve()
+            if directory not in self._receivers_apart and directory.is_dir():
+                roles.mark_quietly(directory, roles.Role.RECEIVER, OWNER)
+                self._receivers_apart.add(directory)
 
     @staticmethod
     def _check_literal_cards(spec: Specification) -> None:
