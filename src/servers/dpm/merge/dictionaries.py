@@ -16,6 +16,7 @@ here (a dictionary may have changed since) and formatted the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -56,11 +57,34 @@ def apply_dictionaries(merged: MergedKeywords, dictionaries: DictionarySet | Non
             if parameter.type in _NUMBERS and parameter.value_format
             else ""
         )
-        merged.values[name] = Keyword(kw.name, definition.value, definition.comment, dtype, text)
+        defaulted = bool(definition.comment) and not kw.comment
+        merged.values[name] = Keyword(kw.name, definition.value, definition.comment, dtype, text, defaulted)
     if problems:
         more = f" (and {len(problems) - 1} more ESO keywords)" if len(problems) > 1 else ""
         raise MergeError(f"{problems[0]}{more}; fix the source or the dictionary")
     log.info(f"keywords checked against {dictionaries.names}")
+
+
+def dictionary_card(kw: Keyword, render: Callable[[str, Any, str], fits.Card]) -> fits.Card:
+    """The FITS card of `kw` by `render` (`fits_cards.render_card`), with its Value Format text;
+    a dictionary's default comment that cannot be on the card as it is (too long beside the value,
+    not printable ASCII) is made ASCII and cut to fit, rather than failing the merge."""
+    try:
+        card = render(kw.name, kw.value, kw.comment)
+    except ValueError:
+        if not kw.comment_is_default:
+            raise
+        card = render(kw.name, kw.value, "")
+        comment = kw.comment.encode("ascii", "replace").decode("ascii")
+        comment = "".join(c if c.isprintable() else "?" for c in comment)
+        room = 80 - len(card.image.rstrip()) - len(" / ")
+        for cut in range(room, max(room - 4, 0), -1):  # astropy may lay the card out a little wider
+            try:
+                card = render(kw.name, kw.value, comment[:cut].rstrip())
+                break
+            except ValueError:
+                continue
+    return with_value_text(card, kw.text)
 
 
 def with_value_text(card: fits.Card, text: str) -> fits.Card:

@@ -63,7 +63,7 @@ from servers.dpm.merge.common import (
     source_where,
     utc_date,
 )
-from servers.dpm.merge.dictionaries import apply_dictionaries, with_value_text
+from servers.dpm.merge.dictionaries import apply_dictionaries, dictionary_card
 from servers.dpm.merge.fits_cards import (
     FITS_RESERVED,
     STRUCTURE,
@@ -306,7 +306,7 @@ def _primary_header(
     for kw in dicb_order(values):
         where = f"keyword {kw.name!r} of source {keywords.origin.get(kw.name, 'merge')!r}"
         try:
-            header.append(with_value_text(render_card(kw.name, kw.value, kw.comment), kw.text), end=True)
+            header.append(dictionary_card(kw, render_card), end=True)
         except ValueError as exc:
             raise MergeError(f"{where}: {exc}") from None
     for name in ("HISTORY", "COMMENT"):

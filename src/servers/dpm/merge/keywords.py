@@ -37,6 +37,7 @@ class Keyword:
     comment: str = ""
     dtype: np.dtype[Any] | None = None  # the HDF5 source's type, kept in the product
     text: str = ""  # the value as a dictionary's Value Format writes it on a card (`0.5000`)
+    comment_is_default: bool = False  # the comment is a dictionary's Comment Format (may be cut)
 
     @property
     def is_eso(self) -> bool:

@@ -215,3 +215,30 @@ def test_a_fits_product_gets_formatted_values_and_default_comments_and_refuses_u
             dictionaries=load_dictionaries(spec.keyword_dictionaries, []),
         )
     assert not (tmp_path / "BAD.fits").exists()
+
+
+def test_a_default_comment_too_long_for_the_card_is_cut_and_made_ascii(tmp_path: Path) -> None:
+    (tmp_path / "dics").mkdir()
+    long_comment = "Temperature (°K) of the cold plate in the dewar, as read by sensor %d at the start"
+    (tmp_path / "dics" / "ESO-VLT-DIC.SITE").write_text(
+        SITE
+        + "\nParameter Name: INS SENSORi TEMP\nType: double\nValue Format: %.2f\n"
+        + f"Comment Format: {long_comment}\n"
+    )
+    dcs = write_fits_detector_file(tmp_path / "dcs.fits", keywords={"ESO INS SENSOR12 TEMP": 77.123456})
+    document = spec_document([fits_file_source("dcs", dcs)], file_id="CUT")
+    document["keywordDictionaries"] = ["ESO-VLT-DIC.SITE"]
+    spec = load_specification(document)
+    outfile = tmp_path / "CUT.fits"
+    merge(
+        spec,
+        {"dcs": dcs},
+        outfile,
+        dictionaries=load_dictionaries(spec.keyword_dictionaries, [tmp_path / "dics"]),
+    )
+
+    with fits.open(outfile) as hdus:
+        (image,) = [c.image for c in hdus[0].header.cards if c.keyword == "ESO INS SENSOR12 TEMP"]
+    assert image.startswith("HIERARCH ESO INS SENSOR12 TEMP = 77.12 / Temperature (?K) of the cold plate in")
+    assert len(image) == 80
+    assert verify(outfile).ok
