@@ -560,12 +560,17 @@ class WriterCore:
         datapath = self._datapath
         if datapath is None or self._state is WriterState.UNKNOWN:
             return
-        alive = await asyncio.to_thread(datapath.is_alive)
+        progress: WriteProgress | None = None
         if self._state is WriterState.WRITING:
             try:
-                progress: WriteProgress | None = await asyncio.to_thread(datapath.progress)
+                progress = await asyncio.to_thread(datapath.progress)
             except DataPathError:
                 progress = None
+        # Asked after the progress: a process that died just before it (its pipe closed, which
+        # wakes this poll at once) is seen dead here too, so a write it failed leaves the writer
+        # UNKNOWN in this same poll, never READY in between.
+        alive = await asyncio.to_thread(datapath.is_alive)
+        if self._state is WriterState.WRITING:
             if progress is not None and progress.phase in (WritePhase.FINISHED, WritePhase.FAILED):
                 if progress.result is not None:
                     self._finish(progress.result)
