@@ -107,6 +107,17 @@ def source_where(spec: Specification, source: Source) -> str:
     return f"sources[{spec.sources.index(source)}]"
 
 
+def source_label(spec: Specification, source: Source, path: Path) -> str:
+    """`sources[i] 'name'` of a file source whose collected copy `path` is a regular file, else
+    `MergeError` saying what is wrong with it."""
+    label = f"{source_where(spec, source)} {source.source_name!r}"
+    if not path.exists():
+        raise MergeError(f"{label}: file {path} does not exist")
+    if not path.is_file():
+        raise MergeError(f"{label}: {path} is not a regular file")
+    return label
+
+
 def as_text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 

@@ -48,7 +48,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 
-from daqif.spec import FitsFileSource, FitsKeywordsSource, Specification
+from daqif.spec import FitsFileSource, Specification
 from servers.common.atomic import atomic_output
 from servers.dpm.dictionary import DictionarySet
 from servers.dpm.merge.common import (
@@ -60,6 +60,7 @@ from servers.dpm.merge.common import (
     MergeResult,
     ProductUnreadableError,
     VerifyResult,
+    source_label,
     source_where,
     utc_date,
 )
@@ -76,7 +77,7 @@ from servers.dpm.merge.keywords import (
     Keyword,
     MergedKeywords,
     apply_keyword_rules,
-    fits_keywords,
+    keywords_by_priority,
     merge_keywords,
 )
 
@@ -206,12 +207,7 @@ def read_hdus(path: Path, what: str) -> list[_Hdu]:
 
 
 def _open_source(spec: Specification, source: FitsFileSource, path: Path, log: MergeLog) -> _FitsSource:
-    where = source_where(spec, source)
-    label = f"{where} {source.source_name!r}"
-    if not path.exists():
-        raise MergeError(f"{label}: file {path} does not exist")
-    if not path.is_file():
-        raise MergeError(f"{label}: {path} is not a regular file")
+    where, label = source_where(spec, source), source_label(spec, source, path)
     hdus = read_hdus(path, label)
     fd = os.open(path, os.O_RDONLY)
     opened = _FitsSource(source, where, path, fd, source is spec.target_source, hdus)
@@ -253,15 +249,8 @@ def merge_fits(
             opened.append(_open_source(spec, source, Path(source_files[source.source_name]), log))
         by_name = {o.source.source_name: o for o in opened}
         target = by_name[spec.target_source.source_name] if spec.target_source else None
-        per_source: list[tuple[str, list[Keyword]]] = []
-        for entry in spec.sources:
-            if isinstance(entry, FitsKeywordsSource):
-                per_source.append((entry.source_name, fits_keywords(entry, source_where(spec, entry))))
-            else:
-                per_source.append((entry.source_name, by_name[entry.source_name].keywords))
-        if target is not None:
-            per_source.append((target.source.source_name, target.keywords))
-        keywords = merge_keywords(per_source, log, reserved=_FitsReserved())
+        file_keywords = {name: o.keywords for name, o in by_name.items()}
+        keywords = merge_keywords(keywords_by_priority(spec, file_keywords), log, reserved=_FitsReserved())
         apply_dictionaries(keywords, dictionaries, log)
         ordered = [o for o in opened if o.is_target] + [o for o in opened if not o.is_target]
         for o in ordered:

@@ -49,6 +49,7 @@ from servers.dpm.merge.common import (
     MergeLog,
     MergeResult,
     as_text,
+    source_label,
     source_where,
     utc_date,
 )
@@ -285,12 +286,7 @@ def _plain_dcpl(src: h5py.Dataset, dcpl: Any) -> Any:
 
 
 def open_source(spec: Specification, source: Hdf5FileSource, path: Path, log: MergeLog) -> OpenSource:
-    where = source_where(spec, source)
-    label = f"{where} {source.source_name!r}"
-    if not path.exists():
-        raise MergeError(f"{label}: file {path} does not exist")
-    if not path.is_file():
-        raise MergeError(f"{label}: {path} is not a regular file")
+    where, label = source_where(spec, source), source_label(spec, source, path)
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +20,10 @@ from daqif.spec import (
     FitsKeywordsSource,
     KeywordKind,
     KeywordRule,
+    Specification,
     TransformRule,
 )
-from servers.dpm.merge.common import COMMENTARY, RESERVED_ATTRIBUTES, MergeError, MergeLog
+from servers.dpm.merge.common import COMMENTARY, RESERVED_ATTRIBUTES, MergeError, MergeLog, source_where
 
 ESO_NAME = re.compile(r"[A-Z0-9_-]+( [A-Z0-9_-]+)*")
 FITS_NAME = re.compile(r"[A-Z0-9_-]{1,8}")
@@ -263,6 +264,23 @@ class MergedKeywords:
     @property
     def count(self) -> int:
         return len(self.values) + sum(len(lines) for lines in self.commentary.values())
+
+
+def keywords_by_priority(
+    spec: Specification, file_keywords: Mapping[str, list[Keyword]]
+) -> list[tuple[str, list[Keyword]]]:
+    """Each source's keywords in merge priority: `sources` in order (`fitsKeywords` from the
+    specification, file sources from `file_keywords` by source name), `target.source` last."""
+    per_source: list[tuple[str, list[Keyword]]] = []
+    for entry in spec.sources:
+        if isinstance(entry, FitsKeywordsSource):
+            per_source.append((entry.source_name, fits_keywords(entry, source_where(spec, entry))))
+        else:
+            per_source.append((entry.source_name, file_keywords[entry.source_name]))
+    if spec.target_source is not None:
+        name = spec.target_source.source_name
+        per_source.append((name, file_keywords[name]))
+    return per_source
 
 
 def merge_keywords(

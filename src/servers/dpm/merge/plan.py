@@ -13,14 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
-from daqif.spec import FitsKeywordsSource, ProductFormat, Specification
+from daqif.spec import ProductFormat, Specification
 from servers.dpm import references
 from servers.dpm.dictionary import DictionarySet
 from servers.dpm.merge.common import MergeError, MergeLog, MergeResult, source_where
 from servers.dpm.merge.dictionaries import apply_dictionaries
 from servers.dpm.merge.fits import merge_fits
 from servers.dpm.merge.hdf5 import OpenSource, check_base_names, describe_plan, open_source, write_product
-from servers.dpm.merge.keywords import Keyword, fits_keywords, merge_keywords
+from servers.dpm.merge.keywords import keywords_by_priority, merge_keywords
 
 
 def resolve_sources(spec: Specification, root: Path) -> dict[str, Path]:
@@ -124,15 +124,8 @@ def _merge_opened(
         opened[-1].references = source_references.get(source.source_name)
     by_name = {o.source.source_name: o for o in opened}
     base = by_name[spec.target_source.source_name] if spec.target_source else None
-    per_source: list[tuple[str, list[Keyword]]] = []
-    for entry in spec.sources:
-        if isinstance(entry, FitsKeywordsSource):
-            per_source.append((entry.source_name, fits_keywords(entry, source_where(spec, entry))))
-        else:
-            per_source.append((entry.source_name, by_name[entry.source_name].keywords))
-    if base is not None:
-        per_source.append((base.source.source_name, base.keywords))
-    keywords = merge_keywords(per_source, out)
+    file_keywords = {name: o.keywords for name, o in by_name.items()}
+    keywords = merge_keywords(keywords_by_priority(spec, file_keywords), out)
     apply_dictionaries(keywords, dictionaries, out)
     if base is not None:
         check_base_names(base, spec)
