@@ -93,7 +93,11 @@ class _Launcher:
         done: asyncio.Future[int] = loop.create_future()
         self._waiting[request_id] = done
         # Shielded: a request half-written by a cancellation would garble the stream.
-        await asyncio.shield(self._send({"run": request_id, "argv": list(argv), "log": str(log_path)}))
+        try:
+            await asyncio.shield(self._send({"run": request_id, "argv": list(argv), "log": str(log_path)}))
+        except OSError:
+            self._waiting.pop(request_id, None)
+            raise
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
@@ -107,7 +111,12 @@ class _Launcher:
     async def _send(self, message: dict[str, Any]) -> None:
         if not self.alive:
             raise OSError(f"the merge launcher (pid {self.process.pid}) is not running")
-        await asyncio.get_running_loop().sock_sendall(self._sock, json.dumps(message).encode() + b"\n")
+        try:
+            await asyncio.get_running_loop().sock_sendall(self._sock, json.dumps(message).encode() + b"\n")
+        except OSError as exc:  # it died since: EPIPE or ECONNRESET before its exit is noticed
+            raise OSError(
+                f"the merge launcher (pid {self.process.pid}) is not running: {exc.strerror or exc}"
+            ) from None
 
     def _on_readable(self) -> None:
         try:

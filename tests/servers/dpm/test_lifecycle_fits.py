@@ -23,6 +23,7 @@ from .dpm_helpers import (
     make_spec,
     wait_alert,
     wait_archived,
+    visible_files,
     wait_until,
 )
 from .fits_samples import EXPECTED_CARDS, OCM, eso_spec, raw_hdus, write_dcs, write_fcs
@@ -45,7 +46,7 @@ def test_eso_example_with_a_remote_fits_source_completes_with_a_valid_fits_produ
         ("fcs", "rsync"),
     ]
     product = dpm.receiver / "ESO.2026-11-22T10:00:00.000.fits"
-    assert os.listdir(dpm.receiver) == [product.name]
+    assert visible_files(dpm.receiver) == [product.name]
     header = fits.getheader(product)
     assert [c.keyword for c in header.cards][4:] == [k for k, _ in EXPECTED_CARDS]
     assert header["ARCFILE"] == product.name
@@ -141,7 +142,7 @@ def test_kill_9_while_the_fits_merge_process_runs_then_the_product_is_released_o
     record = wait_archived(client, server, "FKILL")
     assert record["substate"] == "COMPLETED"
     assert record["attempts"]["merge"] == 2
-    assert os.listdir(dpm.receiver) == ["FKILL.fits"]  # no duplicate, no temporary file
+    assert visible_files(dpm.receiver) == ["FKILL.fits"]  # no duplicate, no temporary file
     product = server.workspace / "products" / "FKILL" / "FKILL.fits"
     assert os.listdir(product.parent) == [product.name]  # the cut-short part file is gone
     assert os.stat(product).st_nlink == 2  # the workspace and the one receiver: released once

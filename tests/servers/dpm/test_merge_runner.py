@@ -14,7 +14,7 @@ import pytest
 from daqif.v1 import dpm_pb2, dpm_pb2_grpc
 from servers.dpm.merge_runner import LauncherMergeRunner
 
-from .dpm_helpers import DpmHarness, keyword_source, make_spec, substate, wait_until
+from .dpm_helpers import DpmHarness, keyword_source, make_spec, substate, visible_files, wait_until
 
 
 def _merge_argv(tmp_path: Path, name: str, valid: bool) -> tuple[list[str], Path]:
@@ -118,7 +118,7 @@ def test_a_thousand_small_daqs_with_four_merges_all_complete_without_an_error(dp
         return not active
 
     wait_until(all_archived, 600, "every DAQ archived")
-    assert sorted(os.listdir(dpm.receiver)) == sorted(f"{i}.product.h5" for i in ids)
+    assert visible_files(dpm.receiver) == sorted(f"{i}.product.h5" for i in ids)
     completed = substate("COMPLETED")
     for daq_id in ids:
         final = client.get_daq_status(daq_id, include_archived=True)
