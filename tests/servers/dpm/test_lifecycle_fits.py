@@ -21,9 +21,9 @@ from .dpm_helpers import (
     error_of,
     hdf5_source,
     make_spec,
+    visible_files,
     wait_alert,
     wait_archived,
-    visible_files,
     wait_until,
 )
 from .fits_samples import EXPECTED_CARDS, OCM, eso_spec, raw_hdus, write_dcs, write_fcs
