@@ -575,10 +575,19 @@ class WriterCore:
                 if progress.result is not None:
                     self._finish(progress.result)
             elif not alive:
-                self._fail_acquisition(
-                    "the data path process died during the write; the file holds the frames written "
-                    "before it died. Call stop to reset the writer."
-                )
+                # It died between the two looks: asked again, the progress is the death's result,
+                # counted from the repaired file (not the frames last reported, some never flushed).
+                try:
+                    progress = await asyncio.to_thread(datapath.progress)
+                except DataPathError:
+                    progress = None
+                if progress is not None and progress.result is not None:
+                    self._finish(progress.result)
+                else:
+                    self._fail_acquisition(
+                        "the data path process died during the write; the file holds the frames written "
+                        "before it died. Call stop to reset the writer."
+                    )
             elif progress is not None and progress.phase in _PHASE_TO_STATE:
                 self._transition(
                     acquisition=replace(
