@@ -34,6 +34,7 @@ beside each figure and the per-round values in the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -350,6 +351,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sched_seconds(pid: int) -> tuple[float, float]:
+    """(on CPU, waiting for a CPU) seconds summed over the threads of `pid` (``schedstat``)."""
+    run = wait = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():  # OSError once `pid` is gone
+        with contextlib.suppress(OSError):
+            on_cpu, queued, _ = task.joinpath("schedstat").read_text().split()
+            run += int(on_cpu)
+            wait += int(queued)
+    return run / 1e9, wait / 1e9
+
+
+def autogroup_of(pid: int) -> str | None:
+    """``/proc/PID/autogroup`` (``/autogroup-N nice K``): the session whose nice weighs, or None."""
+    try:
+        return Path(f"/proc/{pid}/autogroup").read_text().strip()
+    except OSError:
+        return None
+
+
+def largest_gap(ids: Any) -> tuple[int, int]:
+    """(frames missing, image id after which they are missing) of the largest gap in `ids`."""
+    if len(ids) < 2:
+        return 0, -1
+    steps = np.diff(ids.astype(np.int64)) - 1
+    at = int(np.argmax(steps))
+    return int(steps[at]), int(ids[at])
+
+
 def poller_run(directory: Path, pollers: int, rate: float, n: int, *, boost: bool = True) -> dict[str, Any]:
     """Record `n` 64 KiB frames from a PUB source through a real writer while `pollers` threads
     poll ``/writer/status``; lost = gaps in the recorded ids, short = frames not recorded when the
@@ -382,7 +411,11 @@ def poller_run(directory: Path, pollers: int, rate: float, n: int, *, boost: boo
     (datapath_pid,) = writer.data_path_pids()
     if not boost:
         set_thread_nices(datapath_pid, os.getpriority(os.PRIO_PROCESS, writer.pid))
+        with contextlib.suppress(FileNotFoundError):  # the session's nice (autogroups), as the writer's
+            Path(f"/proc/{datapath_pid}/autogroup").write_text("0\n")
     datapath_nices = thread_nices(datapath_pid)
+    datapath_autogroup = autogroup_of(datapath_pid)
+    writer_autogroup = autogroup_of(writer.pid)
     stop = threading.Event()
     polls = [0] * pollers
 
@@ -404,16 +437,32 @@ def poller_run(directory: Path, pollers: int, rate: float, n: int, *, boost: boo
         assert reply["status"] == "ok", reply
         started = time.monotonic()
         control_cpu_start = cpu_seconds(writer.pid)
+        datapath_sched_start = sched_seconds(datapath_pid)
         sim = start_pub_sim(shape, rate, n, endpoint)
+        # The simulator stands in for a detector, which does not share its CPU with the pollers: it
+        # runs boosted like the data path (when allowed), so that what is measured is the writer.
+        with contextlib.suppress(PermissionError, FileNotFoundError):
+            set_thread_nices(sim.pid, -10)
+            Path(f"/proc/{sim.pid}/autogroup").write_text("-10\n")
+        sim_sched_start = sched_seconds(sim.pid)
+        sim_autogroup = autogroup_of(sim.pid)
+        sim_sched_last = sim_sched_start  # the simulator may end first: its last figures count
         try:
 
             def ended() -> bool:
+                nonlocal sim_sched_last
+                with contextlib.suppress(OSError):
+                    sim_sched_last = sched_seconds(sim.pid)
                 status = requests.get(writer.rest_url + "/writer/status", timeout=30).json()["writer"]
                 return status["acquisition"]["state"] in ("FINISHED", "FAILED") or not sim.running
 
             wait_until(ended, n / rate * 3 + 60, "the write or the simulator to end")
             elapsed = time.monotonic() - started
             control_cpu = cpu_seconds(writer.pid) - control_cpu_start
+            datapath_sched = [
+                b - a for a, b in zip(datapath_sched_start, sched_seconds(datapath_pid), strict=True)
+            ]
+            sim_sched = [b - a for a, b in zip(sim_sched_start, sim_sched_last, strict=True)]
             requests.post(writer.rest_url + "/writer/stop", json={}, timeout=30)
         finally:
             sim.stop(60)
@@ -426,6 +475,7 @@ def poller_run(directory: Path, pollers: int, rate: float, n: int, *, boost: boo
         ids = f["bench/image_id"][:]
     path.unlink()
     span = int(ids[-1] - ids[0] + 1) if len(ids) else 0
+    gap, gap_after = largest_gap(ids)
     return {
         "pollers": pollers,
         "rate_hz": rate,
@@ -433,12 +483,24 @@ def poller_run(directory: Path, pollers: int, rate: float, n: int, *, boost: boo
         "frames_written": len(ids),
         # Gaps in the recorded ids: frames the writer received too late (the PUB queue overflowed).
         "frames_lost": span - len(ids),
+        "largest_gap": {"frames": gap, "after_image_id": gap_after},
         "frames_short": n - len(ids),
+        # The data path's threads: CPU used, and time they were runnable but waited for a CPU
+        # (high wait = starved by the pollers; low wait with a gap = blocked on something).
+        "datapath_cpu_s": round(datapath_sched[0], 3),
+        "datapath_runqueue_wait_s": round(datapath_sched[1], 3),
+        # The same for the simulator: a PUB source drops frames itself when its sending thread
+        # waits for a CPU while the frames are due.
+        "sim_cpu_s": round(sim_sched[0], 3),
+        "sim_runqueue_wait_s": round(sim_sched[1], 3),
+        "sim_autogroup": sim_autogroup,
         "status_polls_per_s": round(sum(polls) / max(elapsed, 1e-9)),
         # The control plane's CPU per poll (its cost with no poller is the baseline of each round).
         "control_plane_cpu_fraction": round(control_cpu / max(elapsed, 1e-9), 3),
         "control_plane_cpu_us_per_poll": round(control_cpu / sum(polls) * 1e6) if sum(polls) else None,
         "datapath_thread_nices": datapath_nices,
+        "datapath_autogroup": datapath_autogroup,
+        "writer_autogroup": writer_autogroup,
     }
 
 

@@ -504,6 +504,11 @@ def test_every_thread_of_the_data_path_runs_its_priority_boost_ahead_of_the_cont
     # ZeroMQ's I/O thread receives the frames: it must inherit the boost, not only the main thread.
     assert len(list(Path(f"/proc/{pid}/task").iterdir())) > 1
     assert _thread_nices(pid) == {max(-20, own - 5)}
+    # The data path is a session of its own: with autogroups on, the session's nice is what
+    # weighs against the control plane and the clients, so it carries the boost too.
+    if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1":
+        group = Path(f"/proc/{pid}/autogroup").read_text().split()
+        assert group[-2:] == ["nice", str(max(-20, own - 5))], group
 
 
 def test_a_data_path_that_may_not_raise_its_priority_says_how_to_allow_it_and_keeps_running() -> None:

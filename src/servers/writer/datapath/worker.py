@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Final
 
 from daqif.frame import FrameError, FrameHeader, check_data, decode_header
@@ -82,6 +83,12 @@ def raise_priority(boost: int) -> int:
     (imports start some) is raised, and ZeroMQ's I/O thread, started after, inherits it. Raising needs
     CAP_SYS_NICE or an RLIMIT_NICE allowing it (systemd ``LimitNICE=``); without either the data
     path stays at the control plane's nice, and says so once.
+
+    With the kernel's autogroup scheduling on (``kernel.sched_autogroup_enabled``, the default of
+    most distributions) a thread's nice only weighs against the threads of its own session, and
+    this process is a session of its own (`servers.common.process.spawn`): the CPU is shared
+    between sessions first, so the threads' nice alone would buy nothing against the control plane
+    or the clients polling it. The session's own nice (``/proc/self/autogroup``) is raised too.
     """
     current = os.getpriority(os.PRIO_PROCESS, 0)
     if boost <= 0:
@@ -90,6 +97,7 @@ def raise_priority(boost: int) -> int:
     try:
         for thread_id in sorted(int(task) for task in os.listdir("/proc/self/task")):
             os.setpriority(os.PRIO_PROCESS, thread_id, target)
+        raise_autogroup(target)
     except PermissionError:
         log.warning(
             "cannot raise the data path's priority to nice %d (needs CAP_SYS_NICE or RLIMIT_NICE, "
@@ -101,6 +109,25 @@ def raise_priority(boost: int) -> int:
         )
         return current
     return target
+
+
+AUTOGROUP: Final = "/proc/self/autogroup"
+
+
+def raise_autogroup(nice: int) -> None:
+    """Give this process's scheduling autogroup (its session) `nice`, if autogroups are in use.
+
+    Absent file (kernel without autogroups) or autogroups switched off: nothing to do. A
+    negative nice needs the same privilege as raising a thread (PermissionError otherwise).
+    """
+    try:
+        enabled = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return
+    if not enabled or not os.path.exists(AUTOGROUP):
+        return
+    with open(AUTOGROUP, "w") as f:
+        f.write(f"{nice}\n")
 
 
 def _raise_system_exit(_signum: int, _frame: object) -> None:
