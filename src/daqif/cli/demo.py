@@ -123,6 +123,9 @@ def build_specification(daq_id: str, raw_file: Path, receiver: Path) -> dict[str
     }
 
 
+FITS_DICTIONARIES = ("ESO-VLT-DIC.DAQIF_OBS", "ESO-VLT-DIC.DAQIF_TCS", "ESO-VLT-DIC.DAQIF_DCS")
+
+
 def write_fits_detector_files(raw_dir: Path, daq_id: str, chips: int) -> list[Path]:
     """Two FITS files as detector control systems write them: primary keywords, one image per chip."""
     from daqif.testing import write_fits_detector_file
@@ -187,7 +190,8 @@ def build_fits_specification(daq_id: str, files: list[Path], receiver: Path) -> 
             },
         ],
         "receivers": [{"type": "olasReceiver", "path": str(receiver)}],
-        "keywordDictionaries": [],
+        # The DPM's built-in dictionaries: every ESO keyword of the product must be defined there.
+        "keywordDictionaries": list(FITS_DICTIONARIES),
     }
 
 

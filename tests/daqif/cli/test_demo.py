@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,11 @@ def test_fits_demo_writes_detector_files_and_leaves_a_verified_fits_product(tmp_
         assert header["ARCFILE"] == product.name
     done = subprocess.run(["fitsverify", "-q", str(product)], capture_output=True, text=True, check=False)
     assert done.stdout.strip() == f"verification OK: {product}", done.stdout
+    # The demo's specification lists the built-in dictionaries, so COMPLETED means every ESO
+    # keyword of the product (from the keyword sources and the detector files) is defined there.
+    (spec_file,) = tmp_path.glob("DEMO.*.spec.json")
+    assert json.loads(spec_file.read_text())["keywordDictionaries"] == [
+        "ESO-VLT-DIC.DAQIF_OBS",
+        "ESO-VLT-DIC.DAQIF_TCS",
+        "ESO-VLT-DIC.DAQIF_DCS",
+    ]

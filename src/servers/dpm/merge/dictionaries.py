@@ -11,12 +11,14 @@ makes it (`%.3f` of 0.12345 is held as 0.123; a double is held as a float, an in
 On a FITS card a number is written as its `Value Format` text (`0.5000`, `1.23457E+04`) when
 that and the comment fit in the 80 characters (else as astropy writes the same value).
 The keywords of `fitsKeywords` sources were checked at QueueDaq already; they are checked again
-here (a dictionary may have changed since) and formatted the same way.
+here (a dictionary may have changed since) and formatted the same way. The headers a FITS product
+copies verbatim (every extension) are checked too (`check_copied_keywords`), but not formatted:
+a copied HDU keeps its bytes, checksums included.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -63,6 +65,29 @@ def apply_dictionaries(merged: MergedKeywords, dictionaries: DictionarySet | Non
         more = f" (and {len(problems) - 1} more ESO keywords)" if len(problems) > 1 else ""
         raise MergeError(f"{problems[0]}{more}; fix the source or the dictionary")
     log.info(f"keywords checked against {dictionaries.names}")
+
+
+def check_copied_keywords(
+    headers: Iterable[tuple[str, Iterable[Keyword]]], dictionaries: DictionarySet | None
+) -> None:
+    """Check the ESO keywords of headers the product copies verbatim (a FITS product's extensions),
+    each given as (what it is, e.g. "source 'dcs1' HDU 1 (CHIP1)", its keywords). They are checked
+    only, never commented or formatted: the bytes of a copied HDU stay the source's. `MergeError`
+    names the first keyword that is not defined or not of its type, and where it is."""
+    if dictionaries is None:
+        return
+    problems: list[str] = []
+    for where, keywords in headers:
+        for kw in keywords:
+            if not kw.is_eso:
+                continue
+            try:
+                dictionaries.check(kw.short_name, kw.value, kw.comment)
+            except KeywordNotValid as exc:
+                problems.append(exc.of_source(where))
+    if problems:
+        more = f" (and {len(problems) - 1} more ESO keywords)" if len(problems) > 1 else ""
+        raise MergeError(f"{problems[0]}{more}; fix the source or the dictionary")
 
 
 def dictionary_card(kw: Keyword, render: Callable[[str, Any, str], fits.Card]) -> fits.Card:

@@ -64,7 +64,7 @@ from servers.dpm.merge.common import (
     source_where,
     utc_date,
 )
-from servers.dpm.merge.dictionaries import apply_dictionaries, dictionary_card
+from servers.dpm.merge.dictionaries import apply_dictionaries, check_copied_keywords, dictionary_card
 from servers.dpm.merge.fits_cards import (
     FITS_RESERVED,
     STRUCTURE,
@@ -262,6 +262,9 @@ def merge_fits(
                     "so it is not in the product",
                 )
         extensions = [(o, hdu) for o in ordered for hdu in o.hdus[1:]]
+        check_copied_keywords(
+            ((f"{o.label} {hdu.label()}", header_keywords(hdu.header)) for o, hdu in extensions), dictionaries
+        )
         if dry_run:
             return _dry_run(spec, ordered, extensions, keywords, outfile, log, started)
         return _write(spec, target, extensions, keywords, outfile, log, started)

@@ -217,6 +217,31 @@ def test_a_fits_product_gets_formatted_values_and_default_comments_and_refuses_u
     assert not (tmp_path / "BAD.fits").exists()
 
 
+def test_the_eso_keywords_of_copied_extensions_are_checked_too_and_named_with_their_hdu(
+    tmp_path: Path,
+) -> None:
+    dcs = write_fits_detector_file(tmp_path / "dcs.fits", keywords={"ESO DET DIT": 0.5}, chips=2)
+    document = spec_document([fits_file_source("dcs", dcs)], file_id="EXT")
+    document["keywordDictionaries"] = [DCS]
+    spec = load_specification(document)
+    dictionaries = load_dictionaries(spec.keyword_dictionaries, [])
+    # Each chip extension carries `HIERARCH ESO DET CHIP<n> ID`, which DAQIF_DCS defines.
+    merge(spec, {"dcs": dcs}, tmp_path / "EXT.fits", dictionaries=dictionaries)
+    with fits.open(tmp_path / "EXT.fits") as hdus:
+        assert hdus[2].header["HIERARCH ESO DET CHIP2 ID"] == "chip-2"
+
+    with fits.open(dcs, mode="update") as hdus:
+        hdus[2].header["HIERARCH ESO DET CHIP2 VOLT"] = (3.3, "bias [V]")  # defined nowhere
+        hdus[1].header["HIERARCH ESO DET CHIP1 GAIN"] = "high"  # a double in DAQIF_DCS
+    with pytest.raises(MergeError) as raised:
+        merge(spec, {"dcs": dcs}, tmp_path / "BAD.fits", dictionaries=dictionaries)
+    message = str(raised.value)
+    where = "of source sources[0] 'dcs' HDU 1 (CHIP1)"
+    assert message.startswith(f"ESO keyword 'DET CHIP1 GAIN' {where} "), message
+    assert "(and 1 more ESO keywords); fix the source or the dictionary" in message
+    assert not (tmp_path / "BAD.fits").exists()
+
+
 def test_a_default_comment_too_long_for_the_card_is_cut_and_made_ascii(tmp_path: Path) -> None:
     (tmp_path / "dics").mkdir()
     long_comment = "Temperature (°K) of the cold plate in the dewar, as read by sensor %d at the start"
@@ -227,7 +252,7 @@ def test_a_default_comment_too_long_for_the_card_is_cut_and_made_ascii(tmp_path:
     )
     dcs = write_fits_detector_file(tmp_path / "dcs.fits", keywords={"ESO INS SENSOR12 TEMP": 77.123456})
     document = spec_document([fits_file_source("dcs", dcs)], file_id="CUT")
-    document["keywordDictionaries"] = ["ESO-VLT-DIC.SITE"]
+    document["keywordDictionaries"] = ["ESO-VLT-DIC.SITE", DCS]  # DCS: the chips' DET CHIPn ID
     spec = load_specification(document)
     outfile = tmp_path / "CUT.fits"
     merge(
