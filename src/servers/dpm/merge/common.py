@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from daqif.spec import Source, Specification
+from servers.common.atomic import atomic_output
 
 ARCFILE = "ARCFILE"
 ORIGFILE = "ORIGFILE"
@@ -46,6 +50,61 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     alerts: dict[str, str] = field(default_factory=dict)
     """WARNING alerts for the DAQ (key, e.g. `unmerged:<sourceName>` → message)."""
+
+
+# -- the product file ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def product_output(outfile: Path, what: str, log: MergeLog) -> Iterator[Path]:
+    """The part file `.<name>.part` beside `outfile` to build the product in, made `outfile` when the
+    block ends (`servers.common.atomic.atomic_output`: fsync, rename, fsync of the folder; the part
+    file removed on any error; a fixed name, so the next attempt replaces a leftover). `what` says
+    what is merged, for the log. Errors of the file system or the format library become one-line
+    `MergeError`s naming `outfile`."""
+    if not outfile.parent.is_dir():
+        raise MergeError(f"output directory {outfile.parent} does not exist")
+    part_name = f".{outfile.name}.part"
+    log.info(f"merging {what} into {outfile} (writing {part_name})")
+    try:
+        with atomic_output(outfile, temp_name=part_name) as part:
+            yield part
+            if outfile.exists():
+                log.warning(f"replacing the existing {outfile}")
+    except MergeError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise MergeError(f"merge failed writing {outfile}: {exc}") from exc
+
+
+def product_written(
+    outfile: Path,
+    contents: str,
+    checksum: str,
+    datasets: int,
+    keywords: int,
+    copied: int,
+    log: MergeLog,
+    started: float,
+) -> MergeResult:
+    """Log what was written (`contents`: "3 datasets, 12 keywords, <checksum>") and return it."""
+    size = outfile.stat().st_size
+    duration = time.monotonic() - started
+    log.info(
+        f"wrote {outfile}: {size} bytes, {contents} "
+        f"in {duration:.2f} s ({copied / 2**20 / max(duration, 1e-9):.0f} MiB/s)"
+    )
+    return MergeResult(
+        product=outfile,
+        bytes=size,
+        datasets=datasets,
+        keywords=keywords,
+        checksum=checksum,
+        duration_s=duration,
+        log=log.lines,
+        warnings=log.warnings,
+        alerts=log.alerts,
+    )
 
 
 @dataclass

@@ -49,7 +49,6 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 
 from daqif.spec import FitsFileSource, Specification
-from servers.common.atomic import atomic_output
 from servers.dpm.dictionary import DictionarySet
 from servers.dpm.merge.common import (
     ARCFILE,
@@ -60,6 +59,8 @@ from servers.dpm.merge.common import (
     MergeResult,
     ProductUnreadableError,
     VerifyResult,
+    product_output,
+    product_written,
     source_label,
     source_where,
     utc_date,
@@ -366,66 +367,43 @@ def _write(
     log: MergeLog,
     started: float,
 ) -> MergeResult:
-    if not outfile.parent.is_dir():
-        raise MergeError(f"output directory {outfile.parent} does not exist")
     now = datetime.now(UTC)
     when = now.strftime("%Y-%m-%dT%H:%M:%S")
-    part_name = f".{outfile.name}.part"
-    log.info(f"merging {len(extensions)} extension(s) into {outfile} (writing {part_name})")
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-datasum")
     copied = 0
     try:
-        # Data sums are computed on a worker, one HDU ahead of the kernel copy.
-        sums: list[Future[int]] = [
-            pool.submit(_datasum, o.fd, h.data_offset, h.data_span) for o, h in extensions
-        ]
-        primary = target.hdus[0] if target else None
-        primary_sum = _datasum(target.fd, primary.data_offset, primary.data_span) if target and primary else 0
-        header = _primary_header(spec, target, keywords, outfile, now)
-        with atomic_output(outfile, temp_name=part_name) as part, open(part, "wb") as out:
-            dst = out.fileno()
-            os.write(dst, checksummed_header(header, primary_sum, when))
-            if target is not None and primary is not None and primary.data_span:
-                copied += _copy_range(target.fd, dst, primary.data_offset, primary.data_span)
-            for (o, hdu), datasum in zip(extensions, sums, strict=True):
-                raw = os.pread(o.fd, hdu.header_span, hdu.header_offset)
-                total = datasum.result()
-                if _verifies(raw, hdu.header, total):
-                    copied += _copy_range(o.fd, dst, hdu.header_offset, hdu.header_span)
-                else:
-                    rewritten = hdu.header.copy()
-                    os.write(dst, checksummed_header(rewritten, total, when))
-                    log.info(
-                        f"{o.label} {hdu.label()}: CHECKSUM/DATASUM missing or not valid; written afresh"
-                    )
-                copied += _copy_range(o.fd, dst, hdu.data_offset, hdu.data_span)
-            if outfile.exists():
-                log.warning(f"replacing the existing {outfile}")
-    except MergeError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise MergeError(f"merge failed writing {outfile}: {exc}") from exc
+        with product_output(outfile, f"{len(extensions)} extension(s)", log) as part:
+            # Data sums are computed on a worker, one HDU ahead of the kernel copy.
+            sums: list[Future[int]] = [
+                pool.submit(_datasum, o.fd, h.data_offset, h.data_span) for o, h in extensions
+            ]
+            primary = target.hdus[0] if target else None
+            primary_sum = (
+                _datasum(target.fd, primary.data_offset, primary.data_span) if target and primary else 0
+            )
+            header = _primary_header(spec, target, keywords, outfile, now)
+            with open(part, "wb") as out:
+                dst = out.fileno()
+                os.write(dst, checksummed_header(header, primary_sum, when))
+                if target is not None and primary is not None and primary.data_span:
+                    copied += _copy_range(target.fd, dst, primary.data_offset, primary.data_span)
+                for (o, hdu), datasum in zip(extensions, sums, strict=True):
+                    raw = os.pread(o.fd, hdu.header_span, hdu.header_offset)
+                    total = datasum.result()
+                    if _verifies(raw, hdu.header, total):
+                        copied += _copy_range(o.fd, dst, hdu.header_offset, hdu.header_span)
+                    else:
+                        os.write(dst, checksummed_header(hdu.header.copy(), total, when))
+                        log.info(
+                            f"{o.label} {hdu.label()}: CHECKSUM/DATASUM missing or not valid; written afresh"
+                        )
+                    copied += _copy_range(o.fd, dst, hdu.data_offset, hdu.data_span)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    size = outfile.stat().st_size
-    duration = time.monotonic() - started
     checksum = str(fits.getheader(outfile, 0).get("CHECKSUM", ""))
-    log.info(
-        f"wrote {outfile}: {size} bytes, {1 + len(extensions)} HDUs, {keywords.count} keywords, "
-        f"CHECKSUM {checksum} "
-        f"in {duration:.2f} s ({copied / 2**20 / max(duration, 1e-9):.0f} MiB/s)"
-    )
-    return MergeResult(
-        product=outfile,
-        bytes=size,
-        datasets=1 + len(extensions),
-        keywords=keywords.count,
-        checksum=checksum,
-        duration_s=duration,
-        log=log.lines,
-        warnings=log.warnings,
-        alerts=log.alerts,
-    )
+    n_hdus = 1 + len(extensions)
+    contents = f"{n_hdus} HDUs, {keywords.count} keywords, CHECKSUM {checksum}"
+    return product_written(outfile, contents, checksum, n_hdus, keywords.count, copied, log, started)
 
 
 def _dry_run(

@@ -21,7 +21,7 @@ from daqif.spec import (
     Hdf5FileSource,
     Specification,
 )
-from servers.common.atomic import atomic_output, copy_file
+from servers.common.atomic import copy_file
 from servers.dpm import references
 from servers.dpm.merge.checksum import (
     ChunkBuffer,
@@ -49,6 +49,8 @@ from servers.dpm.merge.common import (
     MergeLog,
     MergeResult,
     as_text,
+    product_output,
+    product_written,
     source_label,
     source_where,
     utc_date,
@@ -413,10 +415,6 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _part_path(outfile: Path) -> Path:
-    return outfile.with_name(f".{outfile.name}.part")
-
-
 def write_product(
     spec: Specification,
     opened: Sequence[OpenSource],
@@ -426,37 +424,10 @@ def write_product(
     out: MergeLog,
     started: float,
 ) -> MergeResult:
-    if not outfile.parent.is_dir():
-        raise MergeError(f"output directory {outfile.parent} does not exist")
-    part_name = _part_path(outfile).name  # a fixed name: the next attempt replaces a leftover
-    out.info(f"merging {len(opened)} HDF5 source(s) into {outfile} (writing {part_name})")
-    try:
-        with atomic_output(outfile, temp_name=part_name) as part:
-            checksum, n_datasets, copied = _build(spec, opened, base, keywords, outfile, part, out)
-            if outfile.exists():
-                out.warning(f"replacing the existing {outfile}")
-    except BaseException as exc:
-        if isinstance(exc, MergeError):
-            raise
-        if isinstance(exc, (OSError, RuntimeError, ValueError, KeyError, TypeError)):
-            raise MergeError(f"merge failed writing {outfile}: {exc}") from exc
-        raise
-    size = outfile.stat().st_size
-    duration = time.monotonic() - started
-    out.info(
-        f"wrote {outfile}: {size} bytes, {n_datasets} datasets, {keywords.count} keywords, {checksum} "
-        f"in {duration:.2f} s ({copied / 2**20 / max(duration, 1e-9):.0f} MiB/s)"
-    )
-    return MergeResult(
-        product=outfile,
-        bytes=size,
-        datasets=n_datasets,
-        keywords=keywords.count,
-        checksum=checksum,
-        duration_s=duration,
-        log=out.lines,
-        warnings=out.warnings,
-    )
+    with product_output(outfile, f"{len(opened)} HDF5 source(s)", out) as part:
+        checksum, n_datasets, copied = _build(spec, opened, base, keywords, outfile, part, out)
+    contents = f"{n_datasets} datasets, {keywords.count} keywords, {checksum}"
+    return product_written(outfile, contents, checksum, n_datasets, keywords.count, copied, out, started)
 
 
 def _build(
