@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ import numpy as np
 from bench_common import machine_facts
 
 from daqif.spec import load_specification
-from servers.dpm.merge import merge, verify
+from servers.dpm.merge import MergeResult, merge, verify
 
 FRAME = (1024, 2048)
 
@@ -97,6 +98,40 @@ def time_cp(sources: list[Path], target: Path, durable: bool) -> float:
     return elapsed
 
 
+class TimedMerge:
+    """One merge variant of `interleaved_rounds`: runs `run` (a `merge()` call writing `outfile`),
+    verifies the product the first time (timed apart), removes it; returns the merge's own time."""
+
+    def __init__(self, run: Callable[[], MergeResult], outfile: Path) -> None:
+        self.run, self.outfile = run, outfile
+        self.verify_s: float | None = None
+
+    def __call__(self) -> float:
+        result = self.run()
+        if self.verify_s is None:
+            start = time.perf_counter()
+            assert verify(self.outfile).ok
+            self.verify_s = time.perf_counter() - start
+        self.outfile.unlink()
+        return result.duration_s
+
+
+def interleaved_rounds(
+    variants: dict[str, Callable[[], float]], repeat: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Run every variant (each returns its seconds) once per round, in reverse order every other
+    round, so that no variant always runs on a cache warmed or a disk busied by the one before;
+    returns the seconds per variant and the load average before each run."""
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    loads: list[float] = []
+    for r in range(repeat):
+        order = list(variants)
+        for name in reversed(order) if r % 2 else order:
+            loads.append(round(os.getloadavg()[0], 2))
+            timings[name].append(variants[name]())
+    return timings, loads
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -136,44 +171,27 @@ def main() -> int:
         outfile = work / "BENCH.1.h5"
         spec_file = work / "BENCH.1.json"
         spec_file.write_text(json.dumps(document))
-        timings: dict[str, list[float]] = {"cp": [], "cp_fsync": [], "merge": [], "merge_process": []}
-        loads: list[float] = []
-        verify_s = 0.0
-        for r in range(args.repeat):
-            order = ["cp", "cp_fsync", "merge", "merge_process"]
-            if r % 2:
-                order.reverse()
-            for what in order:
-                loads.append(round(os.getloadavg()[0], 2))
-                if what == "merge_process":
-                    # The standalone program, interpreter start-up and imports included.
-                    start = time.perf_counter()
-                    subprocess.run(
-                        [
-                            sys.executable,
-                            "-m",
-                            "servers.dpm.merge_cli",
-                            str(spec_file),
-                            "--root",
-                            str(work),
-                            "--outfile",
-                            str(outfile),
-                        ],
-                        check=True,
-                        stdout=subprocess.DEVNULL,
-                    )
-                    timings["merge_process"].append(time.perf_counter() - start)
-                    outfile.unlink()
-                elif what == "merge":
-                    result = merge(spec, {"det1": sources[0], "det2": sources[1]}, outfile)
-                    timings["merge"].append(result.duration_s)
-                    if r == 0:
-                        start = time.perf_counter()
-                        assert verify(outfile).ok
-                        verify_s = time.perf_counter() - start
-                    outfile.unlink()
-                else:
-                    timings[what].append(time_cp(sources, work / "copy", durable=what == "cp_fsync"))
+        merged = TimedMerge(lambda: merge(spec, {"det1": sources[0], "det2": sources[1]}, outfile), outfile)
+
+        def merge_process() -> float:
+            # The standalone program, interpreter start-up and imports included.
+            start = time.perf_counter()
+            command = [sys.executable, "-m", "servers.dpm.merge_cli", str(spec_file), "--root", str(work)]
+            subprocess.run([*command, "--outfile", str(outfile)], check=True, stdout=subprocess.DEVNULL)
+            elapsed = time.perf_counter() - start
+            outfile.unlink()
+            return elapsed
+
+        timings, loads = interleaved_rounds(
+            {
+                "cp": lambda: time_cp(sources, work / "copy", durable=False),
+                "cp_fsync": lambda: time_cp(sources, work / "copy", durable=True),
+                "merge": merged,
+                "merge_process": merge_process,
+            },
+            args.repeat,
+        )
+        verify_s = merged.verify_s or 0.0
         med = {k: statistics.median(v) for k, v in timings.items()}
         summary = {
             "benchmark": "merge of 2 HDF5 sources vs cp of the same files",
@@ -257,20 +275,11 @@ def bench_fits(size_gib: float, repeat: int, directory: Path | None) -> int:
             }
         )
         outfile = work / spec.product_name
-        timings: dict[str, list[float]] = {"cp_fsync": [], "merge": []}
-        verify_s = 0.0
-        for r in range(repeat):
-            for what in ["cp_fsync", "merge"] if r % 2 == 0 else ["merge", "cp_fsync"]:
-                if what == "merge":
-                    result = merge(spec, {"dcs": sources[0], "fcs": sources[1]}, outfile)
-                    timings["merge"].append(result.duration_s)
-                    if r == 0:
-                        start = time.perf_counter()
-                        assert verify(outfile).ok
-                        verify_s = time.perf_counter() - start
-                    outfile.unlink()
-                else:
-                    timings[what].append(time_cp(sources, work / "copy", durable=True))
+        merged = TimedMerge(lambda: merge(spec, {"dcs": sources[0], "fcs": sources[1]}, outfile), outfile)
+        timings, loads = interleaved_rounds(
+            {"cp_fsync": lambda: time_cp(sources, work / "copy", durable=True), "merge": merged}, repeat
+        )
+        verify_s = merged.verify_s or 0.0
         med = {k: statistics.median(v) for k, v in timings.items()}
         summary = {
             "benchmark": "FITS merge (target + 1 fitsFile source) vs cp + fsync of the same files",
@@ -284,6 +293,7 @@ def bench_fits(size_gib: float, repeat: int, directory: Path | None) -> int:
             "verify_seconds": round(verify_s, 4),
             "ratio_vs_cp_fsync": round(med["cp_fsync"] / med["merge"], 3),
             "ratio_vs_cp_fsync_best": round(min(timings["cp_fsync"]) / min(timings["merge"]), 3),
+            "load_average": {"median": statistics.median(loads), "min": min(loads), "max": max(loads)},
             "target_ratio": 0.8,
             "note": "merge = copy_file_range of every HDU + DATASUM on a worker + fsync + rename",
         }
