@@ -49,7 +49,8 @@ def test_node_client_queues_follows_to_completed_and_reads_storage(
                     },
                 ],
                 "receivers": [{"type": "olasReceiver", "path": str(dpm_server.receiver_dir)}],
-                "keywordDictionaries": ["ESO-VLT-DIC.DAQIF_TCS"],
+                # DAQIF_DCS defines the DET CHIPn ID of the FITS source's chip extensions.
+                "keywordDictionaries": ["ESO-VLT-DIC.DAQIF_TCS", "ESO-VLT-DIC.DAQIF_DCS"],
             }
         )
     )
