@@ -5,7 +5,8 @@ path publish some of the good frames it receives, whether or not a write is open
 Standard DAQ live-stream form ``array-1.0``: a two-part message
 
     part 1  JSON  {"htype": "array-1.0", "frame": <image id>, "shape": [H, W], "type": "uint16",
-                   "status": <frame status>, "source_id": <id>}
+                   "status": <frame status>, "source_id": <id>,
+                   "timestamp": <Unix seconds the writer received it>}
     part 2  the raw pixels, C order, little-endian, H*W*itemsize bytes (decompressed if the
             detector sent bitshuffle-LZ4)
 
@@ -16,9 +17,10 @@ queue (a sample that finds the slot full is dropped, never waited for); that thr
 it if needed, encodes the header and sends it. Frames that are not sampled are never
 decompressed. PUB drops messages to slow subscribers, so a viewer never holds up the writer.
 
-`--live-rate HZ` (default 2) takes at most HZ frames a second (the rate is looked at once per
-receive batch); `--live-every N` takes every N-th frame received instead. The writer's REST API
-subscribes to this stream for `/daq/preview` and `/daq/live` (`servers.writer.preview`).
+`--live-rate HZ` (default 2) takes at most HZ frames a second, each at least 1/HZ s after the
+previous one (the clock is looked at once per receive batch); `--live-every N` takes every N-th
+frame received instead. The writer's REST API subscribes to this stream for `/daq/preview` and
+`/daq/live` (`servers.writer.preview`).
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ class LiveFrame:
     status: int = 0
 
 
-def encode_live_header(header: FrameHeader) -> bytes:
-    """The ``array-1.0`` JSON header of a frame."""
+def encode_live_header(header: FrameHeader, received_at: float) -> bytes:
+    """The ``array-1.0`` JSON header of a frame received at `received_at` (Unix seconds)."""
     return json.dumps(
         {
             "htype": HTYPE,
@@ -97,6 +99,7 @@ def encode_live_header(header: FrameHeader) -> bytes:
             "type": header.dtype.name,
             "status": header.status,
             "source_id": header.source_id,
+            "timestamp": received_at,
         }
     ).encode()
 
@@ -150,7 +153,7 @@ class LiveSampler:
         self.take_at = 0 if options.every is not None else NEVER
         self._period = 0.0 if options.rate_hz is None else 1.0 / options.rate_hz
         self._next_time = 0.0
-        self._slot: queue.Queue[tuple[FrameHeader, Any] | None] = queue.Queue(maxsize=1)
+        self._slot: queue.Queue[tuple[FrameHeader, Any, float] | None] = queue.Queue(maxsize=1)
         self.published = 0
         self.dropped = 0  # sampled while the publisher was still busy with the previous one
         self._socket = context.socket(zmq.PUB)
@@ -170,13 +173,13 @@ class LiveSampler:
             now = time.monotonic()
             if now >= self._next_time:
                 self.take_at = 0
-                self._next_time = max(self._next_time + self._period, now)
+                self._next_time = now + self._period  # at least a period apart, no catching up
 
     def take(self, header: FrameHeader, data: Any, received: int) -> None:
         """Hand one frame (its ZeroMQ buffer, not a copy) to the publisher; never waits."""
         self.take_at = received + self.options.every if self.options.every is not None else NEVER
         try:
-            self._slot.put_nowait((header, data))
+            self._slot.put_nowait((header, data, time.time()))
         except queue.Full:
             self.dropped += 1
 
@@ -189,13 +192,15 @@ class LiveSampler:
         socket = self._socket
         try:
             while (item := self._slot.get()) is not None:
-                header, data = item
+                header, data, seen = item
                 try:
                     if header.compression is Compression.BSLZ4:
                         pixels: Any = decompress_bslz4(bytes(data), header.shape, header.dtype).tobytes()
                     else:
                         pixels = data
-                    socket.send_multipart([encode_live_header(header), pixels], flags=zmq.NOBLOCK, copy=False)
+                    socket.send_multipart(
+                        [encode_live_header(header, seen), pixels], flags=zmq.NOBLOCK, copy=False
+                    )
                     self.published += 1
                 except zmq.Again:
                     self.dropped += 1
