@@ -135,6 +135,13 @@ def test_live_rate_caps_the_frames_per_second_and_compressed_frames_arrive_decom
         np.testing.assert_array_equal(frame.pixels, expected_frame(frame.image_id, SHAPE, "uint16"))
 
 
+def run_writer(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`daqif-writer` with `flags`, which must make it stop before it serves."""
+    argv = [sys.executable, "-m", "servers.writer.main", "--stream", "tcp://127.0.0.1:9"]
+    argv += ["--data-root", str(tmp_path), "--rest-port", "0", "--grpc-port", "0", *flags]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
@@ -144,13 +151,6 @@ def test_live_rate_caps_the_frames_per_second_and_compressed_frames_arrive_decom
         (["--live-rate", "5"], "--live-rate and --live-every need --live-stream"),
     ],
 )
-def run_writer(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    """`daqif-writer` with `flags`, which must make it stop before it serves."""
-    argv = [sys.executable, "-m", "servers.writer.main", "--stream", "tcp://127.0.0.1:9"]
-    argv += ["--data-root", str(tmp_path), "--rest-port", "0", "--grpc-port", "0", *flags]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
-
-
 def test_bad_live_flags_stop_the_writer_naming_them(tmp_path: Path, flags: list[str], expected: str) -> None:
     done = run_writer(tmp_path, *flags)
     assert done.returncode == 2 and expected in done.stderr, done.stderr
