@@ -101,7 +101,7 @@ def add_nexus_entry(h5file: h5py.File, group_path: str, detector: DetectorInfo |
 
 def find_detector_groups(h5file: h5py.File) -> list[str]:
     """Paths of the groups laid out as a Standard DAQ detector (``data`` [n, H, W] and
-    ``image_id``), in the file's link order; NeXus groups (those with an ``NX_class``, such as
+    ``image_id``), in name order; NeXus groups (those with an ``NX_class``, such as
     an ``/entry/data`` of a copied file) are not detector groups."""
     found: list[str] = []
 
