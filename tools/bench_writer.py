@@ -20,6 +20,11 @@ Reported per size: medians with min-max of GB/s, daqif frames/s, daqif ÷ peer a
 (ratios of the same round), the load average (1 min) at the start of each run.
 With ``--loss-frames N``: frames lost from a PUB source at the highest rate that holds.
 
+With ``--live`` it measures only what the live preview costs: the daqif run with the writer's live
+stream on (``--live-stream``, ``--live-rate``, default 10 Hz, and a client reading ``/daq/live``
+all along) and off, ``--rounds`` interleaved rounds per size; it reports on ÷ off per round (the
+target is >= 0.95) and the frames lost (gaps in the file's image ids; the target is 0).
+
 With ``--pollers N`` it measures only what status polling costs: a real writer (REST control plane
 and data path) records 20,000 64 KiB frames from a PUB source at ``--poller-rate`` (4 kHz), once
 with no client, once with N threads polling ``/writer/status`` as fast as they can, and once more
@@ -134,10 +139,16 @@ def detector_config(directory: Path, shape: tuple[int, int]) -> Path:
     return config
 
 
-def daqif_run(directory: Path, shape: tuple[int, int], n: int) -> tuple[dict[str, Any], list[int]]:
+def daqif_run(
+    directory: Path, shape: tuple[int, int], n: int, live_rate: float | None = None
+) -> tuple[dict[str, Any], list[int]]:
     """A real writer (REST + gRPC + data path) records `n` frames from a PUSH simulator: timed from
     REST ``write_async`` until gRPC ``WatchStatus`` shows FINISHED (the file is durable then).
-    Returns the run and the file offsets of the chunks (for the plain write)."""
+    Returns the run and the file offsets of the chunks (for the plain write). With `live_rate`
+    the writer publishes its live stream at that rate and a viewer reads ``/daq/live`` (MJPEG)
+    all along, so the control plane encodes a JPEG of every sample."""
+    import threading
+
     import requests
 
     from daqif.writer_client import WriterClient, acquisition_state_name
@@ -145,9 +156,30 @@ def daqif_run(directory: Path, shape: tuple[int, int], n: int) -> tuple[dict[str
 
     path = directory / f"daqif-{shape[0]}x{shape[1]}.h5"
     sim = start_sim(shape)
+    live_args: tuple[str, ...] = ()
+    if live_rate is not None:
+        live_args = ("--live-stream", f"tcp://127.0.0.1:{free_port()}", "--live-rate", str(live_rate))
     writer = WriterProcess(
-        WriterOptions(stream=sim.endpoint, data_root=directory, config=detector_config(directory, shape))
+        WriterOptions(
+            stream=sim.endpoint,
+            data_root=directory,
+            config=detector_config(directory, shape),
+            extra_args=live_args,
+        )
     ).start(timeout=120)
+    viewer_parts = [0]
+    stop_viewer = threading.Event()
+
+    def view() -> None:  # a browser showing /daq/live
+        with requests.get(writer.rest_url + "/daq/live", stream=True, timeout=60) as reply:
+            for chunk in reply.iter_content(chunk_size=None):
+                viewer_parts[0] += chunk.count(b"Content-Type: image/jpeg")
+                if stop_viewer.is_set():
+                    return
+
+    viewer = threading.Thread(target=view, daemon=True) if live_rate is not None else None
+    if viewer is not None:
+        viewer.start()
     try:
         with requests.Session() as rest, WriterClient(writer.grpc_address, timeout=None) as client:
 
@@ -180,13 +212,22 @@ def daqif_run(directory: Path, shape: tuple[int, int], n: int) -> tuple[dict[str
             # The data path's stop time is taken once the file is durable: what follows is the push.
             end_push_ms = (seen - status.acquisition.stats.stop_time) * 1000
     finally:
+        stop_viewer.set()
         writer.stop()
         sim.stop(60)
+        if viewer is not None:
+            viewer.join(timeout=30)
     with h5py.File(path, "r") as f:
         offsets: list[int] = []
         f["bench/data"].id.chunk_iter(lambda info: offsets.append(info.byte_offset))
+        ids = f["bench/image_id"][:]
     path.unlink()
-    return _throughput(n, shape, elapsed, load) | {"end_push_ms": round(end_push_ms, 2)}, sorted(offsets)
+    # A frame lost between the socket and the file is a gap in the ids (a PUSH source drops none).
+    lost = int(n - len(ids)) + (int(ids[-1] - ids[0]) + 1 - len(ids) if len(ids) else 0)
+    run = _throughput(n, shape, elapsed, load) | {"end_push_ms": round(end_push_ms, 2), "frames_lost": lost}
+    if live_rate is not None:
+        run["viewer_jpeg_parts"] = viewer_parts[0]
+    return run, sorted(offsets)
 
 
 def peer_run(directory: Path, shape: tuple[int, int], n: int) -> dict[str, Any]:
@@ -283,6 +324,41 @@ def throughput_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]
             "end_push_ms": _spread([r["end_push_ms"] for r in runs["daqif"]]),
             "load_average_1min": _spread([r["load_average_1min"] for v in runs.values() for r in v]),
             "shortest_run_s": min(r["seconds"] for v in runs.values() for r in v),
+            "runs": runs,
+        }
+    return sizes
+
+
+def live_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    """The ``--live`` mode: per size, `--rounds` interleaved rounds of the daqif run with the live
+    stream (and an MJPEG viewer) on and off; the ratio on ÷ off of each round, and frames lost."""
+    sizes: dict[str, Any] = {}
+    for name in args.sizes.split(","):
+        shape = SIZES[name]
+        n = max(16, int(args.gib * 2**30 / frame_bytes_of(shape)))
+        runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+        order = ["off", "on"]
+        for round_ in range(args.rounds):
+            for variant in order:
+                print(
+                    f"[{name}] round {round_ + 1}: preview {variant}, {n} frames ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rate = args.live_rate if variant == "on" else None
+                runs[variant].append(daqif_run(directory, shape, n, live_rate=rate)[0])
+            order.reverse()
+        ratio = [on["gb_per_s"] / off["gb_per_s"] for on, off in zip(runs["on"], runs["off"], strict=True)]
+        sizes[name] = {
+            "shape": list(shape),
+            "frames_per_run": n,
+            "live_rate_hz": args.live_rate,
+            "off_gb_per_s": _spread([r["gb_per_s"] for r in runs["off"]]),
+            "on_gb_per_s": _spread([r["gb_per_s"] for r in runs["on"]]),
+            "on_over_off": _spread(ratio),
+            "frames_lost": {v: [r["frames_lost"] for r in rs] for v, rs in runs.items()},
+            "viewer_jpeg_parts": [r["viewer_jpeg_parts"] for r in runs["on"]],
+            "load_average_1min": _spread([r["load_average_1min"] for v in runs.values() for r in v]),
             "runs": runs,
         }
     return sizes
@@ -558,9 +634,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--poller-frames", type=int, default=20_000, help="frames per polling round")
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="only measure what the live preview costs: preview on ÷ off, interleaved rounds, frames lost",
+    )
+    parser.add_argument(
+        "--live-rate", type=float, default=10.0, help="live stream rate of --live, Hz (default %(default)s)"
+    )
     args = parser.parse_args(argv)
     if args.pollers:
         return polling_main(args)
+    if args.live:
+        return live_mode(args)
 
     own_dir = args.dir is None
     directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir
@@ -598,6 +684,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(text + "\n")
     print(_table(summary), file=sys.stderr)
+    return 0
+
+
+def live_mode(args: argparse.Namespace) -> int:
+    own_dir = args.dir is None
+    directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir
+    directory.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "benchmark": "daqif writer with the live preview on (--live-stream, a /daq/live MJPEG viewer) "
+        "÷ off, REST write_async -> FINISHED, file durable, PUSH source",
+        "machine": machine_facts(directory),
+    }
+    try:
+        summary["sizes"] = live_main(args, directory)
+    finally:
+        if own_dir:
+            shutil.rmtree(directory, ignore_errors=True)
+    summary["load_average_at_end"] = os.getloadavg()
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    for name, entry in summary["sizes"].items():
+        print(
+            f"{name:6} off {_cell(entry['off_gb_per_s'])} GB/s  on {_cell(entry['on_gb_per_s'])} GB/s  "
+            f"on/off {_cell(entry['on_over_off'])}  lost {entry['frames_lost']}  "
+            f"load {_cell(entry['load_average_1min'])}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ all of them, ordered by image id, so a reader sees one acquisition:
     /<detector>/image_id   [N] uint64 the image ids, ascending
     /<detector>/status     [N] uint64 each frame's status, from its source file
     root attributes        detector_name, n_images (= N), source_files, run_ids
+    /entry                 the NeXus view of `daqif.nexus`: hard links to the three datasets
 
 No pixel is copied. Source paths are stored absolute, so the joined file can be linked or copied
 anywhere on the host (the DPM collects it into its workspace); with `relative=True` they are
@@ -27,6 +28,7 @@ import h5py
 import numpy as np
 
 from daqif.atomic import atomic_output
+from daqif.nexus import add_nexus_entry
 
 
 class JoinError(ValueError):
@@ -59,7 +61,11 @@ def _read_source(path: Path, detector: str | None) -> _Source:
     except (OSError, FileNotFoundError) as exc:
         raise JoinError(f"{path}: cannot open as HDF5 ({exc})") from None
     with handle:
-        groups = [name for name, obj in handle.items() if isinstance(obj, h5py.Group) and "data" in obj]
+        groups = [  # the NeXus /entry of a writer file (daqif.nexus) is no detector group
+            name
+            for name, obj in handle.items()
+            if isinstance(obj, h5py.Group) and "data" in obj and "NX_class" not in obj.attrs
+        ]
         name = detector if detector is not None else (groups[0] if len(groups) == 1 else None)
         if name is None:
             found = ", ".join(groups) or "none"
@@ -175,4 +181,5 @@ def join_writer_files(
         out.attrs["n_images"] = n
         out.attrs["source_files"] = [_stored_path(s.path, output, relative) for s in sources]
         out.attrs["run_ids"] = [s.run_id for s in sources]
+        add_nexus_entry(out, f"/{first.detector}")  # /entry over the virtual dataset
     return JoinResult(output, first.detector, n, tuple(s.path for s in sources), mappings)

@@ -58,8 +58,17 @@ def config_message(config: Mapping[str, Any] | DaqConfig) -> DaqConfig:
     return message
 
 
-def _start_request(output_file: str, n_images: int, run_id: str | int | None) -> dict[str, Any]:
-    return {"output_file": output_file, "n_images": n_images, "run_id": "" if run_id is None else str(run_id)}
+def _start_request(
+    output_file: str, n_images: int, run_id: str | int | None, writer_user_id: int | None
+) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "output_file": output_file,
+        "n_images": n_images,
+        "run_id": "" if run_id is None else str(run_id),
+    }
+    if writer_user_id is not None:  # daqif extension: this write's file is created as that uid
+        request["writer_user_id"] = writer_user_id
+    return request
 
 
 class WriterClient(GrpcClient):
@@ -102,19 +111,33 @@ class WriterClient(GrpcClient):
         return status
 
     def start_writer_async(
-        self, output_file: str, n_images: int, run_id: str | int | None = None
+        self,
+        output_file: str,
+        n_images: int,
+        run_id: str | int | None = None,
+        *,
+        writer_user_id: int | None = None,
     ) -> WriterStatus:
-        """Start a write; returns once the output file is open."""
-        request = writer_pb2.StartWriterAsyncRequest(**_start_request(output_file, n_images, run_id))
+        """Start a write; returns once the output file is open. `writer_user_id` (a daqif
+        extension): the uid this write's file is created as, within the writer's allowed uids."""
+        request = writer_pb2.StartWriterAsyncRequest(
+            **_start_request(output_file, n_images, run_id, writer_user_id)
+        )
         status: WriterStatus = self._call(self._stub.StartWriterAsync, request)
         return status
 
     def start_writer_sync(
-        self, output_file: str, n_images: int, run_id: str | int | None = None, *, timeout: float = 0.0
+        self,
+        output_file: str,
+        n_images: int,
+        run_id: str | int | None = None,
+        *,
+        timeout: float = 0.0,
+        writer_user_id: int | None = None,
     ) -> WriterStatus:
         """Write and return when the write has ended (server cap: `timeout` if smaller, 0 = the cap)."""
         request = writer_pb2.StartWriterSyncRequest(
-            **_start_request(output_file, n_images, run_id), timeout=timeout
+            **_start_request(output_file, n_images, run_id, writer_user_id), timeout=timeout
         )
         call_timeout = None if self.timeout is None else (timeout or 3600.0) + self.timeout
         status: WriterStatus = self._call(self._stub.StartWriterSync, request, timeout=call_timeout)
@@ -188,17 +211,30 @@ class AsyncWriterClient(AsyncGrpcClient):
         return status
 
     async def start_writer_async(
-        self, output_file: str, n_images: int, run_id: str | int | None = None
+        self,
+        output_file: str,
+        n_images: int,
+        run_id: str | int | None = None,
+        *,
+        writer_user_id: int | None = None,
     ) -> WriterStatus:
-        request = writer_pb2.StartWriterAsyncRequest(**_start_request(output_file, n_images, run_id))
+        request = writer_pb2.StartWriterAsyncRequest(
+            **_start_request(output_file, n_images, run_id, writer_user_id)
+        )
         status: WriterStatus = await self._call(self._stub.StartWriterAsync, request)
         return status
 
     async def start_writer_sync(
-        self, output_file: str, n_images: int, run_id: str | int | None = None, *, timeout: float = 0.0
+        self,
+        output_file: str,
+        n_images: int,
+        run_id: str | int | None = None,
+        *,
+        timeout: float = 0.0,
+        writer_user_id: int | None = None,
     ) -> WriterStatus:
         request = writer_pb2.StartWriterSyncRequest(
-            **_start_request(output_file, n_images, run_id), timeout=timeout
+            **_start_request(output_file, n_images, run_id, writer_user_id), timeout=timeout
         )
         call_timeout = None if self.timeout is None else (timeout or 3600.0) + self.timeout
         status: WriterStatus = await self._call(self._stub.StartWriterSync, request, timeout=call_timeout)

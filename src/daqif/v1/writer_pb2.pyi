@@ -49,14 +49,16 @@ DEPLOYMENT_STATE_RUNNING: DeploymentState
 DEPLOYMENT_STATE_UNKNOWN: DeploymentState
 
 class AcquisitionInfo(_message.Message):
-    __slots__ = ("n_images", "output_file", "run_id")
+    __slots__ = ("n_images", "output_file", "run_id", "writer_user_id")
     N_IMAGES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FILE_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WRITER_USER_ID_FIELD_NUMBER: _ClassVar[int]
     n_images: int
     output_file: str
     run_id: str
-    def __init__(self, n_images: _Optional[int] = ..., output_file: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+    writer_user_id: int
+    def __init__(self, n_images: _Optional[int] = ..., output_file: _Optional[str] = ..., run_id: _Optional[str] = ..., writer_user_id: _Optional[int] = ...) -> None: ...
 
 class AcquisitionStats(_message.Message):
     __slots__ = ("n_write_completed", "n_write_requested", "start_time", "stop_time")
@@ -219,26 +221,30 @@ class GetDeploymentStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StartWriterAsyncRequest(_message.Message):
-    __slots__ = ("output_file", "n_images", "run_id")
+    __slots__ = ("output_file", "n_images", "run_id", "writer_user_id")
     OUTPUT_FILE_FIELD_NUMBER: _ClassVar[int]
     N_IMAGES_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WRITER_USER_ID_FIELD_NUMBER: _ClassVar[int]
     output_file: str
     n_images: int
     run_id: str
-    def __init__(self, output_file: _Optional[str] = ..., n_images: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
+    writer_user_id: int
+    def __init__(self, output_file: _Optional[str] = ..., n_images: _Optional[int] = ..., run_id: _Optional[str] = ..., writer_user_id: _Optional[int] = ...) -> None: ...
 
 class StartWriterSyncRequest(_message.Message):
-    __slots__ = ("output_file", "n_images", "run_id", "timeout")
+    __slots__ = ("output_file", "n_images", "run_id", "timeout", "writer_user_id")
     OUTPUT_FILE_FIELD_NUMBER: _ClassVar[int]
     N_IMAGES_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    WRITER_USER_ID_FIELD_NUMBER: _ClassVar[int]
     output_file: str
     n_images: int
     run_id: str
     timeout: float
-    def __init__(self, output_file: _Optional[str] = ..., n_images: _Optional[int] = ..., run_id: _Optional[str] = ..., timeout: _Optional[float] = ...) -> None: ...
+    writer_user_id: int
+    def __init__(self, output_file: _Optional[str] = ..., n_images: _Optional[int] = ..., run_id: _Optional[str] = ..., timeout: _Optional[float] = ..., writer_user_id: _Optional[int] = ...) -> None: ...
 
 class StopWriterRequest(_message.Message):
     __slots__ = ()

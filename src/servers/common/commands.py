@@ -207,11 +207,14 @@ class WebOptions(_Options):
     """Interface to serve on (default: loopback)."""
     port: int = Field(default=0, ge=0, le=65535)
     """Port of the page; 0 picks a free one."""
+    writer_preview: str | None = None
+    """The writer's REST URL: the page shows its `/daq/live` (a writer with `--live-stream`)."""
 
     def command(self) -> list[str]:
         argv = [sys.executable, "-m", "servers.web.main", "--dpm", self.dpm, "--writer", self.writer]
         argv += ["--port", str(self.port)]
         _flag(argv, "--host", self.host)
+        _flag(argv, "--writer-preview", self.writer_preview)
         return argv
 
     def pinned(self, ready: ReadyLine) -> Self:

@@ -8,10 +8,10 @@ Read-only: every route is a GET, none reaches a server except through the board 
   (`board.py`), one JSON `data:` line per event, a comment every `KEEPALIVE_S` so that proxies
   keep the stream open. The browser's `EventSource` reconnects by itself if this server restarts;
 
-The live preview: the writer publishes no preview image yet. The hook is the snapshot's
-`preview` field (`board.py`, always `null` today): the page shows the image at that URL when it
-is set, and says "no live preview published" while it is not. When the writer serves
-`GET /daq/preview` (DESIGN §5c), the writer feed sets it to that URL.
+The live preview: the snapshot's `preview` field (`board.py`) is the URL of the writer's
+`GET /daq/live` (MJPEG) when the page was started with `--writer-preview URL`, else `null`. The
+page shows that stream in an `<img>` (the browser reads the URL itself; this server only names it),
+and says "no live preview" while it is not set or the writer serves none (tried again every 5 s).
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ class StatusBoard:
         self.rates: deque[RatePoint] = deque(maxlen=RATE_HISTORY_S)
         self.storage: StorageCard | None = None
         self.preview: str | None = None
-        """URL of the writer's live preview image: the hook for when the writer publishes one (none yet)."""
+        """URL of the writer's live preview (its `GET /daq/live` MJPEG stream, `daqif web
+        --writer-preview URL`); None: the page shows none."""
         self.links: dict[str, Link] = {
             "dpm": Link(up=False, message="connecting"),
             "writer": Link(up=False, message="connecting"),

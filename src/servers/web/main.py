@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.WRITER_GRPC_ADDRESS,
         help="writer gRPC WriterControl address (default %(default)s)",
     )
+    parser.add_argument(
+        "--writer-preview",
+        metavar="URL",
+        help="the writer's REST URL (http://HOST:PORT): the page shows its live preview (GET /daq/live, "
+        "a writer started with --live-stream); default: no preview",
+    )
     parser.add_argument("--host", default=defaults.HOST, help="interface to serve on (default %(default)s)")
     parser.add_argument(
         "--port",
@@ -60,14 +66,24 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-async def serve(dpm: str, writer: str, host: str, port: int, tls: TlsConfig | None = None) -> int:
-    """Serve the page until SIGINT/SIGTERM; return the exit code."""
+async def serve(
+    dpm: str,
+    writer: str,
+    host: str,
+    port: int,
+    tls: TlsConfig | None = None,
+    writer_preview: str | None = None,
+) -> int:
+    """Serve the page until SIGINT/SIGTERM; return the exit code. `writer_preview`: the writer's
+    REST URL, whose `/daq/live` (MJPEG) the page shows."""
     try:
         sock = bind_http_socket(host, port, "status page")
     except PortUnavailable as exc:
         print(f"daqif web: {exc}", file=sys.stderr)
         return 2
     board = StatusBoard()
+    if writer_preview:
+        board.preview = writer_preview.rstrip("/") + "/daq/live"
     server = _Uvicorn(
         uvicorn.Config(
             create_app(board),
@@ -116,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return asyncio.run(serve(args.dpm, args.writer, args.host, args.port, tls))
+    return asyncio.run(serve(args.dpm, args.writer, args.host, args.port, tls, args.writer_preview))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,7 +54,7 @@ from servers.writer.events import (
     Tick,
     WriterEvent,
 )
-from servers.writer.models import DaqConfig, UidRange, WriteRequest
+from servers.writer.models import DaqConfig, UidRange, WriteRequest, owner_uid
 from servers.writer.states import AcquisitionState, DeploymentState, WriterState, check_transition
 from servers.writer.stats import StatsMeter
 from servers.writer.status import (
@@ -221,6 +221,7 @@ class WriterCore:
         async with self._lock:
             self._refuse_unless_ready()
             output_path = self._validate_path(request.output_file)
+            owner = self._owner_of(request)
             run_id = request.run_id if request.run_id is not None else time.time_ns()
             job = WriteJob(
                 output_file=str(output_path),
@@ -230,7 +231,8 @@ class WriterCore:
                 height=self._config.image_pixel_height,
                 width=self._config.image_pixel_width,
                 dtype=self._config.dtype,
-                owner_uid=self._config.owner_uid,
+                owner_uid=owner,
+                detector_type=self._config.detector_type,
             )
             started = Acquisition(
                 state=AcquisitionState.WAITING_IMAGES,
@@ -239,6 +241,7 @@ class WriterCore:
                 output_file=request.output_file,
                 run_id=run_id,
                 start_time=time.time(),
+                writer_user_id=request.writer_user_id,
             )
             datapath = self._require_datapath()
             try:
@@ -263,7 +266,13 @@ class WriterCore:
             self._write_ended = asyncio.Event()
             self._transition(WriterState.WRITING, started, new_acquisition=True)
             self._publish_status()
-            _log.info("writing %d images to %s (run_id %s)", request.n_images, request.output_file, run_id)
+            _log.info(
+                "writing %d images to %s (run_id %s%s)",
+                request.n_images,
+                request.output_file,
+                run_id,
+                "" if request.writer_user_id is None else f", as uid {owner or os.geteuid()} for this write",
+            )
             return self.status()
 
     async def write_sync(self, request: WriteRequest, timeout: float | None = None) -> WriterStatus:
@@ -387,7 +396,9 @@ class WriterCore:
     def _refuse_unless_uid_allowed(self, config: DaqConfig) -> None:
         """A client must not have files given to any uid: only the service user, the uid this
         writer runs as, and the operator's `--allowed-uids` range."""
-        uid = config.owner_uid
+        self._refuse_unless_owner_allowed(config.owner_uid, "invalid config")
+
+    def _refuse_unless_owner_allowed(self, uid: int | None, what: str) -> None:
         if (
             uid is None
             or uid == os.geteuid()
@@ -400,8 +411,17 @@ class WriterCore:
         if self._allowed_uids is not None:
             allowed += f" and {self._allowed_uids} (--allowed-uids)"
         raise DaqException.invalid_argument(
-            f"invalid config: writer_user_id: uid {uid} is not allowed; this writer accepts {allowed}"
+            f"{what}: writer_user_id: uid {uid} is not allowed; this writer accepts {allowed}"
         )
+
+    def _owner_of(self, request: WriteRequest) -> int | None:
+        """The uid `request`'s file is given to: its own `writer_user_id` (a daqif extension,
+        checked like the config's), else the config's."""
+        if request.writer_user_id is None:
+            return self._config.owner_uid
+        uid = owner_uid(request.writer_user_id)
+        self._refuse_unless_owner_allowed(uid, "invalid write request")
+        return uid
 
     def _validate_path(self, text: str) -> Path:
         """The resolved output path, or INVALID_ARGUMENT saying what is wrong; touches no file.

@@ -58,6 +58,7 @@ def acquisition_to_pb(acquisition: Acquisition) -> writer_pb2.Acquisition:
             n_images=acquisition.n_images,
             output_file=acquisition.output_file or "",
             run_id="" if acquisition.run_id is None else str(acquisition.run_id),
+            writer_user_id=acquisition.writer_user_id,
         ),
         state=_ACQUISITION_STATES[acquisition.state]
         if acquisition.happened
@@ -122,12 +123,16 @@ def deployment_to_pb(deployment: Deployment) -> writer_pb2.DeploymentStatus:
     )
 
 
-def _write_request(output_file: str, n_images: int, run_id: str) -> WriteRequest:
+def _write_request(
+    message: writer_pb2.StartWriterAsyncRequest | writer_pb2.StartWriterSyncRequest,
+) -> WriteRequest:
     """The request of a StartWriter call; `run_id` is text on the wire, an integer in the model
     ("" = not given), so "g-1" is refused as over REST."""
-    request: dict[str, Any] = {"output_file": output_file, "n_images": n_images}
-    if run_id:
-        request["run_id"] = int(run_id) if _INTEGER.fullmatch(run_id) else run_id
+    request: dict[str, Any] = {"output_file": message.output_file, "n_images": message.n_images}
+    if message.run_id:
+        request["run_id"] = int(message.run_id) if _INTEGER.fullmatch(message.run_id) else message.run_id
+    if message.HasField("writer_user_id"):
+        request["writer_user_id"] = message.writer_user_id
     return parse_write_request(request)
 
 
@@ -177,18 +182,14 @@ class WriterControlService(writer_pb2_grpc.WriterControlServicer):
     async def StartWriterAsync(
         self, request: writer_pb2.StartWriterAsyncRequest, context: Context
     ) -> writer_pb2.WriterStatus:
-        status = await self._core.start_write(
-            _write_request(request.output_file, request.n_images, request.run_id)
-        )
+        status = await self._core.start_write(_write_request(request))
         return status_to_pb(status)
 
     @edge
     async def StartWriterSync(
         self, request: writer_pb2.StartWriterSyncRequest, context: Context
     ) -> writer_pb2.WriterStatus:
-        status = await self._core.write_sync(
-            _write_request(request.output_file, request.n_images, request.run_id), timeout=request.timeout
-        )
+        status = await self._core.write_sync(_write_request(request), timeout=request.timeout)
         return status_to_pb(status)
 
     @edge

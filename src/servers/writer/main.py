@@ -5,6 +5,8 @@
                  [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
 
 `GET /metrics` on the REST port serves the writer's Prometheus metrics (`metrics.py`).
+`--live-stream tcp://HOST:PORT [--live-rate HZ | --live-every N]` publishes a sample of the frames
+(`live.py`) and serves `GET /daq/preview` and `GET /daq/live` (`preview.py`).
 
 REST (uvicorn) and gRPC run in one asyncio loop in this process; the data path (ZeroMQ → HDF5)
 runs in its own process. Servers bind 127.0.0.1 unless `--host` says otherwise. A port of 0 picks
@@ -61,8 +63,10 @@ from servers.writer.datapath.handle import ProcessDataPath, max_message_for_fram
 from servers.writer.datapath.journal import WriteJournal
 from servers.writer.datapath.protocol import DEFAULT_PRIORITY_BOOST, SocketKind
 from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
+from servers.writer.live import DEFAULT_LIVE_RATE_HZ, LiveError, LiveOptions, check_bindable
 from servers.writer.metrics import start_metrics
 from servers.writer.models import DaqConfig, UidRange, load_config
+from servers.writer.preview import LivePreview
 from servers.writer.redis_streams import DEFAULT_MAXLEN, RedisStreams
 from servers.writer.rest import create_app
 
@@ -158,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode every LZ4 block of a bitshuffle-LZ4 frame before writing it: garbage inside correctly "
         "framed blocks is malformed, not written; costs 11-24 times the default framing check per frame",
     )
+    parser.add_argument(
+        "--live-stream",
+        metavar="tcp://HOST:PORT",
+        help="publish a sample of the frames received (array-1.0) on a ZeroMQ PUB socket bound there; "
+        "also serves GET /daq/preview and /daq/live (default: no live stream)",
+    )
+    live_mode = parser.add_mutually_exclusive_group()
+    live_mode.add_argument(
+        "--live-rate",
+        type=float,
+        metavar="HZ",
+        help=f"at most HZ frames a second on the live stream (default {DEFAULT_LIVE_RATE_HZ:g})",
+    )
+    live_mode.add_argument("--live-every", type=int, metavar="N", help="every N-th frame received instead")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     add_tls_arguments(parser)
     return parser
@@ -170,12 +188,26 @@ def _uid_range(text: str) -> UidRange:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def live_options(args: argparse.Namespace) -> LiveOptions | None:
+    """The live stream asked for on the command line; `LiveError` says what is wrong with it."""
+    if args.live_stream is None:
+        if args.live_rate is not None or args.live_every is not None:
+            raise LiveError("--live-rate and --live-every need --live-stream")
+        return None
+    every = args.live_every
+    rate = None if every is not None else (DEFAULT_LIVE_RATE_HZ if args.live_rate is None else args.live_rate)
+    options = LiveOptions(args.live_stream, rate_hz=rate, every=every)
+    check_bindable(options.endpoint)
+    return options
+
+
 def make_datapath_factory(
     stream: str,
     socket_kind: str,
     journal: WriteJournal | None = None,
     priority_boost: int = DEFAULT_PRIORITY_BOOST,
     verify_compressed: bool = False,
+    live: LiveOptions | None = None,
 ) -> DataPathFactory:
     """A callable `config -> DataPathHandle` making the real data path process for `stream`.
 
@@ -195,6 +227,7 @@ def make_datapath_factory(
             journal=journal,
             priority_boost=priority_boost,
             verify_compressed=verify_compressed,
+            live=live,
         )
 
     return factory
@@ -221,6 +254,7 @@ async def serve(args: argparse.Namespace) -> int:
     tls = tls_from_args(args)
     grpc_credentials = tls.credentials() if tls is not None else None  # the files checked before any bind
     config = load_config(args.config)
+    live = live_options(args)
     data_root: Path = args.data_root.resolve()
     data_root.mkdir(parents=True, exist_ok=True)
     roots = resolve_roots(args.allowed_root or [data_root])
@@ -251,6 +285,7 @@ async def serve(args: argparse.Namespace) -> int:
             WriteJournal(state_dir / "write.json"),
             priority_boost=args.datapath_priority_boost,
             verify_compressed=args.verify_compressed,
+            live=live,
         ),
         config,
         allowed_roots=roots,
@@ -279,9 +314,14 @@ async def serve(args: argparse.Namespace) -> int:
         redis_task.add_done_callback(_log_unexpected_end)
     metrics, metrics_task = start_metrics(core, redis)
     metrics_task.add_done_callback(_log_unexpected_end)
+    preview = LivePreview(live.endpoint) if live is not None else None
+    preview_task: asyncio.Task[None] | None = None
+    if preview is not None:
+        preview_task = asyncio.create_task(preview.run(), name="live-preview")
+        preview_task.add_done_callback(_log_unexpected_end)
     rest = _Uvicorn(
         uvicorn.Config(
-            create_app(core, metrics.registry),
+            create_app(core, metrics.registry, preview),
             # httptools parses a request in C, h11 in Python: a poll costs the control plane a
             # fraction of the CPU (docs/writer.md, "Status polling").
             http="httptools",
@@ -313,6 +353,8 @@ async def serve(args: argparse.Namespace) -> int:
     _log.info("shutting down")
 
     rest.should_exit = True
+    if preview is not None:
+        await preview.close()  # ends the /daq/live streams, so the REST server stops at once
     await grpc_server.stop(grace=1.0)
     # Closing the core ends an open write (as interrupted), which also releases a waiting write_sync.
     await core.close()
@@ -326,6 +368,10 @@ async def serve(args: argparse.Namespace) -> int:
     metrics_task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await metrics_task
+    if preview_task is not None:
+        preview_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await preview_task
     stop_task.cancel()
     state_lock.close()
     return 0
@@ -368,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaqException as exc:
         print(f"daqif-writer: {exc.message}", file=sys.stderr)
         return 2
-    except (TlsError, roles.RolesOverlap) as exc:
+    except (TlsError, roles.RolesOverlap, LiveError) as exc:
         print(f"daqif-writer: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

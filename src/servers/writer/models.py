@@ -112,7 +112,7 @@ class DaqConfig(BaseModel):
     @property
     def owner_uid(self) -> int | None:
         """The uid files are written for; None (< 1) means the user the service runs as."""
-        return self.writer_user_id if self.writer_user_id >= 1 else None
+        return owner_uid(self.writer_user_id)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object with the Standard DAQ's keys."""
@@ -121,6 +121,11 @@ class DaqConfig(BaseModel):
     def updated(self, update: DaqConfig) -> DaqConfig:
         """This config with the fields `update` was given (`model_fields_set`) replaced."""
         return self.model_copy(update={name: getattr(update, name) for name in update.model_fields_set})
+
+
+def owner_uid(writer_user_id: int) -> int | None:
+    """The uid a `writer_user_id` gives files to; None (< 1) means the user the service runs as."""
+    return writer_user_id if writer_user_id >= 1 else None
 
 
 class WriteRequest(BaseModel):
@@ -156,6 +161,10 @@ class WriteRequest(BaseModel):
     """Number of frames to record (the next ones the detector sends)."""
     run_id: Int64 | None = Field(default=None)
     """Identifies the run (root attribute `run_id` of the file); None: the start time in ns."""
+    writer_user_id: StrictInt | None = Field(default=None, ge=-1, le=MAX_UID)
+    """daqif extension: the uid this write's file is created as, for this write only (-1 or 0:
+    the user the service runs as); None: the config's `writer_user_id`. Only uids the writer
+    accepts for the config (its own, `--allowed-uids`) are accepted."""
 
 
 class UidRange(BaseModel):

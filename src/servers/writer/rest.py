@@ -11,7 +11,9 @@ raises `RuntimeError`).
 The bodies are the pydantic models of `models.py`, so `/openapi.json` describes them.
 
 `GET /metrics` (not part of the std_daq API) serves the writer's Prometheus metrics
-(`metrics.py`) in the text exposition format.
+(`metrics.py`) in the text exposition format. `GET /daq/preview` (PNG, `?format=jpeg`) and
+`GET /daq/live` (MJPEG) show the live stream (`preview.py`), when the writer has one; without
+one they are HTTP 404, before the first frame `/daq/preview` is HTTP 503, in the usual envelope.
 
 The server never answers 500 because of what a client sent: a body over `MAX_BODY_BYTES` is
 HTTP 413 (refused before it is read, or as soon as it passes the limit); a body nested too deeply
@@ -24,11 +26,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
-from fastapi import FastAPI, Path, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from daqif.errors import DaqException, bounded
 from servers.writer.core import WriterCore
 from servers.writer.models import DaqConfig, WriteRequest, describe_errors
+from servers.writer.preview import MJPEG_BOUNDARY, LivePreview, mjpeg_parts
 
 _log = logging.getLogger(__name__)
 
@@ -150,7 +153,9 @@ def _too_large(limit: int) -> JSONResponse:
     return _error(f"malformed request: the body is larger than {limit} bytes", 413)
 
 
-def create_app(core: WriterCore, metrics: CollectorRegistry | None = None) -> FastAPI:
+def create_app(
+    core: WriterCore, metrics: CollectorRegistry | None = None, preview: LivePreview | None = None
+) -> FastAPI:
     """The FastAPI application serving `core` (and `metrics` at `GET /metrics`, when given);
     the core's lifecycle is the caller's."""
     app = FastAPI(title="daqif writer (std_daq REST API)", version="1.3")
@@ -273,6 +278,33 @@ def create_app(core: WriterCore, metrics: CollectorRegistry | None = None) -> Fa
     @app.get("/daq/deployment")
     async def get_deployment() -> Response:
         return Response(deployment_body(), media_type="application/json")
+
+    def need_preview() -> LivePreview:
+        if preview is None:
+            raise StarletteHTTPException(404, "this writer has no live stream; start it with --live-stream")
+        return preview
+
+    @app.get("/daq/preview", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def get_preview(
+        image_format: Annotated[Literal["png", "jpeg"], Query(alias="format")] = "png",
+    ) -> Response:
+        """daqif extension: the latest frame of the live stream, scaled for display (PNG or JPEG)."""
+        image = await need_preview().image(image_format)
+        if image is None:
+            raise StarletteHTTPException(
+                503, "no frame sampled yet: the detector has sent none since the writer started"
+            )
+        headers = {"Cache-Control": "no-store", "X-Frame-Id": str(image.image_id)}
+        return Response(image.body, media_type=image.media_type, headers=headers)
+
+    @app.get("/daq/live", response_class=StreamingResponse)
+    async def get_live() -> StreamingResponse:
+        """daqif extension: each new frame of the live stream as a JPEG part (MJPEG)."""
+        return StreamingResponse(
+            mjpeg_parts(need_preview()),
+            media_type=f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
+            headers={"Cache-Control": "no-store"},
+        )
 
     if metrics is not None:
         registry = metrics

@@ -30,6 +30,8 @@ class Acquisition:
     n_write_requested: int = 0
     start_time: float | None = None
     stop_time: float | None = None
+    writer_user_id: int | None = None
+    """The `writer_user_id` of the write request (a daqif extension); None: it named none."""
 
     @property
     def happened(self) -> bool:
@@ -37,8 +39,15 @@ class Acquisition:
         return self.output_file is not None
 
     def to_json(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "n_images": self.n_images,
+            "output_file": self.output_file,
+            "run_id": self.run_id,
+        }
+        if self.writer_user_id is not None:  # only for a write that asked (daqif extension)
+            info["writer_user_id"] = self.writer_user_id
         return {
-            "info": {"n_images": self.n_images, "output_file": self.output_file, "run_id": self.run_id},
+            "info": info,
             "message": self.message,
             "state": self.state.value,
             "stats": {

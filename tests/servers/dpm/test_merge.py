@@ -84,9 +84,9 @@ def test_each_hdf5_source_appears_under_its_source_name_with_equal_data(
     result, out = run_merge(tmp_path, full_document(*two_detectors))
 
     assert result.product == out and out.exists() and result.bytes == out.stat().st_size
-    assert result.datasets == 6
+    assert result.datasets == 9  # 3 per source, 3 of the NeXus view (/entry/instrument/jf1)
     with h5py.File(out, "r") as f:
-        assert sorted(f.keys()) == ["det1", "det2"]
+        assert sorted(f.keys()) == ["det1", "det2", "entry"]
         np.testing.assert_array_equal(f["det1/jf1/data"][()], frames(4, 1))
         np.testing.assert_array_equal(f["det2/jf2/data"][()], frames(4, 2))
         np.testing.assert_array_equal(f["det1/jf1/image_id"][()], np.arange(4))
@@ -358,7 +358,8 @@ def test_target_source_is_the_base_copied_to_the_root_with_lowest_keyword_priori
     _, out = run_merge(tmp_path, document)
 
     with h5py.File(out, "r") as f:
-        assert sorted(f.keys()) == ["cam", "det"]  # base at the root, the other source under its name
+        # base at the root, the other source under its name, the NeXus view of the base's detector
+        assert sorted(f.keys()) == ["cam", "det", "entry"]
         np.testing.assert_array_equal(f["cam/data"][()], frames(4, 5))
         assert f.attrs["run_id"] == 1005  # the base's own attributes stay at the root
         assert f.attrs["OBJECT"] == "det object"  # the specification's sources override the base
@@ -409,7 +410,8 @@ def test_links_strings_and_contiguous_datasets_are_copied_and_verified(
         assert f["odd/empty"].shape == (0, 3)
         assert f["odd/scalar"][()] == 7
         np.testing.assert_array_equal(f["odd/odd/inner"][()], np.ones(3))
-        assert sorted(f.keys()) == (["big", "odd"] if path_taken == "copied" else ["odd"])
+        # /entry: the NeXus view of big's detector group ('odd' is laid out as no detector)
+        assert sorted(f.keys()) == (["big", "entry", "odd"] if path_taken == "copied" else ["odd"])
     assert any(f"copying 'odd' ({path}) to /odd (file clone)" in line for line in result.log) == (
         path_taken == "cloned"
     )
@@ -441,7 +443,7 @@ def test_verify_accepts_a_fresh_product(tmp_path: Path, two_detectors: tuple[Pat
 
     assert checked.ok, checked.message
     assert checked.stored == checked.computed == result.checksum
-    assert checked.datasets == 6
+    assert checked.datasets == 9  # with the 3 of the NeXus view
 
 
 def test_verify_names_the_dataset_whose_data_byte_was_flipped(

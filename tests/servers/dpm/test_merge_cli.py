@@ -48,7 +48,7 @@ def test_merge_writes_the_product_in_the_root_and_logs_to_stdout(workspace: Path
     assert done.returncode == 0, done.stderr
     product = workspace / f"{FILE_ID}.h5"
     with h5py.File(product, "r") as f:
-        assert sorted(f.keys()) == ["det1", "det2"]
+        assert sorted(f.keys()) == ["det1", "det2", "entry"]  # entry: the NeXus view
         assert f.attrs["OBJECT"] == "M31" and f.attrs["ESO DET DIT"] == 0.5
     assert f"wrote {product}" in done.stdout
     assert done.stderr == ""

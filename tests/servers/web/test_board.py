@@ -40,7 +40,7 @@ def test_a_browser_gets_the_snapshot_first_then_each_change() -> None:
     snapshot = kinds[0][1]
     assert isinstance(snapshot, dict)
     assert [d["id"] for d in snapshot["active"]] == ["A"] and snapshot["finished"] == []
-    assert snapshot["preview"] is None  # the hook: the writer publishes no preview yet
+    assert snapshot["preview"] is None  # no --writer-preview: no preview
     assert kinds[3][1] == {"dpm": {"up": False, "message": "waiting for the DPM"}}
 
 

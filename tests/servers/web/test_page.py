@@ -150,3 +150,37 @@ def test_the_page_follows_a_daq_to_completed_and_survives_server_restarts(
     )
     assert banners(browser) == []
     assert browser.errors == [], browser.errors
+
+
+def test_the_page_shows_the_writers_live_preview(tmp_path: Path, browser: Chromium) -> None:
+    from servers.common.commands import WebOptions
+    from servers.common.launch import ServerProcess, SimOptions, SimProcess, WriterOptions, WriterProcess
+    from servers.supervisor import free_port
+
+    live = f"tcp://127.0.0.1:{free_port()}"
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    detector = tmp_path / "detector.json"
+    detector.write_text('{"image_pixel_height": 48, "image_pixel_width": 32, "bit_depth": 16}')
+    with SimProcess(
+        SimOptions(shape=(48, 32), dtype="uint16", rate=100, header="stddaq", linger=0)
+    ).start() as sim:
+        writer = WriterProcess(
+            WriterOptions(
+                stream=sim.endpoint, data_root=data_root, config=detector, extra_args=("--live-stream", live)
+            )
+        ).start()
+        page = ServerProcess(
+            WebOptions(dpm="127.0.0.1:9", writer=writer.grpc_address, writer_preview=writer.rest_url)
+        ).start()
+        try:
+            browser.navigate(page.ready.address("http"))
+            browser.wait_until("!document.querySelector('#preview').hidden", "the preview shown")
+            size = browser.evaluate(
+                "(i => [i.naturalWidth, i.naturalHeight])(document.querySelector('#preview'))"
+            )
+            assert size == [32, 48]
+            assert browser.evaluate("document.querySelector('#preview-none').hidden")
+        finally:
+            page.stop()
+            writer.stop()

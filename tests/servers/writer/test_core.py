@@ -21,7 +21,7 @@ from servers.writer.datapath.api import (
     WriteResult,
 )
 from servers.writer.events import AcquisitionLogged, WriterEvent
-from servers.writer.models import DaqConfig, WriteRequest, parse_config
+from servers.writer.models import DaqConfig, UidRange, WriteRequest, parse_config
 from servers.writer.states import AcquisitionState, WriterState
 from servers.writer.status import Acquisition, WriterStatus
 
@@ -111,12 +111,16 @@ class FakeDataPath:
 class Harness:
     """A started `WriterCore` whose data paths are fakes (a new one per start)."""
 
-    def __init__(self, tmp_path: Path, *, fail_start: bool = False) -> None:
+    def __init__(
+        self, tmp_path: Path, *, fail_start: bool = False, allowed_uids: UidRange | None = None
+    ) -> None:
         self.root = tmp_path
         self.datapaths: list[FakeDataPath] = []
         self.fail_start = fail_start
         config = DaqConfig(detector_name="FAKE", image_pixel_height=6, image_pixel_width=4)
-        self.core = WriterCore(self._make, config, allowed_roots=[tmp_path], hostname="test-host")
+        self.core = WriterCore(
+            self._make, config, allowed_roots=[tmp_path], allowed_uids=allowed_uids, hostname="test-host"
+        )
 
     def _make(self, config: DaqConfig) -> FakeDataPath:
         datapath = FakeDataPath(fail_start=self.fail_start)
@@ -139,10 +143,14 @@ class Harness:
 
 
 def run_with_core(
-    tmp_path: Path, scenario: Callable[[Harness], Awaitable[T]], *, fail_start: bool = False
+    tmp_path: Path,
+    scenario: Callable[[Harness], Awaitable[T]],
+    *,
+    fail_start: bool = False,
+    allowed_uids: UidRange | None = None,
 ) -> T:
     async def main() -> T:
-        harness = Harness(tmp_path, fail_start=fail_start)
+        harness = Harness(tmp_path, fail_start=fail_start, allowed_uids=allowed_uids)
         try:
             await harness.core.start()
         except DaqException:
@@ -406,3 +414,27 @@ def test_config_ids_increase_like_redis_stream_ids() -> None:
 async def _drain(events: asyncio.Queue[WriterEvent]) -> Any:
     while not events.empty():
         yield events.get_nowait()
+
+
+def test_a_write_request_writer_user_id_owns_that_write_only(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        asked = WriteRequest(output_file=str(h.root / "a.h5"), n_images=1, writer_user_id=12345)
+        status = await h.core.start_write(asked)
+        assert status.acquisition.writer_user_id == 12345
+        assert h.datapath.job is not None and h.datapath.job.owner_uid == 12345
+        h.datapath.end()
+        await h.status_where(lambda s: s.state is WriterState.READY)
+        with pytest.raises(DaqException) as refused:
+            await h.core.start_write(
+                WriteRequest(output_file=str(h.root / "b.h5"), n_images=1, writer_user_id=99)
+            )
+        assert refused.value.code is ErrorCode.INVALID_ARGUMENT
+        assert "invalid write request: writer_user_id: uid 99 is not allowed" in refused.value.message
+        assert "12000-12999 (--allowed-uids)" in refused.value.message
+        assert h.core.status().acquisition.output_file == str(h.root / "a.h5")  # no acquisition for it
+        status = await h.core.start_write(h.request("c.h5"))
+        assert status.acquisition.writer_user_id is None
+        assert h.datapath.job is not None and h.datapath.job.owner_uid is None  # the config's, as before
+        assert h.core.config.writer_user_id == 0
+
+    run_with_core(tmp_path, scenario, allowed_uids=UidRange(first=12000, last=12999))

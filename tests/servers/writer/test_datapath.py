@@ -111,7 +111,12 @@ def test_records_n_frames_with_shape_dtype_pixels_and_ids(
     ids = assert_frames(tmp_path / "run.h5", 100)
     assert np.array_equal(ids, np.arange(ids[0], ids[0] + 100))  # the next 100, in order, once each
     with h5py.File(tmp_path / "run.h5", "r") as f:
-        assert dict(f.attrs) == {"run_id": "run-42", "detector_name": DETECTOR, "n_images": 100}
+        assert dict(f.attrs) == {
+            "run_id": "run-42",
+            "detector_name": DETECTOR,
+            "n_images": 100,
+            "default": "entry",  # the NeXus view (daqif.nexus)
+        }
     discarded_at_end = datapath.counters().discarded
     wait_for(lambda: datapath.counters().discarded > discarded_at_end, "frames after the write")
     counters = datapath.counters()

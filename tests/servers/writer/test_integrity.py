@@ -19,6 +19,7 @@ import pytest
 import requests
 import zmq
 
+from daqif.errors import DaqException, ErrorCode
 from daqif.frame import (
     Compression,
     compress_bslz4,
@@ -336,6 +337,49 @@ def test_writer_user_id_inside_allowed_uids_owns_the_file(
     )
     expected_owner = 12345 if os.geteuid() == 0 else os.geteuid()  # only root may give files away
     assert output.stat().st_uid == expected_owner
+
+
+def test_writer_user_id_in_a_write_request_owns_that_file_only(
+    writer_factory: WriterFactory, simulator: Simulator, data_root: Path
+) -> None:
+    """Per-write ownership (a daqif extension): through the published client, which passes the
+    request dict through, and through gRPC; no config change, no restart."""
+    from std_daq_client import StdDaqAdminException, StdDaqClient
+
+    from daqif.writer_client import WriterClient
+
+    writer = writer_factory(simulator.endpoint, allowed_uids="12000-12999")
+    client = StdDaqClient(writer.rest_url)
+    config_before = client.get_config()
+    owned, refused, after = data_root / "owned.h5", data_root / "refused.h5", data_root / "after.h5"
+    status = client.start_writer_sync({"output_file": str(owned), "n_images": 3, "writer_user_id": 12345})
+    assert status["acquisition"]["info"]["writer_user_id"] == 12345
+    with pytest.raises(
+        StdDaqAdminException, match=r"invalid write request: writer_user_id: uid 13000 is not allowed"
+    ):
+        client.start_writer_sync({"output_file": str(refused), "n_images": 3, "writer_user_id": 13000})
+    assert not refused.exists()
+    status = client.start_writer_sync({"output_file": str(after), "n_images": 3})
+    assert "writer_user_id" not in status["acquisition"]["info"]
+    assert client.get_config() == config_before  # the config never changed
+    service_uid = os.geteuid()
+    assert owned.stat().st_uid == (12345 if service_uid == 0 else service_uid)  # only root may give away
+    assert after.stat().st_uid == service_uid
+    assert frames_in(owned) == (3, 3, 3) and frames_in(after) == (3, 3, 3)
+    logs = client.get_logs(3)  # newest first; the refused request never became an acquisition
+    assert [entry["info"].get("writer_user_id") for entry in logs] == [None, 12345]
+
+    grpc_owned, grpc_refused = data_root / "grpc_owned.h5", data_root / "grpc_refused.h5"
+    with WriterClient(writer.grpc_address) as grpc_client:
+        done = grpc_client.start_writer_sync(str(grpc_owned), 3, writer_user_id=12999)
+        assert done.acquisition.info.writer_user_id == 12999
+        with pytest.raises(DaqException, match=r"writer_user_id: uid 99 is not allowed") as refusal:
+            grpc_client.start_writer_sync(str(grpc_refused), 3, writer_user_id=99)
+        assert refusal.value.code is ErrorCode.INVALID_ARGUMENT
+        plain = grpc_client.start_writer_sync(str(data_root / "grpc_plain.h5"), 3)
+        assert not plain.acquisition.info.HasField("writer_user_id")
+    assert grpc_owned.stat().st_uid == (12999 if service_uid == 0 else service_uid)
+    assert not grpc_refused.exists()
 
 
 def test_output_files_cannot_go_into_the_writers_state_directory(

@@ -136,3 +136,23 @@ def test_uid_range_parses_min_max_and_a_single_uid() -> None:
     for bad in ("0-10", "20-10", "x", "1-2-3", ""):
         with pytest.raises(ValueError, match="expected MIN-MAX"):
             UidRange.parse(bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("12345", 'writer_user_id: Input should be a valid integer (got "12345")'),
+        (-2, "writer_user_id: Input should be greater than or equal to -1"),
+        (2**40, "writer_user_id: Input should be less than or equal to 4294967294"),
+    ],
+)
+def test_a_write_request_writer_user_id_is_a_uid_or_refused_naming_it(value: Any, expected: str) -> None:
+    with pytest.raises(DaqException) as refused:
+        parse_write_request({"output_file": "/data/a.h5", "n_images": 1, "writer_user_id": value})
+    assert refused.value.code is ErrorCode.INVALID_ARGUMENT and expected in refused.value.message
+    assert parse_write_request({"output_file": "/data/a.h5", "n_images": 1}).writer_user_id is None
+
+
+def test_an_acquisition_reports_writer_user_id_only_when_its_request_named_one() -> None:
+    assert "writer_user_id" not in Acquisition(output_file="/data/a.h5").to_json()["info"]
+    assert Acquisition(output_file="/data/a.h5", writer_user_id=0).to_json()["info"]["writer_user_id"] == 0

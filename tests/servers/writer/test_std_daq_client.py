@@ -184,7 +184,12 @@ def test_openapi_describes_the_request_bodies(writer: WriterProcess) -> None:
     document = requests.get(writer.rest_url + "/openapi.json", timeout=10).json()
     schemas = document["components"]["schemas"]
     write = schemas["WriteRequest"]
-    assert set(write["properties"]) == {"output_file", "n_images", "run_id"}
+    assert set(write["properties"]) == {
+        "output_file",
+        "n_images",
+        "run_id",
+        "writer_user_id",
+    }  # the last: daqif extension
     assert set(write["required"]) == {"output_file", "n_images"}
     assert write["properties"]["n_images"]["minimum"] == 1
     assert "description" in write["properties"]["n_images"]

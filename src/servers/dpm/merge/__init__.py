@@ -30,6 +30,11 @@ Layout
     re-rooted (`/det/data` in source `det1` becomes `/det1/det/data`); external links are kept as
     they are (with a warning: they point outside the product). Hard links to one object stay one
     object.
+    NeXus view (`daqif.nexus`): the product's `/entry` (NXentry, root attribute `default`) links
+    the datasets of its first detector group in name order (a group with `data` [n, H, W] and
+    `image_id` that has no `NX_class`); its NXdetector fields are datasets of the product like
+    the others (summed, verified). A source's own `/entry` stays under `/<sourceName>/entry`, its
+    links still valid (a virtual dataset copied in is linked again to the copy).
 
 Data (nothing is ever decompressed or re-encoded)
     The base, or else the largest HDF5 source, is cloned: the product starts as a byte copy of

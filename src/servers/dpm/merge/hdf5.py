@@ -17,6 +17,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4/... so compressed sources can be read)
 import numpy as np
 
+from daqif.nexus import NexusError, add_nexus_entry, find_detector_groups
 from daqif.spec import (
     Hdf5FileSource,
     Specification,
@@ -478,6 +479,7 @@ def _build(
                 copier.references = o.references
                 copier.copy_tree(o.file, group, f"/{name}", f"/{name}", name)
                 flusher.kick()
+            _add_nexus_view(product, copier, out)
             for path in copier.after_copy:  # HDF5-copied datasets: summed from the product
                 copier.sums[path] = dataset_sum(product[path], copier.buffer)
             for path, total in copier.sums.items():
@@ -589,12 +591,58 @@ def _clone_source(
     for path in recopy:
         where = f"{prefix}/{path}"
         parent_path, _, leaf = where.rpartition("/")
+        aliases = [alias for alias in _hard_link_paths(product, product[where]) if alias != where]
         del product[where]
         try:
             copier.copy_dataset(src.file[path], product[parent_path or "/"], leaf, where)
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise MergeError(f"source {name!r}: cannot copy dataset /{path}: {exc}") from exc
+        for alias in aliases:  # e.g. /entry/data/data of a joined file: the copy, not the old one
+            del product[alias]
+            product[alias] = product[where]
     return product, copier
+
+
+def _add_nexus_view(product: h5py.File, copier: _Copier, log: MergeLog) -> None:
+    """`/entry` of the product (`daqif.nexus`) over its first detector group, if it has one;
+    the datasets it creates are summed like the others."""
+    groups = find_detector_groups(product)
+    if not groups:
+        return
+    if len(groups) > 1:
+        log.info(f"/entry/data shows {groups[0]}; the product also holds {', '.join(groups[1:])}")
+    try:
+        created = add_nexus_entry(product, groups[0])
+    except NexusError as exc:  # e.g. a source named "entry": the product is fine without the view
+        log.warning(f"no NeXus view in the product: {exc}")
+        return
+    for path in created:
+        copier.sums.pop(path, None)  # a dataset of the base replaced: its sum is of the new one
+        if path not in copier.after_copy:
+            copier.after_copy.append(path)
+
+
+def _hard_link_paths(product: h5py.File, obj: h5py.Dataset) -> list[str]:
+    """Every path by which `obj` is reached through hard links only."""
+    target = h5py.h5o.get_info(obj.id).addr
+    found: list[str] = []
+    seen: set[int] = set()
+
+    def walk(group: h5py.Group, path: str) -> None:
+        for link_name in group:
+            if not isinstance(group.get(link_name, getlink=True), h5py.HardLink):
+                continue
+            child = group[link_name]
+            child_path = f"{path}/{link_name}"
+            addr = h5py.h5o.get_info(child.id).addr
+            if addr == target:
+                found.append(child_path)
+            elif isinstance(child, h5py.Group) and addr not in seen:
+                seen.add(addr)
+                walk(child, child_path)
+
+    walk(product, "")
+    return found
 
 
 def _reroot_soft_links(group: h5py.Group, prefix: str) -> None:

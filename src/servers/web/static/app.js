@@ -148,13 +148,32 @@ function onStorage(storage) {
   $("storage-path").textContent = storage.path;
 }
 
-// -- live preview (hook) -----------------------------------------------------------------------------
+// -- live preview -------------------------------------------------------------------------------------
+
+function showPreview(shown) {
+  $("preview").hidden = !shown;
+  $("preview-none").hidden = shown;
+}
 
 function onPreview(url) {
-  // The writer publishes no preview yet: `url` is null until it does (see servers/web/app.py).
-  $("preview").hidden = !url;
-  $("preview-none").hidden = Boolean(url);
-  if (url) $("preview").src = url;
+  // `url`: the writer's /daq/live (MJPEG), or null when the page was started without --writer-preview.
+  const img = $("preview");
+  if (!url) {
+    img.removeAttribute("src");
+    showPreview(false);
+    return;
+  }
+  if (img.dataset.url === url) return; // already streaming: a new snapshot must not restart it
+  img.dataset.url = url;
+  img.onload = () => showPreview(true);
+  img.onerror = () => {
+    // No live stream (yet): the writer runs without --live-stream, or is restarting. Try again.
+    showPreview(false);
+    setTimeout(() => {
+      if (img.dataset.url === url) img.src = `${url}?retry=${Date.now()}`;
+    }, 5000);
+  };
+  img.src = url;
 }
 
 // -- the stream --------------------------------------------------------------------------------------

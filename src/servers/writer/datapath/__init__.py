@@ -17,6 +17,9 @@ File layout and behaviour (DESIGN §4):
   ZeroMQ buffer (no copy, no numpy array).
 - ``/<detector_name>/image_id`` and ``/<detector_name>/status`` ``[n]`` uint64, and root
   attributes ``run_id``, ``detector_name``, ``n_images``.
+- The NeXus view (`daqif.nexus`, docs/writer.md "File layout"): ``/entry`` (NXentry) with
+  ``/entry/data`` (NXdata) hard-linking the three datasets and ``/entry/instrument/<detector>``
+  (NXdetector), and root attribute ``default``; made with the datasets, before SWMR starts.
 - Compression is decided by the first frame written: if it is a bitshuffle-LZ4 chunk the data
   dataset is created with ``hdf5plugin.Bitshuffle(cname="lz4")`` and chunks are stored as they
   came (filter mask 0); otherwise the dataset has no filter. (The write request does not say

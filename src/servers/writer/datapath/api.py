@@ -38,6 +38,7 @@ class WriteJob:
     width: int
     dtype: str  # numpy dtype name, e.g. "uint16"
     owner_uid: int | None = None  # chown the file to this uid when possible
+    detector_type: str = ""  # from the DAQ config, for /entry/instrument/<detector> (daqif.nexus)
 
 
 @dataclass(frozen=True)

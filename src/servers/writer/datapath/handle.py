@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from servers.common.process import kill, spawn, terminate
 from servers.writer.datapath import protocol
@@ -45,6 +45,9 @@ from servers.writer.datapath.protocol import (
     SocketKind,
 )
 from servers.writer.datapath.recovery import RepairFailed, repair_file
+
+if TYPE_CHECKING:
+    from servers.writer.live import LiveOptions
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,8 @@ class ProcessDataPath:
     The process raises its priority `priority_boost` nice levels above the caller's (when it may,
     `worker.raise_priority`), so a busy control plane does not take the CPU frames need. With
     `verify_compressed` every LZ4 block of a bitshuffle-LZ4 frame is decoded before the frame is
-    written (`daqif.frame.check_data(decode=True)`; off by default, see docs/writer.md).
+    written (`daqif.frame.check_data(decode=True)`; off by default, see docs/writer.md). With
+    `live` it publishes a sample of the frames it receives (`servers.writer.live`).
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class ProcessDataPath:
         journal: WriteJournal | None = None,
         priority_boost: int = DEFAULT_PRIORITY_BOOST,
         verify_compressed: bool = False,
+        live: LiveOptions | None = None,
     ) -> None:
         if socket_kind not in ("pull", "sub"):
             raise ValueError(f"socket_kind must be 'pull' or 'sub', not {socket_kind!r}")
@@ -129,6 +134,7 @@ class ProcessDataPath:
         self.journal = journal
         self.priority_boost = priority_boost
         self.verify_compressed = verify_compressed
+        self.live = live
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._shared_map: mmap.mmap | None = None
@@ -173,6 +179,8 @@ class ProcessDataPath:
                 command.append(f"--max-message-bytes={self.max_message_bytes}")
             if self.verify_compressed:
                 command.append("--verify-compressed")
+            if self.live is not None:
+                command += self.live.worker_args()
             # Its log goes to the writer's stderr, as the writer's own does.
             process = spawn(
                 command, env=_malloc_env(), stderr=None, pass_fds=(child_conn.fileno(), shared_fd)

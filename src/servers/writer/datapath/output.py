@@ -159,6 +159,7 @@ class OutputFile:
         )
         self.compressed = compressed
         self.write_chunk = self.data.id.write_direct_chunk
+        add_nexus_view(self.file, job)  # HDF5 creates no object once SWMR writing has started
         self.file.swmr_mode = True
         self.next_flush = time.monotonic() + self.flush_interval
 
@@ -242,6 +243,17 @@ def create_file(job: WriteJob, h5py: Any) -> Any:
                 os.unlink(path)
         raise DataPathError(f"cannot prepare {path!r}: {exc}") from None
     return handle
+
+
+def add_nexus_view(handle: Any, job: WriteJob) -> None:
+    """`/entry` over the job's datasets (`daqif.nexus`): hard links, no second copy."""
+    from daqif.nexus import DetectorInfo, add_nexus_entry
+
+    add_nexus_entry(
+        handle,
+        f"/{job.detector_name}",
+        DetectorInfo(name=job.detector_name, detector_type=job.detector_type),
+    )
 
 
 def _give_to_owner(path: str, owner_uid: int | None) -> None:

@@ -3,7 +3,8 @@
 A data path killed during a write leaves ``data`` at its full extent (direct chunk writes need
 it), ``image_id``/``status`` at the frames of the last flush, and the superblock flagged "open for
 SWMR write" (plain readers refuse the file). `repair_file` clears the flag and shrinks every
-dataset to the frames of the last flush: what a SWMR reader was told was valid. It runs when the
+dataset to the frames of the last flush: what a SWMR reader was told was valid; the NeXus
+``/entry`` (`daqif.nexus`) is made again over the repaired datasets. It runs when the
 handle sees its process die, and when a writer starts and its state file names a write that never
 ended (the whole writer was killed).
 """
@@ -16,6 +17,7 @@ import os
 from typing import Any
 
 from servers.writer.datapath.api import WriteJob
+from servers.writer.datapath.output import add_nexus_view
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ def repair_file(job: WriteJob) -> int:
             for dataset in (data, group["image_id"], group["status"]):
                 if dataset.shape[0] != n_frames:
                     dataset.resize(n_frames, axis=0)
+            # A file killed before its first frame has no /entry yet; one killed later keeps its
+            # links (a resize changes the dataset, not the link), remade here all the same.
+            add_nexus_view(handle, job)
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise RepairFailed(f"cannot repair {path}: {exc}") from None
     return n_frames

@@ -3,7 +3,8 @@
 Started by `handle.ProcessDataPath`, not a user command. It owns the ZeroMQ socket and the open
 `output.OutputFile`; the per-frame path (`Worker._handle_message`) decodes a header, checks it
 against the write and writes one chunk, with plain-int counters published to the shared page
-once per batch.
+once per batch. With ``--live-stream`` one int compare per frame decides whether the frame also
+goes, uncopied, to the live stream's publisher thread (`servers.writer.live`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from servers.writer.datapath.protocol import (
     SocketKind,
 )
 from servers.writer.datapath.writeback import WRITEBACK_BYTES
+from servers.writer.live import DEFAULT_LIVE_RATE_HZ, NEVER, LiveError, LiveOptions, LiveSampler
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--verify-compressed", action="store_true")
     parser.add_argument("--conn-fd", type=int, required=True)
     parser.add_argument("--shared-fd", type=int, required=True)
+    parser.add_argument("--live-stream")
+    live_mode = parser.add_mutually_exclusive_group()
+    live_mode.add_argument("--live-rate", type=float)
+    live_mode.add_argument("--live-every", type=int)
     args = parser.parse_args(argv)
     # Ctrl-C in the writer's terminal is for the control plane, which closes us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -69,6 +75,13 @@ def main(argv: list[str]) -> None:
         args.endpoint, socket_kind, args.rcvhwm, args.flush_interval, conn, shared, args.max_message_bytes
     )
     worker.verify_compressed = args.verify_compressed
+    if args.live_stream:
+        every = args.live_every
+        rate = None if every is not None else (args.live_rate or DEFAULT_LIVE_RATE_HZ)
+        try:
+            worker.start_live(LiveOptions(args.live_stream, rate_hz=rate, every=every))
+        except LiveError as exc:  # the writer checked the address; another process took it since
+            log.error("no live stream: %s", exc)
     try:
         worker.run()
     finally:
@@ -186,6 +199,14 @@ class Worker:
         self.malformed_since_log = 0
         self.last_malformed = ""
         self.next_malformed_log = 0.0
+        self.live: LiveSampler | None = None
+        self.live_take_at = NEVER  # `received` at which the next good frame goes to the live stream
+
+    def start_live(self, options: LiveOptions) -> None:
+        """Publish a sample of the frames received (`servers.writer.live`)."""
+        self.live = LiveSampler(self.context, options)
+        self.live_take_at = self.live.take_at
+        log.info("live stream on %s", options.endpoint)
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -230,6 +251,10 @@ class Worker:
         recv = self.socket.recv_multipart
         noblock = zmq.NOBLOCK
         handle = self._handle_message
+        live = self.live
+        if live is not None:
+            live.tick()
+            self.live_take_at = live.take_at
         for _ in range(BATCH):
             try:
                 parts = recv(noblock, copy=False)
@@ -272,6 +297,8 @@ class Worker:
         except FrameError as exc:
             self._count_malformed(str(exc))
             return
+        if self.received >= self.live_take_at:  # one int compare per frame; see servers.writer.live
+            self._sample(header, data)
         write = self.write
         if write is None:
             self.discarded += 1
@@ -291,6 +318,12 @@ class Worker:
             write.writeback.kick()
         if write.full:
             self._finish_write()
+
+    def _sample(self, header: FrameHeader, data: Any) -> None:
+        live = self.live
+        assert live is not None
+        live.take(header, data.buffer, self.received)
+        self.live_take_at = live.take_at
 
     def _reject(self, write: OutputFile, header: FrameHeader) -> None:
         """A good frame that does not fit the write: counted as malformed, never written; a write
@@ -452,6 +485,8 @@ class Worker:
         if self.write is not None:
             with contextlib.suppress(Exception):
                 self._end_write(interrupted=True)
+        if self.live is not None:
+            self.live.close()
         self.socket.disable_monitor()
         self.monitor.close(0)
         self.socket.close(0)
