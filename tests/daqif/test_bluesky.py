@@ -5,7 +5,7 @@ simulator's, pixel for pixel."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -20,6 +20,7 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 from bluesky import RunEngine
 from bluesky.plans import count
+from bluesky.run_engine import RunEngineResult, call_in_bluesky_event_loop
 from bluesky.utils import FailedStatus
 from ophyd_async.core import TriggerInfo, init_devices
 
@@ -42,14 +43,19 @@ def det(run_engine: RunEngine, writer: Writer) -> Iterator[DaqifDetector]:
     with init_devices():
         det = DaqifDetector(writer.grpc_address, writer.raw_dir)
     yield det
-    from bluesky.run_engine import call_in_bluesky_event_loop
-
     call_in_bluesky_event_loop(det.close())
+
+
+def _recorder(documents: Documents) -> Callable[[str, Any], None]:
+    def record(name: str, doc: Any) -> None:
+        documents[name].append(doc)
+
+    return record
 
 
 def _collect(engine: RunEngine, plan: Any) -> Documents:
     documents: Documents = defaultdict(list)
-    engine(plan, lambda name, doc: documents[name].append(doc))
+    engine(plan, _recorder(documents))
     return documents
 
 
@@ -167,3 +173,32 @@ def test_a_write_that_fails_fails_the_plan_with_the_writers_message(
     assert "ended after 0 of 1 frames: ERROR: frames are 64x64 uint16, the detector config says 32x32" in str(
         cause
     )
+
+
+# bluesky's TiledWriter itself calls a tiled method deprecated in 0.2.20.
+@pytest.mark.filterwarnings("ignore:The order of arguments has changed:DeprecationWarning")
+def test_tiled_reads_the_frames_through_the_documents_with_no_custom_adapter(
+    run_engine: RunEngine, det: DaqifDetector, writer: Writer, tmp_path: Path
+) -> None:
+    pytest.importorskip("tiled.server", reason="needs tiled[server] (the daqif[tiled] extra)")
+    from bluesky.callbacks.tiled_writer import TiledWriter
+    from tiled.client import from_uri
+    from tiled.server import SimpleTiledServer
+
+    server = SimpleTiledServer(tmp_path / "tiled", readable_storage=[writer.raw_dir])
+    try:
+        client = from_uri(server.uri)
+        documents: Documents = defaultdict(list)
+        result = run_engine(count([det], num=3), [TiledWriter(client), _recorder(documents)])
+        assert isinstance(result, RunEngineResult)
+        (uid,) = result.run_start_uids
+
+        stream = client[uid]["primary"]
+        frames = stream["det"].read()
+        image_ids = stream["det-image_id"].read()
+        assert frames.shape == (3, 64, 64) and image_ids.shape == (3,)
+        np.testing.assert_array_equal(frames, _frames_of(documents, "det"))
+        for frame, image_id in zip(frames, image_ids, strict=True):
+            np.testing.assert_array_equal(frame, expected_frame(int(image_id), (64, 64), "uint16"))
+    finally:
+        server.close()
