@@ -61,6 +61,7 @@ from ophyd_async.core import (
     DetectorTriggerLogic,
     Device,
     DeviceConnector,
+    NotConnectedError,
     PathInfo,
     PathProvider,
     SignalR,
@@ -152,6 +153,8 @@ class WriterLink:
         self.message, self._set_message = soft_signal_r_and_setter(str, "")
         self.n_write_completed, self._set_n_write_completed = soft_signal_r_and_setter(int, 0)
         self.collections_written, self._set_collections_written = soft_signal_r_and_setter(int, 0)
+        self.detector_name, self._set_detector_name = soft_signal_r_and_setter(str, "")
+        self.bit_depth, self._set_bit_depth = soft_signal_r_and_setter(int, 0)
         self._watch: asyncio.Task[None] | None = None
         self._failed = asyncio.Event()
         self._first_status = asyncio.Event()
@@ -162,7 +165,10 @@ class WriterLink:
         """Open the channel, read the frame format and follow `WatchStatus` (first status in hand)."""
         if self.client is None:
             self.client = AsyncWriterClient(self.address, timeout=timeout, tls=self.tls)
-        await self.refresh_format()
+        try:
+            await self.refresh_format()
+        except DaqException as exc:
+            raise NotConnectedError(f"no daqif writer answers at {self.address}: {exc.message}") from None
         if self._watch is None or self._watch.done():
             self._first_status = asyncio.Event()
             self._watch = asyncio.create_task(self._follow_status(), name=f"daqif watch {self.address}")
@@ -180,12 +186,18 @@ class WriterLink:
             self.client = None
 
     async def refresh_format(self) -> FrameFormat:
-        self.format = FrameFormat.from_config(await self._client().get_config())
+        config = await self._client().get_config()
+        self.format = FrameFormat.from_config(config)
+        self._set_detector_name(config.detector_name)
+        self._set_bit_depth(config.bit_depth)
         return self.format
 
     def _client(self) -> AsyncWriterClient:
         if self.client is None:
-            raise RuntimeError(f"the detector of writer {self.address} is not connected (init_devices)")
+            raise RuntimeError(
+                f"the detector of writer {self.address} is not connected to it "
+                "(init_devices() without mock=True connects it)"
+            )
         return self.client
 
     async def _follow_status(self) -> None:
@@ -209,9 +221,12 @@ class WriterLink:
             return
         if acquisition.info.output_file != str(write.path):
             return
-        write.n_written = acquisition.stats.n_write_completed
-        self._set_n_write_completed(write.n_written)
-        self._set_collections_written(write.first_frame + write.n_written)
+        if acquisition.stats.n_write_completed != write.n_written:
+            # Only on a change: the writer repeats its status every second while it waits for frames,
+            # and ophyd-async's exposure_timeout must see a detector that sends nothing.
+            write.n_written = acquisition.stats.n_write_completed
+            self._set_n_write_completed(write.n_written)
+            self._set_collections_written(write.first_frame + write.n_written)
         if acquisition.state in _ENDED:
             write.final = acquisition
             write.ended.set()
@@ -459,11 +474,14 @@ class DaqifDetector(StandardDetector):
         self.acquisition_state = self.link.acquisition_state
         self.n_write_completed = self.link.n_write_completed
         self.message = self.link.message
+        self.detector_name = self.link.detector_name
+        self.bit_depth = self.link.bit_depth
         provider = path_provider or StaticPathProvider(UUIDFilenameProvider(), Path(output_dir))
         data_logic = DaqifDataLogic(self.link, provider)
         self.add_detector_logics(
             DaqifTriggerLogic(self.link), DaqifAcquireLogic(self.link, data_logic), data_logic
         )
+        self.add_config_signals(self.detector_name, self.bit_depth)
         super().__init__(name=name, connector=_WriterConnector(self.link))
 
     @WatchableAsyncStatus.wrap

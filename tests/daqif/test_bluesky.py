@@ -4,6 +4,8 @@ simulator's, pixel for pixel."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,9 +24,9 @@ from bluesky import RunEngine
 from bluesky.plans import count
 from bluesky.run_engine import RunEngineResult, call_in_bluesky_event_loop
 from bluesky.utils import FailedStatus
-from ophyd_async.core import TriggerInfo, init_devices
+from ophyd_async.core import NotConnectedError, TriggerInfo, init_devices
 
-from daqif.bluesky import DaqifDetector
+from daqif.bluesky import DaqifDetector, DaqifTriggerLogic, WriterLink
 from daqif.defaults import DETECTOR_NAME
 from daqif.frame import expected_frame
 from daqif.testing import Writer
@@ -100,6 +102,11 @@ def test_count_writes_one_file_per_trigger_and_the_documents_give_the_simulator_
     (descriptor,) = documents["descriptor"]
     assert descriptor["data_keys"]["det"]["shape"] == [1, 64, 64]
     assert descriptor["data_keys"]["det"]["external"] == "STREAM:"
+    configuration = descriptor["configuration"]["det"]["data"]
+    assert (configuration["det-detector_name"], configuration["det-bit_depth"]) == (DETECTOR_NAME, 16)
+    # The soft signals the WatchStatus stream feeds: the last write (one frame) has ended.
+    assert call_in_bluesky_event_loop(det.n_write_completed.get_value()) == 1
+    assert call_in_bluesky_event_loop(det.acquisition_state.get_value()) == "FINISHED"
     assert len(documents["event"]) == 0 or all("det" not in e["data"] for e in documents["event"])
     _assert_simulator_frames(documents, "det", 3, (64, 64))
 
@@ -202,3 +209,34 @@ def test_tiled_reads_the_frames_through_the_documents_with_no_custom_adapter(
             np.testing.assert_array_equal(frame, expected_frame(int(image_id), (64, 64), "uint16"))
     finally:
         server.close()
+
+
+def test_a_writer_that_does_not_answer_fails_init_devices_naming_it(run_engine: RunEngine) -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(NotConnectedError) as info, init_devices(timeout=5):
+        unanswered = DaqifDetector(address, "/data")
+    assert unanswered.name == "unanswered"
+    assert f"unanswered: NotConnectedError: no daqif writer answers at {address}: failed to connect" in str(
+        info.value
+    )
+
+
+@pytest.mark.parametrize(
+    ("trigger_info", "problem"),
+    [
+        (TriggerInfo(livetime=0.1), "livetime 0.1 and deadtime 0.0: the daqif writer records the frames"),
+        (TriggerInfo(number_of_events=0), "number_of_exposures 0: a daqif write needs at least 1 frame"),
+    ],
+)
+def test_a_trigger_info_the_writer_cannot_honour_is_refused_naming_it(
+    trigger_info: TriggerInfo, problem: str
+) -> None:
+    logic = DaqifTriggerLogic(WriterLink("127.0.0.1:1", None))
+    with pytest.raises(ValueError, match=problem):
+        asyncio.run(
+            logic.prepare_internal(
+                trigger_info.number_of_exposures, trigger_info.livetime, trigger_info.deadtime
+            )
+        )
