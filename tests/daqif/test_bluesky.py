@@ -31,6 +31,8 @@ from daqif.defaults import DETECTOR_NAME
 from daqif.frame import expected_frame
 from daqif.testing import Writer
 from daqif.writer_client import WriterClient, writer_state_name
+from servers.common.commands import WriterOptions
+from servers.common.launch import WriterProcess
 
 Documents = dict[str, list[dict[str, Any]]]
 
@@ -240,3 +242,31 @@ def test_a_trigger_info_the_writer_cannot_honour_is_refused_naming_it(
                 trigger_info.number_of_exposures, trigger_info.livetime, trigger_info.deadtime
             )
         )
+
+
+def test_a_detector_that_sends_nothing_fails_after_the_exposure_timeout_and_the_write_is_stopped(
+    run_engine: RunEngine, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:  # a frame source nobody binds: a silent detector
+        probe.bind(("127.0.0.1", 0))
+        stream = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    silent = WriterProcess(WriterOptions(stream=stream, data_root=tmp_path), log_file=tmp_path / "writer.log")
+    silent.start()
+    try:
+        with init_devices():
+            quiet = DaqifDetector(silent.grpc_address, tmp_path)
+
+        @bpp.stage_decorator([quiet])  # type: ignore[untyped-decorator]
+        def one_trigger() -> Any:
+            yield from bps.prepare(quiet, TriggerInfo(exposure_timeout=1.0), wait=True)
+            yield from bps.trigger(quiet, wait=True)
+
+        with pytest.raises(FailedStatus) as info:
+            run_engine(one_trigger())
+        assert isinstance(info.value.__cause__, TimeoutError)
+        with WriterClient(silent.grpc_address) as client:
+            assert writer_state_name(client.get_status().state) == "READY"
+            assert client.get_logs(1)[0].message == "Interrupted."
+        call_in_bluesky_event_loop(quiet.close())
+    finally:
+        silent.stop()
