@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ from daqif.errors import DaqException
 from daqif.tls import TlsConfig
 from daqif.v1 import writer_pb2
 from daqif.writer_client import AsyncWriterClient, acquisition_state_name, writer_state_name
+
+log = logging.getLogger(__name__)
 
 MIMETYPE = "application/x-hdf5"
 STOP_TIMEOUT_S = 30.0  # how long unstage waits for a stopped write to end
@@ -209,6 +212,9 @@ class WriterLink:
                     self._first_status.set()
             except DaqException as exc:
                 self._set_message(f"status stream of {self.address} lost: {exc.message}")
+            except Exception as exc:  # the task must outlive anything a broken stream raises
+                log.exception("status stream of %s failed", self.address)
+                self._set_message(f"status stream of {self.address} failed: {exc}")
             await asyncio.sleep(1.0)
 
     def _on_status(self, status: writer_pb2.WriterStatus) -> None:
@@ -290,27 +296,31 @@ class WriterLink:
             await asyncio.wait_for(write.ended.wait(), STOP_TIMEOUT_S)
 
     async def until_a_write_fails(
-        self, updates: AsyncIterator[WatcherUpdate[int]]
+        self, updates: AsyncGenerator[WatcherUpdate[int]]
     ) -> AsyncIterator[WatcherUpdate[int]]:
         """Pass `updates` on; raise `WriteFailed` as soon as a write of this series fails."""
         failed = asyncio.create_task(self._failed.wait())
+        step: asyncio.Future[WatcherUpdate[int]] | None = None
         try:
             while True:
                 step = asyncio.ensure_future(anext(updates))
                 await asyncio.wait({step, failed}, return_when=asyncio.FIRST_COMPLETED)
-                if step.done():
-                    try:
-                        yield step.result()
-                    except StopAsyncIteration:
-                        return
-                    continue
+                if not step.done():
+                    failures = [w.failure for w in self.writes if w.failure is not None]
+                    raise WriteFailed(failures[-1] if failures else "a write failed")
+                try:
+                    update = step.result()
+                except StopAsyncIteration:
+                    return
+                yield update
+        finally:
+            # Also when the status is cancelled (a plan aborted): nothing of the wait is left running.
+            failed.cancel()
+            if step is not None and not step.done():
                 step.cancel()
                 with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                     await step
-                failures = [w.failure for w in self.writes if w.failure is not None]
-                raise WriteFailed(failures[-1] if failures else "a write failed")
-        finally:
-            failed.cancel()
+            await updates.aclose()
 
 
 class DaqifTriggerLogic(DetectorTriggerLogic):
