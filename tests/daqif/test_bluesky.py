@@ -28,6 +28,7 @@ from ophyd_async.core import NotConnectedError, TriggerInfo, init_devices
 
 from daqif.bluesky import DaqifDetector, DaqifTriggerLogic, WriterLink
 from daqif.defaults import DETECTOR_NAME
+from daqif.errors import DaqException
 from daqif.frame import expected_frame
 from daqif.testing import Writer
 from daqif.writer_client import WriterClient, writer_state_name
@@ -142,9 +143,15 @@ def test_a_write_the_writer_refuses_fails_the_plan_with_its_message(
 ) -> None:
     with init_devices():
         outside = DaqifDetector(writer.grpc_address, tmp_path / "elsewhere")
-    with pytest.raises(FailedStatus) as info:
-        run_engine(count([outside], num=1))
-    assert "allowed root" in str(info.value.__cause__)
+    try:
+        with pytest.raises(FailedStatus) as info:
+            run_engine(count([outside], num=1))
+    finally:
+        call_in_bluesky_event_loop(outside.close())
+    refusal = info.value.__cause__
+    assert isinstance(refusal, DaqException)
+    assert f"{tmp_path / 'elsewhere'}/" in refusal.message
+    assert "is outside the allowed roots" in refusal.message
 
 
 def test_a_plan_that_stops_stops_the_write(run_engine: RunEngine, det: DaqifDetector, writer: Writer) -> None:
@@ -220,6 +227,7 @@ def test_a_writer_that_does_not_answer_fails_init_devices_naming_it(run_engine: 
     with pytest.raises(NotConnectedError) as info, init_devices(timeout=5):
         unanswered = DaqifDetector(address, "/data")
     assert unanswered.name == "unanswered"
+    call_in_bluesky_event_loop(unanswered.close())
     assert f"unanswered: NotConnectedError: no daqif writer answers at {address}: failed to connect" in str(
         info.value
     )
