@@ -264,6 +264,8 @@ class WriterLink:
             run_id=str(time.time_ns()),
             n_images=self.n_exposures,
             first_frame=self.collections_written_now(),
+            # The writer's rule for the image_id/status chunks (servers/writer/datapath/output.py):
+            # the client may not see the file, so it is not read back.
             chunk=min(self.n_exposures, 4096),
         )
         self.writes.append(write)
