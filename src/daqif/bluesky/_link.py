@@ -1,46 +1,5 @@
-"""`daqif.bluesky`: a daqif writer as an ophyd-async detector (the extra `daqif[bluesky]`).
-
-    from bluesky import RunEngine
-    from bluesky.plans import count
-    from ophyd_async.core import init_devices
-    from daqif.bluesky import DaqifDetector
-
-    RE = RunEngine()
-    with init_devices():
-        det = DaqifDetector("127.0.0.1:12084", "/data/raw")     # named "det" by init_devices
-    RE(count([det], num=5))
-
-`DaqifDetector` is an ophyd-async `StandardDetector` composed of the three seams ophyd-async
-defines, each a small class here:
-
-- `DaqifTriggerLogic`: internally timed exposures only (the detector sends what it sends; the
-  writer records the next N frames); remembers how many frames a start must record
-  (`TriggerInfo.number_of_exposures`: events times collections per event).
-- `DaqifAcquireLogic`: a start is one `StartWriterAsync` of that many frames; the end of a write
-  is waited for on the `WatchStatus` stream; `unstage` (and a stopped plan) sends `StopWriter`
-  for a write this device started, and only for one.
-- `DaqifDataLogic`: the `StreamResource`/`StreamDatum` documents of `/<detector_name>/data`
-  (`application/x-hdf5`, chunk shape one frame, SWMR) and `/<detector_name>/image_id`.
-
-All three share one `WriterLink`: the gRPC client and one task that consumes `WatchStatus` and
-feeds soft signals (`writer_state`, `acquisition_state`, `n_write_completed`, `message`): progress
-is pushed by the writer, never polled.
-
-**One write per start.** A detector's frames reach the writer whether or not anyone triggered, and
-the writer records the next `n_images` frames of a write into one new file (docs/writer.md). So each
-start (each `trigger()` of a step scan, each `kickoff()` of a fly scan) is one write of
-`number_of_exposures` frames into its own file `<filename>_<k:06d>.h5` (k counts the writes since
-`prepare`, `<filename>` comes from the path provider), and each file gets its own `StreamResource`
-for each dataset. `count([det], num=3)` writes three files of one frame; a fly scan prepared for
-N events writes one file of N frames, followed as it fills. bluesky's consumers and tiled's
-`TiledWriter` join the resources of one data key in order (event-model allows several resources
-per data key).
-
-A write the writer refuses (busy, output outside its allowed roots, …) fails `trigger()`/`kickoff()`
-with the writer's message (`daqif.errors.DaqException`); a write that ends FAILED, or that someone
-else stopped before it had all its frames, fails the waiting `trigger()`/`complete()` at once with
-`WriteFailed` carrying the writer's message.
-"""
+"""The connection of a `DaqifDetector` to its writer: the gRPC client, the `WatchStatus` task
+feeding the soft signals, and the writes this device started (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -48,33 +7,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from bluesky.protocols import StreamAsset
-from event_model import ComposeStreamResource, ComposeStreamResourceBundle, DataKey, StreamRange
-from ophyd_async.core import (
-    DetectorAcquireLogic,
-    DetectorDataLogic,
-    DetectorTriggerLogic,
-    Device,
-    DeviceConnector,
-    NotConnectedError,
-    PathInfo,
-    PathProvider,
-    SignalR,
-    StandardDetector,
-    StaticPathProvider,
-    StreamableDataProvider,
-    TriggerInfo,
-    UUIDFilenameProvider,
-    WatchableAsyncStatus,
-    WatcherUpdate,
-    soft_signal_r_and_setter,
-)
+from event_model import ComposeStreamResourceBundle
+from ophyd_async.core import NotConnectedError, PathInfo, WatcherUpdate, soft_signal_r_and_setter
 
 from daqif.errors import DaqException
 from daqif.tls import TlsConfig
@@ -83,7 +22,6 @@ from daqif.writer_client import AsyncWriterClient, acquisition_state_name, write
 
 log = logging.getLogger(__name__)
 
-MIMETYPE = "application/x-hdf5"
 STOP_TIMEOUT_S = 30.0  # how long unstage waits for a stopped write to end
 _ENDED = (writer_pb2.ACQUISITION_STATE_FINISHED, writer_pb2.ACQUISITION_STATE_FAILED)
 
@@ -323,194 +261,3 @@ class WriterLink:
                 with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                     await step
             await updates.aclose()
-
-
-class DaqifTriggerLogic(DetectorTriggerLogic):
-    """Internally timed exposures: the detector's own timing; the writer counts frames."""
-
-    def __init__(self, link: WriterLink) -> None:
-        self.link = link
-
-    async def prepare_internal(self, num: int, livetime: float, deadtime: float) -> None:
-        if livetime or deadtime:
-            raise ValueError(
-                f"livetime {livetime} and deadtime {deadtime}: the daqif writer records the frames the "
-                "detector sends and cannot set their timing; use 0 (what the detector is set to)"
-            )
-        if num < 1:
-            raise ValueError(f"number_of_exposures {num}: a daqif write needs at least 1 frame")
-        self.link.n_exposures = num
-
-    async def default_trigger_info(self) -> TriggerInfo:
-        return TriggerInfo()
-
-
-class DaqifAcquireLogic(DetectorAcquireLogic):
-    """A start is one write; idle is the write's end; stopped is this device's write stopped."""
-
-    def __init__(self, link: WriterLink, data_logic: DaqifDataLogic) -> None:
-        self.link = link
-        self.data_logic = data_logic
-
-    async def start_acquiring(self) -> None:
-        await self.link.start_write(self.data_logic.path_info())
-
-    async def wait_for_idle(self) -> None:
-        await self.link.wait_for_end()
-
-    async def ensure_stopped(self) -> None:
-        await self.link.stop_own_write()
-
-
-class DaqifDataLogic(DetectorDataLogic):
-    """The documents of the files the writes make: `/<detector>/data` and `/<detector>/image_id`."""
-
-    def __init__(self, link: WriterLink, path_provider: PathProvider) -> None:
-        self.link = link
-        self.path_provider = path_provider
-        self._path_info: PathInfo | None = None
-
-    def path_info(self) -> PathInfo:
-        if self._path_info is None:
-            raise RuntimeError("the detector was not prepared")
-        return self._path_info
-
-    async def prepare_unbounded(self, datakey_name: str) -> StreamableDataProvider:
-        self._path_info = self.path_provider(datakey_name)
-        frame = await self.link.refresh_format()
-        self.link.new_series()
-        return WriteFilesProvider(self.link, datakey_name, frame)
-
-    def get_hinted_fields(self, datakey_name: str) -> Sequence[str]:
-        return [datakey_name]
-
-
-class WriteFilesProvider(StreamableDataProvider):
-    """`StreamResource` per file and dataset, `StreamDatum` for the frames each file holds."""
-
-    def __init__(self, link: WriterLink, datakey_name: str, frame: FrameFormat) -> None:
-        self.link = link
-        self.frame = frame
-        self.data_key = datakey_name
-        self.image_id_key = f"{datakey_name}-image_id"
-        self.collections_written_signal: SignalR[int] = link.collections_written
-        self._compose = ComposeStreamResource()
-
-    async def make_datakeys(self, collections_per_event: int) -> dict[str, DataKey]:
-        source = f"daqif://{self.link.address}/{self.frame.detector_name}"
-        shape: list[int | None] = [collections_per_event, self.frame.height, self.frame.width]
-        return {
-            self.data_key: DataKey(
-                source=f"{source}/data",
-                shape=shape,
-                dtype="array",
-                dtype_numpy=self.frame.dtype,
-                external="STREAM:",
-            ),
-            self.image_id_key: DataKey(
-                source=f"{source}/image_id",
-                shape=[collections_per_event],
-                dtype="array" if collections_per_event > 1 else "number",
-                dtype_numpy="<u8",
-                external="STREAM:",
-            ),
-        }
-
-    def _resources(self, write: Write) -> list[ComposeStreamResourceBundle]:
-        group = f"/{self.frame.detector_name}"
-        frame_shape = (1, self.frame.height, self.frame.width)
-        return [
-            self._compose(
-                mimetype=MIMETYPE,
-                uri=write.uri,
-                data_key=key,
-                parameters={"dataset": f"{group}/{dataset}", "chunk_shape": chunks, "swmr": True},
-                validate=True,
-            )
-            for key, dataset, chunks in (
-                (self.data_key, "data", frame_shape),
-                (self.image_id_key, "image_id", (write.chunk,)),
-            )
-        ]
-
-    async def make_stream_docs(
-        self, collections_written: int, collections_per_event: int
-    ) -> AsyncIterator[StreamAsset]:
-        for write in self.link.writes:
-            # Whole events only, and never past what this file holds.
-            stop = min(collections_written, write.first_frame + write.n_written) - write.first_frame
-            stop -= stop % collections_per_event
-            if stop <= write.emitted:
-                continue
-            if not write.bundles:
-                write.bundles = self._resources(write)
-                for bundle in write.bundles:
-                    yield "stream_resource", bundle.stream_resource_doc
-            indices = StreamRange(
-                start=write.emitted // collections_per_event, stop=stop // collections_per_event
-            )
-            write.emitted = stop
-            for bundle in write.bundles:
-                yield "stream_datum", bundle.compose_stream_datum(indices)
-
-
-class _WriterConnector(DeviceConnector):
-    """Connects the soft signals, then the writer: its config and its status stream."""
-
-    def __init__(self, link: WriterLink) -> None:
-        self.link = link
-
-    async def connect_real(self, device: Device, timeout: float, force_reconnect: bool) -> None:
-        await super().connect_real(device, timeout, force_reconnect)
-        await self.link.connect(timeout)
-
-
-class DaqifDetector(StandardDetector):
-    """A daqif writer (`writer_address`: its gRPC `HOST:PORT`) as an ophyd-async HDF5 detector.
-
-    Files go to `output_dir` (which the writer must accept: under one of its allowed roots), named
-    by `path_provider` (default: a UUID per `prepare`) as `<filename>_<k:06d>.h5`, one per write.
-    """
-
-    def __init__(
-        self,
-        writer_address: str,
-        output_dir: str | Path,
-        name: str = "",
-        *,
-        path_provider: PathProvider | None = None,
-        tls: TlsConfig | None = None,
-    ) -> None:
-        self.link = WriterLink(writer_address, tls)
-        self.writer_state = self.link.writer_state
-        self.acquisition_state = self.link.acquisition_state
-        self.n_write_completed = self.link.n_write_completed
-        self.message = self.link.message
-        self.detector_name = self.link.detector_name
-        self.bit_depth = self.link.bit_depth
-        provider = path_provider or StaticPathProvider(UUIDFilenameProvider(), Path(output_dir))
-        data_logic = DaqifDataLogic(self.link, provider)
-        self.add_detector_logics(
-            DaqifTriggerLogic(self.link), DaqifAcquireLogic(self.link, data_logic), data_logic
-        )
-        self.add_config_signals(self.detector_name, self.bit_depth)
-        super().__init__(name=name, connector=_WriterConnector(self.link))
-
-    @WatchableAsyncStatus.wrap
-    async def trigger(self) -> AsyncIterator[WatcherUpdate[int]]:
-        async for update in self.link.until_a_write_fails(_unwrapped(StandardDetector.trigger)(self)):
-            yield update
-
-    @WatchableAsyncStatus.wrap
-    async def complete(self) -> AsyncIterator[WatcherUpdate[int]]:
-        async for update in self.link.until_a_write_fails(_unwrapped(StandardDetector.complete)(self)):
-            yield update
-
-    async def close(self) -> None:
-        """Stop following the writer's status and close the channel (the writer is not touched)."""
-        await self.link.close()
-
-
-def _unwrapped(method: Any) -> Any:
-    """The async generator behind a `WatchableAsyncStatus.wrap`ped method (functools.wraps)."""
-    return method.__wrapped__
