@@ -31,7 +31,8 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 if ((want_test)); then
-  .venv/bin/python -m pip install -q -e '.[test]'
+  # The bluesky and tiled extras too, so that CI runs tests/daqif/test_bluesky.py (skipped without them).
+  .venv/bin/python -m pip install -q -e '.[test,bluesky,tiled]'
   # Pinned npm packages: buf (lints proto/) and the Node.js example client's gRPC libraries.
   for dir in tools/buf examples/node-client; do
     # npm ci installs exactly the lock file and never rewrites it; skip it while node_modules is newer.
