@@ -3,6 +3,11 @@
     daqif-writer --stream tcp://127.0.0.1:9999 [--config DETECTOR.json] [--rest-port 5000]
                  [--grpc-port 12084] [--redis-url redis://127.0.0.1:6379/0] [--allowed-root DIR ...]
                  [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
+                 [--workers N] [--group-member HOST:PORT ...]
+
+With `--workers N` (N data path processes here) or `--group-member` (other writers on the same
+PUSH source) it is a writer group: each write is shared among the members and `output_file` is
+one virtual dataset over their parts (`group.py`, docs/writer.md "Writer groups").
 
 `GET /metrics` on the REST port serves the writer's Prometheus metrics (`metrics.py`).
 
@@ -60,6 +65,7 @@ from servers.writer.datapath.api import DataPathHandle
 from servers.writer.datapath.handle import ProcessDataPath, max_message_for_frames, rcvhwm_for_frames
 from servers.writer.datapath.journal import WriteJournal
 from servers.writer.datapath.protocol import DEFAULT_PRIORITY_BOOST, SocketKind
+from servers.writer.group import GroupDataPath, Member, RemoteMember
 from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
 from servers.writer.metrics import start_metrics
 from servers.writer.models import DaqConfig, UidRange, load_config
@@ -158,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode every LZ4 block of a bitshuffle-LZ4 frame before writing it: garbage inside correctly "
         "framed blocks is malformed, not written; costs 11-24 times the default framing check per frame",
     )
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="data path processes on this host, all connected to --stream; with N > 1 a write is "
+        "shared among them and OUTPUT_FILE is one virtual dataset over their parts (default 1)",
+    )
+    parser.add_argument(
+        "--group-member",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="gRPC WriterControl of another daqif-writer on the same PUSH source (repeatable): this "
+        "writer coordinates every write across itself and its members (docs/writer.md, Writer groups)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     add_tls_arguments(parser)
     return parser
@@ -170,21 +192,37 @@ def _uid_range(text: str) -> UidRange:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return value
+
+
 def make_datapath_factory(
     stream: str,
     socket_kind: str,
     journal: WriteJournal | None = None,
     priority_boost: int = DEFAULT_PRIORITY_BOOST,
     verify_compressed: bool = False,
+    *,
+    workers: int = 1,
+    group_members: Sequence[str] = (),
+    state_dir: Path | None = None,
 ) -> DataPathFactory:
     """A callable `config -> DataPathHandle` making the real data path process for `stream`.
 
     Each write carries its frame geometry (`WriteJob`); the config only sizes the receive queue
-    and the message size limit of a newly started process.
+    and the message size limit of a newly started process. With `workers` > 1 or `group_members`
+    it makes a writer group (`servers.writer.group`): `workers` processes here (worker k > 0
+    journals its writes in `state_dir/write-<k>.json`), then the remote members.
     """
     kind: SocketKind = "sub" if socket_kind == "sub" else "pull"
 
-    def factory(config: DaqConfig) -> DataPathHandle:
+    def process(config: DaqConfig, journal: WriteJournal | None) -> ProcessDataPath:
         # ZeroMQ bounds its queue in messages: size it so queued frames stay within a memory budget.
         frame_bytes = config.image_pixel_height * config.image_pixel_width * max(1, config.bit_depth // 8)
         return ProcessDataPath(
@@ -196,6 +234,18 @@ def make_datapath_factory(
             priority_boost=priority_boost,
             verify_compressed=verify_compressed,
         )
+
+    def factory(config: DaqConfig) -> DataPathHandle:
+        if workers == 1 and not group_members:
+            return process(config, journal)
+        members = [Member("worker 0", process(config, journal))]
+        for k in range(1, workers):
+            own = WriteJournal(state_dir / f"write-{k}.json") if state_dir is not None else None
+            members.append(Member(f"worker {k}", process(config, own)))
+        for address in group_members:
+            remote = RemoteMember(address)
+            members.append(Member(remote.name, remote))
+        return GroupDataPath(members)
 
     return factory
 
@@ -251,6 +301,9 @@ async def serve(args: argparse.Namespace) -> int:
             WriteJournal(state_dir / "write.json"),
             priority_boost=args.datapath_priority_boost,
             verify_compressed=args.verify_compressed,
+            workers=args.workers,
+            group_members=args.group_member,
+            state_dir=state_dir,
         ),
         config,
         allowed_roots=roots,
