@@ -166,3 +166,35 @@ def test_member_killed_mid_write_fails_the_write_naming_it(
         )
     stopped = requests.post(coordinator.rest_url + "/writer/stop", json={}, timeout=30).json()["writer"]
     assert stopped["state"] == "READY"
+
+
+def test_stop_stops_every_member_and_keeps_what_was_written(
+    writer_factory: WriterFactory, sim_factory: Any, tcp_port: int, data_root: Path
+) -> None:
+    endpoint = f"tcp://127.0.0.1:{tcp_port}"
+    member = writer_factory(endpoint)
+    coordinator = writer_factory(endpoint, group_members=(member.grpc_address,))
+    path = data_root / "stopped.h5"
+    StdDaqClient(url_base=coordinator.rest_url).start_writer_async(
+        {"output_file": str(path), "n_images": 100_000}
+    )
+    sim_factory("--shape", *map(str, SHAPE), "--rate", "400", port=tcp_port)
+    wait_for(lambda: rest_status(member)["acquisition"]["stats"]["n_write_completed"] >= 10)
+
+    stopped = requests.post(coordinator.rest_url + "/writer/stop", json={}, timeout=30).json()["writer"]
+    assert stopped["state"] == "READY"
+    assert stopped["acquisition"]["message"] == "Interrupted."
+    member_status = rest_status(member)
+    assert member_status["state"] == "READY"
+    assert member_status["acquisition"]["message"] == "Interrupted."
+    parts = []
+    for k in range(2):
+        with h5py.File(part_path(str(path), k), "r") as f:
+            parts.append(f[f"{DETECTOR_NAME}/image_id"][:])
+    with h5py.File(path, "r") as f:
+        ids = f[f"{DETECTOR_NAME}/image_id"][:]
+        data = f[f"{DETECTOR_NAME}/data"]
+        assert sorted(np.concatenate(parts).tolist()) == ids.tolist()
+        assert stopped["acquisition"]["stats"]["n_write_completed"] == len(ids) == data.shape[0]
+        for row in (0, len(ids) - 1):
+            np.testing.assert_array_equal(data[row], expected_frame(int(ids[row]), SHAPE, "uint16"))
