@@ -465,6 +465,8 @@ def scale_run(
 
     path = directory / f"scale-w{workers}-m{remote_members}.h5"
     config = detector_config(directory, shape)
+    for old_log in directory.glob("*.log"):  # the coordinator's log is read for this run only
+        old_log.unlink()
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     sim: SimProcess | None = None
@@ -486,7 +488,7 @@ def scale_run(
                 workers=workers if workers > 1 else None,
                 group_members=tuple(members),
             ),
-            log_file=directory / "coordinator.log",
+            log_file=directory / f"coordinator-w{workers}-m{remote_members}.log",
         ).start(timeout=120)
         started.append(coordinator)
         with requests.Session() as rest, WriterClient(coordinator.grpc_address, timeout=None) as client:

@@ -268,6 +268,19 @@ class RemoteMember:
         )
 
 
+def _failure(progress: WriteProgress, alive: bool) -> str:
+    """Why a member fails the group's write ("" if it does not): it failed, died, or its write
+    ended short while the group's goes on (stopped by someone else: its frames would be lost)."""
+    result = progress.result
+    if progress.phase is WritePhase.FAILED:
+        return result.error if result is not None and result.error else "its write failed"
+    if not alive:
+        return "its data path process died"
+    if progress.phase is WritePhase.FINISHED and result is not None and result.interrupted:
+        return f"its write was stopped after {result.n_written} frames, outside the group"
+    return ""
+
+
 def _ended_phase(result: WriteResult) -> WritePhase:
     return WritePhase.FAILED if result.error is not None else WritePhase.FINISHED
 
@@ -329,6 +342,13 @@ class GroupDataPath:
                 _log.exception("closing %s failed", member.name)
 
     def is_alive(self) -> bool:
+        """False once a local worker died, but only after the running write (if any) ended: its
+        supervisor reports the death, naming the worker, in the write's result."""
+        with self._lock:
+            running = self._write is not None and not self._write.done.is_set()
+        return running or self._members_alive()
+
+    def _members_alive(self) -> bool:
         return all(member.datapath.is_alive() for member in self.members)
 
     def open_write(self, job: WriteJob, timeout: float = 10.0) -> None:
@@ -407,7 +427,7 @@ class GroupDataPath:
 
     def _changed(self) -> None:
         self._wake.set()
-        if not self.is_alive():  # a local worker died: the core looks at once
+        if not self.is_alive():  # a local worker died between writes: the core looks at once
             self._callback()
 
     def _supervise(self, write: _Write) -> None:
@@ -427,11 +447,7 @@ class GroupDataPath:
             self._wake.clear()
             looks = [(m, m.datapath.progress(), m.datapath.is_alive()) for m in self.members]
             total = sum(p.n_written for _, p, _ in looks)
-            failed = [
-                (m, p.result.error if p.result is not None and p.result.error else "its data path died")
-                for m, p, alive in looks
-                if (p.phase is WritePhase.FAILED) or not alive
-            ]
+            failed = [(m, _failure(p, alive)) for m, p, alive in looks if _failure(p, alive)]
             if failed:
                 member, error = failed[0]
                 self._end(write, [m for m, _ in failed], f"{member.name} failed during the write: {error}")

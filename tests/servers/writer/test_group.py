@@ -198,3 +198,33 @@ def test_stop_stops_every_member_and_keeps_what_was_written(
         assert stopped["acquisition"]["stats"]["n_write_completed"] == len(ids) == data.shape[0]
         for row in (0, len(ids) - 1):
             np.testing.assert_array_equal(data[row], expected_frame(int(ids[row]), SHAPE, "uint16"))
+
+
+def test_a_local_worker_killed_mid_write_fails_the_write_naming_it(
+    writer_factory: WriterFactory, sim_factory: Any, tcp_port: int, data_root: Path
+) -> None:
+    import os
+    import signal
+
+    coordinator = writer_factory(f"tcp://127.0.0.1:{tcp_port}", workers=2)
+    path = data_root / "worker.h5"
+    StdDaqClient(url_base=coordinator.rest_url).start_writer_async(
+        {"output_file": str(path), "n_images": 100_000}
+    )
+    sim_factory("--shape", *map(str, SHAPE), "--rate", "400", port=tcp_port)
+    wait_for(lambda: rest_status(coordinator)["acquisition"]["stats"]["n_write_completed"] >= 20)
+    os.kill(max(coordinator.data_path_pids()), signal.SIGKILL)  # the one started last: worker 1
+
+    ended = wait_for(lambda: (s := rest_status(coordinator))["state"] != "WRITING" and s)
+    assert ended["state"] == "UNKNOWN"  # one of its own data paths is gone, until stop restarts them
+    assert ended["acquisition"]["state"] == "FAILED"
+    assert "worker 1 failed during the write" in ended["acquisition"]["message"]
+    with h5py.File(path, "r") as f:
+        ids = f[f"{DETECTOR_NAME}/image_id"][:]
+        assert len(ids) > 0 and ended["acquisition"]["stats"]["n_write_completed"] == len(ids)
+        np.testing.assert_array_equal(
+            f[f"{DETECTOR_NAME}/data"][-1], expected_frame(int(ids[-1]), SHAPE, "uint16")
+        )
+    stopped = requests.post(coordinator.rest_url + "/writer/stop", json={}, timeout=30).json()["writer"]
+    assert stopped["state"] == "READY"
+    assert len(coordinator.data_path_pids()) == 2
