@@ -45,7 +45,7 @@ import uvicorn
 
 from daqif import defaults
 from daqif.errors import DaqException
-from daqif.tls import TlsError, tls_address
+from daqif.tls import TlsError, split_address, tls_address
 from daqif.v1 import writer_pb2_grpc
 from servers.common import roles
 from servers.common.grpc_server import (
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--group-member",
         action="append",
+        type=_member_address,
         default=[],
         metavar="HOST:PORT",
         help="gRPC WriterControl of another daqif-writer on the same PUSH source (repeatable): this "
@@ -190,6 +191,27 @@ def _uid_range(text: str) -> UidRange:
         return UidRange.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _member_address(text: str) -> str:
+    """`HOST:PORT` or `grpcs://HOST:PORT` (a member serving TLS), the port a number in 1-65535."""
+    host_port, _ = split_address(text)
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT (or grpcs://HOST:PORT): give a member's gRPC WriterControl address"
+        )
+    return text
+
+
+def _own_address(members: Sequence[str], host: str, port: int) -> str | None:
+    """The member address that names this writer's own gRPC port, if any (it would wait on itself)."""
+    own_hosts = {host, "127.0.0.1", "localhost", "::1", "[::1]", socket.gethostname()}
+    for member in members:
+        member_host, _, member_port = split_address(member)[0].rpartition(":")
+        if int(member_port) == port and member_host in own_hosts:
+            return member
+    return None
 
 
 def _positive(text: str) -> int:
@@ -289,6 +311,13 @@ async def serve(args: argparse.Namespace) -> int:
         await grpc_server.stop(None)
         raise
     rest_port = rest_socket.getsockname()[1]
+    itself = _own_address(args.group_member, args.host, grpc_port)
+    if itself is not None:
+        rest_socket.close()
+        await grpc_server.stop(None)
+        raise DaqException.invalid_argument(
+            f"--group-member {itself} is this writer's own gRPC port; name the other writers of the group"
+        )
     # The REST port identifies a writer on its host, so it names the default state directory.
     state_dir: Path = (args.state_dir or data_root / ".daqif-writer" / f"rest-{rest_port}").resolve()
     state_lock = _lock_state_dir(state_dir)  # held (open) until this process ends
