@@ -4,6 +4,7 @@ over the members' part files."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from servers.common.launch import WriterProcess
 from servers.supervisor import free_port
 from servers.writer.group import part_path
 
-from .conftest import DETECTOR_NAME, SHAPE, WriterFactory, rest_status, wait_for
+from .conftest import DETECTOR_NAME, SHAPE, RedisServer, WriterFactory, rest_status, wait_for
 
 N = 200
 
@@ -73,11 +74,13 @@ def assert_group_file(path: Path, n_parts: int) -> list[np.ndarray]:
 
 
 def test_group_of_two_writers_makes_one_file_in_image_id_order(
-    writer_factory: WriterFactory, sim_factory: Any, tcp_port: int, data_root: Path
+    writer_factory: WriterFactory, sim_factory: Any, tcp_port: int, data_root: Path, redis_server: RedisServer
 ) -> None:
+    import redis
+
     endpoint = f"tcp://127.0.0.1:{tcp_port}"
     member = writer_factory(endpoint)
-    coordinator = writer_factory(endpoint, group_members=(member.grpc_address,))
+    coordinator = writer_factory(endpoint, group_members=(member.grpc_address,), redis_url=redis_server.url)
     path = data_root / "run.h5"
 
     reply = sync_write_while_sim_sends(coordinator, sim_factory, tcp_port, path)
@@ -92,6 +95,20 @@ def test_group_of_two_writers_makes_one_file_in_image_id_order(
     assert status["acquisition"]["stats"]["n_write_completed"] == N
     logs = StdDaqClient(url_base=coordinator.rest_url).get_logs(1)
     assert logs[0]["stats"]["n_write_completed"] == N
+    # The coordinator's Redis log entry and its frame counters describe the whole write.
+    client = redis.Redis(port=redis_server.port)
+    try:
+        (entry,) = wait_for(lambda: client.xread({"daq:log": "0"}, block=100))[0][1]
+        logged = json.loads(entry[1][b"json"])
+        assert (logged["info"]["output_file"], logged["stats"]["n_write_completed"]) == (str(path), N)
+    finally:
+        client.close()
+    stats = wait_for(
+        lambda: (
+            (s := StdDaqClient(url_base=coordinator.rest_url).get_stats())["counters"]["written"] == N and s
+        )
+    )
+    assert stats["counters"]["received"] >= N
     # The member recorded its own part and is READY for the next write.
     assert rest_status(member)["acquisition"]["info"]["output_file"] == part_path(str(path), 1)
     assert rest_status(member)["state"] == "READY"
