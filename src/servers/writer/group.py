@@ -251,10 +251,10 @@ class RemoteMember:
             thread.join(timeout=5.0)
 
     @staticmethod
-    def _result(job: WriteJob, acquisition: object) -> WriteResult:
-        state = acquisition_state_name(acquisition.state)  # type: ignore[attr-defined]
-        message: str = acquisition.message  # type: ignore[attr-defined]
-        stats = acquisition.stats  # type: ignore[attr-defined]
+    def _result(job: WriteJob, acquisition: writer_pb2.Acquisition) -> WriteResult:
+        state = acquisition_state_name(acquisition.state)
+        message = acquisition.message
+        stats = acquisition.stats
         n_written = int(stats.n_write_completed)
         now = time.time()
         return WriteResult(
