@@ -32,6 +32,13 @@ with N pollers and the data path put back to the control plane's nice (what a wr
 privilege to raise it gets), for ``--poller-rounds`` rounds; it reports the frames lost in each and
 the control plane's CPU per poll.
 
+With ``--workers 1 2`` it measures only writer groups (docs/writer.md, "Writer groups"): one
+writer with 1 and 2 data paths and a group of two writer processes on loopback record the same
+frames from one PUSH simulator sending as fast as it can (``--gib``, the first of ``--sizes``,
+``--rounds`` interleaved rounds); it reports aggregate frames/s, the ratio to one data path,
+frames lost (gaps in the recorded image ids) and the time from the end being seen to the
+virtual-dataset file being written (from the coordinator's log).
+
 The defaults take about 5 minutes on 2 cores. The machine may be shared: read the load average
 beside each figure and the per-round values in the JSON.
 """
@@ -580,6 +587,159 @@ def poller_run(directory: Path, pollers: int, rate: float, n: int, *, boost: boo
     }
 
 
+def scale_run(
+    directory: Path, shape: tuple[int, int], n: int, workers: int, remote_members: int
+) -> dict[str, Any]:
+    """A writer with `workers` data paths and `remote_members` other writers (a writer group, all
+    on loopback) records `n` frames from one PUSH simulator sending as fast as it can: timed from
+    REST ``write_async`` until gRPC ``WatchStatus`` shows FINISHED (every part durable and the
+    virtual-dataset file written)."""
+    import re
+
+    import requests
+
+    from daqif.writer_client import WriterClient, acquisition_state_name
+    from servers.common.launch import WriterOptions, WriterProcess
+
+    path = directory / f"scale-w{workers}-m{remote_members}.h5"
+    config = detector_config(directory, shape)
+    for old_log in directory.glob("*.log"):  # the coordinator's log is read for this run only
+        old_log.unlink()
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    sim: SimProcess | None = None
+    started: list[WriterProcess] = []
+    try:
+        members = []
+        for k in range(remote_members):
+            member = WriterProcess(
+                WriterOptions(stream=endpoint, data_root=directory, config=config),
+                log_file=directory / f"member{k}.log",
+            ).start(timeout=120)
+            started.append(member)
+            members.append(member.grpc_address)
+        coordinator = WriterProcess(
+            WriterOptions(
+                stream=endpoint,
+                data_root=directory,
+                config=config,
+                workers=workers if workers > 1 else None,
+                group_members=tuple(members),
+            ),
+            log_file=directory / f"coordinator-w{workers}-m{remote_members}.log",
+        ).start(timeout=120)
+        started.append(coordinator)
+        with requests.Session() as rest, WriterClient(coordinator.grpc_address, timeout=None) as client:
+            watch = client.watch_status(timeout=600)
+            next(watch)
+            os.sync()
+            load = os.getloadavg()[0]
+            reply = rest.post(
+                coordinator.rest_url + "/writer/write_async",
+                json={"output_file": str(path), "n_images": n},
+                timeout=30,
+            ).json()
+            if reply["status"] != "ok":
+                raise RuntimeError(f"write_async refused: {reply}")
+            # The detector starts once the write is open (the std_daq sequence), sending as fast as
+            # the writers take frames (PUSH waits for a free receive queue). Its ready line comes
+            # right before its first send.
+            sim = start_sim(shape, "--count", str(n), "--linger", "120", endpoint=endpoint)
+            start = time.perf_counter()
+            for status in watch:
+                state = acquisition_state_name(status.acquisition.state)
+                if state in ("FINISHED", "FAILED"):
+                    break
+            elapsed = time.perf_counter() - start
+            if state != "FINISHED" or status.acquisition.message != "Completed.":
+                raise RuntimeError(f"the write did not complete: {status.acquisition.message}")
+        sent = sim.wait_done(120)
+        end_ms = re.findall(r"the file written ([0-9.]+) ms after the end was seen", coordinator.log_text())
+    finally:
+        for writer in reversed(started):
+            writer.stop()
+        if sim is not None:
+            sim.stop(60)
+    with h5py.File(path, "r") as f:
+        ids = f["bench/image_id"][:].astype(np.int64)
+        parts = len(f.attrs["source_files"]) if "source_files" in f.attrs else 1
+    for leftover in directory.glob(f"{path.stem}*.h5"):
+        leftover.unlink()
+    return _throughput(n, shape, elapsed, load) | {
+        "frames_sent": sent.frames_sent,
+        "frames_recorded": len(ids),
+        "frames_lost": sent.frames_sent - len(set(ids.tolist())),
+        "parts": parts,
+        # From the simulator's last send until the client saw FINISHED (queues drained, every part
+        # durable, the virtual-dataset file written).
+        "last_frame_to_file_ready_ms": round((elapsed - sent.elapsed_s) * 1000, 1),
+        # The part of it after the coordinator saw the total reached (stop, join), from its log.
+        "end_seen_to_file_ready_ms": float(end_ms[-1]) if end_ms else None,
+    }
+
+
+def scale_main(args: argparse.Namespace) -> int:
+    """The ``--workers N ...`` mode: one writer with N data paths for each N, and a group of two
+    writer processes, interleaved rounds on one size; aggregate throughput vs one data path."""
+    own_dir = args.dir is None
+    directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir
+    directory.mkdir(parents=True, exist_ok=True)
+    name = args.sizes.split(",")[0]
+    shape = SIZES[name]
+    n = max(16, int(args.gib * 2**30 / frame_bytes_of(shape)))
+    variants = [(f"workers {w}", w, 0) for w in args.workers] + [("group of 2 writers", 1, 1)]
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in variants}
+    try:
+        for round_ in range(args.rounds):
+            turned = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
+            for label, workers, members in turned:
+                print(
+                    f"[scale] round {round_ + 1}: {label}, {n} frames of {name} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                runs[label].append(scale_run(directory, shape, n, workers, members))
+    finally:
+        if own_dir:
+            shutil.rmtree(directory, ignore_errors=True)
+    base = runs[variants[0][0]]
+    summary: dict[str, Any] = {
+        "benchmark": "daqif writer groups: one write shared among data paths on one PUSH source "
+        "(REST write_async -> FINISHED: parts durable, virtual-dataset file written)",
+        "machine": machine_facts(Path(tempfile.gettempdir()) if own_dir else directory),
+        "size": name,
+        "frames_per_run": n,
+        "variants": {
+            label: {
+                "frames_per_s": _spread([r["frames_per_s"] for r in rs]),
+                "gb_per_s": _spread([r["gb_per_s"] for r in rs]),
+                "throughput_over_workers_1": _spread(
+                    [r["frames_per_s"] / b["frames_per_s"] for r, b in zip(rs, base, strict=True)]
+                ),
+                "frames_lost": [r["frames_lost"] for r in rs],
+                "last_frame_to_file_ready_ms": [r["last_frame_to_file_ready_ms"] for r in rs],
+                "end_seen_to_file_ready_ms": [r["end_seen_to_file_ready_ms"] for r in rs],
+                "load_average_1min": [r["load_average_1min"] for r in rs],
+                "runs": rs,
+            }
+            for label, rs in runs.items()
+        },
+        "load_average_at_end": os.getloadavg(),
+    }
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    for label, entry in summary["variants"].items():
+        print(
+            f"{label:20} {_cell(entry['frames_per_s'])} frames/s  "
+            f"x{_cell(entry['throughput_over_workers_1'])} "
+            f"lost {entry['frames_lost']}  end ms {entry['last_frame_to_file_ready_ms']}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def polling_main(args: argparse.Namespace) -> int:
     """The ``--pollers N`` mode: frames lost with 0 and N status pollers, interleaved rounds."""
     own_dir = args.dir is None
@@ -633,6 +793,13 @@ def main(argv: list[str] | None = None) -> int:
         "--poller-rate", type=float, default=4000.0, help="PUB rate of the polling measurement"
     )
     parser.add_argument("--poller-frames", type=int, default=20_000, help="frames per polling round")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        help="only measure writer groups: one writer with each number of data paths (e.g. 1 2) and "
+        "a group of two writer processes, on the first of --sizes",
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
     parser.add_argument(
         "--live",
@@ -647,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         return polling_main(args)
     if args.live:
         return live_mode(args)
+    if args.workers:
+        return scale_main(args)
 
     own_dir = args.dir is None
     directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir

@@ -21,7 +21,7 @@ one mapping each.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -53,6 +53,7 @@ class _Source:
     frame_shape: tuple[int, ...]
     dtype: np.dtype
     run_id: str
+    rows: int = 0  # frames the file's dataset holds (more than `ids` once cut by a limit)
 
 
 def _read_source(path: Path, detector: str | None) -> _Source:
@@ -92,6 +93,7 @@ def _read_source(path: Path, detector: str | None) -> _Source:
             frame_shape=tuple(data.shape[1:]),
             dtype=data.dtype,
             run_id=str(handle.attrs.get("run_id", "")),
+            rows=int(data.shape[0]),
         )
 
 
@@ -112,15 +114,37 @@ def _progressions(positions: np.ndarray) -> list[tuple[int, int, int, int]]:
     return runs
 
 
+def _first_frames(sources: list[_Source], limit: int) -> list[_Source]:
+    """The sources cut to the `limit` smallest image ids (each file's ids ascend: a prefix of each)."""
+    all_ids = np.sort(np.concatenate([s.ids for s in sources]))
+    if limit < 0:
+        raise JoinError(f"limit {limit} is negative")
+    if limit >= len(all_ids):
+        return sources
+    if limit == 0:
+        return [replace(s, ids=s.ids[:0], status=s.status[:0]) for s in sources]
+    last = all_ids[limit - 1]
+    kept = [int(np.searchsorted(s.ids, last, side="right")) for s in sources]
+    return [replace(s, ids=s.ids[:k], status=s.status[:k]) for s, k in zip(sources, kept, strict=True)]
+
+
 def _stored_path(source: Path, output: Path, relative: bool) -> str:
     source, base = source.resolve(), output.resolve().parent
     return os.path.relpath(source, base) if relative and source.is_relative_to(base) else str(source)
 
 
 def join_writer_files(
-    output: Path, files: list[Path], *, detector: str | None = None, relative: bool = False
+    output: Path,
+    files: list[Path],
+    *,
+    detector: str | None = None,
+    relative: bool = False,
+    limit: int | None = None,
 ) -> JoinResult:
-    """Write `output` with a virtual dataset over `files` ordered by image id; see the module doc."""
+    """Write `output` with a virtual dataset over `files` ordered by image id; see the module doc.
+
+    With `limit`, only the `limit` frames with the smallest image ids are mapped (a writer group
+    stops its members once they wrote `n_images` in total; a member may have written a few more)."""
     if not files:
         raise JoinError("no files to join")
     output = Path(output)
@@ -130,6 +154,8 @@ def join_writer_files(
     if output.resolve() in resolved:
         raise JoinError(f"{output}: the output is one of the files to join")
     sources = [_read_source(Path(f), detector) for f in files]
+    if limit is not None:
+        sources = _first_frames(sources, limit)
     first = sources[0]
     for src in sources[1:]:
         if src.detector != first.detector:
@@ -163,7 +189,7 @@ def join_writer_files(
         vsource = h5py.VirtualSource(
             _stored_path(src.path, output, relative),
             f"{src.detector}/data",
-            shape=(count, *first.frame_shape),
+            shape=(src.rows, *first.frame_shape),
         )
         for index, length, start, step in _progressions(positions):
             layout[start : start + step * (length - 1) + 1 : step] = vsource[index : index + length]

@@ -71,6 +71,8 @@ class SystemConfig:
     """The DPM's Prometheus `/metrics` port (0: a free one); `None`: no metrics endpoint."""
     web_port: int | None = None
     """The status page's port (0: a free one); `None`: no status page."""
+    writers: int = 1
+    """Data paths of the writer: with N > 1 a writer group of N on this host (`--workers N`)."""
 
     @property
     def raw_dir(self) -> Path:
@@ -228,6 +230,7 @@ def writer_options(config: SystemConfig) -> WriterOptions:
         allowed_roots=_roots(config),
         redis_url=config.redis_url or None,
         tls=config.tls,
+        workers=config.writers if config.writers > 1 else None,
     )
 
 

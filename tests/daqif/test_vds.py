@@ -115,3 +115,22 @@ def test_join_command_prints_json_and_fails_with_one_line(tmp_path: Path) -> Non
     assert json.loads(ok.stdout)["n_images"] == 3
     bad = subprocess.run([*command, str(tmp_path / "k.h5"), str(a), str(a)], capture_output=True, text=True)
     assert bad.returncode == 1 and "named more than once" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_limit_maps_only_the_smallest_image_ids(tmp_path: Path) -> None:
+    files = []
+    for name, ids in (("a.h5", [1, 3, 5, 7]), ("b.h5", [2, 4])):
+        with h5py.File(tmp_path / name, "w") as f:
+            f["DET/data"] = np.stack([expected_frame(i, (4, 3), "uint16") for i in ids])
+            f["DET/image_id"] = np.array(ids, dtype=np.uint64)
+        files.append(tmp_path / name)
+    result = join_writer_files(tmp_path / "joined.h5", files, limit=4)
+    assert result.n_images == 4
+    with h5py.File(tmp_path / "joined.h5", "r") as f:
+        assert f["DET/image_id"][:].tolist() == [1, 2, 3, 4]
+        assert np.array_equal(
+            f["DET/data"][:], np.stack([expected_frame(i, (4, 3), "uint16") for i in range(1, 5)])
+        )
+    assert join_writer_files(tmp_path / "all.h5", files, limit=10).n_images == 6
+    with pytest.raises(JoinError, match="limit -1 is negative"):
+        join_writer_files(tmp_path / "bad.h5", files, limit=-1)

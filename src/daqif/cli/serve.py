@@ -77,6 +77,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "<data-root>/raw); one inside the DPM workspace, the receiver directory, the logs or the "
         "writer's config is refused",
     )
+    serve.add_argument(
+        "--writers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run a writer group of N data paths on this host (daqif-writer --workers N): every write "
+        "is shared among them and its output_file is one virtual dataset over their parts (default 1)",
+    )
     serve.add_argument("--max-restarts", type=int, default=3, help="restarts per server before giving up")
     from servers.common.tls import add_tls_arguments
 
@@ -117,11 +125,14 @@ def run_serve(args: argparse.Namespace) -> int:
         # Over mutual TLS the page would need a client certificate of its own: run `daqif web` with
         # the --tls-* flags then.
         web_port=None if tls is not None else args.web_port,
+        writers=args.writers,
     )
     if tls is not None:
         console.print(
             "note: with TLS the status page is not started; run `daqif web` with --tls-ca/--tls-cert"
         )
+    if args.writers < 1:
+        return fail(f"--writers must be 1 or more, not {args.writers}")
     try:
         config.check_roles_apart()
     except ValueError as exc:

@@ -122,6 +122,10 @@ class WriterOptions(_Options):
     """`MIN-MAX`: the uids `writer_user_id` may give files to, besides the service user."""
     tls: ServerTls | None = None
     """Serve gRPC WriterControl over TLS (mutual TLS with a client CA); REST stays plain HTTP."""
+    workers: int | None = Field(default=None, ge=1)
+    """Data path processes of this writer (a writer group on one host when > 1)."""
+    group_members: tuple[str, ...] = ()
+    """`HOST:PORT` gRPC addresses of the other writers of its group (this one coordinates)."""
     extra_args: tuple[str, ...] = ()
     """Further flags, appended as given."""
 
@@ -140,6 +144,9 @@ class WriterOptions(_Options):
         _flag(argv, "--log-level", self.log_level)
         _flag(argv, "--state-dir", self.state_dir)
         _flag(argv, "--allowed-uids", self.allowed_uids)
+        _flag(argv, "--workers", self.workers)
+        for member in self.group_members:
+            argv += ["--group-member", member]
         if self.tls is not None:
             argv += self.tls.flags()
         return argv + list(self.extra_args)

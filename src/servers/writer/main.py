@@ -3,6 +3,11 @@
     daqif-writer --stream tcp://127.0.0.1:9999 [--config DETECTOR.json] [--rest-port 5000]
                  [--grpc-port 12084] [--redis-url redis://127.0.0.1:6379/0] [--allowed-root DIR ...]
                  [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]
+                 [--workers N] [--group-member HOST:PORT ...]
+
+With `--workers N` (N data path processes here) or `--group-member` (other writers on the same
+PUSH source) it is a writer group: each write is shared among the members and `output_file` is
+one virtual dataset over their parts (`group.py`, docs/writer.md "Writer groups").
 
 `GET /metrics` on the REST port serves the writer's Prometheus metrics (`metrics.py`).
 `--live-stream tcp://HOST:PORT [--live-rate HZ | --live-every N]` publishes a sample of the frames
@@ -42,7 +47,7 @@ import uvicorn
 
 from daqif import defaults
 from daqif.errors import DaqException
-from daqif.tls import TlsError, tls_address
+from daqif.tls import TlsError, split_address, tls_address
 from daqif.v1 import writer_pb2_grpc
 from servers.common import roles
 from servers.common.grpc_server import (
@@ -62,6 +67,7 @@ from servers.writer.datapath.api import DataPathHandle
 from servers.writer.datapath.handle import ProcessDataPath, max_message_for_frames, rcvhwm_for_frames
 from servers.writer.datapath.journal import WriteJournal
 from servers.writer.datapath.protocol import DEFAULT_PRIORITY_BOOST, SocketKind
+from servers.writer.group import GroupDataPath, Member, RemoteMember
 from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
 from servers.writer.live import DEFAULT_LIVE_RATE_HZ, LiveError, LiveOptions, check_bindable
 from servers.writer.metrics import start_metrics
@@ -176,6 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"at most HZ frames a second on the live stream (default {DEFAULT_LIVE_RATE_HZ:g})",
     )
     live_mode.add_argument("--live-every", type=int, metavar="N", help="every N-th frame received instead")
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="data path processes on this host, all connected to --stream; with N > 1 a write is "
+        "shared among them and OUTPUT_FILE is one virtual dataset over their parts (default 1)",
+    )
+    parser.add_argument(
+        "--group-member",
+        action="append",
+        type=_member_address,
+        default=[],
+        metavar="HOST:PORT",
+        help="gRPC WriterControl of another daqif-writer on the same PUSH source (repeatable): this "
+        "writer coordinates every write across itself and its members (docs/writer.md, Writer groups)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     add_tls_arguments(parser)
     return parser
@@ -201,6 +224,37 @@ def live_options(args: argparse.Namespace) -> LiveOptions | None:
     return options
 
 
+def _member_address(text: str) -> str:
+    """`HOST:PORT` or `grpcs://HOST:PORT` (a member serving TLS), the port a number in 1-65535."""
+    host_port, _ = split_address(text)
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT (or grpcs://HOST:PORT): give a member's gRPC WriterControl address"
+        )
+    return text
+
+
+def _own_address(members: Sequence[str], host: str, port: int) -> str | None:
+    """The member address that names this writer's own gRPC port, if any (it would wait on itself)."""
+    own_hosts = {host, "127.0.0.1", "localhost", "::1", "[::1]", socket.gethostname()}
+    for member in members:
+        member_host, _, member_port = split_address(member)[0].rpartition(":")
+        if int(member_port) == port and member_host in own_hosts:
+            return member
+    return None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return value
+
+
 def make_datapath_factory(
     stream: str,
     socket_kind: str,
@@ -208,15 +262,21 @@ def make_datapath_factory(
     priority_boost: int = DEFAULT_PRIORITY_BOOST,
     verify_compressed: bool = False,
     live: LiveOptions | None = None,
+    *,
+    workers: int = 1,
+    group_members: Sequence[str] = (),
+    state_dir: Path | None = None,
 ) -> DataPathFactory:
     """A callable `config -> DataPathHandle` making the real data path process for `stream`.
 
     Each write carries its frame geometry (`WriteJob`); the config only sizes the receive queue
-    and the message size limit of a newly started process.
+    and the message size limit of a newly started process. With `workers` > 1 or `group_members`
+    it makes a writer group (`servers.writer.group`): `workers` processes here (worker k > 0
+    journals its writes in `state_dir/write-<k>.json`), then the remote members.
     """
     kind: SocketKind = "sub" if socket_kind == "sub" else "pull"
 
-    def factory(config: DaqConfig) -> DataPathHandle:
+    def process(config: DaqConfig, journal: WriteJournal | None, live: LiveOptions | None) -> ProcessDataPath:
         # ZeroMQ bounds its queue in messages: size it so queued frames stay within a memory budget.
         frame_bytes = config.image_pixel_height * config.image_pixel_width * max(1, config.bit_depth // 8)
         return ProcessDataPath(
@@ -229,6 +289,19 @@ def make_datapath_factory(
             verify_compressed=verify_compressed,
             live=live,
         )
+
+    def factory(config: DaqConfig) -> DataPathHandle:
+        if workers == 1 and not group_members:
+            return process(config, journal, live)
+        # One live stream per writer: worker 0 samples the frames it is dealt (docs/writer.md).
+        members = [Member("worker 0", process(config, journal, live))]
+        for k in range(1, workers):
+            own = WriteJournal(state_dir / f"write-{k}.json") if state_dir is not None else None
+            members.append(Member(f"worker {k}", process(config, own, None)))
+        for address in group_members:
+            remote = RemoteMember(address)
+            members.append(Member(remote.name, remote))
+        return GroupDataPath(members)
 
     return factory
 
@@ -273,6 +346,13 @@ async def serve(args: argparse.Namespace) -> int:
         await grpc_server.stop(None)
         raise
     rest_port = rest_socket.getsockname()[1]
+    itself = _own_address(args.group_member, args.host, grpc_port)
+    if itself is not None:
+        rest_socket.close()
+        await grpc_server.stop(None)
+        raise DaqException.invalid_argument(
+            f"--group-member {itself} is this writer's own gRPC port; name the other writers of the group"
+        )
     # The REST port identifies a writer on its host, so it names the default state directory.
     state_dir: Path = (args.state_dir or data_root / ".daqif-writer" / f"rest-{rest_port}").resolve()
     state_lock = _lock_state_dir(state_dir)  # held (open) until this process ends
@@ -286,6 +366,9 @@ async def serve(args: argparse.Namespace) -> int:
             priority_boost=args.datapath_priority_boost,
             verify_compressed=args.verify_compressed,
             live=live,
+            workers=args.workers,
+            group_members=args.group_member,
+            state_dir=state_dir,
         ),
         config,
         allowed_roots=roots,

@@ -139,6 +139,27 @@ def test_serve_simulate_records_merges_and_stops_on_sigint(tmp_path: Path, serve
         assert f"daqif-ready {name} " in (data / "logs" / f"{name}.log").read_text()
 
 
+def test_serve_writers_2_runs_a_writer_group_whose_file_is_one_virtual_dataset(
+    tmp_path: Path, serves: list[Serve]
+) -> None:
+    data = tmp_path / "data"
+    serve = Serve(
+        tmp_path, "--simulate", "--writers", "2", "--data-root", str(data), *any_ports(), "--sim-rate", "500"
+    )
+    serves.append(serve)
+    rest = serve.ready().address("rest")
+    raw = data / "raw" / "group.h5"
+    status = StdDaqClient(url_base=rest).start_writer_sync({"output_file": str(raw), "n_images": 40})
+    assert status["acquisition"]["stats"]["n_write_completed"] == 40
+    with h5py.File(raw, "r") as f:
+        data_set = f["SIM1/data"]
+        assert data_set.is_virtual and data_set.shape[0] == 40
+        ids = f["SIM1/image_id"][:]
+        assert ids.tolist() == sorted(ids.tolist()) and len(set(ids.tolist())) == 40
+    assert sorted(p.name for p in raw.parent.glob("group_*.h5")) == ["group_0.h5", "group_1.h5"]
+    assert serve.interrupt() == 0, serve.output
+
+
 def test_second_serve_on_the_same_ports_exits_naming_the_port_and_the_first_keeps_serving(
     tmp_path: Path, serves: list[Serve]
 ) -> None:

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -21,6 +22,7 @@ from .dpm_helpers import (
     make_spec,
     wait_alert,
     wait_archived,
+    wait_until,
     write_source,
 )
 
@@ -154,3 +156,55 @@ def test_a_remote_path_is_never_run_by_the_remote_shell(dpm: DpmHarness, tmp_pat
     assert not marker.exists(), "the remote shell ran a command from the path"
     with h5py.File(dpm.receiver / "REMOTE2.product.h5", "r") as f:
         np.testing.assert_array_equal(f["det9/det9/data"][()], data)
+
+
+def test_a_grouped_writers_file_is_collected_with_its_parts_and_merged_by_value(
+    dpm: DpmHarness, sim_factory: Any, tcp_port: int, tmp_path: Path
+) -> None:
+    """A writer group's `output_file` (`daqif-writer --workers 2`: a virtual dataset over two part
+    files) queued as an `hdf5File` source: the product holds every frame by value."""
+    import json
+
+    from std_daq_client import StdDaqClient
+
+    from daqif.frame import expected_frame
+    from servers.common.launch import WriterOptions, WriterProcess
+
+    server = dpm.start()
+    client = dpm.client(server)
+    n, shape = 60, (24, 16)
+    config = tmp_path / "detector.json"
+    config.write_text(
+        json.dumps(
+            {"detector_name": "GDET", "bit_depth": 16, "image_pixel_height": 24, "image_pixel_width": 16}
+        )
+    )
+    raw = dpm.data / "raw"
+    raw.mkdir()
+    options = WriterOptions(stream=f"tcp://127.0.0.1:{tcp_port}", data_root=raw, config=config, workers=2)
+    output = raw / "grouped.h5"
+    with WriterProcess(options, log_file=tmp_path / "writer.log").start() as writer:
+        writer_client = StdDaqClient(url_base=writer.rest_url)
+        writer_client.start_writer_async({"output_file": str(output), "n_images": n})
+        sim = sim_factory("--shape", *map(str, shape), "--count", str(n), "--rate", "500", port=tcp_port)
+        assert sim.wait_done().frames_sent == n
+        wait_until(lambda: writer_client.get_status()["state"] == "READY", what="the grouped write to end")
+        assert writer_client.get_status()["acquisition"]["stats"]["n_write_completed"] == n
+    with h5py.File(output, "r") as f:
+        assert f["GDET/data"].is_virtual
+        assert len(f["GDET/data"].virtual_sources()) >= 2
+
+    client.queue_daq(make_spec("GROUP1", [hdf5_source("det", output)], [dpm.receiver], "GROUPED"))
+    record = wait_archived(client, server, "GROUP1")
+    assert record["substate"] == "COMPLETED", record["alerts"]
+    (source,) = record["sources"]
+    assert source["references"] == 2, "both part files were collected with the combined file"
+    product = dpm.receiver / "GROUPED.h5"
+    assert verify(product).ok
+    with h5py.File(product, "r") as f:
+        data = f["det/GDET/data"]
+        assert not data.is_virtual, "the product holds the frames by value"
+        frames = data[:]
+        assert frames.shape == (n, *shape)
+        for row in range(n):
+            np.testing.assert_array_equal(frames[row], expected_frame(row + 1, shape, "uint16"))

@@ -118,3 +118,31 @@ def test_second_writer_on_a_busy_grpc_port_exits_non_zero_naming_the_port(
     assert first.running
     with WriterClient(first.grpc_address) as client:
         assert writer_state_name(client.get_status().state) == "READY"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--group-member", "nohost"], "'nohost' is not HOST:PORT (or grpcs://HOST:PORT)"),
+        (["--group-member", "h:99999"], "'h:99999' is not HOST:PORT"),
+        (["--workers", "0"], "expected a whole number >= 1, not '0'"),
+        (
+            ["--group-member", "127.0.0.1:{grpc}"],
+            "--group-member 127.0.0.1:{grpc} is this writer's own gRPC port",
+        ),
+    ],
+)
+def test_a_bad_writer_group_flag_stops_the_writer_naming_it(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    from servers.supervisor import free_port
+
+    grpc = str(free_port())
+    argv = [sys.executable, "-m", "servers.writer.main", "--stream", "tcp://127.0.0.1:1"]
+    argv += ["--rest-port", "0", "--grpc-port", grpc, "--data-root", str(tmp_path / "data")]
+    result = subprocess.run(
+        argv + [f.format(grpc=grpc) for f in flags], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert message.format(grpc=grpc) in result.stderr
+    assert "Traceback" not in result.stderr

@@ -235,7 +235,7 @@ def create_file(job: WriteJob, h5py: Any) -> Any:
         handle.attrs["detector_name"] = job.detector_name
         handle.attrs["n_images"] = job.n_images
         handle.create_group(job.detector_name)
-        _give_to_owner(path, job.owner_uid)
+        give_to_owner(path, job.owner_uid)
     except Exception as exc:
         handle.close()
         if not existed:
@@ -256,7 +256,7 @@ def add_nexus_view(handle: Any, job: WriteJob) -> None:
     )
 
 
-def _give_to_owner(path: str, owner_uid: int | None) -> None:
+def give_to_owner(path: str, owner_uid: int | None) -> None:
     if owner_uid is None or owner_uid == os.geteuid():
         return
     try:
