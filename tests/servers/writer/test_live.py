@@ -118,6 +118,22 @@ def test_every_nth_frame_is_published_during_and_between_writes(
     assert isinstance(header["frame"], int)
 
 
+def test_a_writer_with_several_workers_has_one_live_stream(
+    writer_factory: WriterFactory, live_endpoint: str, live_client: LiveClient
+) -> None:
+    # Only worker 0 binds the live endpoint (N binds of one address would fail); it samples the
+    # frames it is dealt.
+    with SimProcess(
+        SimOptions(shape=SHAPE, dtype="uint16", rate=400, header="stddaq", linger=0)
+    ).start() as sim:
+        writer = writer_factory(sim.endpoint, extra_args=("--workers", "2", "--live-stream", live_endpoint))
+        frames = live_client.receive(2)
+        assert writer.running
+        assert not [line for line in writer.tail(200) if "no live stream" in line]
+    for frame in frames:
+        np.testing.assert_array_equal(frame.pixels, expected_frame(frame.image_id, SHAPE, "uint16"))
+
+
 def test_live_rate_caps_the_frames_per_second_and_compressed_frames_arrive_decompressed(
     writer_factory: WriterFactory, live_endpoint: str, live_client: LiveClient
 ) -> None:
