@@ -62,6 +62,10 @@ def assert_group_file(path: Path, n_parts: int) -> list[np.ndarray]:
         frames = data[:]
         for row, image_id in enumerate(ids):
             np.testing.assert_array_equal(frames[row], expected_frame(int(image_id), SHAPE, "uint16"))
+        # The NeXus view (daqif.nexus) over the virtual dataset: the default plot is the image stack.
+        assert f.attrs["default"] == "entry" and f["entry"].attrs["default"] == "data"
+        assert f["entry/data"].attrs["signal"] == "data"
+        assert f["entry/data/data"].id == data.id  # a hard link, not a copy
     parts: list[np.ndarray] = []
     for k in range(n_parts):
         with h5py.File(part_path(str(path), k), "r") as f:
