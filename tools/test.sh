@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh --test
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist), one test file each at a time (module fixtures stay shared): most tests
+# wait on real servers rather than use the CPU. DAQIF_TEST_WORKERS=0 runs everything in this process.
+exec .venv/bin/python -m pytest -n "${DAQIF_TEST_WORKERS:-2}" --dist loadfile "$@"
