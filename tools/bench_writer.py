@@ -726,10 +726,7 @@ def scale_main(args: argparse.Namespace) -> int:
         },
         "load_average_at_end": os.getloadavg(),
     }
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(summary, args.out)
     for label, entry in summary["variants"].items():
         print(
             f"{label:20} {_cell(entry['frames_per_s'])} frames/s  "
@@ -766,10 +763,7 @@ def polling_main(args: argparse.Namespace) -> int:
             for case in dict.fromkeys(r["case"] for r in rounds)
         },
     }
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(summary, args.out)
     return 0
 
 
@@ -848,10 +842,7 @@ def main(argv: list[str] | None = None) -> int:
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)
     summary["load_average_at_end"] = os.getloadavg()
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(summary, args.out)
     print(_table(summary), file=sys.stderr)
     return 0
 
@@ -871,10 +862,7 @@ def live_mode(args: argparse.Namespace) -> int:
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)
     summary["load_average_at_end"] = os.getloadavg()
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(summary, args.out)
     for name, entry in summary["sizes"].items():
         print(
             f"{name:6} off {_cell(entry['off_gb_per_s'])} GB/s  on {_cell(entry['on_gb_per_s'])} GB/s  "
@@ -883,6 +871,14 @@ def live_mode(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def emit(summary: dict[str, Any], out: Path | None) -> None:
+    """Print the summary as JSON (stdout), and write it to `out` too when given (``--out``)."""
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
 
 
 def _cell(value: dict[str, float]) -> str:

@@ -31,22 +31,45 @@ def _credentials(address: str, tls: TlsConfig | None) -> tuple[str, grpc.Channel
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 64 * 1024 * 1024),)
 
 
+def keepalive_options(seconds: float) -> tuple[tuple[str, int], ...]:
+    """Channel options that ping the server every `seconds` while a call is open and fail the call
+    (UNAVAILABLE) when a ping is not answered within `seconds`: a server that went silent without
+    closing the connection (a stopped process, a network partition) ends a stream within about
+    2 x `seconds`. daqif servers accept such pings from 4 s (`servers.common.grpc_server`)."""
+    ms = max(4000, int(seconds * 1000))
+    return (
+        ("grpc.keepalive_time_ms", ms),
+        ("grpc.keepalive_timeout_ms", ms),
+        ("grpc.http2.max_pings_without_data", 0),  # a server stream: the client sends no data
+        ("grpc.http2.min_time_between_pings_ms", ms),
+        ("grpc.http2.ping_timeout_ms", ms),  # else gRPC waits 1 min for the ack of any ping
+    )
+
+
 class GrpcClient:
     """Blocking base client: one channel to `address`, `timeout` seconds per call by default, TLS
     with `tls` (`daqif.tls.TlsError` naming a file that cannot be used)."""
 
     server_name = "server"
 
-    def __init__(self, address: str, *, timeout: float | None, tls: TlsConfig | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None,
+        tls: TlsConfig | None = None,
+        keepalive_s: float | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
         target, credentials = _credentials(address, tls)
         self.tls = credentials is not None
         """The channel is TLS."""
+        options = CHANNEL_OPTIONS + (keepalive_options(keepalive_s) if keepalive_s else ())
         self._channel = (
-            grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+            grpc.insecure_channel(target, options=options)
             if credentials is None
-            else grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            else grpc.secure_channel(target, credentials, options=options)
         )
 
     def __enter__(self) -> Self:

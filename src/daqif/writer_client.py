@@ -77,9 +77,15 @@ class WriterClient(GrpcClient):
     server_name = "writer"
 
     def __init__(
-        self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0, tls: TlsConfig | None = None
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 30.0,
+        tls: TlsConfig | None = None,
+        keepalive_s: float | None = None,
     ) -> None:
-        super().__init__(address, timeout=timeout, tls=tls)
+        """`keepalive_s`: ping the writer while a call is open (`daqif.grpc_client.keepalive_options`)."""
+        super().__init__(address, timeout=timeout, tls=tls, keepalive_s=keepalive_s)
         self._stub = writer_pb2_grpc.WriterControlStub(self._channel)
 
     def get_status(self) -> WriterStatus:

@@ -28,9 +28,16 @@ H = TypeVar("H", bound=Handler)
 S = TypeVar("S", bound=StreamHandler)
 
 
-SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 4000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 """gRPC turns SO_REUSEPORT on by default, so a second server on a busy port would bind it too and
-share the connections with the first; a daqif port is owned by one server."""
+share the connections with the first; a daqif port is owned by one server. Keepalive pings every
+4 s or more are accepted on a quiet stream (gRPC's default, 5 min, would answer a client's
+keepalive with GOAWAY): a writer group's coordinator pings each member's status stream
+(`daqif.grpc_client.keepalive_options`) to notice a member that went silent without a reset."""
 
 
 class PortUnavailable(OSError):

@@ -61,6 +61,7 @@ _log = logging.getLogger(__name__)
 SUPERVISE_INTERVAL: Final = 0.02
 # gRPC calls to a remote member that must answer quickly (status, config, start, stats).
 MEMBER_CALL_TIMEOUT: Final = 5.0
+MEMBER_KEEPALIVE_S: Final = 5.0
 
 _ACQUISITION_PHASES: Final = {
     "WAITING_IMAGES": WritePhase.WAITING_IMAGES,
@@ -147,7 +148,9 @@ class RemoteMember:
         with self._lock:
             self._job = job
             self._progress = WriteProgress(WritePhase.WAITING_IMAGES, 0, None)
-        self._watch = WriterClient(self.address, timeout=None)
+        # Keepalive: a member that goes silent without closing the connection (stopped, cut off)
+        # breaks the stream within about 2 x MEMBER_KEEPALIVE_S and so fails the write.
+        self._watch = WriterClient(self.address, timeout=None, keepalive_s=MEMBER_KEEPALIVE_S)
         self._watch_thread = threading.Thread(
             target=self._follow, args=(self._watch, job), name=f"watch {self.address}", daemon=True
         )

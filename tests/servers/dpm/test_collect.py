@@ -186,7 +186,9 @@ def test_a_grouped_writers_file_is_collected_with_its_parts_and_merged_by_value(
     with WriterProcess(options, log_file=tmp_path / "writer.log").start() as writer:
         writer_client = StdDaqClient(url_base=writer.rest_url)
         writer_client.start_writer_async({"output_file": str(output), "n_images": n})
-        sim = sim_factory("--shape", *map(str, shape), "--count", str(n), "--rate", "500", port=tcp_port)
+        # The data paths connect to the simulator once it binds, each within ZeroMQ's 100 ms reconnect
+        # interval: 0.6 s of frames reach both (at 500 Hz the 60 frames could all go to the first).
+        sim = sim_factory("--shape", *map(str, shape), "--count", str(n), "--rate", "100", port=tcp_port)
         assert sim.wait_done().frames_sent == n
         wait_until(lambda: writer_client.get_status()["state"] == "READY", what="the grouped write to end")
         assert writer_client.get_status()["acquisition"]["stats"]["n_write_completed"] == n

@@ -5,6 +5,8 @@ over the members' part files."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -185,6 +187,33 @@ def test_member_killed_mid_write_fails_the_write_naming_it(
         np.testing.assert_array_equal(
             f[f"{DETECTOR_NAME}/data"][0], expected_frame(int(ids[0]), SHAPE, "uint16")
         )
+    stopped = requests.post(coordinator.rest_url + "/writer/stop", json={}, timeout=30).json()["writer"]
+    assert stopped["state"] == "READY"
+
+
+def test_a_member_that_goes_silent_without_a_reset_fails_the_write_naming_it(
+    writer_factory: WriterFactory, sim_factory: Any, tcp_port: int, data_root: Path
+) -> None:
+    # SIGSTOP: the member's connections stay open (its kernel still ACKs) but it answers nothing,
+    # as across a network partition. The coordinator's keepalive on the status stream notices.
+    endpoint = f"tcp://127.0.0.1:{tcp_port}"
+    member = writer_factory(endpoint)
+    coordinator = writer_factory(endpoint, group_members=(member.grpc_address,))
+    StdDaqClient(url_base=coordinator.rest_url).start_writer_async(
+        {"output_file": str(data_root / "silent.h5"), "n_images": 100_000}
+    )
+    sim_factory("--shape", *map(str, SHAPE), "--rate", "200", port=tcp_port)
+    wait_for(lambda: rest_status(member)["acquisition"]["stats"]["n_write_completed"] >= 10)
+    os.kill(member.pid, signal.SIGSTOP)
+    try:
+        ended = wait_for(
+            lambda: (s := rest_status(coordinator))["acquisition"]["state"] == "FAILED" and s, 90
+        )
+        assert (
+            f"group member {member.grpc_address} failed during the write" in ended["acquisition"]["message"]
+        )
+    finally:
+        os.kill(member.pid, signal.SIGCONT)
     stopped = requests.post(coordinator.rest_url + "/writer/stop", json={}, timeout=30).json()["writer"]
     assert stopped["state"] == "READY"
 
