@@ -53,6 +53,7 @@ from servers.writer.datapath.api import (
     WriteResult,
 )
 from servers.writer.datapath.output import give_to_owner
+from servers.writer.stats import add_counters
 
 _log = logging.getLogger(__name__)
 
@@ -415,14 +416,7 @@ class GroupDataPath:
                 c = member.datapath.counters()
             except DataPathError:
                 continue
-            total = FrameCounters(
-                received=total.received + c.received,
-                written=total.written + c.written,
-                discarded=total.discarded + c.discarded,
-                malformed=total.malformed + c.malformed,
-                bytes_received=total.bytes_received + c.bytes_received,
-                bytes_written=total.bytes_written + c.bytes_written,
-            )
+            total = add_counters(total, c)
         return total
 
     def resize_for(self, frame_nbytes: int, timeout: float = 10.0) -> None:
