@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -681,15 +682,13 @@ def scale_run(
 def scale_main(args: argparse.Namespace) -> int:
     """The ``--workers N ...`` mode: one writer with N data paths for each N, and a group of two
     writer processes, interleaved rounds on one size; aggregate throughput vs one data path."""
-    own_dir = args.dir is None
-    directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir
-    directory.mkdir(parents=True, exist_ok=True)
     name = args.sizes.split(",")[0]
     shape = SIZES[name]
     n = max(16, int(args.gib * 2**30 / frame_bytes_of(shape)))
     variants = [(f"workers {w}", w, 0) for w in args.workers] + [("group of 2 writers", 1, 1)]
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in variants}
-    try:
+    with bench_directory(args.dir) as directory:
+        machine = machine_facts(directory)
         for round_ in range(args.rounds):
             turned = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
             for label, workers, members in turned:
@@ -699,14 +698,11 @@ def scale_main(args: argparse.Namespace) -> int:
                     flush=True,
                 )
                 runs[label].append(scale_run(directory, shape, n, workers, members))
-    finally:
-        if own_dir:
-            shutil.rmtree(directory, ignore_errors=True)
     base = runs[variants[0][0]]
     summary: dict[str, Any] = {
         "benchmark": "daqif writer groups: one write shared among data paths on one PUSH source "
         "(REST write_async -> FINISHED: parts durable, virtual-dataset file written)",
-        "machine": machine_facts(Path(tempfile.gettempdir()) if own_dir else directory),
+        "machine": machine,
         "size": name,
         "frames_per_run": n,
         "variants": {
@@ -739,24 +735,19 @@ def scale_main(args: argparse.Namespace) -> int:
 
 def polling_main(args: argparse.Namespace) -> int:
     """The ``--pollers N`` mode: frames lost with 0 and N status pollers, interleaved rounds."""
-    own_dir = args.dir is None
-    directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir
-    directory.mkdir(parents=True, exist_ok=True)
     rounds: list[dict[str, Any]] = []
-    try:
+    with bench_directory(args.dir) as directory:
+        machine = machine_facts(directory)
         for round_ in range(args.poller_rounds):
             for pollers, boost in ((0, True), (args.pollers, True), (args.pollers, False)):
                 label = f"{pollers} pollers" + ("" if boost else ", data path not boosted")
                 print(f"[poll] round {round_ + 1}: {label} ...", file=sys.stderr, flush=True)
                 run = poller_run(directory, pollers, args.poller_rate, args.poller_frames, boost=boost)
                 rounds.append({"case": label, **run})
-    finally:
-        if own_dir:
-            shutil.rmtree(directory, ignore_errors=True)
     summary = {
         "benchmark": "daqif writer: frames lost to status polling",
         "driver": "real daqif-writer (REST + data path), PUB simulator, pollers are threads of this process",
-        "machine": machine_facts(Path(tempfile.gettempdir())),
+        "machine": machine,
         "rounds": rounds,
         "frames_lost": {
             case: [r["frames_lost"] for r in rounds if r["case"] == case]
@@ -811,15 +802,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers:
         return scale_main(args)
 
-    own_dir = args.dir is None
-    directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir
-    directory.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "benchmark": "daqif writer end to end (REST write_async -> FINISHED, file durable) vs the "
         "hand-written peer (tools/bench_peer.py) and a plain write at the same offsets, all fsync'd",
-        "machine": machine_facts(directory),
     }
-    try:
+    with bench_directory(args.dir) as directory:
+        summary["machine"] = machine_facts(directory)
         summary["sizes"] = throughput_main(args, directory)
         if args.loss_frames:
             measured = summary["sizes"].get("64KiB", {}).get("daqif_frames_per_s", {}).get("median", 8000.0)
@@ -838,9 +826,6 @@ def main(argv: list[str] | None = None) -> int:
                 "attempts": attempts,
                 "highest_rate_without_loss_hz": held[0]["rate_hz"] if held else None,
             }
-    finally:
-        if own_dir:
-            shutil.rmtree(directory, ignore_errors=True)
     summary["load_average_at_end"] = os.getloadavg()
     emit(summary, args.out)
     print(_table(summary), file=sys.stderr)
@@ -848,19 +833,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def live_mode(args: argparse.Namespace) -> int:
-    own_dir = args.dir is None
-    directory: Path = Path(tempfile.mkdtemp(prefix="daqif-bench-")) if own_dir else args.dir
-    directory.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "benchmark": "daqif writer with the live preview on (--live-stream, a /daq/live MJPEG viewer) "
         "÷ off, REST write_async -> FINISHED, file durable, PUSH source",
-        "machine": machine_facts(directory),
     }
-    try:
+    with bench_directory(args.dir) as directory:
+        summary["machine"] = machine_facts(directory)
         summary["sizes"] = live_main(args, directory)
-    finally:
-        if own_dir:
-            shutil.rmtree(directory, ignore_errors=True)
     summary["load_average_at_end"] = os.getloadavg()
     emit(summary, args.out)
     for name, entry in summary["sizes"].items():
@@ -871,6 +850,20 @@ def live_mode(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+@contextlib.contextmanager
+def bench_directory(given: Path | None) -> Iterator[Path]:
+    """`--dir` (created if needed, kept), else a temporary directory removed at the end."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    directory = Path(tempfile.mkdtemp(prefix="daqif-bench-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def emit(summary: dict[str, Any], out: Path | None) -> None:
