@@ -52,6 +52,18 @@ def sync_write_while_sim_sends(coordinator: WriterProcess, sim_factory: Any, por
     return replies[0]
 
 
+def wait_both_recording(coordinator: WriterProcess, member: WriterProcess) -> None:
+    """Until the member and the coordinator's own data path both wrote frames: PUSH deals only to
+    the connections already up, and each data path connects within its own reconnect interval."""
+
+    def written(writer: WriterProcess) -> int:
+        return int(rest_status(writer)["acquisition"]["stats"]["n_write_completed"])
+
+    # The coordinator's total is its own frames plus what the member reported by then, at most
+    # the member's count read after it: total >= that count + 5 means its own part has >= 5.
+    wait_for(lambda: (total := written(coordinator)) >= 5 and total >= written(member) + 5)
+
+
 def assert_group_file(path: Path, n_parts: int) -> list[np.ndarray]:
     """`path` maps the N simulator frames in image-id order, every pixel checked; the parts beside
     it hold disjoint image ids, together all of them. Returns each part's ids."""
@@ -167,7 +179,7 @@ def test_member_killed_mid_write_fails_the_write_naming_it(
     client = StdDaqClient(url_base=coordinator.rest_url)
     client.start_writer_async({"output_file": str(path), "n_images": 100_000})
     sim_factory("--shape", *map(str, SHAPE), "--rate", "400", port=tcp_port)
-    wait_for(lambda: rest_status(member)["acquisition"]["stats"]["n_write_completed"] >= 10)
+    wait_both_recording(coordinator, member)
     member.kill()
 
     ended = wait_for(lambda: (s := rest_status(coordinator))["state"] == "READY" and s)
@@ -203,7 +215,7 @@ def test_a_member_that_goes_silent_without_a_reset_fails_the_write_naming_it(
         {"output_file": str(data_root / "silent.h5"), "n_images": 100_000}
     )
     sim_factory("--shape", *map(str, SHAPE), "--rate", "200", port=tcp_port)
-    wait_for(lambda: rest_status(member)["acquisition"]["stats"]["n_write_completed"] >= 10)
+    wait_both_recording(coordinator, member)
     os.kill(member.pid, signal.SIGSTOP)
     try:
         ended = wait_for(
@@ -229,7 +241,7 @@ def test_stop_stops_every_member_and_keeps_what_was_written(
         {"output_file": str(path), "n_images": 100_000}
     )
     sim_factory("--shape", *map(str, SHAPE), "--rate", "400", port=tcp_port)
-    wait_for(lambda: rest_status(member)["acquisition"]["stats"]["n_write_completed"] >= 10)
+    wait_both_recording(coordinator, member)
 
     stopped = requests.post(coordinator.rest_url + "/writer/stop", json={}, timeout=30).json()["writer"]
     assert stopped["state"] == "READY"
