@@ -201,6 +201,7 @@ def daqif_run(
             next(watch)  # the current status; every change follows
             os.sync()  # start from a clean page cache, as every variant does
             load = os.getloadavg()[0]
+            cpu_start = process_cpu(writer, sim)
             start = time.perf_counter()
             reply = rest.post(
                 writer.rest_url + "/writer/write_async",
@@ -215,6 +216,7 @@ def daqif_run(
                     break
             elapsed = time.perf_counter() - start
             seen = time.time()
+            cpu = {k: round(v - cpu_start[k], 3) for k, v in process_cpu(writer, sim).items()}
             if state != "FINISHED" or status.acquisition.message != "Completed.":
                 raise RuntimeError(f"the write did not complete: {status.acquisition.message}")
             # The data path's stop time is taken once the file is durable: what follows is the push.
@@ -233,9 +235,23 @@ def daqif_run(
     # A frame lost between the socket and the file is a gap in the ids (a PUSH source drops none).
     lost = int(n - len(ids)) + (int(ids[-1] - ids[0]) + 1 - len(ids) if len(ids) else 0)
     run = _throughput(n, shape, elapsed, load) | {"end_push_ms": round(end_push_ms, 2), "frames_lost": lost}
+    run["cpu_seconds"] = cpu
     if live_rate is not None:
         run["viewer_jpeg_parts"] = viewer_parts[0]
     return run, sorted(offsets)
+
+
+def process_cpu(writer: Any, sim: SimProcess) -> dict[str, float]:
+    """User + system CPU seconds used so far by the writer's control plane, its data path, the
+    simulator and this process (the bench: its status client, and the viewer of ``--live``)."""
+    (datapath_pid,) = writer.data_path_pids()
+    times = os.times()
+    return {
+        "control_plane": cpu_seconds(writer.pid),
+        "data_path": cpu_seconds(datapath_pid),
+        "simulator": cpu_seconds(sim.pid),
+        "bench": times.user + times.system,
+    }
 
 
 def peer_run(directory: Path, shape: tuple[int, int], n: int) -> dict[str, Any]:
@@ -366,6 +382,20 @@ def live_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             "on_over_off": _spread(ratio),
             "frames_lost": {v: [r["frames_lost"] for r in rs] for v, rs in runs.items()},
             "viewer_jpeg_parts": [r["viewer_jpeg_parts"] for r in runs["on"]],
+            # What the preview costs beside the data path, per round: the control plane's (SUB,
+            # scaling, JPEG, the MJPEG response) and the viewer's CPU on minus off, per second of write.
+            "preview_cpu_share": _spread(
+                [
+                    sum(on["cpu_seconds"][k] - off["cpu_seconds"][k] for k in ("control_plane", "bench"))
+                    / on["seconds"]
+                    for on, off in zip(runs["on"], runs["off"], strict=True)
+                ]
+            ),
+            # Where the CPU goes: each process's CPU seconds in the timed span, per variant.
+            "cpu_seconds": {
+                v: {k: _spread([r["cpu_seconds"][k] for r in rs]) for k in rs[0]["cpu_seconds"]}
+                for v, rs in runs.items()
+            },
             "load_average_1min": _spread([r["load_average_1min"] for v in runs.values() for r in v]),
             "runs": runs,
         }
@@ -847,6 +877,13 @@ def live_mode(args: argparse.Namespace) -> int:
             f"{name:6} off {_cell(entry['off_gb_per_s'])} GB/s  on {_cell(entry['on_gb_per_s'])} GB/s  "
             f"on/off {_cell(entry['on_over_off'])}  lost {entry['frames_lost']}  "
             f"load {_cell(entry['load_average_1min'])}",
+            file=sys.stderr,
+        )
+        for variant, cpu in entry["cpu_seconds"].items():
+            shares = ", ".join(f"{k} {v['median']:.2f}" for k, v in cpu.items())
+            print(f"       CPU s per run, preview {variant}: {shares}", file=sys.stderr)
+        print(
+            f"       preview CPU (cores) beside the data path: {_cell(entry['preview_cpu_share'])}",
             file=sys.stderr,
         )
     return 0
