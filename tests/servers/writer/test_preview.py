@@ -109,6 +109,22 @@ def test_display_scaling_ignores_hot_pixels_and_reduces_large_frames() -> None:
     assert max(big.shape) <= MAX_PREVIEW_SIDE
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "float32"])
+def test_large_frames_are_scaled_like_small_ones(dtype: str) -> None:
+    # A large frame takes its contrast from a grid of its pixels and (8/16-bit) a lookup table:
+    # the image is the one the direct float arithmetic gives, within one grey level.
+    rng = np.random.default_rng(7)
+    top = 250 if dtype == "uint8" else 60000
+    frame = rng.integers(0, top, size=(1024, 1024)).astype(dtype)
+    frame[10, 10] = top + 5  # a hot pixel does not set the contrast
+    shown = display_pixels(frame)
+    low, high = np.percentile(frame, [1.0, 99.5])
+    direct = np.clip((frame.astype(np.float64) - low) * (255.0 / (high - low)), 0, 255)
+    assert shown.shape == frame.shape and shown.dtype == np.uint8
+    assert np.abs(shown.astype(np.float64) - direct).max() <= 1.5 + 255 * 0.01  # grid percentiles
+    assert shown[10, 10] == 255 and shown.min() == 0
+
+
 def test_output_files_are_untouched_by_the_preview(live_writer: WriterProcess, data_root: Path) -> None:
     wait_for(lambda: preview(live_writer).status_code == 200)
     output = data_root / "with-preview.h5"
