@@ -15,11 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from daqif.errors import DaqException, ErrorCode
+from daqif.testing import wait_for
 from daqif.v1 import writer_pb2
 from daqif.writer_client import AsyncWriterClient, WriterClient, acquisition_state_name, writer_state_name
 from servers.common.launch import WriterProcess
 
-from .conftest import DETECTOR_NAME, SHAPE, Simulator, wait_for
+from .conftest import DETECTOR_NAME, SHAPE, Simulator
 from .test_std_daq_client import _data_path_pid, assert_file_holds_simulator_frames
 
 SERVICE = "daqif.v1.WriterControl"
