@@ -36,6 +36,16 @@ test's temporary directory, and are valid for one day.
 
 Everything a test may write lies under `data_root`, which the servers accept as allowed root.
 
+Waiting for a server: servers change state in their own time (a write ends, a DAQ is archived, a
+metric is scraped), so a test polls. `wait_for(predicate, timeout=60, what="the write to end")` calls
+`predicate` every 50 ms until it returns something truthy and returns that value, so a test can keep
+what it waited for (`status = wait_for(lambda: (s := client.get_status())["state"] == "READY" and s)`).
+It is a generous wait, not a timing check: a condition still unmet after `timeout` seconds fails the
+test with an `AssertionError` naming `what` (default: the predicate and the file and line it is
+defined at), the timeout and the last value the predicate returned. An exception the predicate raises
+is not caught (a server that refuses is an error, not "not yet"). Blocking: from asyncio code, poll
+with `await asyncio.sleep` instead.
+
 FITS sources for a DPM test (or a demo): `write_fits_detector_file(path, keywords={...}, chips=2)`
 writes a file as a detector control system does (a primary HDU with the detector's keywords,
 no data, and one image extension `CHIP<n>` per chip, with CHECKSUM/DATASUM), and
@@ -45,14 +55,16 @@ no data, and one image extension `CHIP<n>` per chip, with CHECKSUM/DATASUM), and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pytest
 
 from daqif import defaults
+from daqif.errors import quote
 
 if TYPE_CHECKING:
     from daqif.certificates import CertificatePair, ThrowawayCa
@@ -292,6 +304,45 @@ def daq_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaqSystem]:
             yield DaqSystem(bound, dpm, Writer(bound), Simulator(bound))
         finally:
             dpm.client.close()
+
+
+T = TypeVar("T")
+
+WAIT_INTERVAL_S = 0.05
+
+
+def wait_for(
+    predicate: Callable[[], T | Literal[False] | None],
+    timeout: float = 60.0,
+    what: str | None = None,
+    *,
+    interval: float = WAIT_INTERVAL_S,
+) -> T:
+    """Call `predicate` until it returns something truthy; return that value.
+
+    A generous wait for a server's state, not a timing check: after `timeout` seconds without a
+    truthy value, `AssertionError` naming `what` (default: the predicate and where it is defined),
+    the timeout and the last value. Exceptions of `predicate` propagate.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{what or _describe(predicate)}: not within {timeout:g} s (last value: {quote(value)})"
+            )
+        time.sleep(interval)
+
+
+def _describe(predicate: Callable[[], object]) -> str:
+    """`test_x.<locals>.<lambda> (test_x.py:42)`: a lambda's repr names no place."""
+    name = getattr(predicate, "__qualname__", None) or repr(predicate)
+    code = getattr(predicate, "__code__", None)
+    if code is None:
+        return name
+    return f"{name} ({Path(code.co_filename).name}:{code.co_firstlineno})"
 
 
 def write_fits_detector_file(

@@ -71,6 +71,12 @@ def _start_request(
     return request
 
 
+def _stop_request(output_file: str | None) -> writer_pb2.StopWriterRequest:
+    if output_file is None:  # the std_daq stop: whatever write runs
+        return writer_pb2.StopWriterRequest()
+    return writer_pb2.StopWriterRequest(output_file=output_file)
+
+
 class WriterClient(GrpcClient):
     """Blocking client of one writer's `WriterControl`."""
 
@@ -149,9 +155,12 @@ class WriterClient(GrpcClient):
         status: WriterStatus = self._call(self._stub.StartWriterSync, request, timeout=call_timeout)
         return status
 
-    def stop_writer(self) -> WriterStatus:
-        """Stop a write; resets an UNKNOWN writer to READY."""
-        status: WriterStatus = self._call(self._stub.StopWriter, writer_pb2.StopWriterRequest())
+    def stop_writer(self, output_file: str | None = None) -> WriterStatus:
+        """Stop a write; resets an UNKNOWN writer to READY.
+
+        `output_file` (a daqif extension): stop only the write to that file (as the status shows
+        it); refused with FAILED_PRECONDITION, nothing stopped, while another write runs."""
+        status: WriterStatus = self._call(self._stub.StopWriter, _stop_request(output_file))
         return status
 
     def watch_status(self, *, timeout: float | None = None) -> Iterator[WriterStatus]:
@@ -246,8 +255,9 @@ class AsyncWriterClient(AsyncGrpcClient):
         status: WriterStatus = await self._call(self._stub.StartWriterSync, request, timeout=call_timeout)
         return status
 
-    async def stop_writer(self) -> WriterStatus:
-        status: WriterStatus = await self._call(self._stub.StopWriter, writer_pb2.StopWriterRequest())
+    async def stop_writer(self, output_file: str | None = None) -> WriterStatus:
+        """As `WriterClient.stop_writer`."""
+        status: WriterStatus = await self._call(self._stub.StopWriter, _stop_request(output_file))
         return status
 
     async def watch_status(self) -> AsyncIterator[WriterStatus]:

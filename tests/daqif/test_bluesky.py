@@ -175,6 +175,43 @@ def test_a_plan_that_stops_stops_the_write(run_engine: RunEngine, det: DaqifDete
         assert last.info.n_images == 1_000_000
 
 
+def test_the_stop_after_its_own_write_ended_leaves_another_clients_write_running(
+    det: DaqifDetector, writer: Writer
+) -> None:
+    """Issue 10: the device's write ended and another client started one before the device's status
+    stream showed that end; the device's stop (what `unstage` does) must not stop the other write."""
+    other_file = str(writer.raw_dir / "other_client.h5")
+
+    async def scenario() -> Any:
+        await det.stage()
+        await det.prepare(TriggerInfo(number_of_events=5))
+        await det.kickoff()
+        own = det.link.current
+        assert own is not None
+        # Blocking calls: the event loop (and so the device's status stream) waits meanwhile.
+        with WriterClient(writer.grpc_address) as other:
+            ended = other.wait_until_ready()
+            assert (ended.acquisition.info.output_file, ended.acquisition.message) == (
+                str(own.path),
+                "Completed.",
+            )
+            other.start_writer_async(other_file, 1_000_000)
+        assert not own.ended.is_set(), "the device must not have seen its write end yet"
+        await det.link.stop_own_write()  # DaqifAcquireLogic.ensure_stopped, called by unstage
+        assert own.ended.is_set() and own.final is not None and own.final.message == "Completed."
+        await det.unstage()
+        return own
+
+    own = call_in_bluesky_event_loop(scenario())
+    with WriterClient(writer.grpc_address) as client:
+        status = client.get_status()
+        assert writer_state_name(status.state) == "WRITING"
+        assert status.acquisition.info.output_file == other_file
+        stopped = client.stop_writer(output_file=other_file)
+        assert stopped.acquisition.message == "Interrupted."
+        assert [entry.info.output_file for entry in client.get_logs(2)] == [other_file, str(own.path)]
+
+
 def test_a_write_that_fails_fails_the_plan_with_the_writers_message(
     run_engine: RunEngine, det: DaqifDetector, writer: Writer
 ) -> None:

@@ -3,7 +3,12 @@ directory, with no conftest, through pytest's own `pytester`."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+
 import pytest
+
+from daqif.testing import wait_for
 
 pytest_plugins = ["pytester"]
 
@@ -56,3 +61,31 @@ def test_plugin_fixtures_work_from_an_outside_test_file(pytester: pytest.Pyteste
     pytester.makepyfile(test_outside=OUTSIDE_TEST)
     result = pytester.runpytest_subprocess("-q", timeout=600)
     result.assert_outcomes(passed=4)
+
+
+def test_wait_for_polls_until_a_truthy_value_and_returns_it() -> None:
+    answers: Iterator[object] = iter([0, "", None, [], {"state": "READY"}, {"state": "later"}])
+    assert wait_for(lambda: next(answers), timeout=60, interval=0) == {"state": "READY"}
+
+
+def test_wait_for_names_what_it_waited_for_and_the_last_value() -> None:
+    states = iter(["WRITING"] * 1000)
+    with pytest.raises(AssertionError) as info:
+        wait_for(lambda: next(states) == "READY", 0, "the writer READY", interval=0)
+    assert str(info.value) == "the writer READY: not within 0 s (last value: False)"
+
+    with pytest.raises(AssertionError) as info:
+        wait_for(lambda: [], 0)
+    assert re.fullmatch(
+        r"test_wait_for_names_what_it_waited_for_and_the_last_value\.<locals>\.<lambda> "
+        r"\(test_testing\.py:\d+\): not within 0 s \(last value: \[\]\)",
+        str(info.value),
+    ), str(info.value)
+
+
+def test_wait_for_lets_an_exception_of_the_predicate_through() -> None:
+    def refused() -> bool:
+        raise ConnectionError("the server refused")
+
+    with pytest.raises(ConnectionError, match="the server refused"):
+        wait_for(refused, 60)

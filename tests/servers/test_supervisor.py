@@ -9,12 +9,11 @@ import os
 import signal
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from daqif.testing import wait_for
 from servers.common.launch import Command, SimOptions
 from servers.common.process import is_alive
 from servers.supervisor import ChildFailed, ChildSpec, Supervisor
@@ -29,13 +28,6 @@ READY_THEN_EXIT_0 = "print('daqif-ready fake x=127.0.0.1:1', flush=True)"
 
 def slow_sim() -> SimOptions:
     return SimOptions(shape=(4, 4), rate=5, linger=0)
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not true within {timeout} s: {predicate}"
-        time.sleep(0.05)
 
 
 def test_start_waits_for_ready_lines_and_stop_ends_every_child(tmp_path: Path) -> None:
@@ -77,7 +69,7 @@ def test_dead_child_is_restarted_on_the_same_port_then_given_up() -> None:
         sim = supervisor.process("sim")
         first_pid, first_endpoint = sim.pid, sim.ready.address("stream")
         os.kill(first_pid, signal.SIGKILL)
-        wait_until(lambda: sim.returncode is not None)
+        wait_for(lambda: sim.returncode is not None)
         supervisor.check(ready_timeout=30)
         assert sim.pid != first_pid and sim.running
         assert sim.ready.address("stream") == first_endpoint
@@ -103,7 +95,7 @@ def test_child_that_exits_cleanly_is_reported_not_restarted_and_the_others_keep_
     try:
         quits = supervisor.process("quits")
         sim_pid = supervisor.process("sim").pid
-        wait_until(lambda: quits.returncode is not None)
+        wait_for(lambda: quits.returncode is not None)
         supervisor.check()
         supervisor.check()  # reported once, and still not restarted
         assert reports == [
@@ -150,7 +142,7 @@ def test_stop_kills_grandchildren_left_in_the_childs_session(tmp_path: Path) -> 
     grandchild_pid = int(pid_file.read_text())
     assert is_alive(grandchild_pid)
     assert supervisor.stop(timeout=5) == {"parent": 0}
-    wait_until(lambda: not is_alive(grandchild_pid), timeout=5)
+    wait_for(lambda: not is_alive(grandchild_pid), timeout=5)
 
 
 def test_two_children_of_one_name_are_refused() -> None:

@@ -18,7 +18,8 @@ defines, each a small class here:
   (`TriggerInfo.number_of_exposures`: events times collections per event).
 - `DaqifAcquireLogic`: a start is one `StartWriterAsync` of that many frames; the end of a write
   is waited for on the `WatchStatus` stream; `unstage` (and a stopped plan) sends `StopWriter`
-  for a write this device started, and only for one.
+  for a write this device started, and only for one: the request names the write's file, so a
+  writer already on another client's write refuses it and stops nothing.
 - `DaqifDataLogic`: the `StreamResource`/`StreamDatum` documents of `/<detector_name>/data`
   (`application/x-hdf5`, chunk shape one frame, SWMR) and `/<detector_name>/image_id`.
 

@@ -15,7 +15,7 @@ import numpy as np
 from event_model import ComposeStreamResourceBundle
 from ophyd_async.core import NotConnectedError, PathInfo, WatcherUpdate, soft_signal_r_and_setter
 
-from daqif.errors import DaqException
+from daqif.errors import DaqException, ErrorCode
 from daqif.tls import TlsConfig
 from daqif.v1 import writer_pb2
 from daqif.writer_client import AsyncWriterClient, acquisition_state_name, writer_state_name
@@ -227,11 +227,20 @@ class WriterLink:
             raise WriteFailed(failure)
 
     async def stop_own_write(self) -> None:
-        """Stop the current write if it is this device's and still runs; wait for its end."""
+        """Stop the current write if it still runs; wait for its end.
+
+        The stop names this write's file, so a writer that moved on to another client's write
+        (this write ended, the status stream has not shown it yet) refuses it and stops nothing."""
         write = self.current
         if write is None or write.ended.is_set():
             return
-        await self._client().stop_writer()
+        try:
+            await self._client().stop_writer(output_file=str(write.path))
+        except DaqException as exc:
+            if exc.code is not ErrorCode.FAILED_PRECONDITION:
+                raise
+            # Another write runs: this one has ended, and its end is on the status stream.
+            log.info("not stopping the writer of %s: %s", self.address, exc.message)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(write.ended.wait(), STOP_TIMEOUT_S)
 

@@ -247,8 +247,10 @@ class StartWriterSyncRequest(_message.Message):
     def __init__(self, output_file: _Optional[str] = ..., n_images: _Optional[int] = ..., run_id: _Optional[str] = ..., timeout: _Optional[float] = ..., writer_user_id: _Optional[int] = ...) -> None: ...
 
 class StopWriterRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("output_file",)
+    OUTPUT_FILE_FIELD_NUMBER: _ClassVar[int]
+    output_file: str
+    def __init__(self, output_file: _Optional[str] = ...) -> None: ...
 
 class WatchStatusRequest(_message.Message):
     __slots__ = ()

@@ -140,7 +140,8 @@ class WriterControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StopWriter(self, request, context):
-        """Always accepted; interrupts a write and resets UNKNOWN to READY.
+        """Interrupts a write and resets UNKNOWN to READY; always accepted unless it names a write
+        (output_file) other than the running one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,7 +48,9 @@ class WriterControlStub:
     StartWriterSync: _grpc.UnaryUnaryMultiCallable[_writer_pb2.StartWriterSyncRequest, _writer_pb2.WriterStatus]
     """Returns when the write has ended (or the server's cap, default 60 s, ran out)."""
     StopWriter: _grpc.UnaryUnaryMultiCallable[_writer_pb2.StopWriterRequest, _writer_pb2.WriterStatus]
-    """Always accepted; interrupts a write and resets UNKNOWN to READY."""
+    """Interrupts a write and resets UNKNOWN to READY; always accepted unless it names a write
+    (output_file) other than the running one.
+    """
     WatchStatus: _grpc.UnaryStreamMultiCallable[_writer_pb2.WatchStatusRequest, _writer_pb2.WriterStatus]
     """The current status, then every change (and at least once a second while writing)."""
 
@@ -66,7 +68,9 @@ class WriterControlAsyncStub(WriterControlStub):
     StartWriterSync: _aio.UnaryUnaryMultiCallable[_writer_pb2.StartWriterSyncRequest, _writer_pb2.WriterStatus]  # type: ignore[assignment]
     """Returns when the write has ended (or the server's cap, default 60 s, ran out)."""
     StopWriter: _aio.UnaryUnaryMultiCallable[_writer_pb2.StopWriterRequest, _writer_pb2.WriterStatus]  # type: ignore[assignment]
-    """Always accepted; interrupts a write and resets UNKNOWN to READY."""
+    """Interrupts a write and resets UNKNOWN to READY; always accepted unless it names a write
+    (output_file) other than the running one.
+    """
     WatchStatus: _aio.UnaryStreamMultiCallable[_writer_pb2.WatchStatusRequest, _writer_pb2.WriterStatus]  # type: ignore[assignment]
     """The current status, then every change (and at least once a second while writing)."""
 
@@ -135,7 +139,9 @@ class WriterControlServicer(metaclass=_abc_1.ABCMeta):
         request: _writer_pb2.StopWriterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_writer_pb2.WriterStatus, _abc.Awaitable[_writer_pb2.WriterStatus]]:
-        """Always accepted; interrupts a write and resets UNKNOWN to READY."""
+        """Interrupts a write and resets UNKNOWN to READY; always accepted unless it names a write
+        (output_file) other than the running one.
+        """
 
     @_abc_1.abstractmethod
     def WatchStatus(

@@ -17,7 +17,8 @@ checked against the table in `states.py`:
   and at once when the data path says a write ended: the end is pushed,
   `DataPathHandle.on_change`), and ends FINISHED ("Completed."/"Interrupted.") or FAILED
   ("ERROR: …") with the writer back to READY, or UNKNOWN when the data path process died;
-- `stop`: interrupts a write (FINISHED "Interrupted.") and resets UNKNOWN → READY.
+- `stop`: interrupts a write (FINISHED "Interrupted.") and resets UNKNOWN → READY; given the
+  `output_file` of a write, only that write (another client's running write is refused).
 """
 
 from __future__ import annotations
@@ -299,10 +300,29 @@ class WriterCore:
             raise DaqException.failed_precondition(status.acquisition.message)
         return status
 
-    async def stop(self) -> WriterStatus:
-        """Always accepted: interrupt a running write, and bring an UNKNOWN writer back to READY
-        (restarting the data path process if it died)."""
+    async def stop(self, output_file: str | None = None) -> WriterStatus:
+        """Interrupt a running write, and bring an UNKNOWN writer back to READY (restarting the
+        data path process if it died). Always accepted when `output_file` is None (the std_daq stop).
+
+        `output_file` (a daqif extension) names the write to stop, as the status reports it (the
+        request's text): a client stops its own write only. While another write runs this is
+        refused (FAILED_PRECONDITION naming both) and nothing is stopped; while none runs the named
+        write has ended and nothing is done, except resetting UNKNOWN when that write was the last.
+        """
+        if output_file is not None and not output_file:
+            raise DaqException.invalid_argument(
+                "the output_file of the write to stop is empty; give the output_file the status shows "
+                "for it, or none to stop any write"
+            )
         async with self._lock:
+            current = self._acquisition
+            if output_file is not None and not (current.happened and current.output_file == output_file):
+                if self._state is WriterState.WRITING:
+                    raise DaqException.failed_precondition(
+                        f"writer is writing {quote(current.output_file)}, not {quote(output_file)} "
+                        "(which is not running); nothing was stopped"
+                    )
+                return self.status()
             if self._state is WriterState.WRITING:
                 await self._interrupt_write()
             datapath = self._datapath

@@ -196,7 +196,8 @@ class WriterControlService(writer_pb2_grpc.WriterControlServicer):
     async def StopWriter(
         self, request: writer_pb2.StopWriterRequest, context: Context
     ) -> writer_pb2.WriterStatus:
-        status = await self._core.stop()
+        output_file = request.output_file if request.HasField("output_file") else None
+        status = await self._core.stop(output_file)
         return status_to_pb(status)
 
     @stream_edge

@@ -10,14 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from daqif.testing import wait_for
 from servers.common.process import PARENT_PID_ENV, descendants, is_alive, spawn, terminate
 
 
 def wait_until_dead(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while is_alive(pid):
-        assert time.monotonic() < deadline, f"process {pid} still alive after {timeout} s"
-        time.sleep(0.02)
+    wait_for(lambda: not is_alive(pid), timeout, f"process {pid} to end")
 
 
 def test_spawned_child_leads_its_own_session() -> None:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import requests
 
 from daqif.dpm_client import DpmClient
 from daqif.errors import DaqException, ErrorCode
+from daqif.testing import wait_for
 from servers.common import roles
 from servers.common.launch import DpmOptions, DpmProcess, ServerStartError, WriterOptions, WriterProcess
 
@@ -33,16 +33,6 @@ def _spec(daq_id: str, source: Path, receiver: Path) -> dict[str, Any]:
         "sources": [{"type": "hdf5File", "sourceName": "det", "location": str(source)}],
         "receivers": [{"type": "olasReceiver", "path": str(receiver)}],
     }
-
-
-def _wait_until(predicate: Callable[[], str], what: str) -> str:
-    """Poll `predicate` until it answers (a generous wait, not a timing check)."""
-    deadline = time.monotonic() + 60
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def _release_alert(client: DpmClient, daq_id: str) -> str:
@@ -201,13 +191,14 @@ def test_a_receiver_a_writer_marked_after_queue_daq_is_a_release_error_and_nothi
         f["det/data"] = np.zeros((2, 4, 4), dtype=np.uint16)
     later = servers.data / "later"  # does not exist yet at QueueDaq: not marked then
     client.queue_daq(_spec("LATE1", source, later))
-    _wait_until(lambda: _release_alert(client, "LATE1"), "the release to fail")
+    wait_for(lambda: _release_alert(client, "LATE1"), what="the release to fail")
 
     later.mkdir()
     writer = servers.writer(later)  # nothing marked there: the writer starts and marks it
     client.retry_merge_daq("LATE1")
-    description = _wait_until(
-        lambda: d if "allowed root" in (d := _release_alert(client, "LATE1")) else "", "the release refused"
+    description = wait_for(
+        lambda: d if "allowed root" in (d := _release_alert(client, "LATE1")) else "",
+        what="the release refused",
     )
     owner = _owner(writer, "daqif-writer")
     assert f"receiver directory {later} lies in {later}, a writer's allowed root of {owner}" in description

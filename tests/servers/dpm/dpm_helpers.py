@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from daqif.dpm_client import DpmClient
+from daqif.testing import wait_for
 from servers.common.launch import DpmOptions, DpmProcess
 
 # Stands in for ssh: rsync runs `<shell> [-l user] host rsync --server ...`; the shim drops the
@@ -201,20 +202,6 @@ def substate(name: str) -> int:
     return int(dpm_pb2.DaqSubState.Value(f"DAQ_SUB_STATE_{name}"))
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy (a generous wait, not a timing check)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def visible_files(directory: Path) -> list[str]:
     """The entries of `directory`, hidden ones included, but the DPM's role marker (`.daqif-receiver`)."""
     from servers.common.roles import Role
@@ -250,7 +237,7 @@ def wait_archived(
             raise AssertionError(f"DAQ {daq_id} waits with an error instead of completing: {alerts}")
         return False
 
-    wait_until(archived, timeout, f"DAQ {daq_id} to be archived")
+    wait_for(archived, timeout, f"DAQ {daq_id} to be archived")
     return archived_record(server, daq_id)
 
 
@@ -261,7 +248,7 @@ def wait_substate(client: DpmClient, daq_id: str, name: str, timeout: float = 60
         status = client.get_daq_status(daq_id)
         return status if status.substate == substate(name) else None
 
-    return wait_until(reached, timeout, f"DAQ {daq_id} in {name}")
+    return wait_for(reached, timeout, f"DAQ {daq_id} in {name}")
 
 
 def wait_alert(client: DpmClient, daq_id: str, alert_id: str, timeout: float = 60.0) -> Any:
@@ -271,7 +258,7 @@ def wait_alert(client: DpmClient, daq_id: str, alert_id: str, timeout: float = 6
         status = client.get_daq_status(daq_id)
         return status if any(a.id == alert_id for a in status.alerts) else None
 
-    return wait_until(raised, timeout, f"alert {alert_id} on DAQ {daq_id}")
+    return wait_for(raised, timeout, f"alert {alert_id} on DAQ {daq_id}")
 
 
 def error_of(call: Callable[[], Any]) -> Any:

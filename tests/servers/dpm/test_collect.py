@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+from daqif.testing import wait_for
 from daqif.v1 import dpm_pb2
 from servers.dpm.merge import verify
 
@@ -22,7 +23,6 @@ from .dpm_helpers import (
     make_spec,
     wait_alert,
     wait_archived,
-    wait_until,
     write_source,
 )
 
@@ -190,7 +190,7 @@ def test_a_grouped_writers_file_is_collected_with_its_parts_and_merged_by_value(
         # interval: 0.6 s of frames reach both (at 500 Hz the 60 frames could all go to the first).
         sim = sim_factory("--shape", *map(str, shape), "--count", str(n), "--rate", "100", port=tcp_port)
         assert sim.wait_done().frames_sent == n
-        wait_until(lambda: writer_client.get_status()["state"] == "READY", what="the grouped write to end")
+        wait_for(lambda: writer_client.get_status()["state"] == "READY", what="the grouped write to end")
         assert writer_client.get_status()["acquisition"]["stats"]["n_write_completed"] == n
     with h5py.File(output, "r") as f:
         assert f["GDET/data"].is_virtual

@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from daqif.errors import ErrorCode
+from daqif.testing import wait_for
 from daqif.v1 import dpm_pb2
 
 from .dpm_helpers import (
@@ -25,7 +26,6 @@ from .dpm_helpers import (
     wait_alert,
     wait_archived,
     wait_substate,
-    wait_until,
 )
 
 
@@ -269,7 +269,7 @@ def test_get_active_daqs_answers_with_10000_daqs_each_with_a_long_alert(dpm: Dpm
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(queue, range(10_000)))
-    wait_until(lambda: sum(1 for s in client.get_active_daqs() if s.error) == 10_000, 300, "10,000 alerts")
+    wait_for(lambda: sum(1 for s in client.get_active_daqs() if s.error) == 10_000, 300, "10,000 alerts")
     daqs = client.get_active_daqs()
     assert len(daqs) == 10_000
     (alert,) = daqs[0].alerts

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from daqif.errors import ErrorCode
+from daqif.testing import wait_for
 from daqif.v1 import dpm_pb2
 from servers.dpm.merge import verify
 
@@ -27,7 +28,6 @@ from .dpm_helpers import (
     wait_alert,
     wait_archived,
     wait_substate,
-    wait_until,
     write_source,
 )
 
@@ -231,4 +231,4 @@ def test_merge_running_past_merge_timeout_is_killed_with_an_error_and_can_be_ret
     def merge_attempts() -> int:
         return sum(a.attempts for a in client.get_internal_daq_status("SLOW1").attempts if a.step == "merge")
 
-    wait_until(lambda: merge_attempts() >= 2, 60, "the retried merge")
+    wait_for(lambda: merge_attempts() >= 2, 60, "the retried merge")

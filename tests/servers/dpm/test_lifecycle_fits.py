@@ -13,7 +13,7 @@ from pathlib import Path
 from astropy.io import fits
 
 from daqif.errors import ErrorCode
-from daqif.testing import fits_file_source, write_fits_detector_file
+from daqif.testing import fits_file_source, wait_for, write_fits_detector_file
 from servers.dpm.merge import verify
 
 from .dpm_helpers import (
@@ -24,7 +24,6 @@ from .dpm_helpers import (
     visible_files,
     wait_alert,
     wait_archived,
-    wait_until,
 )
 from .fits_samples import EXPECTED_CARDS, OCM, eso_spec, raw_hdus, write_dcs, write_fcs
 
@@ -136,7 +135,7 @@ def test_kill_9_while_the_fits_merge_process_runs_then_the_product_is_released_o
                         return grandchild
         return None
 
-    wait_until(merge_process, 60, "a running FITS merge")
+    wait_for(merge_process, 60, "a running FITS merge")
     server.kill()
     server.start()
     record = wait_archived(client, server, "FKILL")

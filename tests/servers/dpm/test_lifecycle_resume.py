@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from daqif.testing import wait_for
 from servers.dpm.merge import verify
 
 from .dpm_helpers import (
@@ -19,7 +20,6 @@ from .dpm_helpers import (
     visible_files,
     wait_archived,
     wait_substate,
-    wait_until,
     write_source,
 )
 
@@ -132,9 +132,9 @@ def test_kill_9_during_a_running_merge_takes_the_merge_process_down_too(dpm: Dpm
                         return grandchild
         return None
 
-    merge_pid = wait_until(merge_process, 60, "a running merge process")
+    merge_pid = wait_for(merge_process, 60, "a running merge process")
     server.kill()
-    wait_until(lambda: not _alive(merge_pid), 60, f"merge process {merge_pid} to die with the server")
+    wait_for(lambda: not _alive(merge_pid), 60, f"merge process {merge_pid} to die with the server")
 
     server.start()
     record = wait_archived(client, server, "MERGE9")
@@ -177,15 +177,15 @@ def test_rsync_children_left_by_a_kill_9_are_killed_when_the_server_starts_again
             if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep")
         ]
 
-    wait_until(shell_children, 60, "the remote shell's child")
+    wait_for(shell_children, 60, "the remote shell's child")
     server.kill()
     assert not server.running
-    leftovers = wait_until(shell_children, 30, "the leftovers")
+    leftovers = wait_for(shell_children, 30, "the leftovers")
     assert leftovers
 
     server.start()
-    wait_until(lambda: not any(_alive(p) for p in leftovers), 30, "the leftovers to be killed")
+    wait_for(lambda: not any(_alive(p) for p in leftovers), 30, "the leftovers to be killed")
     log = server.log_text()
     assert f"killed pid {leftovers[0]}" in log
     client.abort_daq("HANG1")  # its new rsync hangs too: the abort kills its whole group
-    wait_until(lambda: not shell_children(), 30, "the abort to kill the new remote shell")
+    wait_for(lambda: not shell_children(), 30, "the abort to kill the new remote shell")

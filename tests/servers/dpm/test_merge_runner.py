@@ -11,10 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from daqif.testing import wait_for
 from daqif.v1 import dpm_pb2, dpm_pb2_grpc
 from servers.dpm.merge_runner import LauncherMergeRunner
 
-from .dpm_helpers import DpmHarness, keyword_source, make_spec, substate, visible_files, wait_until
+from .dpm_helpers import DpmHarness, keyword_source, make_spec, substate, visible_files
 
 
 def _merge_argv(tmp_path: Path, name: str, valid: bool) -> tuple[list[str], Path]:
@@ -117,7 +118,7 @@ def test_a_thousand_small_daqs_with_four_merges_all_complete_without_an_error(dp
         assert not failed, f"DAQs wait with an ERROR alert: {failed[:3]}"
         return not active
 
-    wait_until(all_archived, 600, "every DAQ archived")
+    wait_for(all_archived, 600, "every DAQ archived")
     assert visible_files(dpm.receiver) == sorted(f"{i}.product.h5" for i in ids)
     completed = substate("COMPLETED")
     for daq_id in ids:

@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daqif.dpm_client import DpmClient
 from daqif.errors import DaqException, ErrorCode
+from daqif.testing import wait_for
 
-from .dpm_helpers import DpmHarness, DpmServerProcess, hdf5_source, make_spec, wait_alert, wait_until
+from .dpm_helpers import DpmHarness, DpmServerProcess, hdf5_source, make_spec, wait_alert
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -103,7 +104,7 @@ def test_gauges_are_rebuilt_from_the_workspace_after_a_restart(dpm: DpmHarness) 
     dpm.source("late")  # the source arrives; the operator retries
     client.retry_merge_daq("METRICS.STUCK")
     client.wait_for("METRICS.STUCK", timeout=60)
-    wait_until(lambda: value(scrape(server), "daqif_dpm_daqs_finished_total", substate="COMPLETED") == 1)
+    wait_for(lambda: value(scrape(server), "daqif_dpm_daqs_finished_total", substate="COMPLETED") == 1)
     finished = scrape(server)
     assert value(finished, "daqif_dpm_daqs", substate="COLLECTING") == 0
     assert value(finished, "daqif_dpm_alerts", severity="ERROR") == 0

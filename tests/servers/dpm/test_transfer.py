@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 
 import pytest
 
+from daqif.testing import wait_for
 from servers.dpm.transfer import WORKSPACE_VARIABLE, kill_leftovers, run_process
 
 
@@ -41,16 +41,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _wait_for(predicate: object, what: str) -> None:
-    """Block (the event loop too, on purpose) until `predicate()` holds; a generous wait."""
-    assert callable(predicate)
-    deadline = time.monotonic() + 30
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def test_a_cancel_while_the_child_is_being_spawned_kills_the_children_it_started_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,7 +56,7 @@ def test_a_cancel_while_the_child_is_being_spawned_kills_the_children_it_started
             await asyncio.sleep(0)
         # The loop is held here, so the spawn cannot finish (connect the child's pipes) before
         # the cancellation; the child meanwhile starts its own child.
-        _wait_for(pid_file.exists, "the child's own child")
+        wait_for(pid_file.exists, 30, "the child's own child")
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=30)  # generous: not a timing check
         assert done, "the cancelled run did not end (it waits for the child's own child)"
@@ -75,6 +65,6 @@ def test_a_cancel_while_the_child_is_being_spawned_kills_the_children_it_started
     try:
         asyncio.run(cancel_during_the_spawn())
         grandchild = int(pid_file.read_text())
-        _wait_for(lambda: not _alive(grandchild), "the child's child to be killed with it")
+        wait_for(lambda: not _alive(grandchild), 30, "the child's child to be killed with it")
     finally:
         kill_leftovers(tmp_path)

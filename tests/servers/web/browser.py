@@ -15,12 +15,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import requests
 from websockets.sync.client import ClientConnection, connect
+
+from daqif.testing import wait_for
 
 FLAGS = (
     "--headless=new",
@@ -42,17 +43,6 @@ FLAGS = (
     "--window-size=1280,1100",
     "--hide-scrollbars",
 )
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 class Chromium:

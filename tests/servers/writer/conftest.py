@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 
+from daqif.testing import wait_for
 from servers.common.launch import SimOptions, SimProcess, WriterOptions, WriterProcess
 from servers.supervisor import free_port
 
@@ -101,18 +101,6 @@ def writer_factory(tmp_path: Path, data_root: Path, detector_config: Path) -> It
 def writer(writer_factory: WriterFactory, simulator: Simulator) -> WriterProcess:
     """A writer fed by the simulator, output confined to `data_root`."""
     return writer_factory(simulator.endpoint)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
-    """Poll until `predicate()` is truthy; return its value (a generous wait, not a timing check)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
-        time.sleep(interval)
 
 
 def rest_status(writer: WriterProcess) -> dict[str, Any]:

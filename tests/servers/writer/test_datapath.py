@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import zmq
 
 from daqif.frame import encode_daqif_header, encode_stddaq_header, expected_frame
+from daqif.testing import wait_for
 from servers.common.launch import SimProcess
 from servers.writer.datapath.api import DataPathError, WriteJob, WritePhase, WriteProgress, WriteResult
 from servers.writer.datapath.handle import ProcessDataPath
@@ -48,16 +48,6 @@ def datapath_factory() -> Iterator[DataPathFactory]:
         datapath.close()
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def job(
     path: Path, n_images: int, shape: tuple[int, int] = SHAPE, dtype: str = "uint16", **kw: Any
 ) -> WriteJob:
@@ -76,6 +66,7 @@ def job(
 def wait_finished(datapath: ProcessDataPath) -> WriteResult:
     progress: WriteProgress = wait_for(
         lambda: (p := datapath.progress()).phase in (WritePhase.FINISHED, WritePhase.FAILED) and p,
+        WAIT_S,
         "the write to end",
     )
     assert progress.result is not None
@@ -102,7 +93,7 @@ def test_records_n_frames_with_shape_dtype_pixels_and_ids(
 ) -> None:
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "2000")
     datapath = datapath_factory(sim.endpoint)
-    wait_for(lambda: datapath.counters().discarded > 0, "frames before the write")
+    wait_for(lambda: datapath.counters().discarded > 0, WAIT_S, "frames before the write")
     datapath.open_write(job(tmp_path / "run.h5", 100))
     result = wait_finished(datapath)
     assert (result.n_written, result.interrupted, result.error) == (100, False, None)
@@ -118,7 +109,7 @@ def test_records_n_frames_with_shape_dtype_pixels_and_ids(
             "default": "entry",  # the NeXus view (daqif.nexus)
         }
     discarded_at_end = datapath.counters().discarded
-    wait_for(lambda: datapath.counters().discarded > discarded_at_end, "frames after the write")
+    wait_for(lambda: datapath.counters().discarded > discarded_at_end, WAIT_S, "frames after the write")
     counters = datapath.counters()
     assert counters.written == 100
     assert counters.malformed == 0
@@ -134,7 +125,7 @@ def test_frames_outside_a_write_are_discarded_and_a_second_write_takes_the_next_
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "1000")
     datapath = datapath_factory(sim.endpoint)
     assert datapath.progress() == WriteProgress(phase=None, n_written=0, result=None)
-    wait_for(lambda: datapath.counters().discarded >= 5, "frames before the write")
+    wait_for(lambda: datapath.counters().discarded >= 5, WAIT_S, "frames before the write")
     datapath.open_write(job(tmp_path / "a.h5", 20))
     wait_finished(datapath)
     datapath.open_write(job(tmp_path / "b.h5", 20))
@@ -185,7 +176,9 @@ def test_bad_frames_are_counted_never_written_and_the_write_completes(
         assert (result.n_written, result.error) == (10, None)
         ids = assert_frames(tmp_path / "mixed.h5", 10)
         assert list(ids) == list(range(1, 11))
-        wait_for(lambda: datapath.counters().received == sent_good + len(bad), "every message counted")
+        wait_for(
+            lambda: datapath.counters().received == sent_good + len(bad), WAIT_S, "every message counted"
+        )
         counters = datapath.counters()
         assert counters.malformed == len(bad)
         assert counters.written == 10
@@ -201,7 +194,7 @@ def test_stop_mid_write_shrinks_the_datasets_to_the_frames_written(
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "200")
     datapath = datapath_factory(sim.endpoint)
     datapath.open_write(job(tmp_path / "stopped.h5", 100_000))
-    wait_for(lambda: datapath.progress().n_written >= 10, "some frames written")
+    wait_for(lambda: datapath.progress().n_written >= 10, WAIT_S, "some frames written")
     assert datapath.progress().phase is WritePhase.WRITING
     result = datapath.stop_write()
     assert result is not None
@@ -241,12 +234,12 @@ def test_kill_9_mid_write_leaves_a_file_readable_up_to_the_last_flush(
     datapath = datapath_factory(sim.endpoint, flush_interval=0.2)
     path = tmp_path / "killed.h5"
     datapath.open_write(job(path, 100_000))
-    wait_for(lambda: datapath.progress().n_written >= 200, "frames written")
+    wait_for(lambda: datapath.progress().n_written >= 200, WAIT_S, "frames written")
     # Frames written are not yet flushed (a loaded machine can deliver them in one burst).
-    wait_for(lambda: frames_a_swmr_reader_sees(path) > 0, "a flush")
+    wait_for(lambda: frames_a_swmr_reader_sees(path) > 0, WAIT_S, "a flush")
     assert datapath.pid is not None
     os.kill(datapath.pid, signal.SIGKILL)
-    wait_for(lambda: not datapath.is_alive(), "the process to die")
+    wait_for(lambda: not datapath.is_alive(), WAIT_S, "the process to die")
     progress = datapath.progress()
     assert progress.phase is WritePhase.FAILED
     assert progress.result is not None and progress.result.error is not None
@@ -271,7 +264,7 @@ def test_start_again_after_the_process_died_gives_a_working_data_path(
     datapath = datapath_factory(sim.endpoint)
     assert datapath.pid is not None
     os.kill(datapath.pid, signal.SIGKILL)
-    wait_for(lambda: not datapath.is_alive(), "the process to die")
+    wait_for(lambda: not datapath.is_alive(), WAIT_S, "the process to die")
     datapath.start()
     datapath.open_write(job(tmp_path / "again.h5", 10))
     assert wait_finished(datapath).n_written == 10
@@ -288,7 +281,9 @@ def test_two_data_paths_on_one_push_source_record_every_frame_once(
     # Paced, so both connections are up (ZeroMQ reconnects every 100 ms) before most frames go out.
     sim = sim_factory("--shape", *map(str, SHAPE), "--count", str(n), "--rate", "1000", port=tcp_port)
     assert sim.wait_done().frames_sent == n
-    wait_for(lambda: first.counters().received + second.counters().received == n, "all frames received")
+    wait_for(
+        lambda: first.counters().received + second.counters().received == n, WAIT_S, "all frames received"
+    )
     # A path that got all n frames finished on its own; stop_write returns None for it.
     results = [path.stop_write() or path.progress().result for path in (first, second)]
     assert all(r is not None and r.error is None for r in results)
@@ -398,7 +393,7 @@ def test_pub_sub_mode_records_consecutive_frames(
 ) -> None:
     sim = sim_factory("--shape", *map(str, SHAPE), "--socket", "pub", "--rate", "500")
     datapath = datapath_factory(sim.endpoint, "sub")
-    wait_for(lambda: datapath.counters().received > 0, "the subscription to take effect")
+    wait_for(lambda: datapath.counters().received > 0, WAIT_S, "the subscription to take effect")
     datapath.open_write(job(tmp_path / "pub.h5", 40))
     assert wait_finished(datapath).n_written == 40
     ids = assert_frames(tmp_path / "pub.h5", 40)
@@ -465,7 +460,7 @@ def test_close_with_an_open_write_closes_the_file_as_interrupted(
     sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "500")
     datapath = datapath_factory(sim.endpoint)
     datapath.open_write(job(tmp_path / "closed.h5", 100_000))
-    wait_for(lambda: datapath.progress().n_written >= 5, "some frames written")
+    wait_for(lambda: datapath.progress().n_written >= 5, WAIT_S, "some frames written")
     datapath.close()
     assert not datapath.is_alive()
     with h5py.File(tmp_path / "closed.h5", "r") as f:  # closed properly: no SWMR flag left
@@ -479,7 +474,7 @@ def test_a_write_getting_only_frames_of_another_shape_fails_naming_both_shapes(
 ) -> None:
     sim = sim_factory("--shape", "64", "64", "--rate", "500")
     datapath = datapath_factory(sim.endpoint)
-    wait_for(lambda: datapath.counters().discarded > 0, "frames before the write")
+    wait_for(lambda: datapath.counters().discarded > 0, WAIT_S, "frames before the write")
     datapath.open_write(job(tmp_path / "wrong.h5", 10))
     result = wait_finished(datapath)
     assert result.error == f"frames are 64x64 uint16, the detector config says {SHAPE[0]}x{SHAPE[1]} uint16"

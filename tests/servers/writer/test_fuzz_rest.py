@@ -19,9 +19,10 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
+from daqif.testing import wait_for
 from servers.common.launch import WriterProcess
 
-from .conftest import DETECTOR_NAME, rest_status, wait_for
+from .conftest import DETECTOR_NAME, rest_status
 
 EXAMPLES_PER_OPERATION = 40
 N_FRAMES = 20

@@ -18,11 +18,12 @@ import requests
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
 from daqif.frame import expected_frame
+from daqif.testing import wait_for
 from servers.common.launch import WriterProcess
 from servers.supervisor import free_port
 from servers.writer.group import part_path
 
-from .conftest import DETECTOR_NAME, SHAPE, RedisServer, WriterFactory, rest_status, wait_for
+from .conftest import DETECTOR_NAME, SHAPE, RedisServer, WriterFactory, rest_status
 
 N = 200
 
@@ -116,7 +117,8 @@ def test_group_of_two_writers_makes_one_file_in_image_id_order(
     # The coordinator's Redis log entry and its frame counters describe the whole write.
     client = redis.Redis(port=redis_server.port)
     try:
-        (entry,) = wait_for(lambda: client.xread({"daq:log": "0"}, block=100))[0][1]
+        streams: Any = wait_for(lambda: client.xread({"daq:log": "0"}, block=100))
+        (entry,) = streams[0][1]
         logged = json.loads(entry[1][b"json"])
         assert (logged["info"]["output_file"], logged["stats"]["n_write_completed"]) == (str(path), N)
     finally:

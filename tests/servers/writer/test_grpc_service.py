@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -13,12 +15,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from daqif.errors import DaqException, ErrorCode
+from daqif.testing import wait_for
 from daqif.v1 import writer_pb2
 from daqif.writer_client import AsyncWriterClient, WriterClient, acquisition_state_name, writer_state_name
 from servers.common.launch import WriterProcess
 
-from .conftest import DETECTOR_NAME, SHAPE, wait_for
-from .test_std_daq_client import assert_file_holds_simulator_frames
+from .conftest import DETECTOR_NAME, SHAPE, Simulator
+from .test_std_daq_client import _data_path_pid, assert_file_holds_simulator_frames
 
 SERVICE = "daqif.v1.WriterControl"
 
@@ -111,6 +114,61 @@ def test_errors_carry_a_daq_exception(writer: WriterProcess, data_root: Path, tm
         assert info.value.code is ErrorCode.FAILED_PRECONDITION
         status = client.stop_writer()
         assert status.acquisition.message == "Interrupted."
+
+
+def test_a_stop_naming_a_write_stops_that_write_and_never_another(
+    writer: WriterProcess, simulator: Simulator, data_root: Path
+) -> None:
+    with WriterClient(writer.grpc_address) as client:
+        mine = client.start_writer_async(str(data_root / "mine.h5"), 100_000).acquisition.info.output_file
+        assert mine == str(data_root / "mine.h5")
+        stopped = client.stop_writer(output_file=mine)
+        assert writer_state_name(stopped.state) == "READY"
+        assert (stopped.acquisition.info.output_file, stopped.acquisition.message) == (mine, "Interrupted.")
+        again = client.stop_writer(output_file=mine)  # it has ended: nothing to do
+        assert writer_state_name(again.state) == "READY" and again.acquisition == stopped.acquisition
+
+        # Another client's write: the simulator paused, so it surely still runs when the stop comes.
+        other = str(data_root / "other.h5")
+        os.kill(simulator.pid, signal.SIGSTOP)
+        try:
+            client.start_writer_async(other, 50, run_id=2)
+            with pytest.raises(DaqException) as info:
+                client.stop_writer(output_file=mine)
+            assert info.value.code is ErrorCode.FAILED_PRECONDITION
+            assert info.value.message == (
+                f"writer is writing {other!r}, not {mine!r} (which is not running); nothing was stopped"
+            )
+            status = client.get_status()
+            assert writer_state_name(status.state) == "WRITING"
+            assert status.acquisition.info.output_file == other
+        finally:
+            os.kill(simulator.pid, signal.SIGCONT)
+        ended = client.wait_until_ready()
+        assert acquisition_state_name(ended.acquisition.state) == "FINISHED"
+        assert (ended.acquisition.message, ended.acquisition.stats.n_write_completed) == ("Completed.", 50)
+        assert_file_holds_simulator_frames(Path(other), 50, "2")
+
+        with pytest.raises(DaqException) as info:
+            client.stop_writer(output_file="")
+        assert info.value.code is ErrorCode.INVALID_ARGUMENT
+        assert "the output_file of the write to stop is empty" in info.value.message
+        assert writer_state_name(client.get_status().state) == "READY"
+
+
+def test_a_stop_naming_a_write_resets_unknown_only_after_that_write(
+    writer: WriterProcess, data_root: Path
+) -> None:
+    with WriterClient(writer.grpc_address) as client:
+        mine = client.start_writer_async(str(data_root / "killed.h5"), 100_000).acquisition.info.output_file
+        os.kill(_data_path_pid(writer), signal.SIGKILL)
+        wait_for(lambda: writer_state_name(client.get_status().state) == "UNKNOWN")
+        untouched = client.stop_writer(output_file=str(data_root / "another.h5"))
+        assert writer_state_name(untouched.state) == "UNKNOWN"
+        assert untouched.acquisition.info.output_file == mine
+        reset = client.stop_writer(output_file=mine)
+        assert writer_state_name(reset.state) == "READY"
+        assert acquisition_state_name(reset.acquisition.state) == "FAILED"
 
 
 def test_sync_write_that_outlasts_its_timeout_is_deadline_exceeded(

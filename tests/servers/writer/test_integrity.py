@@ -27,6 +27,7 @@ from daqif.frame import (
     encode_stddaq_header,
     expected_frame,
 )
+from daqif.testing import wait_for
 from servers.common.launch import WriterProcess
 
 from .conftest import (
@@ -35,7 +36,6 @@ from .conftest import (
     Simulator,
     WriterFactory,
     rest_status,
-    wait_for,
 )
 
 

@@ -11,10 +11,11 @@ import h5py
 import pytest
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
+from daqif.testing import wait_for
 from daqif.writer_client import WriterClient, writer_state_name
 from servers.common.launch import ServerStartError, WriterOptions, WriterProcess
 
-from .conftest import DETECTOR_NAME, Simulator, WriterFactory, wait_for
+from .conftest import DETECTOR_NAME, Simulator, WriterFactory
 
 
 def test_sync_write_longer_than_the_cap_is_refused_and_keeps_writing(

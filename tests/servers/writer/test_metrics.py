@@ -12,9 +12,10 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from daqif.frame import encode_stddaq_header, expected_frame
+from daqif.testing import wait_for
 from servers.common.launch import WriterProcess
 
-from .conftest import SHAPE, RedisServer, WriterFactory, rest_status, stop_process, wait_for
+from .conftest import SHAPE, RedisServer, WriterFactory, rest_status, stop_process
 
 
 def scrape(writer: WriterProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -10,11 +10,12 @@ import pytest
 import requests
 from PIL import Image
 
+from daqif.testing import wait_for
 from servers.common.launch import WriterProcess
 from servers.supervisor import free_port
 from servers.writer.preview import MAX_PREVIEW_SIDE, MJPEG_BOUNDARY, display_pixels
 
-from .conftest import SHAPE, Simulator, WriterFactory, wait_for
+from .conftest import SHAPE, Simulator, WriterFactory
 
 
 @pytest.fixture

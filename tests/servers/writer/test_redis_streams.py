@@ -11,10 +11,11 @@ from typing import Any
 import redis
 from std_daq_client import StdDaqClient
 
+from daqif.testing import wait_for
 from servers.common.launch import WriterProcess
 from servers.supervisor import free_port
 
-from .conftest import RedisServer, Simulator, WriterFactory, stop_process, wait_for
+from .conftest import RedisServer, Simulator, WriterFactory, stop_process
 
 STREAMS = ("daq:status", "daq:config", "daq:log", "daq:stat")
 

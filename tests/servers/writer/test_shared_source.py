@@ -12,9 +12,10 @@ import numpy as np
 import requests
 
 from daqif.frame import expected_frame
+from daqif.testing import wait_for
 from daqif.vds import join_writer_files
 
-from .conftest import DETECTOR_NAME, SHAPE, WriterFactory, rest_status, wait_for
+from .conftest import DETECTOR_NAME, SHAPE, WriterFactory, rest_status
 
 
 def test_two_writers_on_one_push_source_record_every_frame_once(

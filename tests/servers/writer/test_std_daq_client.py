@@ -17,6 +17,7 @@ import requests
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
 from daqif.frame import expected_frame
+from daqif.testing import wait_for
 from servers.common.launch import WriterProcess
 
 from .conftest import (
@@ -26,7 +27,6 @@ from .conftest import (
     WriterFactory,
     rest_status,
     start_simulator,
-    wait_for,
 )
 
 

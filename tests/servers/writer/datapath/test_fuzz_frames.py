@@ -9,10 +9,7 @@ every bad message must be counted as malformed, and the process must stay up for
 from __future__ import annotations
 
 import struct
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -31,6 +28,7 @@ from daqif.frame import (
     encode_stddaq_header,
     expected_frame,
 )
+from daqif.testing import wait_for
 from servers.writer.datapath.api import WriteJob, WritePhase, WriteProgress, WriteResult
 from servers.writer.datapath.handle import ProcessDataPath
 
@@ -152,19 +150,10 @@ bad_messages: st.SearchStrategy[Message] = st.one_of(
 ).filter(codec_rejects)
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def wait_finished(datapath: ProcessDataPath) -> WriteResult:
     progress: WriteProgress = wait_for(
         lambda: (p := datapath.progress()).phase in (WritePhase.FINISHED, WritePhase.FAILED) and p,
+        WAIT_S,
         "the write to end",
     )
     assert progress.result is not None
@@ -224,6 +213,7 @@ def test_generated_malformed_frames_are_counted_never_written_and_good_frames_ar
                 np.testing.assert_array_equal(frame, expected_frame(image_id, SHAPE, DTYPE))
             wait_for(
                 lambda: datapath.counters().received - before.received == len(sends),
+                WAIT_S,
                 "every message counted",
             )
             after = datapath.counters()

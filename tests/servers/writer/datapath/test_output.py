@@ -13,6 +13,7 @@ import numpy as np
 from nexusformat.nexus import nxload
 
 from daqif.frame import expected_frame
+from daqif.testing import wait_for
 from servers.common.launch import SimProcess
 
 from .. import test_datapath
@@ -23,7 +24,6 @@ from ..test_datapath import (
     frames_a_swmr_reader_sees,
     job,
     wait_finished,
-    wait_for,
 )
 
 datapath_factory = test_datapath.datapath_factory  # the fixture, shared
@@ -67,10 +67,10 @@ def test_a_file_repaired_after_kill_9_keeps_its_entry_valid(
     datapath = datapath_factory(sim.endpoint, flush_interval=0.2)
     path = tmp_path / "killed.h5"
     datapath.open_write(job(path, 100_000, detector_type="jungfrau"))
-    wait_for(lambda: frames_a_swmr_reader_sees(path) > 0, "a flush")
+    wait_for(lambda: frames_a_swmr_reader_sees(path) > 0, what="a flush")
     assert datapath.pid is not None
     os.kill(datapath.pid, signal.SIGKILL)
-    wait_for(lambda: not datapath.is_alive(), "the process to die")
+    wait_for(lambda: not datapath.is_alive(), what="the process to die")
     with h5py.File(path, "r") as f:
         n = int(f[f"{DETECTOR}/image_id"].shape[0])
     assert n > 0
