@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted; no product written", EXIT_FAILED)
     if args.report is not None:
         try:
-            atomic_write_json(args.report, {"alerts": result.alerts, "warnings": result.warnings})
+            # Not fsynced: the server reads it at once, and a restart merges again (a new report).
+            atomic_write_json(
+                args.report, {"alerts": result.alerts, "warnings": result.warnings}, durable=False
+            )
         except OSError as exc:
             return _fail(f"cannot write the report {args.report}: {exc.strerror}", EXIT_FAILED)
     return EXIT_OK
