@@ -7,7 +7,10 @@ file systems with reflinks such as XFS and btrfs turn into a shared-extent clone
 It is never hard-linked: a writer that rewrites a file in place would rewrite the collected
 "copy" too. A `host:/path` source is fetched with rsync over the configured remote shell.
 Either way it is written to a temporary name first and appears under its final name only
-when complete.
+when complete. Nothing collected is fsynced: the merge of this server run reads it through the
+page cache, and the product is made durable by the merge; after a restart every source is
+collected afresh (`phases.ActiveDaq.collected_here`), so a copy a crash may have torn is never
+read. A local source is collected in one hop to a worker thread (`collect_local`).
 
 Then every file the collected source refers to (virtual dataset sources, external raw storage,
 external links; `references.py`) is resolved against the original's location and confined to

@@ -14,9 +14,11 @@ by itself when space returns) and `modified:<sourceName>` (a source changed afte
 Resource limits are semaphores: active DAQs (`max_active_daqs`, taken in queue order when a
 DAQ leaves SCHEDULED), transfers and merges. Every change is persisted (`store.Workspace`)
 before it is published, so after a crash each DAQ resumes from its persisted substate:
-COLLECTING re-checks what was collected, MERGING discards any partial product and merges
-again, RELEASING skips receivers already released (records are persisted after each release,
-and a receiver already holding the product counts as released).
+COLLECTING and MERGING collect every source afresh (collected copies are not fsynced, so one
+made before the crash is not trusted), MERGING discards any partial product and merges again,
+RELEASING skips receivers already released (records are persisted after each release but the
+last, which is persisted with COMPLETED, and a receiver already holding the product counts as
+released).
 
 Abort (`abort`) is fail-fast: the driver is cancelled (killing a running merge or rsync), the
 DAQ goes to ABORTING, its workspace files are cleaned up and it ends ABORTED. If the cleanup

@@ -2,8 +2,9 @@
 
 Local receiver: hard link, else a symlink (only with `options.allowSymlink`), else a copy. Each
 is made under the hidden name `.<name>.daqif-tmp` in the receiver directory and renamed into
-place (`atomic_output`: fsync, rename, fsync of the directory), so a receiver never sees a
-partial product. A receiver that already
+place, then the directory is fsynced, so a receiver never sees a partial product and holds it
+durably before COMPLETED. A link is not fsynced itself (its data is the product's, fsynced by the
+merge); a copy is, before the rename. A local release is one hop to a worker thread. A receiver that already
 holds the product (same inode, a symlink to it, or same size and checksum) counts as released:
 after a crash the release is not repeated. Remote receiver (`host` set): rsync over the remote
 shell; rsync itself writes a hidden temporary file and renames it, and `--checksum` makes a
