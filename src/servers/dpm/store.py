@@ -19,8 +19,10 @@ Durability: group commit. No change is acknowledged (QueueDaq reply, published s
 it is durable, and a change costs no fsync of its own: every change (create, save, archive) is
 the whole record as one line of the journal. One writer thread takes every change queued
 meanwhile, appends them in one `write` and makes them durable with one `fdatasync` (an append to
-an open file: no new inode, no directory to sync), then moves archived directories (a rename,
-not synced: the journal holds the state) and answers each change. Under load a batch holds the
+an open file: no new inode, no directory to sync), answers the batch's other changes, then moves
+archived directories (a rename, not synced: the journal holds the state) and answers the
+archives; each answer is one wake-up of the caller's event loop for the whole batch (`_answer`),
+never one per change. Under load a batch holds the
 changes of many DAQs, so the cost per DAQ falls as the load rises. Status files are not
 rewritten per change (a rename over an existing file makes ext4 flush it at once): the
 checkpoint writes them; an archived DAQ's final `daq.json` is written when it is archived (as a
