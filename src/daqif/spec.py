@@ -222,6 +222,22 @@ def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema())
 
 
+@cache
+def _fast_validator() -> Any | None:
+    """The same schema compiled by `jsonschema_rs` (~10 µs a document against ~0.7 ms), or None.
+
+    It only answers "valid": a document it refuses is validated again by `jsonschema`, whose
+    errors name the problem, so messages (and, where the two differ, the verdict) stay
+    `jsonschema`'s. It is never more lenient on this schema (no format assertions; its regexes
+    are ECMA-262's, whose `$` does not match before a final newline as Python's does).
+    """
+    try:
+        import jsonschema_rs
+    except ImportError:  # pragma: no cover - a dependency; the slow path still validates
+        return None
+    return jsonschema_rs.Draft202012Validator(schema())
+
+
 _NAME = re2.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -408,8 +424,14 @@ def load_specification(text: str | bytes | dict[str, Any]) -> Specification:
     if not isinstance(document, dict):
         raise SpecificationError("", f"expected a JSON object, got {type(document).__name__}")
     _check_values(document, [], 0)
-    errors = sorted(
-        _validator().iter_errors(document), key=lambda e: (list(map(str, e.absolute_path)), str(e.validator))
+    fast = _fast_validator()
+    errors = (
+        []
+        if fast is not None and fast.is_valid(document)
+        else sorted(
+            _validator().iter_errors(document),
+            key=lambda e: (list(map(str, e.absolute_path)), str(e.validator)),
+        )
     )
     if errors:
         best = jsonschema.exceptions.best_match(errors)

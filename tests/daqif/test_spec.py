@@ -309,3 +309,41 @@ def test_a_specification_mixing_hdf5_and_fits_sources_is_refused_naming_the_firs
     assert info.value.where == "sources"
     assert "hdf5File (sources[3] 'det9')" in info.value.problem
     assert "fitsFile (target.source 'dcs')" in info.value.problem
+
+
+SCHEMA_INVALID = [
+    (case, document)
+    for case, document, _, _ in INVALID
+    if isinstance(document, dict)
+    and next(iter(jsonschema.Draft202012Validator(schema()).iter_errors(document)), None)
+]
+
+
+def test_the_fast_validator_refuses_every_document_the_schema_refuses() -> None:
+    # `jsonschema_rs` only answers "valid" (daqif.spec._fast_validator): it must never be more
+    # lenient than jsonschema, whose verdict and words stand for everything it refuses.
+    from daqif.spec import _fast_validator
+
+    fast = _fast_validator()
+    assert fast is not None
+    assert len(SCHEMA_INVALID) >= 10
+    lenient = [case for case, document in SCHEMA_INVALID if fast.is_valid(document)]
+    assert lenient == []
+    assert fast.is_valid(VALID)
+
+
+def test_where_the_fast_validator_is_stricter_jsonschema_decides() -> None:
+    # Python's `$` matches before a final newline, ECMA-262's (jsonschema_rs) does not: the fast
+    # path refuses such a value, and the verdict is jsonschema's, as it was before the fast path.
+    from daqif.spec import _fast_validator
+
+    document = with_change("sources.0.keywords.0.name", "OBJECT\n")
+    fast = _fast_validator()
+    assert fast is not None
+    assert fast.is_valid(document) is False
+    try:
+        load_specification(document)
+        accepted = True
+    except SpecificationError:
+        accepted = False
+    assert accepted == jsonschema.Draft202012Validator(schema()).is_valid(document)

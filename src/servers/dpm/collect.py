@@ -7,7 +7,10 @@ file systems with reflinks such as XFS and btrfs turn into a shared-extent clone
 It is never hard-linked: a writer that rewrites a file in place would rewrite the collected
 "copy" too. A `host:/path` source is fetched with rsync over the configured remote shell.
 Either way it is written to a temporary name first and appears under its final name only
-when complete.
+when complete. Nothing collected is fsynced: the merge of this server run reads it through the
+page cache, and the product is made durable by the merge; after a restart every source is
+collected afresh (`phases.ActiveDaq.collected_here`), so a copy a crash may have torn is never
+read. A local source is collected in one hop to a worker thread (`collect_local`).
 
 Then every file the collected source refers to (virtual dataset sources, external raw storage,
 external links; `references.py`) is resolved against the original's location and confined to
@@ -103,24 +106,44 @@ async def collect_source(
     rsync_command: str,
     remote_shell: str,
 ) -> Collected:
-    """Collect `location` and the files it refers to; raise `TransferError` saying why not."""
+    """Collect `location` and the files it refers to; raise `TransferError` saying why not.
+
+    A local source is collected in one hop to a worker thread (`collect_local`: the copies, the
+    references and the manifest); a cancellation stops its copy at the next chunk.
+    """
+    if not location.is_remote:
+        return await run_stoppable(lambda stop: collect_local(location, destination, confinement, stop))
     from servers.dpm import references
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    manifest = references.manifest_path(destination)
-    remove_quietly(manifest)  # not collected until the manifest is written again
-    await asyncio.to_thread(shutil.rmtree, references.references_dir(destination), True)
-    if location.is_remote:
-        done = await _collect_remote(location, destination, rsync_command, remote_shell)
-    else:
-        done = await _collect_local(location.path, destination, confinement)
-    files, extra = await _collect_references(location, destination, confinement, rsync_command, remote_shell)
+    await asyncio.to_thread(_prepare, destination)
+    done = await _collect_remote(location, destination, rsync_command, remote_shell)
+    files, extra = await _collect_remote_references(location, destination, rsync_command, remote_shell)
     data = references.manifest_bytes(str(location), files)
-    await asyncio.to_thread(atomic_write_bytes, manifest, data)
+    await asyncio.to_thread(atomic_write_bytes, references.manifest_path(destination), data, durable=False)
     return Collected(done.outcome, destination, done.bytes, done.size, done.mtime_ns, len(files), extra)
 
 
-async def _collect_local(path_text: str, destination: Path, confinement: Confinement) -> Collected:
+def _prepare(destination: Path) -> None:
+    """Make `destination`'s directory; forget an earlier collection (its manifest first)."""
+    from servers.dpm import references
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    remove_quietly(references.manifest_path(destination))  # not collected until it is written again
+    shutil.rmtree(references.references_dir(destination), ignore_errors=True)
+
+
+def collect_local(
+    location: Location, destination: Path, confinement: Confinement, stop: threading.Event
+) -> Collected:
+    """Collect the local source `location` and the files it refers to (blocking; a worker thread).
+
+    Nothing is fsynced: a collected copy is read by this server run's merge (through the page
+    cache) and trusted by no other; a restart collects every source afresh (`phases.Phases.merge`).
+    """
+    from servers.dpm import references
+
+    _prepare(destination)
+    path_text = location.path
     source = confinement.check(path_text, "source")
     try:
         st = os.stat(source)
@@ -130,36 +153,63 @@ async def _collect_local(path_text: str, destination: Path, confinement: Confine
         raise TransferError(f"cannot read source {path_text}: {exc.strerror}") from None
     if not os.path.isfile(source):
         raise TransferError(f"source {path_text} is not a regular file")
-    nbytes = await _snapshot(source, destination, path_text)
-    return Collected("copied", destination, nbytes, st.st_size, st.st_mtime_ns)
-
-
-async def _snapshot(source: Path, destination: Path, path_text: str) -> int:
+    nbytes = _copy(source, destination, path_text, stop)
     try:
-        return await run_stoppable(lambda stop: _copy(source, destination, path_text, stop))
-    except OSError as exc:  # the fsync or the rename
+        found = references.find_references(destination)
+    except references.ReferenceError as exc:
+        raise TransferError(str(exc)) from None
+    original = Path(path_text)
+    files: dict[str, Path] = {}
+    total = 0
+    refs_dir = references.references_dir(destination)
+    for ref in found:
+        resolved = references.resolve(ref.name, original)
+        try:
+            confinement.check(str(resolved), "the file")
+        except TransferError as exc:
+            raise TransferError(f"source {location}: {ref.describe()}: {exc}") from None
+        if ref.name == ".":
+            files["."] = destination  # a virtual dataset mapping from its own file: the snapshot
+            continue
+        if not ref.is_read_by_merge or ref.name in files:
+            continue  # an external link is kept as a link: the merge never opens its file
+        real = confinement.check(str(resolved), "the file")
+        if not real.is_file():
+            raise TransferError(f"source {location}: {ref.describe()}, which is not a file at {resolved}")
+        copy = refs_dir / f"{len(files)}-{resolved.name}"
+        refs_dir.mkdir(exist_ok=True)
+        total += _copy(real, copy, str(resolved), stop)
+        files[ref.name] = copy
+    data = references.manifest_bytes(str(location), files)
+    try:
+        atomic_write_bytes(references.manifest_path(destination), data, durable=False)
+    except OSError as exc:
         raise TransferError(f"cannot collect {path_text} into {destination}: {exc.strerror}") from None
+    return Collected("copied", destination, nbytes, st.st_size, st.st_mtime_ns, len(files), total)
 
 
 def _copy(source: Path, destination: Path, path_text: str, stop: threading.Event) -> int:
-    """Copy `source` to `destination` atomically (reflinked where the file system can)."""
-    with atomic_output(destination, temp_name=temp_path(destination).name) as tmp:
-        try:
-            return copy_file(source, tmp, stop=stop, durable=False)
-        except OSError as exc:
-            raise TransferError(f"cannot copy {path_text}: {exc.strerror}") from None
+    """Copy `source` to `destination` atomically (reflinked where the file system can), not fsynced."""
+    try:
+        with atomic_output(destination, temp_name=temp_path(destination).name, durable=False) as tmp:
+            try:
+                return copy_file(source, tmp, stop=stop, durable=False)
+            except OSError as exc:
+                raise TransferError(f"cannot copy {path_text}: {exc.strerror}") from None
+    except OSError as exc:  # the rename
+        raise TransferError(f"cannot collect {path_text} into {destination}: {exc.strerror}") from None
 
 
-async def _collect_references(
+async def _collect_remote_references(
     location: Location,
     destination: Path,
-    confinement: Confinement,
     rsync_command: str,
     remote_shell: str,
 ) -> tuple[dict[str, Path], int]:
-    """Confine every file `destination` refers to and collect those the merge reads.
+    """Fetch every file the remote source `destination` refers to that the merge reads.
 
-    Returns stored name → collected copy, and the bytes collected.
+    Returns stored name → collected copy, and the bytes collected. Remote names are not confined
+    locally (they reach what the remote shell account reaches).
     """
     from servers.dpm import references
 
@@ -172,28 +222,16 @@ async def _collect_references(
     total = 0
     refs_dir = references.references_dir(destination)
     for ref in found:
-        resolved = references.resolve(ref.name, original)
-        where = f"source {location}: {ref.describe()}"
-        if not location.is_remote:
-            try:
-                confinement.check(str(resolved), "the file")
-            except TransferError as exc:
-                raise TransferError(f"{where}: {exc}") from None
         if ref.name == ".":
-            files["."] = destination  # a virtual dataset mapping from its own file: the snapshot
+            files["."] = destination
             continue
         if not ref.is_read_by_merge or ref.name in files:
-            continue  # an external link is kept as a link: the merge never opens its file
+            continue
+        resolved = references.resolve(ref.name, original)
         copy = refs_dir / f"{len(files)}-{resolved.name}"
         refs_dir.mkdir(exist_ok=True)
-        if location.is_remote:
-            remote = Location(host=location.host, path=str(resolved))
-            total += (await _collect_remote(remote, copy, rsync_command, remote_shell)).bytes
-        else:
-            real = confinement.check(str(resolved), "the file")
-            if not real.is_file():
-                raise TransferError(f"{where}, which is not a file at {resolved}")
-            total += await _snapshot(real, copy, str(resolved))
+        remote = Location(host=location.host, path=str(resolved))
+        total += (await _collect_remote(remote, copy, rsync_command, remote_shell)).bytes
         files[ref.name] = copy
     return files, total
 

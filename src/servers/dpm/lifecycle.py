@@ -14,9 +14,11 @@ by itself when space returns) and `modified:<sourceName>` (a source changed afte
 Resource limits are semaphores: active DAQs (`max_active_daqs`, taken in queue order when a
 DAQ leaves SCHEDULED), transfers and merges. Every change is persisted (`store.Workspace`)
 before it is published, so after a crash each DAQ resumes from its persisted substate:
-COLLECTING re-checks what was collected, MERGING discards any partial product and merges
-again, RELEASING skips receivers already released (records are persisted after each release,
-and a receiver already holding the product counts as released).
+COLLECTING and MERGING collect every source afresh (collected copies are not fsynced, so one
+made before the crash is not trusted), MERGING discards any partial product and merges again,
+RELEASING skips receivers already released (records are persisted after each release but the
+last, which is persisted with COMPLETED, and a receiver already holding the product counts as
+released).
 
 Abort (`abort`) is fail-fast: the driver is cancelled (killing a running merge or rsync), the
 DAQ goes to ABORTING, its workspace files are cleaned up and it ends ABORTED. If the cleanup
@@ -105,6 +107,7 @@ class DataProductManager:
         self._roots = resolve_roots(config.allowed_roots)
         self._workspace_resolved = Path(config.workspace).resolve()
         self._receivers_apart: set[Path] = set()  # receiver directories marked by this run
+        self._receiver_paths_marked: set[str] = set()  # their paths as QueueDaq got them
         self._active: dict[str, ActiveDaq] = {}
         self._archived: set[str] = set()
         self._reserved: set[str] = set()
@@ -323,12 +326,14 @@ class DataProductManager:
         """Mark the local receiver directories of an accepted DAQ, so that a writer started later
         refuses them (`servers.common.roles`); once per directory and server run."""
         for receiver in spec.receivers:
-            if receiver.host is not None:
-                continue
+            if receiver.host is not None or receiver.path in self._receiver_paths_marked:
+                continue  # a path already marked: not resolved again (each release marks it too)
             directory = Path(receiver.path).resolve()
             if directory not in self._receivers_apart and directory.is_dir():
                 roles.mark_quietly(directory, roles.Role.RECEIVER, OWNER)
                 self._receivers_apart.add(directory)
+            if directory in self._receivers_apart:
+                self._receiver_paths_marked.add(receiver.path)
 
     @staticmethod
     def _check_literal_cards(spec: Specification) -> None:

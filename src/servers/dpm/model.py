@@ -8,7 +8,7 @@ is mutable and owned by the lifecycle (`lifecycle.py` is the only place that cha
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -199,8 +199,8 @@ class DaqRecord:
                 }
                 for a in self.alerts.values()
             ],
-            "sources": [asdict(s) for s in self.sources],
-            "receivers": [asdict(r) for r in self.receivers],
+            "sources": [dict(vars(s)) for s in self.sources],  # flat records: no deep copy (asdict)
+            "receivers": [dict(vars(r)) for r in self.receivers],
             "attempts": dict(self.attempts),
             "history": [
                 {"substate": h.substate.value, "timestamp": h.timestamp, "message": h.message}

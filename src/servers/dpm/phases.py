@@ -59,6 +59,8 @@ class ActiveDaq:
         self.waiting_for_retry = False
         self.has_slot = False
         self.abort_lock = asyncio.Lock()
+        self.collected_here: set[str] = set()
+        """Sources collected by this server run: the only collected copies a merge trusts."""
 
     @property
     def spec(self) -> Specification:
@@ -121,7 +123,7 @@ class Phases:
         """
         reserve = self.config.free_space_reserve_bytes
         while True:
-            available = (await asyncio.to_thread(self.storage)).available
+            available = self.storage().available  # one statvfs: not worth a thread hop
             if available - needed >= reserve:
                 break
             if STORAGE_ALERT not in daq.record.alerts:
@@ -144,14 +146,21 @@ class Phases:
         """Collect every source not yet collected; True when all are."""
         r = daq.record
         await self.debug_delay(SubState.COLLECTING)
-        await asyncio.to_thread(collect.remove_stale_temps, self.workspace.sources_dir(r.id))
+        collect.remove_stale_temps(self.workspace.sources_dir(r.id))  # a scandir of a small directory
         r.count_attempt("collect")
         locations = {s.source_name: s.location for s in daq.spec.file_sources}
-        todo = [s for s in r.sources if not (s.collected and _still_there(s))]
-        results = await asyncio.gather(*(self._collect_one(daq, s, locations[s.source_name]) for s in todo))
+        # A copy made by an earlier server run is never trusted (it was not fsynced): collect again.
+        todo = [s for s in r.sources if not (s.source_name in daq.collected_here and _still_there(s))]
+        persist = len(todo) > 1  # one source: its outcome is persisted with the move to MERGING
+        results = await asyncio.gather(
+            *(self._collect_one(daq, s, locations[s.source_name], persist) for s in todo)
+        )
         return all(results)
 
-    async def _collect_one(self, daq: ActiveDaq, source: SourceRecord, location: Location) -> bool:
+    async def _collect_one(
+        self, daq: ActiveDaq, source: SourceRecord, location: Location, persist: bool = True
+    ) -> bool:
+        """Collect one source; its outcome is persisted (with `persist`) so a restart can see it."""
         destination = collect.collected_path(
             self.workspace.sources_dir(daq.record.id), source.source_name, daq.spec.product_format.suffix
         )
@@ -179,7 +188,9 @@ class Phases:
         source.reference_bytes = done.reference_bytes
         source.timestamp = time.time()
         daq.record.clear_alert(collecting_alert(source.source_name))
-        await self._commit(daq)
+        daq.collected_here.add(source.source_name)
+        if persist:
+            await self._commit(daq)
         return True
 
     # -- MERGING ------------------------------------------------------------------------------------
@@ -192,7 +203,12 @@ class Phases:
         """Merge the collected sources into the product; on success `record.result` is its path."""
         r = daq.record
         await self.debug_delay(SubState.MERGING)
-        if r.attempts.get("merge", 0) > 0 and not await self._collect_again(daq):
+        # A retry takes the sources as they are now; so does a restart, since collected copies are
+        # not fsynced (those of an earlier server run may not hold what was collected).
+        again = r.attempts.get("merge", 0) > 0 or any(
+            s.source_name not in daq.collected_here for s in r.sources
+        )
+        if again and not await self._collect_again(daq, persist=len(r.sources) > 1):
             return False
         self._check_modified(daq)
         # Outside the merge slot: a product that does not fit must not hold up the others.
@@ -200,18 +216,16 @@ class Phases:
         daq_dir = self.workspace.daq_dir(r.id)
         product = self.product_path(daq)
         log_path = self.workspace.merge_log(r.id)
+        spec_path = daq_dir / "specification.json"
+        report = daq_dir / "merge-report.json"
         async with self._merges:
-            await asyncio.to_thread(self._discard_partial_product, r)
             r.count_attempt("merge")
-            await self._commit(daq)  # an attempt cut short by a crash still counts
-            spec_path = daq_dir / "specification.json"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            product.parent.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(spec_path.write_text, r.specification, "utf-8")
-            with open(log_path, "a", encoding="utf-8") as handle:
-                handle.write(f"=== merge attempt {r.attempts['merge']} at {_utc_now()} ===\n")
-            report = daq_dir / "merge-report.json"
-            await asyncio.to_thread(report.unlink, missing_ok=True)
+            # The attempt is persisted (one cut short by a crash still counts) while its files
+            # are prepared in one hop to a worker thread.
+            _, failure = await asyncio.gather(
+                self._commit(daq),
+                asyncio.to_thread(self._prepare_merge, r, spec_path, log_path, product, report),
+            )
             argv = [
                 str(spec_path),
                 "--root",
@@ -222,10 +236,9 @@ class Phases:
                 str(report),
             ]
             argv += [f"--dictionary-dir={d}" for d in self.config.dictionary_dirs]
-            failure = await asyncio.to_thread(self._lacks_space_for_product, r)
             if failure is None:
                 failure = await self._run_merge(argv, log_path)
-        if failure is None and not product.is_file():
+        if failure is None and not product.is_file():  # one stat: on the event loop
             failure = f"the merge program exited 0 but did not write {product}"
         if failure is not None:
             # The merge removes its part file; one killed at the timeout cannot. Nothing half
@@ -236,9 +249,23 @@ class Phases:
             return False
         r.result = str(product)
         r.clear_alert(MERGING_ALERT)
-        for alert, message in (await asyncio.to_thread(_merge_alerts, report)).items():
+        for alert, message in _merge_alerts(report).items():  # a small file, just written: no hop
             daq.set_alert(alert, Severity.WARNING, message)  # e.g. unmerged:<sourceName>
         return True
+
+    def _prepare_merge(
+        self, record: DaqRecord, spec_path: Path, log_path: Path, product: Path, report: Path
+    ) -> str | None:
+        """The blocking set-up of one merge attempt (a worker thread): nothing of an earlier attempt
+        left, the specification and the log header written; why the product no longer fits, or None."""
+        self._discard_partial_product(record)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        product.parent.mkdir(parents=True, exist_ok=True)
+        spec_path.write_text(record.specification, "utf-8")
+        with open(log_path, "a", encoding="utf-8") as handle:
+            handle.write(f"=== merge attempt {record.attempts['merge']} at {_utc_now()} ===\n")
+        report.unlink(missing_ok=True)
+        return self._lacks_space_for_product(record)
 
     async def _run_merge(self, argv: list[str], log_path: Path) -> str | None:
         """Run the merge program within `merge_timeout_s`; None, or why it failed."""
@@ -270,7 +297,7 @@ class Phases:
             f"available in {self.workspace.root} and the reserve is {reserve} bytes"
         )
 
-    async def _collect_again(self, daq: ActiveDaq) -> bool:
+    async def _collect_again(self, daq: ActiveDaq, persist: bool = True) -> bool:
         """Before a merge is retried (RetryMergeDaq, or a restart): collect every source afresh.
 
         A failed merge is often a source that was not ready; the retry takes it as it is now.
@@ -279,7 +306,7 @@ class Phases:
         for source in daq.record.sources:
             daq.record.clear_alert(modified_alert(source.source_name))
         results = await asyncio.gather(
-            *(self._collect_one(daq, s, locations[s.source_name]) for s in daq.record.sources)
+            *(self._collect_one(daq, s, locations[s.source_name], persist) for s in daq.record.sources)
         )
         return all(results)
 
@@ -304,16 +331,12 @@ class Phases:
         product = Path(r.result)
         r.count_attempt("release")
         ok = True
-        for receiver in r.receivers:
-            if receiver.released:
-                continue
+        pending = [receiver for receiver in r.receivers if not receiver.released]
+        for receiver in pending:
             spec_receiver = daq.spec.receivers[receiver.index]
             try:
                 async with self._transfers:
                     if spec_receiver.host is None:
-                        await asyncio.to_thread(
-                            release.remove_stale_temp, receiver.path, product.name, self._roots
-                        )
                         done = await release.release_local(
                             product, receiver.path, spec_receiver.allow_symlink, self._roots
                         )
@@ -336,7 +359,10 @@ class Phases:
             receiver.released_path = done.path
             receiver.timestamp = time.time()
             r.clear_alert(releasing_alert(receiver.index))
-            await self._commit(daq)  # persisted before the next receiver: never released twice
+            if receiver is not pending[-1] or not ok:
+                await self._commit(daq)  # persisted before the next receiver: never released twice
+            # The last one, all released: persisted with COMPLETED (a restart before it finds the
+            # receiver holding the product, which counts as released).
         return ok
 
     # -- ABORTING -----------------------------------------------------------------------------------

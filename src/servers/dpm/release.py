@@ -2,8 +2,9 @@
 
 Local receiver: hard link, else a symlink (only with `options.allowSymlink`), else a copy. Each
 is made under the hidden name `.<name>.daqif-tmp` in the receiver directory and renamed into
-place (`atomic_output`: fsync, rename, fsync of the directory), so a receiver never sees a
-partial product. A receiver that already
+place, then the directory is fsynced, so a receiver never sees a partial product and holds it
+durably before COMPLETED. A link is not fsynced itself (its data is the product's, fsynced by the
+merge); a copy is, before the rename. A local release is one hop to a worker thread. A receiver that already
 holds the product (same inode, a symlink to it, or same size and checksum) counts as released:
 after a crash the release is not repeated. Remote receiver (`host` set): rsync over the remote
 shell; rsync itself writes a hidden temporary file and renames it, and `--checksum` makes a
@@ -12,7 +13,6 @@ repeated release a no-op.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import threading
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from servers.common import roles
-from servers.common.atomic import atomic_output, copy_file, remove_quietly
+from servers.common.atomic import atomic_output, copy_file, fsync_directory, remove_quietly
 from servers.common.paths import PathNotAllowed, confine
 from servers.dpm.transfer import TransferError, rsync, run_stoppable, same_content
 
@@ -58,7 +58,20 @@ def remove_stale_temp(path_text: str, name: str, allowed_roots: Sequence[Path]) 
 async def release_local(
     product: Path, path_text: str, allow_symlink: bool, allowed_roots: Sequence[Path]
 ) -> Released:
-    """Deliver `product` into the receiver directory `path_text`; raise `TransferError` why not."""
+    """Deliver `product` into the receiver directory `path_text`; raise `TransferError` why not.
+
+    One hop to a worker thread (`release_local_blocking`); a cancellation stops a copy at its
+    next chunk.
+    """
+    return await run_stoppable(
+        lambda stop: release_local_blocking(product, path_text, allow_symlink, allowed_roots, stop)
+    )
+
+
+def release_local_blocking(
+    product: Path, path_text: str, allow_symlink: bool, allowed_roots: Sequence[Path], stop: threading.Event
+) -> Released:
+    """`release_local`'s work: checks, our leftover removed, the link (or copy) made durable."""
     directory = confine_receiver(path_text, allowed_roots)
     if not directory.exists():
         raise TransferError(f"receiver directory {path_text} does not exist")
@@ -72,23 +85,29 @@ async def release_local(
     roles.mark_quietly(directory, roles.Role.RECEIVER, roles.owner_of_this_process("daqif-dpm-server"))
     destination = directory / product.name
     try:
-        already = await asyncio.to_thread(_already_released, product, destination)
+        remove_quietly(directory / temp_name(product.name))  # left by an interrupted release
+        already = _already_released(product, destination)
         if already is not None:
             return Released(already, str(destination))
-        outcome = await run_stoppable(lambda stop: _deliver(product, destination, allow_symlink, stop))
+        outcome = _deliver(product, destination, allow_symlink, stop)
     except OSError as exc:
         raise TransferError(f"cannot write into receiver directory {path_text}: {exc.strerror}") from None
     return Released(outcome, str(destination))
 
 
 def _deliver(product: Path, destination: Path, allow_symlink: bool, stop: threading.Event) -> str:
-    """Link, symlink or copy `product` to `destination` atomically; return how."""
-    with atomic_output(destination, temp_name=temp_name(product.name)) as tmp:
+    """Link, symlink or copy `product` to `destination` atomically and durably; return how.
+
+    A link's data is the product's, fsynced by the merge: only the receiver directory is synced
+    after the rename. A copy is fsynced before it.
+    """
+    with atomic_output(destination, temp_name=temp_name(product.name), durable=False) as tmp:
         outcome = _link_or_symlink(product, tmp, allow_symlink)
         if outcome is None:
-            copy_file(product, tmp, stop=stop, durable=False)
+            copy_file(product, tmp, stop=stop, durable=True)
             outcome = "copy"
-        return outcome
+    fsync_directory(destination.parent)
+    return outcome
 
 
 def _link_or_symlink(product: Path, tmp: Path, allow_symlink: bool) -> str | None:

@@ -19,8 +19,10 @@ Durability: group commit. No change is acknowledged (QueueDaq reply, published s
 it is durable, and a change costs no fsync of its own: every change (create, save, archive) is
 the whole record as one line of the journal. One writer thread takes every change queued
 meanwhile, appends them in one `write` and makes them durable with one `fdatasync` (an append to
-an open file: no new inode, no directory to sync), then moves archived directories (a rename,
-not synced: the journal holds the state) and answers each change. Under load a batch holds the
+an open file: no new inode, no directory to sync), answers the batch's other changes, then moves
+archived directories (a rename, not synced: the journal holds the state) and answers the
+archives; each answer is one wake-up of the caller's event loop for the whole batch (`_answer`),
+never one per change. Under load a batch holds the
 changes of many DAQs, so the cost per DAQ falls as the load rises. Status files are not
 rewritten per change (a rename over an existing file makes ext4 flush it at once): the
 checkpoint writes them; an archived DAQ's final `daq.json` is written when it is archived (as a
@@ -42,7 +44,6 @@ until it succeeds, so the journal keeps the state meanwhile.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -54,7 +55,7 @@ import queue
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,13 @@ class _Change:
     daq_id: str
     data: bytes
     kind: str  # "create", "save" or "archive"
-    done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]  # of `loop`: answered there (`_resolve`)
+    error: BaseException | None = None
+    answered: bool = False  # handed to `_answer` (writer thread only)
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
 
 
 class Workspace:
@@ -300,9 +307,22 @@ class Workspace:
         return self.archived_dir(record.id)
 
     async def _submit(self, daq_id: str, data: bytes, kind: str) -> None:
-        change = _Change(daq_id, data, kind)
+        loop = asyncio.get_running_loop()
+        change = _Change(daq_id, data, kind, loop, loop.create_future())
         self._changes.put(change)
-        await asyncio.wrap_future(change.done)
+        await change.future
+
+    @staticmethod
+    def _answer(changes: list[_Change]) -> None:
+        """Answer `changes` (writer thread): one wake-up of each caller's loop for all of them."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Change]] = {}
+        for change in changes:
+            if not change.answered:
+                change.answered = True
+                by_loop.setdefault(change.loop, []).append(change)
+        for loop, answered in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_resolve, answered)
 
     def _write_loop(self) -> None:
         while True:
@@ -324,9 +344,10 @@ class Workspace:
                 self._commit(batch)
             except BaseException as exc:  # never leave a caller waiting
                 for change in batch:
-                    if not change.done.done():
-                        change.done.set_exception(exc)
+                    if not change.answered and change.error is None:
+                        change.fail(exc)
                 log.exception("store writer: unexpected failure")
+            self._answer(batch)  # those not answered yet
             if stopping:
                 return
 
@@ -350,7 +371,7 @@ class Workspace:
             for change in ready:
                 if change.kind == "create":
                     shutil.rmtree(self.daq_dir(change.daq_id), ignore_errors=True)
-                change.done.set_exception(exc)
+                change.fail(exc)
             return
         self.counters.batches += 1
         self.counters.fsyncs += 1
@@ -364,14 +385,17 @@ class Workspace:
                     self._stale[change.daq_id] = change
                 else:
                     self._latest[change.daq_id] = change.data
+        # Durable: answered now, not after the archive moves below (an archive is answered once
+        # its directory is in `archive/`, where `read_archived` finds it).
+        self._answer([c for c in ready if c.kind != "archive"])
+        with self._files_lock:
             for change in list(self._stale.values()):
                 try:
                     self.counters.renames += self._archive_files(change.daq_id, change.data)
                     del self._stale[change.daq_id]
                 except OSError as exc:
                     log.warning("DAQ %s: not archived yet (%s); the journal holds it", change.daq_id, exc)
-        for change in ready:
-            change.done.set_result(None)
+        self._answer(ready)
         if self._journal_lines >= JOURNAL_CHECKPOINT_LINES and not self._stale:
             self._rotate_journal()
 
@@ -380,7 +404,7 @@ class Workspace:
         try:
             self.daq_dir(change.daq_id).mkdir()
         except OSError as exc:
-            change.done.set_exception(exc)
+            change.fail(exc)
             return False
         return True
 
@@ -456,6 +480,17 @@ class Workspace:
             os.unlink(journal)
         fsync_directory(self.root)
         self.counters.checkpoint_fsyncs += 3
+
+
+def _resolve(changes: list[_Change]) -> None:
+    """On the callers' loop: settle each change's future (unless its caller gave up waiting)."""
+    for change in changes:
+        if change.future.done():
+            continue
+        if change.error is not None:
+            change.future.set_exception(change.error)
+        else:
+            change.future.set_result(None)
 
 
 def _last_lines(journals: list[tuple[int, Path]]) -> dict[str, tuple[bytes, dict[str, Any]]]:

@@ -7,6 +7,8 @@ import os
 import signal
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from daqif.testing import wait_for
@@ -75,6 +77,32 @@ def test_kill_9_then_restart_completes_every_daq_and_releases_each_product_once(
         assert os.stat(product).st_nlink == 3  # workspace + two receivers: released once each
         assert os.stat(dpm.receiver / product.name).st_ino == os.stat(product).st_ino
         assert os.stat(second / product.name).st_ino == os.stat(product).st_ino
+
+
+def test_a_copy_collected_before_a_crash_is_never_merged_the_restart_collects_the_source_afresh(
+    dpm: DpmHarness,
+) -> None:
+    # Collected copies are not fsynced (src/servers/dpm/README.md): after a crash one may hold
+    # anything. Here it holds zeros of the right size, which a size check would take for the copy.
+    source = dpm.data / "raw" / "torn.h5"
+    data = write_source(source, "cam", seed=3)
+    server = dpm.start({"debug_delays": {"MERGING": 600}})
+    client = dpm.client(server)
+    client.queue_daq(make_spec("TORN1", [hdf5_source("det", source)], [dpm.receiver]))
+    wait_substate(client, "TORN1", "MERGING")  # collected; the merge has not started
+    server.kill()
+    copy = server.workspace / "daqs" / "TORN1" / "sources" / "det.h5"
+    copy.write_bytes(bytes(copy.stat().st_size))
+
+    server.config = {}
+    server.start()
+    record = wait_archived(client, server, "TORN1")  # fails at an ERROR alert (a merge of zeros)
+    assert record["substate"] == "COMPLETED"
+    assert record["attempts"] == {"collect": 1, "merge": 1, "release": 1}
+    product = dpm.receiver / "TORN1.product.h5"
+    assert verify(product).ok
+    with h5py.File(product) as merged:
+        np.testing.assert_array_equal(merged["det/cam/data"][()], data)
 
 
 def test_restart_resumes_every_queued_daq_in_queue_order(dpm: DpmHarness) -> None:

@@ -177,13 +177,26 @@ def leaf_digest(data: Any) -> bytes:
 
 class FileDigests:
     """Leaf digests of byte ranges of an open file, read and hashed on a worker thread while the
-    main thread copies the same file in the kernel."""
+    main thread copies the same file in the kernel.
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-sum")
+    With `inline` (a small file: a thread would cost more than the overlap saves) each digest
+    is computed at once on the calling thread."""
+
+    def __init__(self, inline: bool = False) -> None:
+        self._inline = inline
+        self._pool: ThreadPoolExecutor | None = None  # started by the first digest
         self._buffer = np.empty(0, dtype=np.uint8)
 
     def digest(self, fd: int, offset: int, size: int) -> Future[bytes]:
+        if self._inline:
+            done: Future[bytes] = Future()
+            try:
+                done.set_result(self._digest(fd, offset, size))
+            except BaseException as exc:
+                done.set_exception(exc)
+            return done
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-sum")
         return self._pool.submit(self._digest, fd, offset, size)
 
     def _digest(self, fd: int, offset: int, size: int) -> bytes:
@@ -199,7 +212,8 @@ class FileDigests:
         return leaf_digest(view)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ChunkBuffer:

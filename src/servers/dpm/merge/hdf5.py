@@ -440,9 +440,9 @@ def _build(
     part: Path,
     out: MergeLog,
 ) -> tuple[str, int, int]:
-    digests = FileDigests()
-    flusher = _Flusher(part)
     clone = base if base is not None else max(opened, key=lambda o: o.path.stat().st_size, default=None)
+    digests = FileDigests(inline=clone is not None and clone.path.stat().st_size < FLUSH_FROM_BYTES)
+    flusher = _Flusher(part)
     try:
         with contextlib.ExitStack() as stack:
             if clone is None:
@@ -492,18 +492,32 @@ def _build(
         digests.close()
 
 
+FLUSH_FROM_BYTES = 16 * 2**20
+"""Part file size from which `_Flusher` writes it out in the background."""
+
+
 class _Flusher:
     """Writes the part file's data out in the background while the merge goes on, so the fsync
-    before the rename finds little left to write (the disk works while the CPU copies)."""
+    before the rename finds little left to write (the disk works while the CPU copies).
+
+    Its thread starts at the first kick that finds `FLUSH_FROM_BYTES` in the part file: for a
+    small product the thread (and its early fdatasync) would cost more than it saves."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._wanted = threading.Event()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="merge-flush", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     def kick(self) -> None:
+        if self._thread is None:
+            try:
+                if os.stat(self._path).st_size < FLUSH_FROM_BYTES:
+                    return
+            except OSError:
+                return
+            self._thread = threading.Thread(target=self._run, name="merge-flush", daemon=True)
+            self._thread.start()
         self._wanted.set()
 
     def _run(self) -> None:
@@ -524,7 +538,8 @@ class _Flusher:
     def close(self) -> None:
         self._closing = True
         self._wanted.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _clone_source(
