@@ -160,7 +160,18 @@ class Phases:
     async def _collect_one(
         self, daq: ActiveDaq, source: SourceRecord, location: Location, persist: bool = True
     ) -> bool:
-        """Collect one source; its outcome is persisted (with `persist`) so a restart can see it."""
+        """Collect one source; its outcome is persisted (with `persist`) so a restart can see it.
+
+        A local source an earlier server run collected is collected again (its copy was not
+        fsynced), and must still be what that run collected (same size and modification time):
+        a collected source is a snapshot, so a source rewritten before the crash stops the DAQ
+        with an ERROR alert instead of reaching the product. RetryMergeDaq then takes it as it is.
+        """
+        earlier = (
+            (source.size, source.mtime_ns)
+            if source.collected and source.size >= 0 and source.source_name not in daq.collected_here
+            else None
+        )
         destination = collect.collected_path(
             self.workspace.sources_dir(daq.record.id), source.source_name, daq.spec.product_format.suffix
         )
@@ -179,6 +190,17 @@ class Phases:
                 daq.set_alert(collecting_alert(source.source_name), Severity.ERROR, str(exc))
                 await self._commit(daq)
                 return False
+        if earlier is not None and earlier != (done.size, done.mtime_ns):
+            change = collect.source_changed(location.path, *earlier) or f"source {location} changed"
+            message = (
+                f"{change}, before the server restarted: the product would not hold the bytes "
+                "collected; RetryMergeDaq merges the source as it is now"
+            )
+            source.outcome = "failed: changed after it was collected"
+            source.timestamp = time.time()
+            daq.set_alert(collecting_alert(source.source_name), Severity.ERROR, message)
+            await self._commit(daq)
+            return False
         source.local_path = str(done.local_path)
         source.bytes = done.bytes
         source.outcome = done.outcome

@@ -20,6 +20,7 @@ from .dpm_helpers import (
     keyword_source,
     make_spec,
     visible_files,
+    wait_alert,
     wait_archived,
     wait_substate,
     write_source,
@@ -103,6 +104,35 @@ def test_a_copy_collected_before_a_crash_is_never_merged_the_restart_collects_th
     assert verify(product).ok
     with h5py.File(product) as merged:
         np.testing.assert_array_equal(merged["det/cam/data"][()], data)
+
+
+def test_a_source_rewritten_before_a_crash_stops_the_daq_instead_of_reaching_the_product(
+    dpm: DpmHarness,
+) -> None:
+    # A collected source is a snapshot. The copy of an earlier server run is not trusted (not
+    # fsynced), so the restart collects the original again: rewritten since, it must not be merged.
+    source = dpm.data / "raw" / "rewritten.h5"
+    write_source(source, "cam", seed=3)
+    server = dpm.start({"debug_delays": {"MERGING": 600}})
+    client = dpm.client(server)
+    client.queue_daq(make_spec("REWR1", [hdf5_source("det", source)], [dpm.receiver]))
+    wait_substate(client, "REWR1", "MERGING")  # collected; the merge has not started
+    server.kill()
+    rewritten = write_source(source, "cam", seed=4)  # same shape and size, other pixels
+
+    server.config = {}
+    server.start()
+    status = wait_alert(client, "REWR1", "collecting:det")
+    alert = next(a for a in status.alerts if a.id == "collecting:det")
+    assert status.error and "modified after it was collected" in alert.description
+    assert "before the server restarted" in alert.description and "RetryMergeDaq" in alert.description
+    assert not (dpm.receiver / "REWR1.product.h5").exists()
+
+    client.retry_merge_daq("REWR1")  # the operator takes the source as it is now
+    record = wait_archived(client, server, "REWR1")
+    assert record["substate"] == "COMPLETED"
+    with h5py.File(dpm.receiver / "REWR1.product.h5") as merged:
+        np.testing.assert_array_equal(merged["det/cam/data"][()], rewritten)
 
 
 def test_restart_resumes_every_queued_daq_in_queue_order(dpm: DpmHarness) -> None:
