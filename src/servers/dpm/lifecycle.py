@@ -40,10 +40,7 @@ from pathlib import Path
 from daqif.errors import DaqException, ErrorCode
 from daqif.spec import (
     FitsFileSource,
-    FitsKeywordsSource,
     Hdf5FileSource,
-    KeywordKind,
-    ProductFormat,
     Specification,
     SpecificationError,
     load_specification,
@@ -53,7 +50,6 @@ from servers.common.paths import PathNotAllowed, confine, resolve_roots
 from servers.dpm import keyword_check, transfer
 from servers.dpm.config import DpmConfig
 from servers.dpm.events import StatusBus, StatusWatcher
-from servers.dpm.merge import check_keyword_cards, parse_card
 from servers.dpm.merge_runner import LauncherMergeRunner, MergeRunner
 from servers.dpm.model import (
     DaqRecord,
@@ -162,7 +158,7 @@ class DataProductManager:
         except RecursionError:
             raise DaqException.invalid_argument("the specification is nested too deeply") from None
         self._check_paths(spec)
-        self._check_literal_cards(spec)
+        keyword_check.check_cards(spec)
         if spec.keyword_dictionaries:  # files are read: off the event loop
             await asyncio.to_thread(keyword_check.check_keywords, spec, self.config.dictionary_dirs)
         if spec.id in self._active or spec.id in self._archived or spec.id in self._reserved:
@@ -329,26 +325,6 @@ class DataProductManager:
             if directory not in self._receivers_apart and directory.is_dir():
                 roles.mark_quietly(directory, roles.Role.RECEIVER, OWNER)
                 self._receivers_apart.add(directory)
-
-    @staticmethod
-    def _check_literal_cards(spec: Specification) -> None:
-        """A `literalKeyword` card the merge cannot parse, or a keyword that cannot be written as a
-        FITS card unaltered (`merge.fits_cards`), is refused now, not as a merge failure later."""
-        for i, source in enumerate(spec.sources):
-            if not isinstance(source, FitsKeywordsSource):
-                continue
-            for j, keyword in enumerate(source.keywords):
-                if keyword.kind is KeywordKind.LITERAL:
-                    try:
-                        parse_card(str(keyword.value))
-                    except ValueError as exc:
-                        raise DaqException.invalid_argument(
-                            f"sources[{i}].keywords[{j}].value: {exc}", id=spec.id
-                        ) from None
-        try:
-            check_keyword_cards(spec, with_comments=spec.product_format is ProductFormat.FITS)
-        except ValueError as exc:
-            raise DaqException.invalid_argument(str(exc), id=spec.id) from None
 
     @staticmethod
     def _local_paths(spec: Specification) -> Iterator[tuple[str, str]]:
