@@ -28,6 +28,7 @@ an archived id included), and QueueDaq of such an id answers ALREADY_EXISTS.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import itertools
@@ -106,6 +107,10 @@ class DataProductManager:
         self._reserved: set[str] = set()
         self._seq = itertools.count(1)
         self._slots = asyncio.Semaphore(config.max_active_daqs)
+        # Resumed SCHEDULED DAQs waiting for an active slot, in queue order, without a driver task
+        # each (50,000 tasks cost ~1 s of the event loop at start-up); `_admit` starts them.
+        self._backlog: collections.deque[ActiveDaq] = collections.deque()
+        self._admitter: asyncio.Task[None] | None = None
         self._runner = merge_runner if merge_runner is not None else LauncherMergeRunner()
         self._phases = Phases(config, self.workspace, self._roots, self._runner, self._commit)
 
@@ -129,7 +134,12 @@ class DataProductManager:
         for record in loaded.active:
             daq = ActiveDaq(record)
             self._active[record.id] = daq
-            self._start_driver(daq)
+            if record.substate is S.SCHEDULED:
+                self._backlog.append(daq)
+            else:
+                self._start_driver(daq)
+        if self._backlog:
+            self._admitter = asyncio.create_task(self._admit(), name="dpm-admit")
         log.info(
             "workspace %s: %d active DAQs resumed, %d archived",
             self.workspace.root,
@@ -140,6 +150,8 @@ class DataProductManager:
     async def stop(self) -> None:
         """Stop every driver (their state is persisted; they resume at the next start)."""
         tasks = [d.task for d in self._active.values() if d.task is not None and not d.task.done()]
+        if self._admitter is not None and not self._admitter.done():
+            tasks.append(self._admitter)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -193,7 +205,10 @@ class DataProductManager:
         daq = ActiveDaq(record, spec)
         self._active[spec.id] = daq
         self.bus.publish(daq.view)
-        self._start_driver(daq)
+        if self._backlog:
+            self._backlog.append(daq)  # behind the resumed DAQs still waiting: queue order
+        else:
+            self._start_driver(daq)
         return spec.id
 
     async def abort(self, daq_id: str) -> None:
@@ -209,6 +224,7 @@ class DataProductManager:
             if task is not None and not task.done() and task is not asyncio.current_task():
                 task.cancel()
                 await asyncio.wait({task})
+            self._release_slot(daq)  # a driver cancelled before its first step never released it
             if daq.record.substate is not S.ABORTING:
                 # The failed steps will not run again: their conditions end with the abort.
                 daq.record.alerts.clear()
@@ -443,6 +459,25 @@ class DataProductManager:
                     await self._wait_for_retry(daq)
             else:  # pragma: no cover - ABORTING is only entered by abort(), which stops this task
                 return
+
+    async def _admit(self) -> None:
+        """Start the drivers of the backlog's DAQs one active slot at a time, in queue order.
+
+        The slot is taken here and handed to the driver (`has_slot`); a DAQ aborted while it
+        waited is skipped.
+        """
+        while self._backlog:
+            await self._slots.acquire()
+            while self._backlog:
+                daq = self._backlog.popleft()
+                r = daq.record
+                if r.id in self._active and r.substate is S.SCHEDULED and daq.task is None:
+                    daq.has_slot = True
+                    self._start_driver(daq)
+                    break
+            else:
+                self._slots.release()
+        self._admitter = None
 
     async def _acquire_slot(self, daq: ActiveDaq) -> None:
         if not daq.has_slot:

@@ -210,27 +210,33 @@ class DaqRecord:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> DaqRecord:
+        # Start-up decodes 50,000 of these: enum members by dict lookup (the enum call costs ~3x).
+        substate = _SUBSTATES
         return cls(
             id=raw["id"],
             file_id=raw["file_id"],
             seq=int(raw["seq"]),
             specification=raw["specification"],
-            substate=SubState(raw["substate"]),
+            substate=substate[raw["substate"]],
             message=raw.get("message", ""),
             timestamp=float(raw.get("timestamp", 0.0)),
             result=raw.get("result", ""),
             alerts={
-                a["id"]: Alert(a["id"], Severity(a["severity"]), a["description"], float(a["timestamp"]))
-                for a in raw.get("alerts", [])
+                a["id"]: Alert(a["id"], _SEVERITIES[a["severity"]], a["description"], float(a["timestamp"]))
+                for a in raw.get("alerts", ())
             },
-            sources=[SourceRecord(**s) for s in raw.get("sources", [])],
-            receivers=[ReleaseRecord(**r) for r in raw.get("receivers", [])],
+            sources=[SourceRecord(**s) for s in raw.get("sources", ())],
+            receivers=[ReleaseRecord(**r) for r in raw.get("receivers", ())],
             attempts={str(k): int(v) for k, v in raw.get("attempts", {}).items()},
             history=[
-                HistoryEntry(SubState(h["substate"]), float(h["timestamp"]), h.get("message", ""))
-                for h in raw.get("history", [])
+                HistoryEntry(substate[h["substate"]], float(h["timestamp"]), h.get("message", ""))
+                for h in raw.get("history", ())
             ],
         )
+
+
+_SUBSTATES: dict[str, SubState] = {s.value: s for s in SubState}
+_SEVERITIES: dict[str, Severity] = {s.value: s for s in Severity}
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from servers.common.atomic import atomic_output, fsync_directory, fsync_file
 from servers.dpm.model import DaqRecord
 
@@ -231,23 +233,20 @@ class Workspace:
         last = _last_lines(journals)
         archived = set(os.listdir(self.archive_dir))
         known = snapshot.records if snapshot is not None else {}
-        directories = []
-        present: set[str] = set()
-        with os.scandir(self.daqs) as entries:
-            for entry in entries:
-                present.add(entry.name)
-                if entry.name.startswith(".") or entry.name in last or entry.name in known:
-                    continue  # hidden, or the journal or the snapshot holds its state
-                if entry.name in archived:
-                    # Crashed between the final status write and the archive rename's
-                    # cleanup: the archived copy is the truth.
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                elif snapshot is not None:
-                    # Neither in the snapshot nor in a newer journal: its QueueDaq never became durable.
-                    log.warning("removing %s: no durable record names it", entry.path)
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    directories.append(Path(entry.path))
+        # Set operations on the names (50,000 at scale), not a Python loop over directory entries.
+        present = {name for name in os.listdir(self.daqs) if not name.startswith(".")}
+        unknown = present - last.keys() - known.keys()
+        # Crashed between the final status write and the archive rename's cleanup: the archived
+        # copy is the truth.
+        for name in unknown & archived:
+            shutil.rmtree(self.daqs / name, ignore_errors=True)
+        unknown -= archived
+        directories = [self.daqs / name for name in sorted(unknown)]
+        if snapshot is not None:
+            # Neither in the snapshot nor in a newer journal: its QueueDaq never became durable.
+            for directory in directories:
+                log.warning("removing %s: no durable record names it", directory)
+                shutil.rmtree(directory, ignore_errors=True)
         active: dict[str, DaqRecord] = {}
         if snapshot is not None:
             for daq_id, (line, raw) in known.items():
@@ -292,8 +291,7 @@ class Workspace:
             raise SnapshotUnreadable(f"{self.root / SNAPSHOT_FILE}: header {header[:200]!r}: {exc}") from None
         lines = body.split(b"\n") if body else []
         try:
-            # One parse of the whole list: ~2x faster than one per line.
-            parsed = json.loads(b"[" + b",".join(lines) + b"]")
+            parsed = orjson.loads(b"[" + b",".join(lines) + b"]")
             if len(parsed) != count:
                 raise ValueError(f"the header says {count} records, the file holds {len(parsed)}")
             records = {str(raw["id"]): (line, raw) for line, raw in zip(lines, parsed, strict=True)}
@@ -532,7 +530,7 @@ def _last_lines(journals: list[tuple[int, Path]]) -> dict[str, tuple[bytes, dict
         for line in path.read_bytes().split(b"\n"):
             # A torn last line (a crash during an append) was never acknowledged.
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                parsed = json.loads(line)
+                parsed = orjson.loads(line)
                 last[str(parsed["id"])] = (line, parsed)
     return last
 
