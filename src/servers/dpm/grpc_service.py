@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import grpc
@@ -54,16 +54,20 @@ def alert_message(alert: Alert) -> dpm_pb2.DaqAlert:
 
 
 class StatusMessages:
-    """`DaqStatus` messages of status views, built once per view (GetActiveDaqs with 50,000).
+    """`DaqStatus` messages of status views, built once per view, and the GetActiveDaqs reply.
 
-    `encoded_entries` answers GetActiveDaqs without building the response message: each view's
-    entry (field 1 of `GetActiveDaqsResponse`, i.e. tag, length and the encoded `DaqStatus`) is
-    encoded once and the reply is their concatenation, which is the encoding of the response.
+    The reply is encoded once per change of any active DAQ's status (`changed` observes the status
+    bus) and answered as bytes: at 50,000 DAQs a GetActiveDaqs is then a look-up, and a rebuild
+    after a change re-encodes only the changed views. Each view's entry (field 1 of
+    `GetActiveDaqsResponse`: tag, length, the encoded `DaqStatus`) is kept, and the reply is their
+    concatenation, which is the encoding of the response (protobuf's encoding of a repeated
+    message field; `tests/servers/dpm/test_grpc_service.py` checks it against the library's).
     """
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[DaqStatusView, dpm_pb2.DaqStatus]] = {}
         self._entries: dict[str, tuple[DaqStatusView, bytes]] = {}
+        self._reply: bytes | None = None
 
     def __call__(self, view: DaqStatusView) -> dpm_pb2.DaqStatus:
         hit = self._cache.get(view.id)
@@ -86,19 +90,44 @@ class StatusMessages:
             self._cache[view.id] = (view, message)
         return message
 
+    def changed(self, view: DaqStatusView) -> None:
+        """A status was published: the reply is encoded again at the next GetActiveDaqs."""
+        self._reply = None
+
+    def active_reply(self, active: Callable[[], list[DaqStatusView]]) -> bytes:
+        """The encoded `GetActiveDaqsResponse` listing the views `active()` returns."""
+        if self._reply is None:
+            self._reply = self.encoded_entries(active())
+        return self._reply
+
     def encoded_entries(self, views: list[DaqStatusView]) -> bytes:
         """The encoded `GetActiveDaqsResponse` listing `views`."""
         entries = self._entries
-        for gone in entries.keys() - {v.id for v in views}:
-            del entries[gone]
+        if len(entries) > len(views):
+            for gone in entries.keys() - {v.id for v in views}:
+                del entries[gone]
         parts = []
         for view in views:
             hit = entries.get(view.id)
             if hit is None or hit[0] is not view:
-                encoded = dpm_pb2.GetActiveDaqsResponse(daqs=[self(view)]).SerializeToString()
-                hit = entries[view.id] = (view, encoded)
+                encoded = self(view).SerializeToString()
+                hit = entries[view.id] = (view, _ACTIVE_DAQS_TAG + _varint(len(encoded)) + encoded)
             parts.append(hit[1])
         return b"".join(parts)
+
+
+_ACTIVE_DAQS_TAG = bytes([1 << 3 | 2])
+"""`GetActiveDaqsResponse.daqs`: field 1, wire type 2 (length-delimited)."""
+
+
+def _varint(value: int) -> bytes:
+    """`value` as a protobuf base-128 varint (7 bits a byte, low first, high bit: more follow)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def internal_message(internal: InternalStatus, status: dpm_pb2.DaqStatus) -> dpm_pb2.InternalDaqStatus:
@@ -155,6 +184,11 @@ class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
     def __init__(self, dpm: DataProductManager) -> None:
         self._dpm = dpm
         self._status = StatusMessages()
+        dpm.bus.observe(self._status.changed)
+
+    def prepare(self) -> None:
+        """Encode the GetActiveDaqs reply now (at start-up, before SERVING), not at the first call."""
+        self._status.active_reply(self._dpm.active)
 
     @edge
     async def QueueDaq(
@@ -187,7 +221,7 @@ class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
         self, request: dpm_pb2.GetActiveDaqsRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.GetActiveDaqsResponse:
         # Already encoded (see `StatusMessages.encoded_entries`; `add_services` passes bytes through).
-        return self._status.encoded_entries(self._dpm.active())  # type: ignore[return-value]
+        return self._status.active_reply(self._dpm.active)  # type: ignore[return-value]
 
     @edge
     async def GetInternalDaqStatus(
@@ -277,15 +311,20 @@ def _encoded_or_message(response: Any) -> bytes:
     return response if isinstance(response, bytes) else bytes(response.SerializeToString())
 
 
-def add_services(server: grpc.aio.Server, dpm: DataProductManager, exit_requested: asyncio.Event) -> None:
+def add_services(
+    server: grpc.aio.Server, dpm: DataProductManager, exit_requested: asyncio.Event
+) -> DpmDaqControlService:
+    """Add `DpmControl` and `DpmDaqControl` on `dpm` to `server`; return the latter."""
     registration = _Registration()
-    dpm_pb2_grpc.add_DpmDaqControlServicer_to_server(DpmDaqControlService(dpm), registration)
+    daq_control = DpmDaqControlService(dpm)
+    dpm_pb2_grpc.add_DpmDaqControlServicer_to_server(daq_control, registration)
     # GetActiveDaqs answers with bytes already encoded; the generic handler shares this dict.
     active = registration.handlers["GetActiveDaqs"]
     registration.handlers["GetActiveDaqs"] = active._replace(response_serializer=_encoded_or_message)
     server.add_generic_rpc_handlers(registration.generic)
     server.add_registered_method_handlers(registration.service, registration.handlers)
     dpm_pb2_grpc.add_DpmControlServicer_to_server(DpmControlService(dpm, exit_requested), server)
+    return daq_control
 
 
 __all__ = ["SERVICE_NAMES", "DpmControlService", "DpmDaqControlService", "add_services"]

@@ -99,7 +99,7 @@ async def serve(
     metrics = DpmMetrics(dpm) if metrics_port is not None else None
     stop = asyncio.Event()
     server = new_server([metrics.interceptor()] if metrics is not None else [])
-    add_services(server, dpm, stop)
+    daq_control = add_services(server, dpm, stop)
     health = add_health_and_reflection(server, SERVICE_NAMES)
     # The ports first: a second server on a busy port must leave the first one's workspace alone.
     endpoint: MetricsEndpoint | None = None
@@ -117,6 +117,7 @@ async def serve(
     gc.disable()
     try:
         await dpm.start()
+        daq_control.prepare()  # the first GetActiveDaqs is answered at once too
     except WorkspaceBusy as exc:
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 1

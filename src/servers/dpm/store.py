@@ -267,9 +267,12 @@ class Workspace:
         self._replay(last, active, archived, present)
         number = journals[-1][0] + 1 if journals else (snapshot.journal + 1 if snapshot is not None else 1)
         self._open_journal(number)
-        if journals or covered or self._status_files:
+        if last or covered or self._status_files:
             replayed = covered + [p for _, p in journals]
             self._checkpointer.submit(self._checkpoint, replayed, set(last), number - 1)
+        else:
+            for _, path in journals:  # empty, or a torn line never acknowledged: nothing to keep
+                os.unlink(path)
         ordered = sorted(active.values(), key=lambda r: r.seq)
         next_seq = max((r.seq for r in ordered), default=0) + 1
         # Archived DAQs' sequence numbers are not needed: seq only orders the active queue.
