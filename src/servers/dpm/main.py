@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daqif import defaults
 from daqif.tls import TlsError, tls_address
@@ -34,7 +35,6 @@ from servers.common.grpc_server import (
     mark_serving,
     new_server,
 )
-from servers.common.metrics import MetricsEndpoint, bind_metrics_socket
 from servers.common.process import die_with_parent
 from servers.common.ready import ready_line
 from servers.common.roles import RolesOverlap
@@ -43,8 +43,12 @@ from servers.dpm import keyword_check
 from servers.dpm.config import ConfigError, DpmConfig, build_config
 from servers.dpm.grpc_service import SERVICE_NAMES, add_services
 from servers.dpm.lifecycle import DataProductManager
-from servers.dpm.metrics import DpmMetrics
 from servers.dpm.store import WorkspaceBusy
+
+if TYPE_CHECKING:
+    # prometheus_client and uvicorn (~0.1 s): imported only with --metrics-port.
+    from servers.common.metrics import MetricsEndpoint
+    from servers.dpm.metrics import DpmMetrics
 
 log = logging.getLogger("daqif-dpm-server")
 
@@ -96,7 +100,11 @@ async def serve(
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 2
     dpm = DataProductManager(config)
-    metrics = DpmMetrics(dpm) if metrics_port is not None else None
+    metrics: DpmMetrics | None = None
+    if metrics_port is not None:
+        from servers.dpm.metrics import DpmMetrics
+
+        metrics = DpmMetrics(dpm)
     stop = asyncio.Event()
     server = new_server([metrics.interceptor()] if metrics is not None else [])
     daq_control = add_services(server, dpm, stop)
@@ -106,6 +114,8 @@ async def serve(
     try:
         bound = bind(server, host, port, "DPM gRPC services", credentials)
         if metrics is not None and metrics_port is not None:
+            from servers.common.metrics import MetricsEndpoint, bind_metrics_socket
+
             endpoint = MetricsEndpoint(metrics.registry, bind_metrics_socket(host, metrics_port))
     except PortUnavailable as exc:
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
