@@ -4,7 +4,9 @@ Layout (under the workspace directory):
 
     .lock                         held (flock) by the server using the workspace
     journal.<n>                   every record change since the last checkpoint (one JSON line each)
-    daqs/<id>/daq.json            status + specification + queue position (one atomic file)
+    snapshot                      every active DAQ's record (status + specification + queue
+                                  position) as of the last checkpoint: a header line, one line each
+    .snapshot.tmp                 the snapshot being written (a leftover of a crash is ignored)
     daqs/<id>/sources/<name>.h5   collected sources
     daqs/<id>/specification.json  the specification handed to the merge program
     daqs/<id>/logs/merge.log      output of every merge attempt
@@ -21,22 +23,37 @@ the whole record as one line of the journal. One writer thread takes every chang
 meanwhile, appends them in one `write` and makes them durable with one `fdatasync` (an append to
 an open file: no new inode, no directory to sync), then moves archived directories (a rename,
 not synced: the journal holds the state) and answers each change. Under load a batch holds the
-changes of many DAQs, so the cost per DAQ falls as the load rises. Status files are not
-rewritten per change (a rename over an existing file makes ext4 flush it at once): the
-checkpoint writes them; an archived DAQ's final `daq.json` is written when it is archived (as a
-new file), so `read_archived` reads it at once. A new DAQ's directory is created before its line:
-a full disk refuses the QueueDaq alone (the journal is truncated back, the directory removed),
-and a directory that has neither `daq.json` nor a journal line (a crash before the line was
-durable) is removed at start-up.
+changes of many DAQs, so the cost per DAQ falls as the load rises. An active DAQ has no status
+file of its own (a rename over an existing file makes ext4 flush it at once, and start-up would
+read 50,000 small files): the checkpoint writes every active record into one snapshot. An
+archived DAQ's final `daq.json` is written when it is archived (as a new file), so
+`read_archived` reads it at once. A new DAQ's directory is created before its line: a full disk
+refuses the QueueDaq alone (the journal is truncated back, the directory removed), and a
+directory that neither the snapshot nor a journal names (a crash before the line was durable) is
+removed at start-up.
 
 Checkpoint: when a journal holds `JOURNAL_CHECKPOINT_LINES` lines, a new one is started, and a
-checkpoint thread writes the status files of the DAQs the old one names, makes them durable with
-one `syncfs` of the workspace's file system (per-file fsyncs where there is none), then deletes
-the old journal. At start-up every journal is replayed in order (the last line of a DAQ is its
-state: a final one is moved to `archive/`, the others' status files are left to the checkpoint)
-and handed to the checkpoint thread, so start-up waits for no fsync. An archive move that fails
-after its line is durable (a full disk) is tried again at every batch; journals are not rotated
-until it succeeds, so the journal keeps the state meanwhile.
+checkpoint thread writes the snapshot: the latest durable line of every active DAQ (the store
+keeps them, `_latest`), under a header naming the newest journal it holds (`{"snapshot_of_
+journals_up_to": n, "records": N}`), as `.snapshot.tmp`, fsync'd, renamed over `snapshot`, the
+directory fsync'd. It then makes the archived DAQs that journal names durable in their files
+(one `syncfs` of the workspace's file system, per-file fsyncs where there is none) and deletes
+the journals up to n. The journals stay the truth until then: a crash (`kill -9`, power cut) at
+any point leaves the old snapshot with every journal after it, or the new one; a record in the
+snapshot may be newer than journal n (its line is in a newer journal, replayed after it: the
+last line of a DAQ wins either way). Memory: the lines of the active DAQs (~550 bytes each,
+27 MB at 50,000).
+
+Start-up (`load`): one sequential read of the snapshot (one `orjson` parse of all its lines),
+then the journals after it replayed in order (the last line of a DAQ is its state: a final one
+is moved to `archive/`), and the journals handed to the checkpoint thread, so start-up waits for
+no fsync; journals that hold no complete line are deleted. Directory names are compared as sets
+(`daqs/`, `archive/`). A workspace of an earlier version (no snapshot, one `daqs/<id>/daq.json`
+per active DAQ) is read from its status files once; the first checkpoint writes the snapshot and
+deletes them. A snapshot that does not read as the checkpoint writes it (someone edited it)
+stops the start (`SnapshotUnreadable`, naming the file): it is left for the operator. An archive
+move that fails after its line is durable (a full disk) is tried again at every batch; journals
+are not rotated until it succeeds, so the journal keeps the state meanwhile.
 """
 
 from __future__ import annotations
