@@ -23,6 +23,10 @@ DAQ goes to ABORTING, its workspace files are cleaned up and it ends ABORTED. If
 fails the DAQ stays ABORTING with an ERROR alert `aborting`, and AbortDaq may be called again.
 Completed and aborted DAQs are archived: their ids answer NOT_FOUND to every call (AbortDaq of
 an archived id included), and QueueDaq of such an id answers ALREADY_EXISTS.
+
+SCHEDULED DAQs resumed at start-up (up to 50,000) wait in a backlog without a driver task each:
+`_admit` takes an active slot for the next one at a time and starts its driver, and a DAQ
+queued while the backlog is not empty joins it, so queue order holds.
 """
 
 from __future__ import annotations
