@@ -109,8 +109,13 @@ class StatusMessages:
         return message
 
     def changed(self, view: DaqStatusView) -> None:
-        """A status was published: the reply is encoded again at the next GetActiveDaqs."""
+        """A status was published: its entry is encoded now (a few microseconds), the reply joined
+        again at the next GetActiveDaqs (so no GetActiveDaqs encodes thousands of entries)."""
         self._reply = None
+        if view.substate.is_final:
+            self._entries.pop(view.id, None)
+        else:
+            self._entries[view.id] = (view, _entry(view))
 
     def active_reply(self, active: Callable[[], list[DaqStatusView]]) -> bytes:
         """The encoded `GetActiveDaqsResponse` listing the views `active()` returns."""
@@ -128,12 +133,16 @@ class StatusMessages:
         for view in views:
             hit = entries.get(view.id)
             if hit is None or hit[0] is not view:
-                encoded = status_message(view).SerializeToString()
-                size = len(encoded)
-                prefix = _PREFIXES[size] if size < len(_PREFIXES) else _ACTIVE_DAQS_TAG + _varint(size)
-                hit = entries[view.id] = (view, prefix + encoded)
+                hit = entries[view.id] = (view, _entry(view))
             parts.append(hit[1])
         return b"".join(parts)
+
+
+def _entry(view: DaqStatusView) -> bytes:
+    """`view` as one entry of `GetActiveDaqsResponse.daqs` (tag, length, encoded `DaqStatus`)."""
+    encoded = status_message(view).SerializeToString()
+    size = len(encoded)
+    return (_PREFIXES[size] if size < len(_PREFIXES) else _ACTIVE_DAQS_TAG + _varint(size)) + encoded
 
 
 _ACTIVE_DAQS_TAG = bytes([1 << 3 | 2])
