@@ -12,12 +12,16 @@ belong to its certificate) raises `TlsError` with one line naming the file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from pydantic import BaseModel, ConfigDict, model_validator
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+# cryptography (~0.3 s to import) is imported where a certificate or key is read: a server or
+# client without TLS does not pay for it.
 
 TLS_SCHEME = "grpcs://"
 """The scheme of a gRPC address served over TLS (ready lines print it; clients accept it)."""
@@ -76,6 +80,8 @@ def read_file(path: Path, what: str) -> bytes:
 
 def read_certificates(path: Path, what: str) -> bytes:
     """The PEM bytes of `path`, checked to hold at least one certificate (and only certificates)."""
+    from cryptography import x509
+
     data = read_file(path, what)
     try:
         if not x509.load_pem_x509_certificates(data):
@@ -87,6 +93,8 @@ def read_certificates(path: Path, what: str) -> bytes:
 
 def read_private_key(path: Path, what: str) -> tuple[bytes, PrivateKeyTypes]:
     """The PEM bytes of `path` and the key they hold (unencrypted)."""
+    from cryptography.hazmat.primitives import serialization
+
     data = read_file(path, what)
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -102,6 +110,9 @@ def read_matching_pair(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
 
     gRPC itself would only fail later, and with a message that does not name the files.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     chain = read_certificates(cert_path, "certificate")
     key_pem, key = read_private_key(key_path, "private key")
     leaf = x509.load_pem_x509_certificates(chain)[0]

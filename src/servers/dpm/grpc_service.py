@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import grpc
@@ -20,7 +20,7 @@ from daqif.v1 import dpm_pb2, dpm_pb2_grpc
 from servers.common.grpc_server import abort_with, edge, stream_edge
 from servers.dpm.events import WatcherDropped
 from servers.dpm.lifecycle import DataProductManager
-from servers.dpm.model import Alert, DaqStatusView, InternalStatus, StorageStatus
+from servers.dpm.model import Alert, DaqStatusView, InternalStatus, StorageStatus, SubState
 
 log = logging.getLogger(__name__)
 
@@ -53,52 +53,96 @@ def alert_message(alert: Alert) -> dpm_pb2.DaqAlert:
     )
 
 
-class StatusMessages:
-    """`DaqStatus` messages of status views, built once per view (GetActiveDaqs with 50,000).
+_STATES = {s: (_STATE[s.state.value], _SUBSTATE[s.value]) for s in SubState}
 
-    `encoded_entries` answers GetActiveDaqs without building the response message: each view's
-    entry (field 1 of `GetActiveDaqsResponse`, i.e. tag, length and the encoded `DaqStatus`) is
-    encoded once and the reply is their concatenation, which is the encoding of the response.
+
+def status_message(view: DaqStatusView) -> dpm_pb2.DaqStatus:
+    """The `DaqStatus` of `view` (fields at their default left out: 50,000 of these at start-up)."""
+    state, substate = _STATES[view.substate]
+    if not view.alerts and not view.result:
+        return dpm_pb2.DaqStatus(
+            id=view.id,
+            file_id=view.file_id,
+            state=state,
+            substate=substate,
+            message=view.message,
+            timestamp=view.timestamp,
+        )
+    return dpm_pb2.DaqStatus(
+        id=view.id,
+        file_id=view.file_id,
+        state=state,
+        substate=substate,
+        error=view.error,
+        alerts=[alert_message(a) for a in view.alerts],
+        result=view.result,
+        message=view.message,
+        timestamp=view.timestamp,
+    )
+
+
+class StatusMessages:
+    """`DaqStatus` messages of status views, built once per view, and the GetActiveDaqs reply.
+
+    The reply is encoded once per change of any active DAQ's status (`changed` observes the status
+    bus) and answered as bytes: at 50,000 DAQs a GetActiveDaqs is then a look-up, and a rebuild
+    after a change re-encodes only the changed views. Each view's entry (field 1 of
+    `GetActiveDaqsResponse`, encoded by the library as a response listing that view alone) is kept,
+    and the reply is their concatenation, which is the encoding of the response listing them all
+    (protobuf merges repeated fields of concatenated messages; `tests/servers/dpm/
+    test_grpc_service.py` checks it against the library's encoding of the whole response).
     """
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[DaqStatusView, dpm_pb2.DaqStatus]] = {}
         self._entries: dict[str, tuple[DaqStatusView, bytes]] = {}
+        self._reply: bytes | None = None
 
     def __call__(self, view: DaqStatusView) -> dpm_pb2.DaqStatus:
         hit = self._cache.get(view.id)
         if hit is not None and hit[0] is view:
             return hit[1]
-        message = dpm_pb2.DaqStatus(
-            id=view.id,
-            file_id=view.file_id,
-            state=_STATE[view.state.value],
-            substate=_SUBSTATE[view.substate.value],
-            error=view.error,
-            alerts=[alert_message(a) for a in view.alerts],
-            result=view.result,
-            message=view.message,
-            timestamp=view.timestamp,
-        )
+        message = status_message(view)
         if view.substate.is_final:
             self._cache.pop(view.id, None)
         else:
             self._cache[view.id] = (view, message)
         return message
 
+    def changed(self, view: DaqStatusView) -> None:
+        """A status was published: its entry is encoded now (a few microseconds), the reply joined
+        again at the next GetActiveDaqs (so no GetActiveDaqs encodes thousands of entries)."""
+        self._reply = None
+        if view.substate.is_final:
+            self._entries.pop(view.id, None)
+        else:
+            self._entries[view.id] = (view, _entry(view))
+
+    def active_reply(self, active: Callable[[], list[DaqStatusView]]) -> bytes:
+        """The encoded `GetActiveDaqsResponse` listing the views `active()` returns."""
+        if self._reply is None:
+            self._reply = self.encoded_entries(active())
+        return self._reply
+
     def encoded_entries(self, views: list[DaqStatusView]) -> bytes:
         """The encoded `GetActiveDaqsResponse` listing `views`."""
         entries = self._entries
-        for gone in entries.keys() - {v.id for v in views}:
-            del entries[gone]
+        if len(entries) > len(views):
+            for gone in entries.keys() - {v.id for v in views}:
+                del entries[gone]
         parts = []
         for view in views:
             hit = entries.get(view.id)
             if hit is None or hit[0] is not view:
-                encoded = dpm_pb2.GetActiveDaqsResponse(daqs=[self(view)]).SerializeToString()
-                hit = entries[view.id] = (view, encoded)
+                hit = entries[view.id] = (view, _entry(view))
             parts.append(hit[1])
         return b"".join(parts)
+
+
+def _entry(view: DaqStatusView) -> bytes:
+    """`view` as one entry of `GetActiveDaqsResponse.daqs`: the encoding of a response listing it
+    alone (tag, length, encoded `DaqStatus`), so the concatenation of entries encodes them all."""
+    return dpm_pb2.GetActiveDaqsResponse(daqs=[status_message(view)]).SerializeToString()
 
 
 def internal_message(internal: InternalStatus, status: dpm_pb2.DaqStatus) -> dpm_pb2.InternalDaqStatus:
@@ -155,6 +199,11 @@ class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
     def __init__(self, dpm: DataProductManager) -> None:
         self._dpm = dpm
         self._status = StatusMessages()
+        dpm.bus.observe(self._status.changed)
+
+    def prepare(self) -> None:
+        """Encode the GetActiveDaqs reply now (at start-up, before SERVING), not at the first call."""
+        self._status.active_reply(self._dpm.active)
 
     @edge
     async def QueueDaq(
@@ -187,7 +236,7 @@ class DpmDaqControlService(dpm_pb2_grpc.DpmDaqControlServicer):
         self, request: dpm_pb2.GetActiveDaqsRequest, context: grpc.aio.ServicerContext
     ) -> dpm_pb2.GetActiveDaqsResponse:
         # Already encoded (see `StatusMessages.encoded_entries`; `add_services` passes bytes through).
-        return self._status.encoded_entries(self._dpm.active())  # type: ignore[return-value]
+        return self._status.active_reply(self._dpm.active)  # type: ignore[return-value]
 
     @edge
     async def GetInternalDaqStatus(
@@ -277,15 +326,20 @@ def _encoded_or_message(response: Any) -> bytes:
     return response if isinstance(response, bytes) else bytes(response.SerializeToString())
 
 
-def add_services(server: grpc.aio.Server, dpm: DataProductManager, exit_requested: asyncio.Event) -> None:
+def add_services(
+    server: grpc.aio.Server, dpm: DataProductManager, exit_requested: asyncio.Event
+) -> DpmDaqControlService:
+    """Add `DpmControl` and `DpmDaqControl` on `dpm` to `server`; return the latter."""
     registration = _Registration()
-    dpm_pb2_grpc.add_DpmDaqControlServicer_to_server(DpmDaqControlService(dpm), registration)
+    daq_control = DpmDaqControlService(dpm)
+    dpm_pb2_grpc.add_DpmDaqControlServicer_to_server(daq_control, registration)
     # GetActiveDaqs answers with bytes already encoded; the generic handler shares this dict.
     active = registration.handlers["GetActiveDaqs"]
     registration.handlers["GetActiveDaqs"] = active._replace(response_serializer=_encoded_or_message)
     server.add_generic_rpc_handlers(registration.generic)
     server.add_registered_method_handlers(registration.service, registration.handlers)
     dpm_pb2_grpc.add_DpmControlServicer_to_server(DpmControlService(dpm, exit_requested), server)
+    return daq_control
 
 
 __all__ = ["SERVICE_NAMES", "DpmControlService", "DpmDaqControlService", "add_services"]

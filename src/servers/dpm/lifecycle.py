@@ -25,11 +25,16 @@ DAQ goes to ABORTING, its workspace files are cleaned up and it ends ABORTED. If
 fails the DAQ stays ABORTING with an ERROR alert `aborting`, and AbortDaq may be called again.
 Completed and aborted DAQs are archived: their ids answer NOT_FOUND to every call (AbortDaq of
 an archived id included), and QueueDaq of such an id answers ALREADY_EXISTS.
+
+SCHEDULED DAQs resumed at start-up (up to 50,000) wait in a backlog without a driver task each:
+`_admit` takes an active slot for the next one at a time and starts its driver, and a DAQ
+queued while the backlog is not empty joins it, so queue order holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import itertools
@@ -42,10 +47,7 @@ from pathlib import Path
 from daqif.errors import DaqException, ErrorCode
 from daqif.spec import (
     FitsFileSource,
-    FitsKeywordsSource,
     Hdf5FileSource,
-    KeywordKind,
-    ProductFormat,
     Specification,
     SpecificationError,
     load_specification,
@@ -55,7 +57,6 @@ from servers.common.paths import PathNotAllowed, confine, resolve_roots
 from servers.dpm import keyword_check, transfer
 from servers.dpm.config import DpmConfig
 from servers.dpm.events import StatusBus, StatusWatcher
-from servers.dpm.merge import check_keyword_cards, parse_card
 from servers.dpm.merge_runner import LauncherMergeRunner, MergeRunner
 from servers.dpm.model import (
     DaqRecord,
@@ -113,6 +114,10 @@ class DataProductManager:
         self._reserved: set[str] = set()
         self._seq = itertools.count(1)
         self._slots = asyncio.Semaphore(config.max_active_daqs)
+        # Resumed SCHEDULED DAQs waiting for an active slot, in queue order, without a driver task
+        # each (50,000 tasks cost ~1 s of the event loop at start-up); `_admit` starts them.
+        self._backlog: collections.deque[ActiveDaq] = collections.deque()
+        self._admitter: asyncio.Task[None] | None = None
         self._runner = merge_runner if merge_runner is not None else LauncherMergeRunner()
         self._phases = Phases(config, self.workspace, self._roots, self._runner, self._commit)
 
@@ -136,7 +141,12 @@ class DataProductManager:
         for record in loaded.active:
             daq = ActiveDaq(record)
             self._active[record.id] = daq
-            self._start_driver(daq)
+            if record.substate is S.SCHEDULED:
+                self._backlog.append(daq)
+            else:
+                self._start_driver(daq)
+        if self._backlog:
+            self._admitter = asyncio.create_task(self._admit(), name="dpm-admit")
         log.info(
             "workspace %s: %d active DAQs resumed, %d archived",
             self.workspace.root,
@@ -147,6 +157,8 @@ class DataProductManager:
     async def stop(self) -> None:
         """Stop every driver (their state is persisted; they resume at the next start)."""
         tasks = [d.task for d in self._active.values() if d.task is not None and not d.task.done()]
+        if self._admitter is not None and not self._admitter.done():
+            tasks.append(self._admitter)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -165,7 +177,7 @@ class DataProductManager:
         except RecursionError:
             raise DaqException.invalid_argument("the specification is nested too deeply") from None
         self._check_paths(spec)
-        self._check_literal_cards(spec)
+        keyword_check.check_cards(spec)
         if spec.keyword_dictionaries:  # files are read: off the event loop
             await asyncio.to_thread(keyword_check.check_keywords, spec, self.config.dictionary_dirs)
         if spec.id in self._active or spec.id in self._archived or spec.id in self._reserved:
@@ -200,7 +212,10 @@ class DataProductManager:
         daq = ActiveDaq(record, spec)
         self._active[spec.id] = daq
         self.bus.publish(daq.view)
-        self._start_driver(daq)
+        if self._backlog:
+            self._backlog.append(daq)  # behind the resumed DAQs still waiting: queue order
+        else:
+            self._start_driver(daq)
         return spec.id
 
     async def abort(self, daq_id: str) -> None:
@@ -216,6 +231,7 @@ class DataProductManager:
             if task is not None and not task.done() and task is not asyncio.current_task():
                 task.cancel()
                 await asyncio.wait({task})
+            self._release_slot(daq)  # a driver cancelled before its first step never released it
             if daq.record.substate is not S.ABORTING:
                 # The failed steps will not run again: their conditions end with the abort.
                 daq.record.alerts.clear()
@@ -336,26 +352,6 @@ class DataProductManager:
                 self._receiver_paths_marked.add(receiver.path)
 
     @staticmethod
-    def _check_literal_cards(spec: Specification) -> None:
-        """A `literalKeyword` card the merge cannot parse, or a keyword that cannot be written as a
-        FITS card unaltered (`merge.fits_cards`), is refused now, not as a merge failure later."""
-        for i, source in enumerate(spec.sources):
-            if not isinstance(source, FitsKeywordsSource):
-                continue
-            for j, keyword in enumerate(source.keywords):
-                if keyword.kind is KeywordKind.LITERAL:
-                    try:
-                        parse_card(str(keyword.value))
-                    except ValueError as exc:
-                        raise DaqException.invalid_argument(
-                            f"sources[{i}].keywords[{j}].value: {exc}", id=spec.id
-                        ) from None
-        try:
-            check_keyword_cards(spec, with_comments=spec.product_format is ProductFormat.FITS)
-        except ValueError as exc:
-            raise DaqException.invalid_argument(str(exc), id=spec.id) from None
-
-    @staticmethod
     def _local_paths(spec: Specification) -> Iterator[tuple[str, str]]:
         if spec.target_source is not None and not spec.target_source.location.is_remote:
             yield "target.source.location", spec.target_source.location.path
@@ -472,6 +468,25 @@ class DataProductManager:
                     await self._wait_for_retry(daq)
             else:  # pragma: no cover - ABORTING is only entered by abort(), which stops this task
                 return
+
+    async def _admit(self) -> None:
+        """Start the drivers of the backlog's DAQs one active slot at a time, in queue order.
+
+        The slot is taken here and handed to the driver (`has_slot`); a DAQ aborted while it
+        waited is skipped.
+        """
+        while self._backlog:
+            await self._slots.acquire()
+            while self._backlog:
+                daq = self._backlog.popleft()
+                r = daq.record
+                if r.id in self._active and r.substate is S.SCHEDULED and daq.task is None:
+                    daq.has_slot = True
+                    self._start_driver(daq)
+                    break
+            else:
+                self._slots.release()
+        self._admitter = None
 
     async def _acquire_slot(self, daq: ActiveDaq) -> None:
         if not daq.has_slot:

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daqif import defaults
 from daqif.tls import TlsError, tls_address
@@ -32,16 +35,20 @@ from servers.common.grpc_server import (
     mark_serving,
     new_server,
 )
-from servers.common.metrics import MetricsEndpoint, bind_metrics_socket
 from servers.common.process import die_with_parent
 from servers.common.ready import ready_line
 from servers.common.roles import RolesOverlap
 from servers.common.tls import ServerTls, add_tls_arguments, security_of, tls_from_args
+from servers.dpm import keyword_check
 from servers.dpm.config import ConfigError, DpmConfig, build_config
 from servers.dpm.grpc_service import SERVICE_NAMES, add_services
 from servers.dpm.lifecycle import DataProductManager
-from servers.dpm.metrics import DpmMetrics
 from servers.dpm.store import WorkspaceBusy
+
+if TYPE_CHECKING:
+    # prometheus_client and uvicorn (~0.1 s): imported only with --metrics-port.
+    from servers.common.metrics import MetricsEndpoint
+    from servers.dpm.metrics import DpmMetrics
 
 log = logging.getLogger("daqif-dpm-server")
 
@@ -93,22 +100,34 @@ async def serve(
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 2
     dpm = DataProductManager(config)
-    metrics = DpmMetrics(dpm) if metrics_port is not None else None
+    metrics: DpmMetrics | None = None
+    if metrics_port is not None:
+        from servers.dpm.metrics import DpmMetrics
+
+        metrics = DpmMetrics(dpm)
     stop = asyncio.Event()
     server = new_server([metrics.interceptor()] if metrics is not None else [])
-    add_services(server, dpm, stop)
+    daq_control = add_services(server, dpm, stop)
     health = add_health_and_reflection(server, SERVICE_NAMES)
     # The ports first: a second server on a busy port must leave the first one's workspace alone.
     endpoint: MetricsEndpoint | None = None
     try:
         bound = bind(server, host, port, "DPM gRPC services", credentials)
         if metrics is not None and metrics_port is not None:
+            from servers.common.metrics import MetricsEndpoint, bind_metrics_socket
+
             endpoint = MetricsEndpoint(metrics.registry, bind_metrics_socket(host, metrics_port))
     except PortUnavailable as exc:
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 2
+    # Start-up makes a million objects that stay (50,000 records with their views): the cyclic
+    # collector would walk them again and again while they are made, and at every full collection
+    # afterwards. Frozen (`gc.freeze`), they are left out of every later collection; they are
+    # freed by reference counting as usual.
+    gc.disable()
     try:
         await dpm.start()
+        daq_control.prepare()  # the first GetActiveDaqs is answered at once too
     except WorkspaceBusy as exc:
         print(f"daqif-dpm-server: {exc}", file=sys.stderr)
         return 1
@@ -118,6 +137,9 @@ async def serve(
     except OSError as exc:
         print(f"daqif-dpm-server: cannot open workspace {config.workspace}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        gc.freeze()
+        gc.enable()
     if metrics is not None:
         metrics.attach()  # before any await: the resumed DAQs have not moved yet
     await server.start()
@@ -138,6 +160,8 @@ async def serve(
     if endpoint is not None:
         endpoints["metrics"] = f"http://{host}:{endpoint.port}"
     print(ready_line("dpm", **endpoints), flush=True)
+    # QueueDaq's keyword checks import astropy and numpy (~0.7 s): after SERVING, not before.
+    threading.Thread(target=keyword_check.warm_up, name="dpm-warm-up", daemon=True).start()
     log.info(
         "serving on %s (%s), workspace %s, allowed roots %s",
         address,

@@ -4,7 +4,9 @@ Layout (under the workspace directory):
 
     .lock                         held (flock) by the server using the workspace
     journal.<n>                   every record change since the last checkpoint (one JSON line each)
-    daqs/<id>/daq.json            status + specification + queue position (one atomic file)
+    snapshot                      every active DAQ's record (status + specification + queue
+                                  position) as of the last checkpoint: a header line, one line each
+    .snapshot.tmp                 the snapshot being written (a leftover of a crash is ignored)
     daqs/<id>/sources/<name>.h5   collected sources
     daqs/<id>/specification.json  the specification handed to the merge program
     daqs/<id>/logs/merge.log      output of every merge attempt
@@ -22,23 +24,37 @@ meanwhile, appends them in one `write` and makes them durable with one `fdatasyn
 an open file: no new inode, no directory to sync), answers the batch's other changes, then moves
 archived directories (a rename, not synced: the journal holds the state) and answers the
 archives; each answer is one wake-up of the caller's event loop for the whole batch (`_answer`),
-never one per change. Under load a batch holds the
-changes of many DAQs, so the cost per DAQ falls as the load rises. Status files are not
-rewritten per change (a rename over an existing file makes ext4 flush it at once): the
-checkpoint writes them; an archived DAQ's final `daq.json` is written when it is archived (as a
-new file), so `read_archived` reads it at once. A new DAQ's directory is created before its line:
-a full disk refuses the QueueDaq alone (the journal is truncated back, the directory removed),
-and a directory that has neither `daq.json` nor a journal line (a crash before the line was
-durable) is removed at start-up.
+never one per change. Under load a batch holds the changes of many DAQs, so the cost per DAQ
+falls as the load rises. An active DAQ has no status file of its own (a rename over an existing
+file makes ext4 flush it at once, and start-up would read 50,000 small files): the checkpoint
+writes every active record into one snapshot. An archived DAQ's final `daq.json` is written when
+it is archived (as a new file), so `read_archived` reads it at once. A new DAQ's directory is
+created before its line: a full disk refuses the QueueDaq alone (the journal is truncated back,
+the directory removed), and a directory that neither the snapshot nor a journal names (a crash
+before the line was durable) is removed at start-up.
 
 Checkpoint: when a journal holds `JOURNAL_CHECKPOINT_LINES` lines, a new one is started, and a
-checkpoint thread writes the status files of the DAQs the old one names, makes them durable with
-one `syncfs` of the workspace's file system (per-file fsyncs where there is none), then deletes
-the old journal. At start-up every journal is replayed in order (the last line of a DAQ is its
-state: a final one is moved to `archive/`, the others' status files are left to the checkpoint)
-and handed to the checkpoint thread, so start-up waits for no fsync. An archive move that fails
-after its line is durable (a full disk) is tried again at every batch; journals are not rotated
-until it succeeds, so the journal keeps the state meanwhile.
+checkpoint thread writes the snapshot: the latest durable line of every active DAQ (the store
+keeps them, `_latest`), under a header naming the newest journal it holds (`{"snapshot_of_
+journals_up_to": n, "records": N}`), as `.snapshot.tmp`, fsync'd, renamed over `snapshot`, the
+directory fsync'd. It then makes the archived DAQs that journal names durable in their files
+(one `syncfs` of the workspace's file system, per-file fsyncs where there is none) and deletes
+the journals up to n. The journals stay the truth until then: a crash (`kill -9`, power cut) at
+any point leaves the old snapshot with every journal after it, or the new one; a record in the
+snapshot may be newer than journal n (its line is in a newer journal, replayed after it: the
+last line of a DAQ wins either way). Memory: the lines of the active DAQs (~550 bytes each,
+27 MB at 50,000).
+
+Start-up (`load`): one sequential read of the snapshot (one `orjson` parse of all its lines),
+then the journals after it replayed in order (the last line of a DAQ is its state: a final one
+is moved to `archive/`), and the journals handed to the checkpoint thread, so start-up waits for
+no fsync; journals that hold no complete line are deleted. Directory names are compared as sets
+(`daqs/`, `archive/`). A workspace of an earlier version (no snapshot, one `daqs/<id>/daq.json`
+per active DAQ) is read from its status files once; the first checkpoint writes the snapshot and
+deletes them. A snapshot that does not read as the checkpoint writes it (someone edited it)
+stops the start (`SnapshotUnreadable`, naming the file): it is left for the operator. An archive
+move that fails after its line is durable (a full disk) is tried again at every batch; journals
+are not rotated until it succeeds, so the journal keeps the state meanwhile.
 """
 
 from __future__ import annotations
@@ -59,12 +75,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from servers.common.atomic import atomic_write_bytes, fsync_directory, fsync_file
+import orjson
+
+from servers.common.atomic import atomic_output, fsync_directory, fsync_file
 from servers.dpm.model import DaqRecord
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "daq.json"
+SNAPSHOT_FILE = "snapshot"
+SNAPSHOT_TEMP = ".snapshot.tmp"
 LOCK_FILE = ".lock"
 JOURNAL_PREFIX = "journal."
 JOURNAL_CHECKPOINT_LINES = 4096
@@ -74,6 +94,10 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 
 class WorkspaceBusy(RuntimeError):
     """Another server holds the workspace."""
+
+
+class SnapshotUnreadable(OSError):
+    """The snapshot file cannot be read as the checkpoint writes it (someone changed it)."""
 
 
 def checked_dir_name(daq_id: str) -> str:
@@ -109,6 +133,14 @@ class StoreCounters:
 
 
 @dataclass
+class _Snapshot:
+    journal: int
+    """The snapshot holds every change of the journals numbered up to this one."""
+    records: dict[str, tuple[bytes, dict[str, Any]]]
+    """Each active DAQ's record: its line, parsed."""
+
+
+@dataclass
 class _Change:
     daq_id: str
     data: bytes
@@ -141,7 +173,8 @@ class Workspace:
         self._journal_lines = 0
         self._journal_ids: set[str] = set()
         self._stale: dict[str, _Change] = {}  # durable archives whose move is not done yet
-        self._latest: dict[str, bytes] = {}  # active DAQ -> its latest durable record, not in its file
+        self._latest: dict[str, bytes] = {}  # active DAQ -> its latest durable record (the snapshot's source)
+        self._status_files: list[Path] = []  # status files of active DAQs, read once if there is no snapshot
         self._files_lock = threading.Lock()  # the writer's archive moves vs the checkpoint's writes
 
     def close(self) -> None:
@@ -209,41 +242,89 @@ class Workspace:
     # -- start-up ----------------------------------------------------------------------------
 
     def load(self) -> LoadedWorkspace:
-        """Create the layout if needed, read every DAQ (archived ones by name only), replay the journals."""
+        """Create the layout if needed, read the snapshot (archived DAQs by name only), replay the journals.
+
+        A workspace without a snapshot (made by an earlier version) is read from its status files.
+        """
         self.lock()
         for directory in (self.daqs, self.archive_dir, self.products):
             directory.mkdir(parents=True, exist_ok=True)
+        snapshot = self._read_snapshot()
         journals = self._journals()
+        covered = [p for n, p in journals if snapshot is not None and n <= snapshot.journal]
+        journals = [(n, p) for n, p in journals if snapshot is None or n > snapshot.journal]
         last = _last_lines(journals)
         archived = set(os.listdir(self.archive_dir))
-        directories = []
-        present: set[str] = set()
-        with os.scandir(self.daqs) as entries:
-            for entry in entries:
-                present.add(entry.name)
-                if entry.name.startswith(".") or entry.name in last:
-                    continue  # hidden, or the journal holds a newer state than its status file
-                if entry.name in archived:
-                    # Crashed between the final status write and the archive rename's
-                    # cleanup: the archived copy is the truth.
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                    continue
-                directories.append(Path(entry.path))
-        # Many reads in flight: a cold page cache answers them together, not one by one.
-        with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="dpm-load") as readers:
-            records = [r for r in readers.map(self._read, directories) if r is not None]
-        active = {r.id: r for r in records}
+        known = snapshot.records if snapshot is not None else {}
+        # Set operations on the names (50,000 at scale), not a Python loop over directory entries.
+        present = {name for name in os.listdir(self.daqs) if not name.startswith(".")}
+        unknown = present - last.keys() - known.keys()
+        # Crashed between the final status write and the archive rename's cleanup: the archived
+        # copy is the truth.
+        for name in unknown & archived:
+            shutil.rmtree(self.daqs / name, ignore_errors=True)
+        unknown -= archived
+        directories = [self.daqs / name for name in sorted(unknown)]
+        if snapshot is not None:
+            # Neither in the snapshot nor in a newer journal: its QueueDaq never became durable.
+            for directory in directories:
+                log.warning("removing %s: no durable record names it", directory)
+                shutil.rmtree(directory, ignore_errors=True)
+        active: dict[str, DaqRecord] = {}
+        if snapshot is not None:
+            for daq_id, (line, raw) in known.items():
+                if daq_id in last or daq_id in archived:
+                    continue  # a journal holds a newer state
+                if daq_id not in present:
+                    self.daq_dir(daq_id).mkdir()
+                active[daq_id] = DaqRecord.from_json(raw)
+                self._latest[daq_id] = line
+        else:
+            # Many reads in flight: a cold page cache answers them together, not one by one.
+            with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="dpm-load") as readers:
+                for loaded in readers.map(self._read, directories):
+                    if loaded is not None:
+                        active[loaded.id] = loaded
+                        self._latest[loaded.id] = _encode(loaded)
+                        self._status_files.append(self.daq_dir(loaded.id) / STATUS_FILE)
         self._replay(last, active, archived, present)
-        number = journals[-1][0] + 1 if journals else 1
+        number = journals[-1][0] + 1 if journals else (snapshot.journal + 1 if snapshot is not None else 1)
         self._open_journal(number)
-        if journals:
-            self._checkpointer.submit(self._checkpoint, [p for _, p in journals], set(last))
+        if last or covered or self._status_files:
+            replayed = covered + [p for _, p in journals]
+            self._checkpointer.submit(self._checkpoint, replayed, set(last), number - 1)
+        else:
+            for _, path in journals:  # empty, or a torn line never acknowledged: nothing to keep
+                os.unlink(path)
         ordered = sorted(active.values(), key=lambda r: r.seq)
         next_seq = max((r.seq for r in ordered), default=0) + 1
         # Archived DAQs' sequence numbers are not needed: seq only orders the active queue.
         self._writer = threading.Thread(target=self._write_loop, name="dpm-store", daemon=True)
         self._writer.start()
         return LoadedWorkspace(active=ordered, archived=archived, next_seq=next_seq)
+
+    def _read_snapshot(self) -> _Snapshot | None:
+        """The snapshot file, if there is one: the last complete state the checkpoint wrote."""
+        try:
+            data = (self.root / SNAPSHOT_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+        header, _, body = data.partition(b"\n")
+        try:
+            meta = json.loads(header)
+            journal, count = int(meta["snapshot_of_journals_up_to"]), int(meta["records"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SnapshotUnreadable(f"{self.root / SNAPSHOT_FILE}: header {header[:200]!r}: {exc}") from None
+        lines = body.split(b"\n") if body else []
+        try:
+            parsed = orjson.loads(b"[" + b",".join(lines) + b"]")
+            if len(parsed) != count:
+                raise ValueError(f"the header says {count} records, the file holds {len(parsed)}")
+            records = {str(raw["id"]): (line, raw) for line, raw in zip(lines, parsed, strict=True)}
+        except (ValueError, KeyError, TypeError) as exc:
+            # Written whole, fsync'd, then renamed: only someone editing it makes it unreadable.
+            raise SnapshotUnreadable(f"{self.root / SNAPSHOT_FILE}: {exc}") from None
+        return _Snapshot(journal, records)
 
     def _read(self, directory: Path) -> DaqRecord | None:
         path = directory / STATUS_FILE
@@ -441,45 +522,48 @@ class Workspace:
         """Start a new journal; the checkpoint thread writes the old one's DAQs durably, then deletes it."""
         assert self._journal_fd is not None
         os.close(self._journal_fd)
-        old_path, old_ids = self._journal_path(self._journal_number), self._journal_ids
-        self._open_journal(self._journal_number + 1)
-        self._checkpointer.submit(self._checkpoint, [old_path], old_ids)
+        old_number, old_ids = self._journal_number, self._journal_ids
+        self._open_journal(old_number + 1)
+        self._checkpointer.submit(self._checkpoint, [self._journal_path(old_number)], old_ids, old_number)
 
-    def _checkpoint(self, journals: list[Path], ids: set[str]) -> None:
-        """Make the state of every DAQ named in `journals` durable in its files; delete the journals.
+    def _checkpoint(self, journals: list[Path], ids: set[str], up_to: int) -> None:
+        """Write the snapshot (every active DAQ's latest durable record), make the archived DAQs named
+        in `journals` durable in their files, then delete `journals` (numbered up to `up_to`).
 
-        An active DAQ's status file is written with its latest durable state (which may be newer
-        than these journals: that state is in a newer journal too); an archived DAQ's was written
-        when it was archived. Under `_files_lock`, so a DAQ is not archived while its status file
-        is written.
+        The snapshot may hold states newer than journal `up_to` (they are durable in a newer journal,
+        which start-up replays after it: the last line of a DAQ wins either way). It is written as
+        `.snapshot.tmp`, fsync'd and renamed over the old one: a crash at any point leaves the old
+        snapshot and every journal it does not hold, or the new one.
         """
-        synced: list[Path] = []
-        for daq_id in ids:
-            with self._files_lock:
-                data = self._latest.get(daq_id)
-                if data is not None:
-                    directory = self.daq_dir(daq_id)
-                    atomic_write_bytes(directory / STATUS_FILE, data, durable=False)
-                    if daq_id not in self._journal_ids:
-                        self._latest.pop(daq_id)  # durable in its file once synced below
-                else:
-                    directory = self.archived_dir(daq_id)
-            synced.append(directory)
-        if _syncfs(self.root):  # one call for thousands of small files (and their directories)
+        with self._files_lock:  # the writer changes `_latest` under it
+            lines = list(self._latest.values())
+            archived = [self.archived_dir(daq_id) for daq_id in ids if daq_id not in self._latest]
+        header = json.dumps({"snapshot_of_journals_up_to": up_to, "records": len(lines)}).encode()
+        with atomic_output(self.root / SNAPSHOT_FILE, temp_name=SNAPSHOT_TEMP) as tmp, open(tmp, "xb") as out:
+            out.write(b"\n".join([header, *lines]))
+        self.counters.checkpoint_fsyncs += 2
+        if not archived:
+            pass  # nothing but the snapshot to make durable
+        elif _syncfs(self.root):  # one call for thousands of small files (and their directories)
             self.counters.checkpoint_fsyncs += 1
         else:
-            for directory in synced:
+            for directory in archived:
                 with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                    # Gone (archived meanwhile): its newer state is in a newer journal.
+                    # Not archived after all (a move still to be tried): its state is in the snapshot.
                     fsync_file(directory / STATUS_FILE)
                     fsync_directory(directory)
                     self.counters.checkpoint_fsyncs += 2
-            for directory in (self.daqs, self.archive_dir):
-                fsync_directory(directory)
+            fsync_directory(self.archive_dir)
+            fsync_directory(self.daqs)
         for journal in journals:
             os.unlink(journal)
         fsync_directory(self.root)
-        self.counters.checkpoint_fsyncs += 3
+        self.counters.checkpoint_fsyncs += 1
+        # A workspace of an earlier version: its active DAQs' status files are stale from now on.
+        status_files, self._status_files = self._status_files, []
+        for path in status_files:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.unlink(path)
 
 
 def _resolve(changes: list[_Change]) -> None:
@@ -500,7 +584,7 @@ def _last_lines(journals: list[tuple[int, Path]]) -> dict[str, tuple[bytes, dict
         for line in path.read_bytes().split(b"\n"):
             # A torn last line (a crash during an append) was never acknowledged.
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                parsed = json.loads(line)
+                parsed = orjson.loads(line)
                 last[str(parsed["id"])] = (line, parsed)
     return last
 

@@ -275,3 +275,37 @@ def test_get_active_daqs_answers_with_10000_daqs_each_with_a_long_alert(dpm: Dpm
     (alert,) = daqs[0].alerts
     assert alert.id == "collecting:det" and alert.description.startswith(f"source {dpm.data}")
     assert len(alert.description) <= MAX_ALERT_CHARS + 40 and "more characters)" in alert.description
+
+
+def test_the_get_active_daqs_reply_is_the_librarys_encoding_and_follows_every_change() -> None:
+    from servers.dpm.grpc_service import StatusMessages
+    from servers.dpm.model import Alert, DaqStatusView, Severity, SubState
+
+    def view(daq_id: str, message: str, alerts: int = 0) -> DaqStatusView:
+        return DaqStatusView(
+            id=daq_id,
+            file_id=f"{daq_id}.f",
+            substate=SubState.MERGING,
+            alerts=tuple(Alert(f"a{i}", Severity.ERROR, "x" * 400, 1.0) for i in range(alerts)),
+            result="",
+            message=message,
+            timestamp=2.5,
+        )
+
+    # Entries of 1-byte, 2-byte and 3-byte lengths (a DaqStatus of < 128, < 16,384 and more bytes).
+    views = [view("A", "q"), view("B", "m" * 200), view("C", "long", alerts=50)]
+    messages = StatusMessages()
+    current = list(views)
+    reply = messages.active_reply(lambda: current)
+    library = dpm_pb2.GetActiveDaqsResponse(daqs=[messages(v) for v in views]).SerializeToString()
+    assert reply == library
+    assert len(messages(views[2]).SerializeToString()) >= 1 << 14
+    current[0] = view("A", "collecting")
+    assert messages.active_reply(lambda: current) == reply  # nothing published: the same reply
+    messages.changed(current[0])
+    decoded = dpm_pb2.GetActiveDaqsResponse.FromString(messages.active_reply(lambda: current))
+    assert [(d.id, d.message) for d in decoded.daqs] == [("A", "collecting"), ("B", "m" * 200), ("C", "long")]
+    del current[1]
+    messages.changed(views[1])
+    decoded = dpm_pb2.GetActiveDaqsResponse.FromString(messages.active_reply(lambda: current))
+    assert [d.id for d in decoded.daqs] == ["A", "C"]

@@ -378,3 +378,37 @@ def _assert_cleaned_up(dpm: DataProductManager, world: World, daq_id: str) -> No
     assert not (dpm.workspace.archived_dir(daq_id) / "sources").exists()
     assert not dpm.workspace.product_dir(daq_id).exists()
     assert visible_files(world.receiver) == []
+
+
+# -- resumed SCHEDULED DAQs: a backlog admitted in queue order ------------------------------------
+
+
+def test_resumed_scheduled_daqs_get_their_slot_in_queue_order_behind_none_queued_later(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path)
+
+    async def test() -> None:
+        held = FakeMergeRunner()
+        held.gate = asyncio.Event()  # A holds the one active slot, merging, until the restart
+        async with running_dpm(world, held, max_active_daqs=1) as dpm:
+            a, follow_a = await queue_and_follow(dpm, world.spec(world.source("a")))
+            b = await dpm.queue(world.spec(world.source("b")))
+            c = await dpm.queue(world.spec(world.source("c")))
+            await follow_a.until_substate(S.MERGING)
+        runner = FakeMergeRunner()
+        runner.gate = asyncio.Event()
+        async with running_dpm(world, runner, max_active_daqs=1) as dpm:
+            everything = Follower(dpm.watch())
+            assert [v.substate for v in dpm.active()] == [S.MERGING, S.SCHEDULED, S.SCHEDULED]
+            d = await dpm.queue(world.spec(world.source("d")))
+            await dpm.abort(c)  # it waits in the backlog, without a driver
+            runner.gate.set()
+            finished: list[tuple[str, SubState]] = []
+            while len(finished) < 4:
+                view = await everything.until(lambda v: v.substate.is_final)
+                finished.append((view.id, view.substate))
+            assert finished == [(c, S.ABORTED), (a, S.COMPLETED), (b, S.COMPLETED), (d, S.COMPLETED)]
+            assert dpm.active() == []
+
+    run(test)

@@ -131,31 +131,80 @@ removed), and its data is flushed in the background while the merge goes on, so 
 fsync finds little left to write. `outfile` only ever holds a complete product.
 """
 
-from servers.dpm.merge.common import (
-    ARCFILE,
-    CHECKSUM_PREFIX,
-    COMMENTARY,
-    DATASUM,
-    DATE,
-    KEYWORD_COMMENTS,
-    ORIGFILE,
-    RESERVED_ATTRIBUTES,
-    MergeError,
-    MergeResult,
-    ProductUnreadableError,
-    VerifyResult,
-)
-from servers.dpm.merge.fits_cards import check_keyword_cards
-from servers.dpm.merge.keywords import (
-    ESO_NAME,
-    FITS_NAME,
-    Card,
-    apply_keyword_rules,
-    is_keyword_name,
-    parse_card,
-)
-from servers.dpm.merge.plan import merge, resolve_references, resolve_sources
-from servers.dpm.merge.verify import verify
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from servers.dpm.merge.common import (
+        ARCFILE,
+        CHECKSUM_PREFIX,
+        COMMENTARY,
+        DATASUM,
+        DATE,
+        KEYWORD_COMMENTS,
+        ORIGFILE,
+        RESERVED_ATTRIBUTES,
+        MergeError,
+        MergeResult,
+        ProductUnreadableError,
+        VerifyResult,
+    )
+    from servers.dpm.merge.fits_cards import check_keyword_cards
+    from servers.dpm.merge.keywords import (
+        ESO_NAME,
+        FITS_NAME,
+        Card,
+        apply_keyword_rules,
+        is_keyword_name,
+        parse_card,
+    )
+    from servers.dpm.merge.plan import merge, resolve_references, resolve_sources
+    from servers.dpm.merge.verify import verify
+
+# The package's names are imported from their module on first use (PEP 562): the server checks
+# keyword cards at QueueDaq (`keywords`, `fits_cards`) without importing h5py for `plan` and
+# `verify`, and starts without importing any of them (astropy, numpy: ~0.7 s, see
+# `servers/dpm/README.md`, "Start-up").
+_MODULE_OF = {
+    **dict.fromkeys(
+        (
+            "ARCFILE",
+            "CHECKSUM_PREFIX",
+            "COMMENTARY",
+            "DATASUM",
+            "DATE",
+            "KEYWORD_COMMENTS",
+            "ORIGFILE",
+            "RESERVED_ATTRIBUTES",
+            "MergeError",
+            "MergeResult",
+            "ProductUnreadableError",
+            "VerifyResult",
+        ),
+        "common",
+    ),
+    "check_keyword_cards": "fits_cards",
+    **dict.fromkeys(
+        ("ESO_NAME", "FITS_NAME", "Card", "apply_keyword_rules", "is_keyword_name", "parse_card"), "keywords"
+    ),
+    **dict.fromkeys(("merge", "resolve_references", "resolve_sources"), "plan"),
+    "verify": "verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Called only for a name not bound yet. `verify` is also a submodule's name: importing
+    # `servers.dpm.merge.verify` directly would bind the module here, so import the function
+    # from this package (as every caller does), not from the submodule first.
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ARCFILE",
