@@ -65,6 +65,22 @@ def wait_both_recording(coordinator: WriterProcess, member: WriterProcess) -> No
     wait_for(lambda: (total := written(coordinator)) >= 5 and total >= written(member) + 5)
 
 
+def recording_group(
+    writer_factory: WriterFactory, sim_factory: Any, port: int, path: Path, rate: int
+) -> tuple[WriterProcess, WriterProcess]:
+    """(coordinator, member): a group of two writing an open-ended write to `path` from a PUSH
+    simulator at `rate` Hz on `port`, both data paths already writing frames."""
+    endpoint = f"tcp://127.0.0.1:{port}"
+    member = writer_factory(endpoint)
+    coordinator = writer_factory(endpoint, group_members=(member.grpc_address,))
+    StdDaqClient(url_base=coordinator.rest_url).start_writer_async(
+        {"output_file": str(path), "n_images": 100_000}
+    )
+    sim_factory("--shape", *map(str, SHAPE), "--rate", str(rate), port=port)
+    wait_both_recording(coordinator, member)
+    return coordinator, member
+
+
 def assert_group_file(path: Path, n_parts: int) -> list[np.ndarray]:
     """`path` maps the N simulator frames in image-id order, every pixel checked; the parts beside
     it hold disjoint image ids, together all of them. Returns each part's ids."""
@@ -174,14 +190,8 @@ def test_member_down_or_busy_refuses_the_write_naming_it(
 def test_member_killed_mid_write_fails_the_write_naming_it(
     writer_factory: WriterFactory, sim_factory: Any, tcp_port: int, data_root: Path
 ) -> None:
-    endpoint = f"tcp://127.0.0.1:{tcp_port}"
-    member = writer_factory(endpoint)
-    coordinator = writer_factory(endpoint, group_members=(member.grpc_address,))
     path = data_root / "killed.h5"
-    client = StdDaqClient(url_base=coordinator.rest_url)
-    client.start_writer_async({"output_file": str(path), "n_images": 100_000})
-    sim_factory("--shape", *map(str, SHAPE), "--rate", "400", port=tcp_port)
-    wait_both_recording(coordinator, member)
+    coordinator, member = recording_group(writer_factory, sim_factory, tcp_port, path, 400)
     member.kill()
 
     ended = wait_for(lambda: (s := rest_status(coordinator))["state"] == "READY" and s)
@@ -210,14 +220,7 @@ def test_a_member_that_goes_silent_without_a_reset_fails_the_write_naming_it(
 ) -> None:
     # SIGSTOP: the member's connections stay open (its kernel still ACKs) but it answers nothing,
     # as across a network partition. The coordinator's keepalive on the status stream notices.
-    endpoint = f"tcp://127.0.0.1:{tcp_port}"
-    member = writer_factory(endpoint)
-    coordinator = writer_factory(endpoint, group_members=(member.grpc_address,))
-    StdDaqClient(url_base=coordinator.rest_url).start_writer_async(
-        {"output_file": str(data_root / "silent.h5"), "n_images": 100_000}
-    )
-    sim_factory("--shape", *map(str, SHAPE), "--rate", "200", port=tcp_port)
-    wait_both_recording(coordinator, member)
+    coordinator, member = recording_group(writer_factory, sim_factory, tcp_port, data_root / "silent.h5", 200)
     os.kill(member.pid, signal.SIGSTOP)
     try:
         ended = wait_for(
@@ -235,15 +238,8 @@ def test_a_member_that_goes_silent_without_a_reset_fails_the_write_naming_it(
 def test_stop_stops_every_member_and_keeps_what_was_written(
     writer_factory: WriterFactory, sim_factory: Any, tcp_port: int, data_root: Path
 ) -> None:
-    endpoint = f"tcp://127.0.0.1:{tcp_port}"
-    member = writer_factory(endpoint)
-    coordinator = writer_factory(endpoint, group_members=(member.grpc_address,))
     path = data_root / "stopped.h5"
-    StdDaqClient(url_base=coordinator.rest_url).start_writer_async(
-        {"output_file": str(path), "n_images": 100_000}
-    )
-    sim_factory("--shape", *map(str, SHAPE), "--rate", "400", port=tcp_port)
-    wait_both_recording(coordinator, member)
+    coordinator, member = recording_group(writer_factory, sim_factory, tcp_port, path, 400)
 
     stopped = requests.post(coordinator.rest_url + "/writer/stop", json={}, timeout=30).json()["writer"]
     assert stopped["state"] == "READY"
