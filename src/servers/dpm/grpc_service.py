@@ -59,25 +59,21 @@ _STATES = {s: (_STATE[s.state.value], _SUBSTATE[s.value]) for s in SubState}
 def status_message(view: DaqStatusView) -> dpm_pb2.DaqStatus:
     """The `DaqStatus` of `view` (fields at their default left out: 50,000 of these at start-up)."""
     state, substate = _STATES[view.substate]
-    if not view.alerts and not view.result:
-        return dpm_pb2.DaqStatus(
-            id=view.id,
-            file_id=view.file_id,
-            state=state,
-            substate=substate,
-            message=view.message,
-            timestamp=view.timestamp,
-        )
+    fields: dict[str, Any] = {}
+    if view.alerts or view.result:
+        fields = {
+            "error": view.error,
+            "alerts": [alert_message(a) for a in view.alerts],
+            "result": view.result,
+        }
     return dpm_pb2.DaqStatus(
         id=view.id,
         file_id=view.file_id,
         state=state,
         substate=substate,
-        error=view.error,
-        alerts=[alert_message(a) for a in view.alerts],
-        result=view.result,
         message=view.message,
         timestamp=view.timestamp,
+        **fields,
     )
 
 
