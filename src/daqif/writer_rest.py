@@ -110,8 +110,11 @@ class WriterRestClient:
         )
         return result
 
-    def stop_writer(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", "/writer/stop", "writer", {}, timeout=60.0)
+    def stop_writer(self, output_file: str | None = None) -> dict[str, Any]:
+        """The std_daq stop; with `output_file` (a daqif extension) only the write of that file
+        is stopped, and the writer refuses while another write runs (docs/writer.md)."""
+        body = {} if output_file is None else {"output_file": output_file}
+        result: dict[str, Any] = self._call("POST", "/writer/stop", "writer", body, timeout=60.0)
         return result
 
 

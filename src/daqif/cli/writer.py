@@ -115,7 +115,7 @@ def cmd_write(args: argparse.Namespace, client: WriterRestClient) -> int:
     request = {"output_file": args.file, "n_images": args.n_images, "run_id": run_id}
     status = client.start_writer_async(request)
     if args.sync:
-        status = _follow(client, run_id, args.n_images, show_progress=not args.json)
+        status = _follow(client, args.file, run_id, args.n_images, show_progress=not args.json)
     _show(args, status, lambda s: console.print(_status_table(s)))
     if not args.sync:
         return 0
@@ -125,8 +125,11 @@ def cmd_write(args: argparse.Namespace, client: WriterRestClient) -> int:
     return fail(f"the write did not complete: {acquisition['state']} {acquisition['message']}")
 
 
-def _follow(client: WriterRestClient, run_id: int, n_images: int, *, show_progress: bool) -> dict[str, Any]:
-    """Poll the status until our acquisition has ended; Ctrl-C stops the write."""
+def _follow(
+    client: WriterRestClient, output_file: str, run_id: int, n_images: int, *, show_progress: bool
+) -> dict[str, Any]:
+    """Poll the status until our acquisition has ended; Ctrl-C stops the write, naming it, so
+    the stop never ends a write another client started after ours ended."""
     columns = (TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"))
     with Progress(*columns, TimeElapsedColumn(), console=console, disable=not show_progress) as progress:
         task = progress.add_task("", total=n_images)
@@ -146,7 +149,7 @@ def _follow(client: WriterRestClient, run_id: int, n_images: int, *, show_progre
                 time.sleep(POLL_INTERVAL)
         except KeyboardInterrupt:
             progress.update(task, description="stopping")
-            return client.stop_writer()
+            return client.stop_writer(output_file=output_file)
 
 
 def cmd_join(args: argparse.Namespace) -> int:

@@ -165,7 +165,8 @@ class RemoteMember:
         with self._lock:
             self._job = None  # the watch ends quietly from now on
         try:
-            status = self._require_client().stop_writer()
+            # Named: a member whose part already ended never stops a write someone else started there.
+            status = self._require_client().stop_writer(output_file=job.output_file)
         except DaqException as exc:
             self._end_watch()
             raise DataPathError(f"{self.name} did not stop: {exc.message}") from None

@@ -24,6 +24,7 @@ code, in the same envelope; any other unexpected error is logged and answered as
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Final, Literal
@@ -35,7 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from daqif.errors import DaqException, bounded
+from daqif.errors import DaqException, bounded, quote
 from servers.writer.core import WriterCore
 from servers.writer.models import DaqConfig, WriteRequest, describe_errors
 from servers.writer.preview import MJPEG_BOUNDARY, LivePreview, mjpeg_parts
@@ -51,6 +52,30 @@ _BODY_NAMES = {
     "/writer/write_sync": "write request",
     "/daq/config": "config",
 }
+
+
+def stop_target(body: bytes) -> str | None:
+    """The `output_file` a ``POST /writer/stop`` body names, or None for the std_daq stop.
+
+    The std_daq body (``{}`` from `std_daq_client`, or none) names nothing, and any body that is
+    not a JSON object with an ``output_file`` key is taken as the std_daq stop, as before this
+    extension. ``{"output_file": "<the write's output_file>"}`` stops that write only
+    (`WriterCore.stop`; docs/writer.md, "Stopping only one's own write"); a value that is not a
+    string is refused, naming it.
+    """
+    try:
+        request = json.loads(body) if body.strip() else None
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(request, dict) or "output_file" not in request:
+        return None
+    output_file = request["output_file"]
+    if not isinstance(output_file, str):
+        raise DaqException.invalid_argument(
+            "output_file of the stop request must be the text of the write's output_file, "
+            f"got {quote(output_file)}"
+        )
+    return output_file
 
 
 def _ok(message: str, key: str, payload: Any) -> JSONResponse:
@@ -250,10 +275,10 @@ def create_app(
         return _ok("Writing finished.", "writer", status.to_json())
 
     @app.post("/writer/stop")
-    async def stop() -> JSONResponse:
-        """Interrupt a running write; reset an UNKNOWN writer. Always accepted."""
-        # The body ({} from the client) carries nothing; it is not parsed so that any body works.
-        status = await core.stop()
+    async def stop(request: Request) -> JSONResponse:
+        """Interrupt a running write; reset an UNKNOWN writer. Always accepted, unless the body
+        names the write to stop (a daqif extension, see `stop_target`)."""
+        status = await core.stop(stop_target(await request.body()))
         return _ok("Writing stopped.", "writer", status.to_json())
 
     @app.get("/daq/config")

@@ -1,15 +1,26 @@
-"""The REST adapter's own pieces, in-process (the routes are proven through the std_daq client)."""
+"""The REST adapter's own pieces, in-process (the std_daq routes are proven through the std_daq client,
+`test_std_daq_client.py`), and its daqif extensions against a real writer."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+from pathlib import Path
 from typing import Any
 
+import pytest
+import requests
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from daqif.testing import wait_for
+from daqif.writer_rest import WriterRefused, WriterRestClient
+from servers.common.launch import WriterProcess
 from servers.writer.rest import EncodedReply, PolledGets
+
+from .conftest import Simulator
 
 
 def test_a_reply_is_encoded_once_per_snapshot_and_again_when_the_snapshot_changes() -> None:
@@ -85,3 +96,44 @@ def test_polled_gets_are_answered_with_their_bytes_and_everything_else_reaches_t
     assert (status, json.loads(body)) == (200, {"logs": 3})
     assert asgi_get(app, "POST", "/writer/status")[0] == 405  # only GET takes the short way
     assert asgi_get(app, "GET", "/daq/stats")[0] == 404  # a failing body falls through to the app
+
+
+def test_a_stop_body_naming_a_write_stops_that_write_and_never_another(
+    writer: WriterProcess, simulator: Simulator, data_root: Path
+) -> None:
+    client = WriterRestClient(writer.rest_url)
+    mine, other = str(data_root / "mine.h5"), str(data_root / "other.h5")
+    client.start_writer_async({"output_file": mine, "n_images": 100_000})
+    stopped = client.stop_writer(output_file=mine)
+    assert (stopped["acquisition"]["info"]["output_file"], stopped["acquisition"]["message"]) == (
+        mine,
+        "Interrupted.",
+    )
+
+    # Another client's write, the simulator paused so that it surely still runs: a stop naming
+    # the ended write is refused and stops nothing.
+    os.kill(simulator.pid, signal.SIGSTOP)
+    try:
+        client.start_writer_async({"output_file": other, "n_images": 20})
+        with pytest.raises(WriterRefused) as info:
+            client.stop_writer(output_file=mine)
+        assert info.value.message == (
+            f"writer is writing {other!r}, not {mine!r} (which is not running); nothing was stopped"
+        )
+        refused = requests.post(writer.rest_url + "/writer/stop", json={"output_file": 7}, timeout=10).json()
+        assert refused["status"] == "error"
+        assert refused["message"].endswith(
+            "output_file of the stop request must be the text of the write's output_file, got 7"
+        )
+        assert client.get_status()["state"] == "WRITING"
+    finally:
+        os.kill(simulator.pid, signal.SIGCONT)
+    wait_for(lambda: client.get_status()["state"] == "READY")
+    ended = client.get_status()["acquisition"]
+    assert (ended["info"]["output_file"], ended["message"]) == (other, "Completed.")
+
+    # Any other body is the std_daq stop, as before: it stops whatever runs.
+    for body in (b"{}", b"", b"not json", b'["output_file"]', b'{"run_id": 1}'):
+        client.start_writer_async({"output_file": str(data_root / "any.h5"), "n_images": 100_000})
+        reply = requests.post(writer.rest_url + "/writer/stop", data=body, timeout=10).json()
+        assert (reply["status"], reply["writer"]["acquisition"]["message"]) == ("ok", "Interrupted."), body
