@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import threading
 import time
@@ -94,11 +93,8 @@ def _copy_attributes(
 class _Copier:
     """Copies the objects of sources into the product, summing each chunk as it passes."""
 
-    def __init__(self, product: h5py.File, log: MergeLog, part: Path | None = None) -> None:
+    def __init__(self, product: h5py.File, log: MergeLog) -> None:
         self.product = product
-        self.part = part  # the product's file, for the chunks copied by the kernel
-        self._product_fd: int | None = None
-        self._digests: FileDigests | None = None
         self.references: Mapping[str, Path] | None = None  # of the source being copied, see OpenSource
         self.buffer = ChunkBuffer()
         self.log = log
@@ -183,13 +179,8 @@ class _Copier:
                 src.parent.copy(src, dst, name)
                 self.after_copy.append(path)
                 return
-            if self._kernel_copyable(src, exact):
-                exact.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # every chunk placed, nothing written
-                did = h5py.h5d.create(dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=exact)
-                self._copy_chunks_in_kernel(src, did, path)
-            else:
-                did = h5py.h5d.create(dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=exact)
-                self._copy_chunks(src, did, path)
+            did = h5py.h5d.create(dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=exact)
+            self._copy_chunks(src, did, path)
         else:
             values = src
             if next(references.dataset_references(dcpl, src.name), None) is not None:
@@ -239,12 +230,6 @@ class _Copier:
         return _filters(did.get_create_plist())
 
     def close(self) -> None:
-        if self._digests is not None:
-            self._digests.close()  # first: no digest may read the product's descriptor once closed
-            self._digests = None
-        if self._product_fd is not None:
-            os.close(self._product_fd)
-            self._product_fd = None
         if self._scratch is not None:
             self._scratch.close()
             self._scratch = None
@@ -258,56 +243,6 @@ class _Copier:
             total.add(chunk_prefix(offset, mask, len(data)), leaf_digest(data))
             did.write_direct_chunk(offset, data, mask)
             self.bytes_copied += len(data)
-
-    def _kernel_copyable(self, src: h5py.Dataset, dcpl: Any) -> bool:
-        """Whether the chunks of `src` can be copied by the kernel into storage allocated at once.
-
-        Only a large dataset (`KERNEL_COPY_FROM_BYTES`) without filters whose every chunk is
-        stored, at its full size and unfiltered, and whose creation list writes no fill value
-        when storage is allocated (the default fill value): then allocating every chunk at
-        creation writes nothing, and each chunk's bytes go from the source file to their place
-        in the product by `copy_file_range` (no copy through user space; a reflink where the file
-        system can share extents at those offsets)."""
-        if self.part is None or dcpl.get_nfilters() != 0 or src.shape is None or src.chunks is None:
-            return False
-        if src.id.get_storage_size() < KERNEL_COPY_FROM_BYTES:
-            return False
-        if dcpl.get_fill_time() == h5py.h5d.FILL_TIME_ALLOC or (
-            dcpl.get_fill_time() == h5py.h5d.FILL_TIME_IFSET
-            and dcpl.fill_value_defined() == h5py.h5d.FILL_VALUE_USER_DEFINED
-        ):
-            return False
-        chunk_bytes = int(np.prod(src.chunks, dtype=np.int64)) * src.dtype.itemsize
-        expected = 1
-        for extent, size in zip(src.shape, src.chunks, strict=True):
-            expected *= -(-extent // size)
-        infos = sorted_chunks(src.id)
-        return len(infos) == expected and all(i.size == chunk_bytes and i.filter_mask == 0 for i in infos)
-
-    def _copy_chunks_in_kernel(self, src: h5py.Dataset, did: Any, path: str) -> None:
-        """Copy every chunk of `src` to the chunk storage `did` was created with (see
-        `_kernel_copyable`); each chunk is summed from the product's bytes, on the digest thread
-        while the next chunks are copied."""
-        assert self.part is not None
-        if self._product_fd is None:
-            self._product_fd = os.open(self.part, os.O_RDWR)
-        if self._digests is None:
-            self._digests = FileDigests()
-        product_fd = self._product_fd
-        total = self.sums[path] = DatasetSum("raw", src.dtype, src.shape, src.chunks)
-        source_fd = os.open(src.file.filename, os.O_RDONLY)
-        try:
-            for info in sorted_chunks(src.id):
-                offset = tuple(info.chunk_offset)
-                placed = did.get_chunk_info_by_coord(offset)
-                if placed.byte_offset is None or placed.size != info.size:
-                    raise MergeError(f"{path}: chunk {offset} was not allocated in the product")
-                _copy_range(source_fd, product_fd, info.byte_offset, placed.byte_offset, info.size)
-                digest = self._digests.digest(product_fd, placed.byte_offset, placed.size)
-                total.add(chunk_prefix(offset, placed.filter_mask, placed.size), digest)
-                self.bytes_copied += info.size
-        finally:
-            os.close(source_fd)
 
     def _copy_values(self, src: h5py.Dataset, dst: h5py.Dataset, path: str, sparse: bool = False) -> None:
         """Copy `src` by value, by slabs; with `sparse`, storage `src` never allocated is not
@@ -332,27 +267,6 @@ class _Copier:
             if write:
                 dst[start : start + len(arr)] = arr
                 self.bytes_copied += len(slab)
-
-
-KERNEL_COPY_FROM_BYTES = 16 * 2**20
-"""Stored bytes of a dataset from which its chunks are copied by the kernel (`_kernel_copyable`)."""
-
-
-def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, size: int) -> None:
-    """Copy `size` bytes between two open files in the kernel: `copy_file_range`, else (files on
-    two file systems the kernel will not copy between) `sendfile` from `dst`'s own descriptor."""
-    done = 0
-    while done < size:
-        try:
-            n = os.copy_file_range(src, dst, size - done, src_offset + done, dst_offset + done)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            os.lseek(dst, dst_offset + done, os.SEEK_SET)
-            n = os.sendfile(dst, src, src_offset + done, size - done)
-        if n == 0:
-            raise MergeError(f"source file ends before byte {src_offset + size}")
-        done += n
 
 
 def _filters(dcpl: Any) -> list[tuple[int, int, tuple[int, ...]]]:
@@ -537,7 +451,7 @@ def _build(
                 product = stack.enter_context(
                     h5py.File(part, "w", libver=("v108", "latest"), track_order=True)
                 )
-                copier = _Copier(product, out, part)
+                copier = _Copier(product, out)
             else:
                 product, copier = _clone_source(clone, part, digests, out, stack, clone.path in movable)
                 flusher.kick()
@@ -681,7 +595,7 @@ def _clone_source(
     else:
         copied = copy_file(src.path, part, durable=False)  # fsynced with the whole part file
     product = stack.enter_context(h5py.File(part, "r+", libver=("v108", "latest")))
-    copier = _Copier(product, out, part)
+    copier = _Copier(product, out)
     stack.callback(copier.close)  # its scratch file, also when the recopy below fails
     copier.references = src.references
     copier.sums.update(sums)
