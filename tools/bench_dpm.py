@@ -22,8 +22,9 @@ Modes (issue 12 targets on the 2-core reference machine):
   collected source is a snapshot), merged (fsync) and released (hard link) by the DPM, queue to
   archived, against `cp` of the same files made durable (fsync inside the timed span), same disk,
   interleaved (`data_path_ratio_vs_cp_fsync` >= 0.9); plain `cp` (not durable) for reference;
-  the seconds the DPM spent in each state (from its log) and the bytes written to the disk in
-  each timed span (/proc/diskstats of the work directory's device: every writer on it counts).
+  the seconds the DPM spent in each state (from its log) and the bytes read from and written to
+  the disk in each timed span (/proc/diskstats of the work directory's device: every program
+  using it counts).
   `--filesystem xfs` (or `btrfs`) runs it on a fresh file system in a sparse image file in the
   work directory, loop-mounted with direct I/O, sources, DPM, receivers and `cp` all inside it
   (root, mkfs.xfs from xfsprogs; unmounted and deleted at the end); there `cp` clones (reflinks),
@@ -269,8 +270,9 @@ def scratch_filesystem(kind: str, work: Path, size_bytes: int) -> Iterator[Path]
         signal.signal(signal.SIGTERM, previous)
 
 
-def device_bytes_written(path: Path) -> int | None:
-    """Bytes written so far to the block device holding `path` (/proc/diskstats), None if unknown.
+def device_bytes(path: Path) -> tuple[int, int] | None:
+    """Bytes read and written so far on the block device holding `path` (/proc/diskstats), None
+    if unknown.
 
     Counts every writer of that device: on the shared disk other programs add to it; on a
     `--filesystem` loop device only this bench writes."""
@@ -280,7 +282,7 @@ def device_bytes_written(path: Path) -> int | None:
         for line in stats:
             fields = line.split()
             if int(fields[0]) == major and int(fields[1]) == minor:
-                return int(fields[9]) * 512
+                return int(fields[5]) * 512, int(fields[9]) * 512
     return None
 
 
@@ -331,9 +333,9 @@ def measure_data_path(work: Path, size_gib: float, repeat: int, copying_cp: bool
     server = dpm_server(work / "server-data", data, {"max_active_daqs": 1})
     server.start()
     dpm_times, cp_times, cp_fsync_times, loads = [], [], [], []
-    dpm_written: list[int] = []
+    dpm_io: list[tuple[int, int]] = []  # bytes read, written on the device during the timed span
+    cp_io: list[tuple[int, int]] = []
     cp_copy_times: list[float] = []
-    cp_written: list[int] = []
     try:
         with DpmClient(server.address, timeout=60) as client:
             for i in range(repeat):
@@ -351,23 +353,23 @@ def measure_data_path(work: Path, size_gib: float, repeat: int, copying_cp: bool
 
                 def run_dpm(spec: dict[str, Any] = spec) -> float:
                     os.sync()  # nothing of the previous step left for this one to write
-                    before = device_bytes_written(work)
+                    before = device_bytes(work)
                     start = time.perf_counter()
                     client.queue_daq(spec)
                     wait_archived(client, spec["id"])
                     elapsed = time.perf_counter() - start
-                    after = device_bytes_written(work)
+                    after = device_bytes(work)
                     if before is not None and after is not None:
-                        dpm_written.append(after - before)
+                        dpm_io.append((after[0] - before[0], after[1] - before[1]))
                     return elapsed
 
                 def run_cp_fsync() -> float:
                     os.sync()
-                    before = device_bytes_written(work)
+                    before = device_bytes(work)
                     elapsed = time_cp(sources, work / "cp", durable=True)
-                    after = device_bytes_written(work)
+                    after = device_bytes(work)
                     if before is not None and after is not None:
-                        cp_written.append(after - before)
+                        cp_io.append((after[0] - before[0], after[1] - before[1]))
                     return elapsed
 
                 loads.append(load_average())
@@ -400,8 +402,8 @@ def measure_data_path(work: Path, size_gib: float, repeat: int, copying_cp: bool
         "cp_fsync_seconds": spread(cp_fsync_times),
         "load_average": spread(loads, 2),
         # To the device below the work directory during the timed span (by every program on it).
-        "device_gib_written_dpm": [round(b / 2**30, 2) for b in dpm_written],
-        "device_gib_written_cp_fsync": [round(b / 2**30, 2) for b in cp_written],
+        "device_gib_read_written_dpm": [[round(r / 2**30, 2), round(w / 2**30, 2)] for r, w in dpm_io],
+        "device_gib_read_written_cp_fsync": [[round(r / 2**30, 2), round(w / 2**30, 2)] for r, w in cp_io],
         "dpm_state_seconds": phases,
     }
     if cp_copy_times:
