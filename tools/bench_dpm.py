@@ -3,6 +3,7 @@
     python tools/bench_dpm.py                          # every mode, default sizes (~5 minutes)
     python tools/bench_dpm.py --modes small --small-daqs 1000 --rounds 3
     python tools/bench_dpm.py --modes data --size-gib 2
+    python tools/bench_dpm.py --modes data --size-gib 2 --filesystem xfs   # root: loop-mounted XFS
     python tools/bench_dpm.py --modes scale --daqs 50000 --drop-caches    # root: cold page cache
 
 Modes (issue 12 targets on the 2-core reference machine):
@@ -20,7 +21,14 @@ Modes (issue 12 targets on the 2-core reference machine):
 - `data`: two HDF5 sources (one bitshuffle-LZ4) of `--size-gib` in total, collected (copies: a
   collected source is a snapshot), merged (fsync) and released (hard link) by the DPM, queue to
   archived, against `cp` of the same files made durable (fsync inside the timed span), same disk,
-  interleaved (`data_path_ratio_vs_cp_fsync` >= 0.9); plain `cp` (not durable) for reference.
+  interleaved (`data_path_ratio_vs_cp_fsync` >= 0.9); plain `cp` (not durable) for reference;
+  the seconds the DPM spent in each state (from its log) and the bytes read from and written to
+  the disk in each timed span (/proc/diskstats of the work directory's device: every program
+  using it counts).
+  `--filesystem xfs` (or `btrfs`) runs it on a fresh file system in a sparse image file in the
+  work directory, loop-mounted with direct I/O, sources, DPM, receivers and `cp` all inside it
+  (root, mkfs.xfs from xfsprogs; unmounted and deleted at the end); there `cp` clones (reflinks),
+  so `cp --reflink=never` + fsync is timed too (`data_path_ratio_vs_cp_reflink_never_fsync`).
 - `scale`: `--daqs` active DAQs (held SCHEDULED by `max_active_daqs: 0`): GetActiveDaqs
   (<= 200 ms), `kill -9`, optionally a cold page cache (`--drop-caches`, root), start until the
   health check answers SERVING (<= 3 s), and the first GetActiveDaqs after it.
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -42,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +217,111 @@ def wait_archived(client: DpmClient, daq_id: str, timeout: float = 3600.0) -> No
     raise TimeoutError(daq_id)
 
 
-def measure_data_path(work: Path, size_gib: float, repeat: int) -> dict[str, Any]:
+class FilesystemUnavailable(Exception):
+    """`--filesystem` cannot be set up here; the message says why."""
+
+
+MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"]}
+
+
+@contextlib.contextmanager
+def scratch_filesystem(kind: str, work: Path, size_bytes: int) -> Iterator[Path]:
+    """A fresh `kind` file system (`xfs` with reflinks, or `btrfs`) in a sparse image file in `work`,
+    loop-mounted (direct I/O on the image: no second page cache below it) at `work/<kind>`; yields
+    the mount point. Unmounted, detached and deleted at the end, also on an error or Ctrl-C."""
+    if os.geteuid() != 0:
+        raise FilesystemUnavailable(f"--filesystem {kind} needs root (losetup and mount)")
+    for tool in (MKFS[kind][0], "losetup", "mount", "umount"):
+        if shutil.which(tool) is None:
+            package = {"mkfs.xfs": "xfsprogs", "mkfs.btrfs": "btrfs-progs"}.get(tool, "util-linux")
+            raise FilesystemUnavailable(f"--filesystem {kind}: {tool} not found (apt-get install {package})")
+    image = work / f"{kind}.img"
+    mount_point = work / kind
+    device = ""
+    mounted = False
+
+    def run(argv: list[str]) -> str:
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise FilesystemUnavailable(
+                f"--filesystem {kind}: {' '.join(argv)} failed: {done.stderr.strip()}"
+            )
+        return done.stdout.strip()
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up too
+    try:
+        with open(image, "wb") as handle:
+            handle.truncate(size_bytes)  # sparse: the image takes only what is written to it
+        run([*MKFS[kind], str(image)])
+        device = run(["losetup", "--find", "--show", "--direct-io=on", str(image)])
+        mount_point.mkdir()
+        run(["mount", "-o", "discard", device, str(mount_point)])  # discard: freed blocks leave the image
+        mounted = True
+        yield mount_point
+    finally:
+        if mounted and subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mount_point)], capture_output=True)
+        if device:
+            subprocess.run(["losetup", "--detach", device], capture_output=True)
+        with contextlib.suppress(OSError):
+            mount_point.rmdir()
+        with contextlib.suppress(OSError):
+            image.unlink()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def device_bytes(path: Path) -> tuple[int, int] | None:
+    """Bytes read and written so far on the block device holding `path` (/proc/diskstats), None
+    if unknown.
+
+    Counts every writer of that device: on the shared disk other programs add to it; on a
+    `--filesystem` loop device only this bench writes."""
+    st_dev = os.stat(path).st_dev
+    major, minor = os.major(st_dev), os.minor(st_dev)
+    with contextlib.suppress(OSError), open("/proc/diskstats") as stats:
+        for line in stats:
+            fields = line.split()
+            if int(fields[0]) == major and int(fields[1]) == minor:
+                return int(fields[5]) * 512, int(fields[9]) * 512
+    return None
+
+
+PHASE_LINE = re.compile(r"^(\S+ \S+) INFO servers\.dpm\.lifecycle: DAQ (\S+): ([A-Z_]+) ")
+
+
+def phase_seconds(log: Path) -> dict[str, dict[str, Any]]:
+    """Seconds per DAQ state (COLLECTING, MERGING, RELEASING) from the server log's transitions."""
+    stamps: dict[str, list[tuple[str, float]]] = {}
+    for line in log.read_text().splitlines():
+        found = PHASE_LINE.match(line)
+        if found:
+            when = time.mktime(time.strptime(found[1][:19], "%Y-%m-%d %H:%M:%S")) + int(found[1][20:]) / 1000
+            stamps.setdefault(found[2], []).append((found[3], when))
+    spent: dict[str, list[float]] = {}
+    for transitions in stamps.values():
+        for (state, start), (_, end) in itertools.pairwise(transitions):
+            spent.setdefault(state.lower(), []).append(end - start)
+    return {state: spread(seconds) for state, seconds in spent.items()}
+
+
+def time_cp_copying(sources: list[Path], target: Path) -> float:
+    """`cp --reflink=never` of `sources` into `target`, fsynced: the bytes copied and written even
+    where the file system could share extents (GNU cp clones by default where it can)."""
+    target.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    subprocess.run(["cp", "--reflink=never", *map(str, sources), str(target)], check=True)
+    for source in sources:
+        fd = os.open(target / source.name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(target)
+    return elapsed
+
+
+def measure_data_path(work: Path, size_gib: float, repeat: int, copying_cp: bool = False) -> dict[str, Any]:
     data = work / "data"
     raw = data / "raw"
     raw.mkdir(parents=True)
@@ -220,6 +333,9 @@ def measure_data_path(work: Path, size_gib: float, repeat: int) -> dict[str, Any
     server = dpm_server(work / "server-data", data, {"max_active_daqs": 1})
     server.start()
     dpm_times, cp_times, cp_fsync_times, loads = [], [], [], []
+    dpm_io: list[tuple[int, int]] = []  # bytes read, written on the device during the timed span
+    cp_io: list[tuple[int, int]] = []
+    cp_copy_times: list[float] = []
     try:
         with DpmClient(server.address, timeout=60) as client:
             for i in range(repeat):
@@ -236,10 +352,25 @@ def measure_data_path(work: Path, size_gib: float, repeat: int) -> dict[str, Any
                 }
 
                 def run_dpm(spec: dict[str, Any] = spec) -> float:
+                    os.sync()  # nothing of the previous step left for this one to write
+                    before = device_bytes(work)
                     start = time.perf_counter()
                     client.queue_daq(spec)
                     wait_archived(client, spec["id"])
-                    return time.perf_counter() - start
+                    elapsed = time.perf_counter() - start
+                    after = device_bytes(work)
+                    if before is not None and after is not None:
+                        dpm_io.append((after[0] - before[0], after[1] - before[1]))
+                    return elapsed
+
+                def run_cp_fsync() -> float:
+                    os.sync()
+                    before = device_bytes(work)
+                    elapsed = time_cp(sources, work / "cp", durable=True)
+                    after = device_bytes(work)
+                    if before is not None and after is not None:
+                        cp_io.append((after[0] - before[0], after[1] - before[1]))
+                    return elapsed
 
                 loads.append(load_average())
                 if i % 2 == 0:
@@ -248,14 +379,18 @@ def measure_data_path(work: Path, size_gib: float, repeat: int) -> dict[str, Any
                 else:
                     cp_times.append(time_cp(sources, work / "cp", durable=False))
                     dpm_times.append(run_dpm())
-                cp_fsync_times.append(time_cp(sources, work / "cp", durable=True))
+                cp_fsync_times.append(run_cp_fsync())
+                if copying_cp:
+                    os.sync()
+                    cp_copy_times.append(time_cp_copying(sources, work / "cp"))
                 # Free the disk: the next run builds its product afresh.
                 shutil.rmtree(work / "server-data" / "dpm-workspace" / "products" / f"DATA{i}")
                 shutil.rmtree(receiver)
     finally:
         server.stop()
+    phases = phase_seconds(work / "server-data" / "dpm-server.log")
     dpm_s, cp_s, cp_fsync_s = (statistics.median(t) for t in (dpm_times, cp_times, cp_fsync_times))
-    return {
+    result = {
         "bytes": nbytes,
         "dpm_s": round(dpm_s, 3),
         "cp_s": round(cp_s, 3),
@@ -266,7 +401,16 @@ def measure_data_path(work: Path, size_gib: float, repeat: int) -> dict[str, Any
         "dpm_seconds": spread(dpm_times),
         "cp_fsync_seconds": spread(cp_fsync_times),
         "load_average": spread(loads, 2),
+        # To the device below the work directory during the timed span (by every program on it).
+        "device_gib_read_written_dpm": [[round(r / 2**30, 2), round(w / 2**30, 2)] for r, w in dpm_io],
+        "device_gib_read_written_cp_fsync": [[round(r / 2**30, 2), round(w / 2**30, 2)] for r, w in cp_io],
+        "dpm_state_seconds": phases,
     }
+    if cp_copy_times:
+        cp_copy_s = statistics.median(cp_copy_times)
+        result["cp_reflink_never_fsync_seconds"] = spread(cp_copy_times)
+        result["data_path_ratio_vs_cp_reflink_never_fsync"] = round(cp_copy_s / dpm_s, 3)
+    return result
 
 
 SERIAL_LOOP = """
@@ -600,6 +744,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="data path repetitions (medians)")
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one calls/s round")
     parser.add_argument("--dir", type=Path, default=None, help="working directory (default: temporary)")
+    parser.add_argument(
+        "--filesystem",
+        choices=sorted(MKFS),
+        default=None,
+        help="mode data on a fresh loop-mounted file system of this kind made in the working directory "
+        "(xfs: reflink=1; root, mkfs.xfs/mkfs.btrfs); sources, DPM, receivers and cp all inside it",
+    )
     args = parser.parse_args()
     modes = set(args.modes.split(","))
 
@@ -622,7 +773,20 @@ def main() -> int:
             targets["queuedaq p50 <= 5 ms"] = status["queuedaq_ms"]["p50"] <= 5
             targets["queuedaq p99 <= 20 ms"] = status["queuedaq_ms"]["p99"] <= 20
         if "data" in modes:
-            data = result["data_path"] = measure_data_path(work, args.size_gib, args.repeat)
+            if args.filesystem is None:
+                data = result["data_path"] = measure_data_path(work, args.size_gib, args.repeat)
+            else:
+                # Sources, one product and one cp copy at a time, plus room for the file system.
+                size = int(args.size_gib * 2**30 * 4) + 2 * 2**30
+                try:
+                    with scratch_filesystem(args.filesystem, work, size) as mounted:
+                        result["data_path_filesystem"] = machine_facts(mounted)
+                        data = result["data_path"] = measure_data_path(
+                            mounted, args.size_gib, args.repeat, copying_cp=True
+                        )
+                except FilesystemUnavailable as exc:
+                    print(f"bench_dpm: {exc}", file=sys.stderr)
+                    return 2
             targets["data path vs cp+fsync >= 0.9"] = data["data_path_ratio_vs_cp_fsync"] >= 0.9
         if "scale" in modes:
             scale = result["scale"] = measure_scale(work, args.daqs, args.drop_caches, args.restarts)

@@ -15,6 +15,11 @@ command -v fitsverify >/dev/null 2>&1 || need_apt+=(fitsverify)  # checks FITS p
 if ((want_test)) && ! command -v chromium >/dev/null 2>&1; then
   need_apt+=(chromium)
 fi
+# A DPM test loop-mounts a fresh XFS with reflinks (tests/servers/dpm/test_collect.py); so can
+# tools/bench_dpm.py --filesystem xfs.
+if ((want_test)) && ! command -v mkfs.xfs >/dev/null 2>&1; then
+  need_apt+=(xfsprogs)
+fi
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "setup: installing ${need_apt[*]} with apt-get"

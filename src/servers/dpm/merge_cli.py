@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         help="where the specification's keywordDictionaries are (<DIR>/<name>; repeatable, searched in "
         "order, then the built-in ones)",
     )
+    parser.add_argument(
+        "--consume-collected",
+        action="store_true",
+        help="the collected copies in <root>/sources/ may be consumed: the HDF5 product may start as "
+        "one of them, renamed (the DPM server's merges; a retry collects afresh). Files outside "
+        "<root>/sources/ are never moved",
+    )
     parser.add_argument("--verify", type=Path, metavar="FILE", help="recompute the checksums of a product")
     parser.add_argument(
         "--report", type=Path, metavar="FILE", help="after a merge, write its alerts and warnings as JSON"
@@ -121,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         dictionaries = _dictionaries(spec, args.dictionary_dir)
         sources = resolve_sources(spec, args.root)
         refs = resolve_references(spec, sources)
+        collected = args.root / "sources"
+        movable = {p for p in sources.values() if args.consume_collected and p.parent == collected}
         result = merge(
             spec,
             sources,
@@ -129,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run=args.dry_run,
             source_references=refs,
             dictionaries=dictionaries,
+            movable=movable,
         )
     except MergeError as exc:
         return _fail(str(exc), EXIT_FAILED)

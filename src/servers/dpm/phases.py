@@ -256,6 +256,7 @@ class Phases:
                 str(product),
                 "--report",
                 str(report),
+                "--consume-collected",  # a retry (or a restart) collects every source afresh
             ]
             argv += [f"--dictionary-dir={d}" for d in self.config.dictionary_dirs]
             if failure is None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,3 +214,96 @@ def test_a_grouped_writers_file_is_collected_with_its_parts_and_merged_by_value(
         assert frames.shape == (n, *shape)
         for row in range(n):
             np.testing.assert_array_equal(frames[row], expected_frame(row + 1, shape, "uint16"))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_largest_collected_copy_becomes_the_product_and_the_originals_are_untouched(
+    dpm: DpmHarness,
+) -> None:
+    large = dpm.source("large", frames=64, shape=(128, 128), seed=1)  # 2 MiB: the clone
+    small = dpm.source("small", frames=4, shape=(128, 128), seed=2)
+    before = {path: (_digest(path), path.stat().st_mtime_ns) for path in (large, small)}
+    server = dpm.start()
+    client = dpm.client(server)
+    client.queue_daq(
+        make_spec("MOVE1", [hdf5_source("large", large), hdf5_source("small", small)], [dpm.receiver])
+    )
+    assert wait_archived(client, server, "MOVE1")["substate"] == "COMPLETED"
+
+    log = (server.workspace / "archive" / "MOVE1" / "logs" / "merge.log").read_text()
+    assert "sources/large.h5 (a collected copy) moved to the product" in log
+    assert "small.h5 (a collected copy) moved" not in log
+    assert {path: (_digest(path), path.stat().st_mtime_ns) for path in (large, small)} == before
+    product = dpm.receiver / "MOVE1.product.h5"
+    assert product.stat().st_ino not in {large.stat().st_ino, small.stat().st_ino}
+    assert verify(product).ok
+    with h5py.File(product) as f, h5py.File(large) as a, h5py.File(small) as b:
+        assert np.array_equal(f["large/large/data"][()], a["large/data"][()])
+        assert np.array_equal(f["small/small/data"][()], b["small/data"][()])
+
+
+def _shared_bytes(path: Path) -> int:
+    """Bytes of `path` in extents FIEMAP flags as shared with another file (`filefrag -v`)."""
+    report = subprocess.run(
+        ["filefrag", "-v", "-b4096", str(path)], capture_output=True, text=True, check=True
+    )
+    shared = 0
+    for line in report.stdout.splitlines():
+        fields = line.replace(":", " ").split()
+        if fields and fields[0].isdigit() and "shared" in line:
+            shared += int(fields[5]) * 4096  # ext, logical start, end, physical start, end, length
+    return shared
+
+
+@contextlib.contextmanager
+def _xfs_with_reflinks(directory: Path) -> Iterator[Path]:
+    """A fresh XFS (reflink=1) in a sparse image in `directory`, loop-mounted for the test.
+
+    Root and xfsprogs are needed (`tools/setup.sh --test` installs it): the test fails loudly,
+    naming the command, where either is missing; it is never skipped."""
+    image, mount_point = directory / "xfs.img", directory / "xfs"
+    with open(image, "wb") as handle:
+        handle.truncate(512 << 20)  # XFS's minimum is 300 MiB; sparse, so it costs what is written
+    for argv in (["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], ["mount", "-o", "loop", str(image)]):
+        if argv[0] == "mount":
+            mount_point.mkdir()
+            argv.append(str(mount_point))
+        done = subprocess.run(argv, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr.strip()} (needs root and xfsprogs)"
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+        image.unlink()
+
+
+def test_on_xfs_the_collected_copy_shares_the_originals_extents_and_stays_a_snapshot(tmp_path: Path) -> None:
+    with _xfs_with_reflinks(tmp_path) as mounted:
+        (mounted / "dpm").mkdir()
+        harness = DpmHarness(mounted / "dpm")
+        try:
+            source = harness.source("det", frames=128, shape=(256, 256), seed=3)  # 16 MiB
+            with h5py.File(source) as f:
+                frames = f["det/data"][()]
+            server = harness.start()
+            client = harness.client(server)
+            client.queue_daq(make_spec("REFLINK1", [hdf5_source("det", source)], [harness.receiver]))
+            assert wait_archived(client, server, "REFLINK1")["substate"] == "COMPLETED"
+            product = harness.receiver / "REFLINK1.product.h5"
+
+            # The product is the collected copy (moved): its data blocks are the original's.
+            assert _shared_bytes(product) >= frames.nbytes - (1 << 20)
+            assert _shared_bytes(source) >= frames.nbytes - (1 << 20)
+            # A snapshot, not a link: the original rewritten in place leaves the product as it was.
+            with open(source, "r+b") as handle:
+                handle.seek(source.stat().st_size // 2)
+                handle.write(b"\xff" * 65536)
+                os.fsync(handle.fileno())
+            assert verify(product).ok
+            with h5py.File(product) as f:
+                assert np.array_equal(f["det/det/data"][()], frames)
+        finally:
+            harness.close()

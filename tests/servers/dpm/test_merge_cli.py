@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 import pytest
 
+from servers.dpm.merge import verify
 from servers.dpm.merge_cli import main
 
 from .merge_samples import hdf5_source, keyword_source, spec_document, write_detector_file, write_spec
@@ -171,3 +173,54 @@ def test_missing_root_is_a_usage_error(tmp_path: Path) -> None:
     done = run_cli(str(tmp_path / "spec.json"))
 
     assert done.returncode == 2 and "--root" in done.stderr
+
+
+def _two_sources(tmp_path: Path, collected_is_larger: bool) -> tuple[Path, Path, Path]:
+    """A workspace with det1 collected under sources/ and det2 read from its location; the one
+    named by `collected_is_larger` holds more frames, so the merge clones it."""
+    root = tmp_path / "daq"
+    (root / "sources").mkdir(parents=True)
+    big, little = 16, 2
+    det1 = write_detector_file(root / "sources" / "det1.h5", "jf1", n=big if collected_is_larger else little)
+    det2 = write_detector_file(tmp_path / "det2.h5", "jf2", seed=2, n=little if collected_is_larger else big)
+    document = spec_document(
+        [hdf5_source("det1", Path("/nonexistent/det1.h5")), hdf5_source("det2", det2)], file_id=FILE_ID
+    )
+    write_spec(root / "specification.json", document)
+    return root, det1, det2
+
+
+def test_consume_collected_moves_the_collected_clone_into_the_product(tmp_path: Path) -> None:
+    root, det1, det2 = _two_sources(tmp_path, collected_is_larger=True)
+    with h5py.File(det1) as f:
+        frames = f["jf1/data"][()]
+    det2_bytes = det2.read_bytes()
+
+    done = run_cli(str(root / "specification.json"), "--root", str(root), "--consume-collected")
+
+    assert done.returncode == 0, done.stderr
+    assert f"{det1} (a collected copy) moved to the product" in done.stdout
+    assert not det1.exists()  # consumed: a retry collects afresh
+    assert det2.read_bytes() == det2_bytes
+    product = root / f"{FILE_ID}.h5"
+    assert verify(product).ok
+    with h5py.File(product) as f:
+        assert np.array_equal(f["det1/jf1/data"][()], frames)
+
+
+@pytest.mark.parametrize(
+    ("flag", "collected_is_larger"),
+    [([], True), ([], False), (["--consume-collected"], False)],  # the last: det2, outside, is cloned
+)
+def test_without_the_flag_or_outside_the_roots_sources_no_source_is_moved(
+    tmp_path: Path, flag: list[str], collected_is_larger: bool
+) -> None:
+    root, det1, det2 = _two_sources(tmp_path, collected_is_larger)
+    before = det1.read_bytes(), det2.read_bytes()
+
+    done = run_cli(str(root / "specification.json"), "--root", str(root), *flag)
+
+    assert done.returncode == 0, done.stderr
+    assert "moved to the product" not in done.stdout
+    assert (det1.read_bytes(), det2.read_bytes()) == before
+    assert verify(root / f"{FILE_ID}.h5").ok

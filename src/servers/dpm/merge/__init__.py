@@ -39,7 +39,10 @@ Layout
 Data (nothing is ever decompressed or re-encoded)
     The base, or else the largest HDF5 source, is cloned: the product starts as a byte copy of
     that file made by the kernel (`copy_file_range`, as `cp` does), whose root links are then
-    moved under `/<sourceName>` (`H5Lmove`, metadata only). Its chunks, filters, object headers
+    moved under `/<sourceName>` (`H5Lmove`, metadata only); a file the caller hands over
+    (`merge(movable=...)`, `daqif-dpm-merge --consume-collected`: the DPM server's collected
+    copies, never a user's file) is renamed into the part file instead of copied, so its bytes
+    are not written twice, and its chunk sums are read from it. Its chunks, filters, object headers
     and file-format versions are therefore exactly the source's, free space included. Datasets
     of the clone whose data lie outside the file (external raw files, virtual datasets) are
     replaced by a copy of their values, so the product holds its data itself.

@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -424,9 +424,10 @@ def write_product(
     outfile: Path,
     out: MergeLog,
     started: float,
+    movable: Collection[Path] = (),
 ) -> MergeResult:
     with product_output(outfile, f"{len(opened)} HDF5 source(s)", out) as part:
-        checksum, n_datasets, copied = _build(spec, opened, base, keywords, outfile, part, out)
+        checksum, n_datasets, copied = _build(spec, opened, base, keywords, outfile, part, out, movable)
     contents = f"{n_datasets} datasets, {keywords.count} keywords, {checksum}"
     return product_written(outfile, contents, checksum, n_datasets, keywords.count, copied, out, started)
 
@@ -439,6 +440,7 @@ def _build(
     outfile: Path,
     part: Path,
     out: MergeLog,
+    movable: Collection[Path],
 ) -> tuple[str, int, int]:
     clone = base if base is not None else max(opened, key=lambda o: o.path.stat().st_size, default=None)
     digests = FileDigests(inline=clone is not None and clone.path.stat().st_size < FLUSH_FROM_BYTES)
@@ -451,7 +453,7 @@ def _build(
                 )
                 copier = _Copier(product, out)
             else:
-                product, copier = _clone_source(clone, part, digests, out, stack)
+                product, copier = _clone_source(clone, part, digests, out, stack, clone.path in movable)
                 flusher.kick()
             stack.callback(copier.close)
             # Reserved attributes first so a reader sees them at the top; DATASUM comes last.
@@ -543,14 +545,22 @@ class _Flusher:
 
 
 def _clone_source(
-    src: OpenSource, part: Path, digests: FileDigests, out: MergeLog, stack: contextlib.ExitStack
+    src: OpenSource,
+    part: Path,
+    digests: FileDigests,
+    out: MergeLog,
+    stack: contextlib.ExitStack,
+    movable: bool = False,
 ) -> tuple[h5py.File, _Copier]:
     """Start the product as a byte copy of `src` (the base, or the largest source), restructured.
 
     The kernel copies the bytes (`copy_file_range`, as `cp` does) while the hash thread reads
-    the same chunks from the source for the checksums; then the source's root links move under
-    `/<sourceName>` (unless it is the base) and its root attributes are sorted out. Links and
-    object addresses stay valid, so nothing of the source is decoded or rewritten.
+    the same chunks from the source for the checksums; a `movable` source (a collected copy the
+    DPM server hands over, whose data all lie in the file) is renamed to the part file instead,
+    so its bytes are not written again, and the hash thread reads them there; then the source's
+    root links move under `/<sourceName>` (unless it is the base) and its root attributes are
+    sorted out. Links and object addresses stay valid, so nothing of the source is decoded or
+    rewritten.
     """
     name = src.source.source_name
     prefix = "" if src.is_base else f"/{name}"
@@ -580,7 +590,10 @@ def _clone_source(
             after_copy.append(target)
 
     src.file.visititems(plan)
-    copied = copy_file(src.path, part, durable=False)  # fsynced with the whole part file
+    if movable and not recopy and _move(src, part, out):
+        copied = os.fstat(fd).st_size
+    else:
+        copied = copy_file(src.path, part, durable=False)  # fsynced with the whole part file
     product = stack.enter_context(h5py.File(part, "r+", libver=("v108", "latest")))
     copier = _Copier(product, out)
     stack.callback(copier.close)  # its scratch file, also when the recopy below fails
@@ -616,6 +629,23 @@ def _clone_source(
             del product[alias]
             product[alias] = product[where]
     return product, copier
+
+
+def _move(src: OpenSource, part: Path, out: MergeLog) -> bool:
+    """Make the collected copy `src.path` the part file by a rename; False if it cannot be.
+
+    The source is closed first (HDF5 refuses to open one file twice with other flags); the hash
+    thread keeps its own descriptor of the same file. Its bytes stay where they are: only the
+    metadata the merge changes are written."""
+    src.file.close()
+    try:
+        os.rename(src.path, part)
+    except OSError as exc:
+        out.info(f"cannot move {src.path} to the product ({exc.strerror}); copying it")
+        src.file = h5py.File(src.path, "r")
+        return False
+    out.info(f"{src.path} (a collected copy) moved to the product: its bytes are not copied again")
+    return True
 
 
 def _add_nexus_view(product: h5py.File, copier: _Copier, log: MergeLog) -> None:

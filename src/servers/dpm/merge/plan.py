@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -66,6 +66,7 @@ def merge(
     dry_run: bool = False,
     source_references: Mapping[str, Mapping[str, Path]] | None = None,
     dictionaries: DictionarySet | None = None,
+    movable: Collection[Path] = (),
 ) -> MergeResult:
     """Build the data product of `spec` at `outfile` (see the module docstring for the format).
 
@@ -76,7 +77,9 @@ def merge(
     external datasets name (`references.read_manifest`); a source without an entry reads them
     next to its own file. `dictionaries` are the specification's `keywordDictionaries`
     (`servers.dpm.dictionary.load_dictionaries`): the product's ESO keywords are checked against
-    them and formatted (`merge.dictionaries`).
+    them and formatted (`merge.dictionaries`). `movable` are source files the merge may consume:
+    the HDF5 product may start as that file itself, renamed, instead of a copy of it (the DPM
+    server's collected copies, which a retry collects afresh; never a user's file).
     Raises `MergeError` with a one-line message on any problem; `outfile` is then untouched.
     """
     started = time.monotonic()
@@ -97,7 +100,16 @@ def merge(
     opened: list[OpenSource] = []
     try:
         return _merge_opened(
-            spec, source_files, outfile, out, dry_run, started, opened, source_references or {}, dictionaries
+            spec,
+            source_files,
+            outfile,
+            out,
+            dry_run,
+            started,
+            opened,
+            source_references or {},
+            dictionaries,
+            movable,
         )
     except MergeError:
         raise
@@ -118,6 +130,7 @@ def _merge_opened(
     opened: list[OpenSource],
     source_references: Mapping[str, Mapping[str, Path]],
     dictionaries: DictionarySet | None,
+    movable: Collection[Path],
 ) -> MergeResult:
     for source in spec.hdf5_sources:
         opened.append(open_source(spec, source, Path(source_files[source.source_name]), out))
@@ -131,4 +144,4 @@ def _merge_opened(
         check_base_names(base, spec)
     if dry_run:
         return describe_plan(spec, opened, keywords, outfile, out, started)
-    return write_product(spec, opened, base, keywords, outfile, out, started)
+    return write_product(spec, opened, base, keywords, outfile, out, started, movable)
