@@ -7,8 +7,12 @@
 
 Modes (issue 12 targets on the 2-core reference machine):
 - `small`: `--small-daqs` DAQs of one 1 MiB HDF5 source and one receiver, `max_merges` 4, queued
-  32 in flight, until every one is archived (DAQs/s; ERROR alerts counted, each DAQ must end
-  COMPLETED), against the serial hand-written loop doing the product work (copy of the source,
+  32 in flight, until every one is archived, followed as a coordinator would, through
+  `WatchDaqStatus` (each DAQ's COMPLETED status is published once it is archived; a DAQ with an
+  ERROR alert gets one RetryMergeDaq and is counted; each DAQ must end COMPLETED). DAQs/s, and
+  CPU milliseconds per DAQ of the server (user, system) and of the merge side (the launcher and
+  its workers, from /proc/PID/stat: far steadier than the rate on a shared machine), against the
+  serial hand-written loop doing the product work (copy of the source,
   fsync, rename, hard link into the receiver) in a fresh `python` process, start-up included
   (`small_vs_loop` >= 0.1; `small_daqs_per_s` >= 100). `--rounds` interleaved rounds (DPM, loop,
   loop, DPM, ...), medians with min-max. With `--count-syscalls`, one more DPM run under
@@ -357,19 +361,12 @@ def run_small_daqs(
     errors: set[str] = set()
     try:
         ids = [f"S{i:05d}" for i in range(n)]
+        cpu_before = _cpu_seconds(server.pid)
         start = time.perf_counter()
-        asyncio.run(queue_texts(server.address, [small_spec(i, source, receiver) for i in ids]))
+        asyncio.run(queue_and_watch(server.address, [small_spec(i, source, receiver) for i in ids], errors))
+        elapsed = time.perf_counter() - start
+        cpu_after = _cpu_seconds(server.pid)
         with DpmClient(server.address, timeout=60) as client:
-            while True:
-                active = client.get_active_daqs()
-                for status in active:
-                    if status.error and status.id not in errors:
-                        errors.add(status.id)
-                        client.retry_merge_daq(status.id)
-                if not active:
-                    break
-                time.sleep(0.02)
-            elapsed = time.perf_counter() - start
             completed = sum(
                 client.get_daq_status(i, include_archived=True).substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED
                 for i in ids
@@ -380,6 +377,9 @@ def run_small_daqs(
             tracer.wait()
         server.stop()
     facts: dict[str, Any] = {"errors": len(errors), "completed": completed}
+    facts["cpu_ms_per_daq"] = {
+        name: round((cpu_after[name] - cpu_before[name]) * 1000 / n, 2) for name in cpu_before
+    }
     for line in (directory / "server" / "dpm-server.log").read_text().splitlines():
         found = re.search(r"store: (\d+) changes in (\d+) group commits", line)
         if found:
@@ -394,6 +394,31 @@ def run_small_daqs(
         }
     shutil.rmtree(directory)
     return elapsed, facts
+
+
+def _cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far: the server (user, system) and the merge side (the launcher and every
+    merge worker it forked, live or reaped: their times reach the launcher's `cutime`/`cstime`)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def times(pid: int) -> list[float]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return [int(v) / tick for v in fields[11:15]]  # utime stime cutime cstime
+        return [0.0, 0.0, 0.0, 0.0]
+
+    server = times(server_pid)
+    merge_user = merge_system = 0.0
+    for child in _children(server_pid):
+        t = times(child)
+        merge_user += t[0] + t[2]
+        merge_system += t[1] + t[3]
+    return {
+        "server_user": server[0],
+        "server_system": server[1],
+        "merge_user": merge_user,
+        "merge_system": merge_system,
+    }
 
 
 def _children(pid: int) -> list[int]:
@@ -447,6 +472,7 @@ def measure_small(work: Path, n: int, rounds: int, count_syscalls: bool) -> dict
     write_small_source(source)
     dpm_rates, loop_rates, loads, errors, completed = [], [], [], 0, 0
     store: list[dict[str, float]] = []
+    cpu: list[dict[str, float]] = []
     for r in range(rounds):
         order = ["dpm", "loop"] if r % 2 == 0 else ["loop", "dpm"]
         for what in order:
@@ -455,6 +481,7 @@ def measure_small(work: Path, n: int, rounds: int, count_syscalls: bool) -> dict
                 elapsed, facts = run_small_daqs(data / f"dpm{r}", source, n)
                 dpm_rates.append(n / elapsed)
                 store.append(facts.get("store", {}))
+                cpu.append(facts["cpu_ms_per_daq"])
                 errors += facts["errors"]
                 completed += facts["completed"]
             else:
@@ -468,12 +495,65 @@ def measure_small(work: Path, n: int, rounds: int, count_syscalls: bool) -> dict
         "error_alerts": errors,
         "completed": f"{completed} of {n * rounds}",
         "store_per_round": store,
+        "cpu_ms_per_daq_per_round": cpu,
         "load_average": spread(loads, 2),
     }
     if count_syscalls:
         _, facts = run_small_daqs(data / "strace", source, min(n, 300), strace=True)
         result["syscalls_per_daq"] = facts.get("syscalls_per_daq")
     return result
+
+
+async def queue_and_watch(address: str, texts: list[str], errors: set[str]) -> None:
+    """Queue `texts` (32 in flight) and follow `WatchDaqStatus` until each DAQ is COMPLETED (the
+    status published once it is archived); a DAQ with an ERROR alert gets one RetryMergeDaq.
+
+    A coordinator follows the status stream rather than polling GetActiveDaqs. The watch is
+    known to be registered when it delivers the first DAQ's status (its current one, or a change),
+    so the others are queued after that; a dropped watch (UNAVAILABLE) is opened again, and its
+    first replies are the current status of every active DAQ.
+    """
+    ids = [json.loads(t)["id"] for t in texts]
+    pending = set(ids)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = dpm_pb2_grpc.DpmDaqControlStub(channel)
+        first = asyncio.Event()
+
+        async def follow() -> None:
+            while pending:
+                call = stub.WatchDaqStatus(dpm_pb2.WatchDaqStatusRequest())
+                try:
+                    async for status in call:
+                        first.set()
+                        if status.error and status.id not in errors:
+                            errors.add(status.id)
+                            await stub.RetryMergeDaq(dpm_pb2.RetryMergeDaqRequest(id=status.id))
+                        if status.substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED:
+                            pending.discard(status.id)
+                            if not pending:
+                                call.cancel()
+                                return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                # Dropped: the DAQs archived meanwhile are not active any more; ask for them.
+                for daq_id in sorted(pending):
+                    reply = await stub.GetDaqStatus(
+                        dpm_pb2.GetDaqStatusRequest(id=daq_id, include_archived=True)
+                    )
+                    if reply.substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED:
+                        pending.discard(daq_id)
+
+        watching = asyncio.create_task(follow())
+        await stub.QueueDaq(dpm_pb2.QueueDaqRequest(specification=texts[0]))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(first.wait()), 30)
+        if not first.is_set():  # archived before the watch began: it will never be seen there
+            reply = await stub.GetDaqStatus(dpm_pb2.GetDaqStatusRequest(id=ids[0], include_archived=True))
+            if reply.substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED:
+                pending.discard(ids[0])
+        await queue_texts(address, texts[1:])
+        await watching
 
 
 async def queue_texts(address: str, texts: list[str], in_flight: int = 32) -> None:
