@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report", type=Path, metavar="FILE", help="after a merge, write its alerts and warnings as JSON"
     )
+    parser.add_argument(
+        "--consume-collected",
+        action="store_true",
+        help="the files in <root>/sources/ are snapshots private to this merge (the DPM's): the one "
+        "an HDF5 product starts from is moved into it, not copied, and is gone afterwards",
+    )
     return parser
 
 
@@ -121,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         dictionaries = _dictionaries(spec, args.dictionary_dir)
         sources = resolve_sources(spec, args.root)
         refs = resolve_references(spec, sources)
+        collected = args.root / "sources"
+        consumable = [p for p in sources.values() if args.consume_collected and p.parent == collected]
         result = merge(
             spec,
             sources,
@@ -129,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run=args.dry_run,
             source_references=refs,
             dictionaries=dictionaries,
+            consumable=consumable,
         )
     except MergeError as exc:
         return _fail(str(exc), EXIT_FAILED)

@@ -255,6 +255,8 @@ class Phases:
                 str(product),
                 "--report",
                 str(report),
+                # Collected copies are this attempt's own: every other attempt collects afresh.
+                "--consume-collected",
             ]
             argv += [f"--dictionary-dir={d}" for d in self.config.dictionary_dirs]
             # The attempt's files are made by the merge process before it merges (no hop to a

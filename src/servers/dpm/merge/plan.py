@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -66,6 +66,7 @@ def merge(
     dry_run: bool = False,
     source_references: Mapping[str, Mapping[str, Path]] | None = None,
     dictionaries: DictionarySet | None = None,
+    consumable: Collection[Path] = (),
 ) -> MergeResult:
     """Build the data product of `spec` at `outfile` (see the module docstring for the format).
 
@@ -76,7 +77,10 @@ def merge(
     external datasets name (`references.read_manifest`); a source without an entry reads them
     next to its own file. `dictionaries` are the specification's `keywordDictionaries`
     (`servers.dpm.dictionary.load_dictionaries`): the product's ESO keywords are checked against
-    them and formatted (`merge.dictionaries`).
+    them and formatted (`merge.dictionaries`). `consumable` are source files private to this merge
+    (the DPM's collected snapshots with `--consume-collected`): the one cloned into an HDF5
+    product is moved there, not copied, so it is gone after the merge (the DPM collects every
+    source again before another attempt).
     Raises `MergeError` with a one-line message on any problem; `outfile` is then untouched.
     """
     started = time.monotonic()
@@ -97,7 +101,16 @@ def merge(
     opened: list[OpenSource] = []
     try:
         return _merge_opened(
-            spec, source_files, outfile, out, dry_run, started, opened, source_references or {}, dictionaries
+            spec,
+            source_files,
+            outfile,
+            out,
+            dry_run,
+            started,
+            opened,
+            source_references or {},
+            dictionaries,
+            frozenset(Path(p) for p in consumable),
         )
     except MergeError:
         raise
@@ -118,10 +131,12 @@ def _merge_opened(
     opened: list[OpenSource],
     source_references: Mapping[str, Mapping[str, Path]],
     dictionaries: DictionarySet | None,
+    consumable: frozenset[Path],
 ) -> MergeResult:
     for source in spec.hdf5_sources:
         opened.append(open_source(spec, source, Path(source_files[source.source_name]), out))
         opened[-1].references = source_references.get(source.source_name)
+        opened[-1].consumable = opened[-1].path in consumable and not dry_run
     by_name = {o.source.source_name: o for o in opened}
     base = by_name[spec.target_source.source_name] if spec.target_source else None
     file_keywords = {name: o.keywords for name, o in by_name.items()}
