@@ -42,7 +42,11 @@ Data (nothing is ever decompressed or re-encoded)
     moved under `/<sourceName>` (`H5Lmove`, metadata only). Its chunks, filters, object headers
     and file-format versions are therefore exactly the source's, free space included. Datasets
     of the clone whose data lie outside the file (external raw files, virtual datasets) are
-    replaced by a copy of their values, so the product holds its data itself.
+    replaced by a copy of their values, so the product holds its data itself. With
+    `--consume-collected` (the DPM server), a clone that is the DPM's collected snapshot and
+    refers to no other file is renamed into the part file instead of copied: the snapshot is
+    private to that merge attempt (every other attempt collects afresh), so its bytes are
+    the product's without a second copy (the same bytes either way; see `hdf5._move_snapshot`).
     The other sources are copied object by object: chunked datasets of fixed-size types chunk by
     chunk, raw (`read_direct_chunk` → `write_direct_chunk`: the stored bytes and each chunk's
     filter mask unchanged, with the source's creation properties: chunk shape, filter pipeline
