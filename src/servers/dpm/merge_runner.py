@@ -205,7 +205,10 @@ class LauncherMergeRunner:
             with open(log_path, "rb") as handle:
                 handle.seek(offset)
                 tail = handle.read().decode("utf-8", "replace")
-            lines = tuple(line.strip() for line in tail.splitlines() if line.strip())[-50:]
+            header = setup.header if setup is not None else None  # written by the worker: not an error
+            lines = tuple(line.strip() for line in tail.splitlines() if line.strip() not in ("", header))[
+                -50:
+            ]
         return ProcessResult(code, lines)
 
     def close(self) -> None:

@@ -112,6 +112,27 @@ def test_the_merge_process_makes_the_files_of_its_attempt_before_it_merges(tmp_p
     assert last[-1].startswith("daqif-dpm-merge: error: cannot prepare the merge: ") and "file" in last[-1]
 
 
+def test_the_log_header_the_worker_writes_is_not_among_the_merge_error_lines(tmp_path: Path) -> None:
+    # A merge that dies without a word must be reported by its exit status, not by the header.
+    root = tmp_path / "D"
+    (root / "products").mkdir(parents=True)
+    spec, log = root / "specification.json", root / "logs" / "merge.log"
+    setup = MergeSetup(str(root / "products" / "D"), str(spec), "{not json", "=== merge attempt 1 ===")
+
+    async def main() -> tuple[int, tuple[str, ...]]:
+        runner = LauncherMergeRunner()
+        try:
+            # A specification that fails to parse: exit 3 and its one-line error after the header.
+            result = await runner.run([str(spec), "--root", str(root)], log, setup)
+            return result.returncode, result.error_lines
+        finally:
+            runner.close()
+
+    code, lines = asyncio.run(main())
+    assert code == 3
+    assert "=== merge attempt 1 ===" not in lines and lines[-1].startswith("daqif-dpm-merge: error: ")
+
+
 def test_a_dead_launcher_fails_its_merges_and_the_next_merge_starts_a_new_one(tmp_path: Path) -> None:
     async def main() -> tuple[str, int]:
         runner = LauncherMergeRunner()
