@@ -8,8 +8,13 @@
 
 Modes (issue 12 targets on the 2-core reference machine):
 - `small`: `--small-daqs` DAQs of one 1 MiB HDF5 source and one receiver, `max_merges` 4, queued
-  32 in flight, until every one is archived (DAQs/s; ERROR alerts counted, each DAQ must end
-  COMPLETED), against the serial hand-written loop doing the product work (copy of the source,
+  32 in flight, until every one is archived, followed as a coordinator would, through
+  `WatchDaqStatus` (each DAQ's COMPLETED status is published once it is archived; a DAQ with an
+  ERROR alert gets one RetryMergeDaq and is counted; each DAQ must end COMPLETED; `--follow poll`
+  polls GetActiveDaqs every 20 ms instead, as the bench did before). DAQs/s, and
+  CPU milliseconds per DAQ of the server (user, system) and of the merge side (the launcher and
+  its workers, from /proc/PID/stat: far steadier than the rate on a shared machine), against the
+  serial hand-written loop doing the product work (copy of the source,
   fsync, rename, hard link into the receiver) in a fresh `python` process, start-up included
   (`small_vs_loop` >= 0.1; `small_daqs_per_s` >= 100). `--rounds` interleaved rounds (DPM, loop,
   loop, DPM, ...), medians with min-max. With `--count-syscalls`, one more DPM run under
@@ -472,7 +477,7 @@ def write_small_source(path: Path) -> None:
 
 
 def run_small_daqs(
-    directory: Path, source: Path, n: int, strace: bool = False
+    directory: Path, source: Path, n: int, strace: bool = False, follow: str = "watch"
 ) -> tuple[float, dict[str, Any]]:
     """Queue `n` small DAQs on a fresh DPM; seconds from the first QueueDaq to the last archived."""
     receiver = directory / "olas"
@@ -501,19 +506,17 @@ def run_small_daqs(
     errors: set[str] = set()
     try:
         ids = [f"S{i:05d}" for i in range(n)]
+        cpu_before = _cpu_seconds(server.pid)
         start = time.perf_counter()
-        asyncio.run(queue_texts(server.address, [small_spec(i, source, receiver) for i in ids]))
+        texts = [small_spec(i, source, receiver) for i in ids]
+        if follow == "watch":
+            asyncio.run(queue_and_watch(server.address, texts, errors))
+        else:
+            asyncio.run(queue_texts(server.address, texts))
+            poll_until_archived(server.address, errors)
+        elapsed = time.perf_counter() - start
+        cpu_after = _cpu_seconds(server.pid)
         with DpmClient(server.address, timeout=60) as client:
-            while True:
-                active = client.get_active_daqs()
-                for status in active:
-                    if status.error and status.id not in errors:
-                        errors.add(status.id)
-                        client.retry_merge_daq(status.id)
-                if not active:
-                    break
-                time.sleep(0.02)
-            elapsed = time.perf_counter() - start
             completed = sum(
                 client.get_daq_status(i, include_archived=True).substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED
                 for i in ids
@@ -524,6 +527,9 @@ def run_small_daqs(
             tracer.wait()
         server.stop()
     facts: dict[str, Any] = {"errors": len(errors), "completed": completed}
+    facts["cpu_ms_per_daq"] = {
+        name: round((cpu_after[name] - cpu_before[name]) * 1000 / n, 2) for name in cpu_before
+    }
     for line in (directory / "server" / "dpm-server.log").read_text().splitlines():
         found = re.search(r"store: (\d+) changes in (\d+) group commits", line)
         if found:
@@ -538,6 +544,46 @@ def run_small_daqs(
         }
     shutil.rmtree(directory)
     return elapsed, facts
+
+
+def poll_until_archived(address: str, errors: set[str]) -> None:
+    """`--follow poll` (the bench before WatchDaqStatus): GetActiveDaqs every 20 ms until none is
+    active; a DAQ with an ERROR alert gets one RetryMergeDaq."""
+    with DpmClient(address, timeout=60) as client:
+        while True:
+            active = client.get_active_daqs()
+            for status in active:
+                if status.error and status.id not in errors:
+                    errors.add(status.id)
+                    client.retry_merge_daq(status.id)
+            if not active:
+                return
+            time.sleep(0.02)
+
+
+def _cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far: the server (user, system) and the merge side (the launcher and every
+    merge worker it forked, live or reaped: their times reach the launcher's `cutime`/`cstime`)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def times(pid: int) -> list[float]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return [int(v) / tick for v in fields[11:15]]  # utime stime cutime cstime
+        return [0.0, 0.0, 0.0, 0.0]
+
+    server = times(server_pid)
+    merge_user = merge_system = 0.0
+    for child in _children(server_pid):
+        t = times(child)
+        merge_user += t[0] + t[2]
+        merge_system += t[1] + t[3]
+    return {
+        "server_user": server[0],
+        "server_system": server[1],
+        "merge_user": merge_user,
+        "merge_system": merge_system,
+    }
 
 
 def _children(pid: int) -> list[int]:
@@ -584,21 +630,25 @@ def run_serial_loop(directory: Path, source: Path, n: int) -> float:
     return elapsed
 
 
-def measure_small(work: Path, n: int, rounds: int, count_syscalls: bool) -> dict[str, Any]:
+def measure_small(
+    work: Path, n: int, rounds: int, count_syscalls: bool, follow: str = "watch"
+) -> dict[str, Any]:
     data = work / "small"
     data.mkdir()
     source = data / "det.h5"
     write_small_source(source)
     dpm_rates, loop_rates, loads, errors, completed = [], [], [], 0, 0
     store: list[dict[str, float]] = []
+    cpu: list[dict[str, float]] = []
     for r in range(rounds):
         order = ["dpm", "loop"] if r % 2 == 0 else ["loop", "dpm"]
         for what in order:
             loads.append(load_average())
             if what == "dpm":
-                elapsed, facts = run_small_daqs(data / f"dpm{r}", source, n)
+                elapsed, facts = run_small_daqs(data / f"dpm{r}", source, n, follow=follow)
                 dpm_rates.append(n / elapsed)
                 store.append(facts.get("store", {}))
+                cpu.append(facts["cpu_ms_per_daq"])
                 errors += facts["errors"]
                 completed += facts["completed"]
             else:
@@ -612,12 +662,65 @@ def measure_small(work: Path, n: int, rounds: int, count_syscalls: bool) -> dict
         "error_alerts": errors,
         "completed": f"{completed} of {n * rounds}",
         "store_per_round": store,
+        "cpu_ms_per_daq_per_round": cpu,
         "load_average": spread(loads, 2),
     }
     if count_syscalls:
-        _, facts = run_small_daqs(data / "strace", source, min(n, 300), strace=True)
+        _, facts = run_small_daqs(data / "strace", source, min(n, 300), strace=True, follow=follow)
         result["syscalls_per_daq"] = facts.get("syscalls_per_daq")
     return result
+
+
+async def queue_and_watch(address: str, texts: list[str], errors: set[str]) -> None:
+    """Queue `texts` (32 in flight) and follow `WatchDaqStatus` until each DAQ is COMPLETED (the
+    status published once it is archived); a DAQ with an ERROR alert gets one RetryMergeDaq.
+
+    A coordinator follows the status stream rather than polling GetActiveDaqs. The watch is
+    known to be registered when it delivers the first DAQ's status (its current one, or a change),
+    so the others are queued after that; a dropped watch (UNAVAILABLE) is opened again, and its
+    first replies are the current status of every active DAQ.
+    """
+    ids = [json.loads(t)["id"] for t in texts]
+    pending = set(ids)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = dpm_pb2_grpc.DpmDaqControlStub(channel)
+        first = asyncio.Event()
+
+        async def follow() -> None:
+            while pending:
+                call = stub.WatchDaqStatus(dpm_pb2.WatchDaqStatusRequest())
+                try:
+                    async for status in call:
+                        first.set()
+                        if status.error and status.id not in errors:
+                            errors.add(status.id)
+                            await stub.RetryMergeDaq(dpm_pb2.RetryMergeDaqRequest(id=status.id))
+                        if status.substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED:
+                            pending.discard(status.id)
+                            if not pending:
+                                call.cancel()
+                                return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                # Dropped: the DAQs archived meanwhile are not active any more; ask for them.
+                for daq_id in sorted(pending):
+                    reply = await stub.GetDaqStatus(
+                        dpm_pb2.GetDaqStatusRequest(id=daq_id, include_archived=True)
+                    )
+                    if reply.substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED:
+                        pending.discard(daq_id)
+
+        watching = asyncio.create_task(follow())
+        await stub.QueueDaq(dpm_pb2.QueueDaqRequest(specification=texts[0]))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(first.wait()), 30)
+        if not first.is_set():  # archived before the watch began: it will never be seen there
+            reply = await stub.GetDaqStatus(dpm_pb2.GetDaqStatusRequest(id=ids[0], include_archived=True))
+            if reply.substate == dpm_pb2.DAQ_SUB_STATE_COMPLETED:
+                pending.discard(ids[0])
+        await queue_texts(address, texts[1:])
+        await watching
 
 
 async def queue_texts(address: str, texts: list[str], in_flight: int = 32) -> None:
@@ -736,6 +839,12 @@ def main() -> int:
     parser.add_argument("--small-daqs", type=int, default=500, help="small DAQs per round (mode small)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (mode small)")
     parser.add_argument("--count-syscalls", action="store_true", help="mode small: one run under strace -c")
+    parser.add_argument(
+        "--follow",
+        choices=("watch", "poll"),
+        default="watch",
+        help="mode small: follow the DAQs by WatchDaqStatus (default) or poll GetActiveDaqs every 20 ms",
+    )
     parser.add_argument("--daqs", type=int, default=10000, help="active DAQs (mode scale)")
     parser.add_argument("--drop-caches", action="store_true", help="mode scale: cold page cache (root)")
     parser.add_argument("--restarts", type=int, default=3, help="restarts measured (mode scale)")
@@ -759,7 +868,9 @@ def main() -> int:
     targets: dict[str, bool] = {}
     try:
         if "small" in modes:
-            small = result["small"] = measure_small(work, args.small_daqs, args.rounds, args.count_syscalls)
+            small = result["small"] = measure_small(
+                work, args.small_daqs, args.rounds, args.count_syscalls, args.follow
+            )
             targets["small DAQs/s >= 100"] = small["dpm_daqs_per_s"]["median"] >= 100
             targets["small vs serial loop >= 0.1"] = small["small_vs_loop"] >= 0.1
             targets["no ERROR alert, every DAQ COMPLETED"] = (

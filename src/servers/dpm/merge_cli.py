@@ -1,12 +1,14 @@
 """`daqif-dpm-merge`: the standalone merge the DPM server runs, and the product checker.
 
     daqif-dpm-merge SPEC.json --root DIR [--outfile F] [--dry-run] [--report R.json]
-                    [--dictionary-dir DIR ...]
+                    [--dictionary-dir DIR ...] [--consume-collected]
     daqif-dpm-merge --verify FILE
 
 The product is `<fileId>.h5` for HDF5 sources, `<fileId>.fits` for FITS sources. `--report`
 writes what the DPM raises as WARNING alerts (`{"alerts": {"unmerged:<sourceName>": "..."},
-"warnings": [...]}`) after a successful merge.
+"warnings": [...]}`) after a successful merge. `--consume-collected` (the DPM server's) says the files
+under `<root>/sources/` are snapshots private to this merge: the one an HDF5 product is cloned
+from is moved into the product, not copied, and is gone afterwards.
 
 Log lines go to stdout (the server appends them to the DAQ's `logs/merge.log`); an error is one
 line on stderr and a non-zero exit, never a traceback.

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from servers.common.process import spawn
+from servers.dpm.merge_launcher import MergeSetup
 from servers.dpm.transfer import ProcessResult
 
 LAUNCHER_MODULE = "servers.dpm.merge_launcher"
@@ -50,8 +51,11 @@ class MergeRunner(Protocol):
     def warm_up(self) -> None:
         """Prepare, so that the first merge starts fast (called once, from the main thread)."""
 
-    async def run(self, argv: Sequence[str], log_path: Path) -> ProcessResult:
-        """Run `daqif-dpm-merge ARGV`, output appended to `log_path`; cancelling kills it."""
+    async def run(
+        self, argv: Sequence[str], log_path: Path, setup: MergeSetup | None = None
+    ) -> ProcessResult:
+        """Run `daqif-dpm-merge ARGV`, output appended to `log_path`, after making the files of
+        `setup` (in the merge process, not the server); cancelling kills it."""
         ...
 
     def close(self) -> None:
@@ -83,7 +87,7 @@ class _Launcher:
         self._reading = False
         self.alive = True
 
-    async def run(self, argv: Sequence[str], log_path: Path) -> int:
+    async def run(self, argv: Sequence[str], log_path: Path, setup: MergeSetup | None = None) -> int:
         """The exit code of one merge; cancelling kills it (and waits until it is dead)."""
         loop = asyncio.get_running_loop()
         if not self._reading:
@@ -94,7 +98,10 @@ class _Launcher:
         self._waiting[request_id] = done
         # Shielded: a request half-written by a cancellation would garble the stream.
         try:
-            await asyncio.shield(self._send({"run": request_id, "argv": list(argv), "log": str(log_path)}))
+            request: dict[str, Any] = {"run": request_id, "argv": list(argv), "log": str(log_path)}
+            if setup is not None:
+                request["setup"] = setup.to_json()
+            await asyncio.shield(self._send(request))
         except OSError:
             self._waiting.pop(request_id, None)
             raise
@@ -180,8 +187,11 @@ class LauncherMergeRunner:
         if self._launcher is None or not self._launcher.alive:
             self._launcher = _Launcher(self._jobs_per_worker)
 
-    async def run(self, argv: Sequence[str], log_path: Path) -> ProcessResult:
-        """Run `daqif-dpm-merge ARGV` in its own process; output appended to `log_path`.
+    async def run(
+        self, argv: Sequence[str], log_path: Path, setup: MergeSetup | None = None
+    ) -> ProcessResult:
+        """Run `daqif-dpm-merge ARGV` in its own process; output appended to `log_path` after the
+        files of `setup` are made there (`merge_launcher.MergeSetup`).
 
         Returns the exit code and, on failure, the last lines the merge wrote (its one-line error).
         Cancelling the caller kills the merge process. `OSError` if it could not be started.
@@ -189,13 +199,16 @@ class LauncherMergeRunner:
         self.warm_up()  # on the event loop, i.e. the main thread
         assert self._launcher is not None
         offset = log_path.stat().st_size if log_path.exists() else 0
-        code = await self._launcher.run(argv, log_path)
+        code = await self._launcher.run(argv, log_path, setup)
         lines: tuple[str, ...] = ()
         if code != 0:
             with open(log_path, "rb") as handle:
                 handle.seek(offset)
                 tail = handle.read().decode("utf-8", "replace")
-            lines = tuple(line.strip() for line in tail.splitlines() if line.strip())[-50:]
+            header = setup.header if setup is not None else None  # written by the worker: not an error
+            lines = tuple(line.strip() for line in tail.splitlines() if line.strip() not in ("", header))[
+                -50:
+            ]
         return ProcessResult(code, lines)
 
     def close(self) -> None:

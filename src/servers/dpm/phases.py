@@ -24,6 +24,7 @@ from pathlib import Path
 from daqif.spec import Location, Specification, load_specification
 from servers.dpm import collect, release
 from servers.dpm.config import DpmConfig
+from servers.dpm.merge_launcher import MergeSetup
 from servers.dpm.merge_runner import MergeRunner
 from servers.dpm.model import DaqRecord, DaqStatusView, Severity, SourceRecord, StorageStatus, SubState
 from servers.dpm.store import Workspace
@@ -230,8 +231,11 @@ class Phases:
         again = r.attempts.get("merge", 0) > 0 or any(
             s.source_name not in daq.collected_here for s in r.sources
         )
-        if again and not await self._collect_again(daq, persist=len(r.sources) > 1):
-            return False
+        if again:
+            if not await self._collect_again(daq, persist=len(r.sources) > 1):
+                return False
+            # What a merge cut short by a crash left takes space the check below counts.
+            await asyncio.to_thread(self._discard_partial_product, r)
         self._check_modified(daq)
         # Outside the merge slot: a product that does not fit must not hold up the others.
         await self.wait_for_storage(daq, product_bytes(r))
@@ -242,12 +246,7 @@ class Phases:
         report = daq_dir / "merge-report.json"
         async with self._merges:
             r.count_attempt("merge")
-            # The attempt is persisted (one cut short by a crash still counts) while its files
-            # are prepared in one hop to a worker thread.
-            _, failure = await asyncio.gather(
-                self._commit(daq),
-                asyncio.to_thread(self._prepare_merge, r, spec_path, log_path, product, report),
-            )
+            await self._commit(daq)  # the attempt is persisted (one cut short by a crash still counts)
             argv = [
                 str(spec_path),
                 "--root",
@@ -256,11 +255,23 @@ class Phases:
                 str(product),
                 "--report",
                 str(report),
-                "--consume-collected",  # a retry (or a restart) collects every source afresh
+                # Collected copies are this attempt's own: every other attempt collects afresh.
+                "--consume-collected",
             ]
             argv += [f"--dictionary-dir={d}" for d in self.config.dictionary_dirs]
+            # The attempt's files are made by the merge process before it merges (no hop to a
+            # worker thread here: README "Cost per DAQ"): `products/<id>/` afresh, the
+            # specification, the earlier report removed, the log header.
+            setup = MergeSetup(
+                output_dir=str(product.parent),
+                spec_path=str(spec_path),
+                specification=r.specification,
+                header=f"=== merge attempt {r.attempts['merge']} at {_utc_now()} ===",
+                remove=(str(report),),
+            )
+            failure = self._lacks_space_for_product(r)  # one statvfs: on the event loop
             if failure is None:
-                failure = await self._run_merge(argv, log_path)
+                failure = await self._run_merge(argv, log_path, setup)
         if failure is None and not product.is_file():  # one stat: on the event loop
             failure = f"the merge program exited 0 but did not write {product}"
         if failure is not None:
@@ -276,26 +287,12 @@ class Phases:
             daq.set_alert(alert, Severity.WARNING, message)  # e.g. unmerged:<sourceName>
         return True
 
-    def _prepare_merge(
-        self, record: DaqRecord, spec_path: Path, log_path: Path, product: Path, report: Path
-    ) -> str | None:
-        """The blocking set-up of one merge attempt (a worker thread): nothing of an earlier attempt
-        left, the specification and the log header written; why the product no longer fits, or None."""
-        self._discard_partial_product(record)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        product.parent.mkdir(parents=True, exist_ok=True)
-        spec_path.write_text(record.specification, "utf-8")
-        with open(log_path, "a", encoding="utf-8") as handle:
-            handle.write(f"=== merge attempt {record.attempts['merge']} at {_utc_now()} ===\n")
-        report.unlink(missing_ok=True)
-        return self._lacks_space_for_product(record)
-
-    async def _run_merge(self, argv: list[str], log_path: Path) -> str | None:
+    async def _run_merge(self, argv: list[str], log_path: Path, setup: MergeSetup) -> str | None:
         """Run the merge program within `merge_timeout_s`; None, or why it failed."""
         timeout = self.config.merge_timeout_s
         try:
             # At the timeout the run is cancelled, which kills the merge process.
-            result = await asyncio.wait_for(self._runner.run(argv, log_path), timeout)
+            result = await asyncio.wait_for(self._runner.run(argv, log_path, setup), timeout)
         except TimeoutError:
             return f"timed out after {timeout:g} s (merge_timeout_s); the merge process was killed"
         except OSError as exc:
@@ -308,7 +305,8 @@ class Phases:
         """Why the product no longer fits above the free-space reserve, or None.
 
         `merge` waited until it fitted; this is the check again inside the merge slot, for the
-        space another merge or program took meanwhile (then ERROR `merging`).
+        space another merge or program took meanwhile (then ERROR `merging`). No partial product
+        of this DAQ takes space then: a failed attempt's is discarded, and so is one a crash left.
         """
         needed = product_bytes(record)
         available = self.storage().available

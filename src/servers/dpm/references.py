@@ -76,38 +76,61 @@ def find_references(path: Path) -> list[Reference]:
         return []  # not ours to judge: the merge says what is wrong with it
     found: list[Reference] = []
     try:
-        with h5py.File(path, "r", locking=False) as f:
-            for reference in _walk(f):
+        fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY, fapl=_unlocked_fapl())
+        try:
+            for reference in _walk(fid):
                 found.append(reference)
                 if len(found) > MAX_REFERENCES:
                     raise ReferenceError(f"{path} refers to more than {MAX_REFERENCES} files")
+        finally:
+            fid.close()
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise ReferenceError(f"cannot list the files {path} refers to: {exc}") from None
     return found
 
 
-def _walk(f: h5py.File) -> Iterator[Reference]:
+def _unlocked_fapl() -> Any:
+    """A file access list without HDF5's file locking (`h5py.File(..., locking=False)`): the DPM
+    only reads its own collected copy, which nothing else writes."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    fapl.set_file_locking(False, ignore_when_disabled=True)
+    return fapl
+
+
+def _walk(fid: Any) -> Iterator[Reference]:
+    """The references below the root of the open file `fid`, through HDF5's low-level API.
+
+    The same walk as the high-level one it replaced (`Group.get(name, getlink=True)`, then the
+    object): links are read by type, never traversed; groups and datasets are opened through hard
+    links only, each object once (by file number and address); a soft link names a path in this
+    file, whose target is walked there. The low-level calls make no `h5py.Group`/`Dataset` per
+    object, which is most of the cost for the small files a DAQ collects (README "Cost per DAQ").
+    """
     seen: set[tuple[int, int]] = set()
-    stack: list[h5py.Group] = [f]
+    root = h5py.h5g.open(fid, b"/")
+    stack: list[tuple[Any, str]] = [(root, "")]
     while stack:
-        group = stack.pop()
-        for name in group:
-            link = group.get(name, getlink=True)
-            path = f"{group.name.rstrip('/')}/{name}"
-            if isinstance(link, h5py.ExternalLink):
-                yield Reference(ReferenceKind.EXTERNAL_LINK, path, link.filename)
+        group, group_path = stack.pop()
+        for raw in group:
+            path = f"{group_path}/{os.fsdecode(raw)}"
+            kind = group.links.get_info(raw).type
+            if kind == h5py.h5l.TYPE_EXTERNAL:
+                filename = group.links.get_val(raw)[0]
+                yield Reference(ReferenceKind.EXTERNAL_LINK, path, os.fsdecode(filename))
                 continue
-            if not isinstance(link, h5py.HardLink):
+            if kind != h5py.h5l.TYPE_HARD:
                 continue  # a soft link names a path in this file; its target is walked there
-            obj = group.get(name)
-            key = (h5py.h5o.get_info(obj.id).fileno, h5py.h5o.get_info(obj.id).addr)
+            obj = h5py.h5o.open(group, raw)
+            info = h5py.h5o.get_info(obj)
+            key = (info.fileno, info.addr)
             if key in seen:
                 continue
             seen.add(key)
-            if isinstance(obj, h5py.Group):
-                stack.append(obj)
-            elif isinstance(obj, h5py.Dataset):
-                yield from dataset_references(obj.id.get_create_plist(), path)
+            if info.type == h5py.h5o.TYPE_GROUP:
+                stack.append((obj, path))
+            elif info.type == h5py.h5o.TYPE_DATASET:
+                yield from dataset_references(obj.get_create_plist(), path)
 
 
 def dataset_references(dcpl: Any, path: str) -> Iterator[Reference]:

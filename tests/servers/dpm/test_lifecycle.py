@@ -88,6 +88,12 @@ def test_daq_with_two_hdf5_sources_and_keywords_passes_every_substate_to_the_rec
     assert record["receivers"][0]["outcome"] == "hardlink"
     assert (server.workspace / "archive" / reply.id / "logs" / "merge.log").stat().st_size > 0
     assert not (server.workspace / "archive" / reply.id / "sources").exists()
+    # One INFO line per DAQ (the steps are DEBUG): its end, with the time spent in each substate.
+    lines = [line for line in server.log_text().splitlines() if f"DAQ {reply.id}:" in line]
+    assert len(lines) == 1 and " INFO " in lines[0], lines
+    assert "COMPLETED" in lines[0]
+    durations = lines[0].split("; ", 1)[1].split(", ")
+    assert [part.split()[0] for part in durations] == substate_names(statuses)[:-1]
 
 
 HOLD: dict[str, dict[str, Any]] = {

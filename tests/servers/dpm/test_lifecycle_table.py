@@ -22,6 +22,7 @@ from daqif.errors import DaqException, ErrorCode
 from servers.dpm.config import build_config
 from servers.dpm.events import StatusWatcher
 from servers.dpm.lifecycle import TRANSITIONS, DataProductManager, check_transition
+from servers.dpm.merge_launcher import MergeSetup
 from servers.dpm.model import DaqStatusView, Severity, SubState
 from servers.dpm.transfer import ProcessResult
 
@@ -52,8 +53,12 @@ class FakeMergeRunner:
     def close(self) -> None:
         self.closed = True
 
-    async def run(self, argv: Sequence[str], log_path: Path) -> ProcessResult:
+    async def run(
+        self, argv: Sequence[str], log_path: Path, setup: MergeSetup | None = None
+    ) -> ProcessResult:
         self.runs += 1
+        if setup is not None:  # the files the merge process makes before merging
+            setup.apply(str(log_path))
         self.started.set()
         if self.gate is not None:
             await self.gate.wait()

@@ -224,3 +224,45 @@ def test_without_the_flag_or_outside_the_roots_sources_no_source_is_moved(
     assert "moved to the product" not in done.stdout
     assert (det1.read_bytes(), det2.read_bytes()) == before
     assert verify(root / f"{FILE_ID}.h5").ok
+
+
+def test_consume_collected_moves_the_cloned_snapshot_into_the_product(
+    workspace: Path, tmp_path: Path
+) -> None:
+    spec, snapshot = str(workspace / "specification.json"), workspace / "sources" / "det1.h5"
+    copied, moved = tmp_path / "copied.h5", tmp_path / "moved.h5"
+    assert main([spec, "--root", str(workspace), "--outfile", str(copied)]) == 0
+    assert snapshot.is_file()  # without the option a source is only read
+    inode = snapshot.stat().st_ino
+
+    assert main([spec, "--root", str(workspace), "--outfile", str(moved), "--consume-collected"]) == 0
+    assert not snapshot.exists() and moved.stat().st_ino == inode  # the snapshot became the product
+    assert (tmp_path / "det2.h5").is_file()  # read from its location, outside <root>/sources/: kept
+    assert verify(moved).ok
+    with h5py.File(copied, "r") as a, h5py.File(moved, "r") as b:
+        sums = [
+            {p: f[p].attrs["DATASUM"] for p in _datasets(f)} for f in (a, b)
+        ]  # the same bytes, whichever way the product started
+        assert sums[0] == sums[1] and len(sums[0]) > 2
+
+
+def test_consume_collected_copies_a_snapshot_whose_data_lie_in_other_files(tmp_path: Path) -> None:
+    root = tmp_path / "daq"
+    (root / "sources").mkdir(parents=True)
+    snapshot = root / "sources" / "det.h5"
+    (root / "sources" / "raw.bin").write_bytes(bytes([0, 1, 2, 3]))
+    with h5py.File(snapshot, "w") as f:
+        f.create_dataset("v", shape=(4,), dtype=np.uint8, external=[("raw.bin", 0, 4)])
+    write_spec(root / "specification.json", spec_document([hdf5_source("det", Path("/nonexistent/det.h5"))]))
+    outfile = tmp_path / "product.h5"
+    argv = [str(root / "specification.json"), "--root", str(root), "--outfile", str(outfile)]
+    assert main([*argv, "--consume-collected"]) == 0
+    assert snapshot.is_file()  # its external data are read through its name: copied, not moved
+    with h5py.File(outfile, "r") as f:
+        assert f["det/v"][()].tolist() == [0, 1, 2, 3]
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    found: list[str] = []
+    f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return found

@@ -13,6 +13,7 @@ import pytest
 
 from daqif.testing import wait_for
 from daqif.v1 import dpm_pb2, dpm_pb2_grpc
+from servers.dpm.merge_launcher import MergeSetup
 from servers.dpm.merge_runner import LauncherMergeRunner
 
 from .dpm_helpers import DpmHarness, keyword_source, make_spec, substate, visible_files
@@ -66,6 +67,70 @@ def test_a_failed_merge_reports_its_last_line(tmp_path: Path) -> None:
     code, line = asyncio.run(main())
     assert code == 3
     assert line.startswith("daqif-dpm-merge: error: ") and "specification.json" in line
+
+
+def test_the_merge_process_makes_the_files_of_its_attempt_before_it_merges(tmp_path: Path) -> None:
+    # The server no longer makes them in one of its threads: a fresh output directory (what an
+    # earlier attempt left is gone), the specification, the earlier report removed, the log header.
+    root = tmp_path / "D"
+    out = root / "products" / "D"
+    out.mkdir(parents=True)
+    (out / ".D.h5.part").write_bytes(b"left by a merge cut short")
+    report = root / "merge-report.json"
+    report.write_text("{}")
+    spec = root / "specification.json"
+    log = root / "logs" / "merge.log"
+    argv = [str(spec), "--root", str(root), "--outfile", str(out / "D.h5")]
+    setup = MergeSetup(
+        output_dir=str(out),
+        spec_path=str(spec),
+        specification=json.dumps(make_spec("D", [keyword_source()])),
+        header="=== merge attempt 2 at now ===",
+        remove=(str(report),),
+    )
+    (tmp_path / "file").write_text("a file, not a directory")
+    broken = MergeSetup(str(tmp_path / "file" / "out"), str(spec), "{}", "=== merge attempt 3 ===")
+
+    async def main() -> tuple[int, int]:
+        runner = LauncherMergeRunner()
+        try:
+            first = await runner.run(argv, log, setup)
+            return first.returncode, (await runner.run(argv, log, broken)).returncode
+        finally:
+            runner.close()
+
+    done, failed = asyncio.run(main())
+    assert done == 0
+    assert sorted(p.name for p in out.iterdir()) == ["D.h5"]  # the leftover part file is gone
+    assert not report.exists()
+    assert json.loads(spec.read_text())["id"] == "D"
+    lines = log.read_text().splitlines()
+    assert lines[0] == "=== merge attempt 2 at now ==="
+    assert failed == 1
+    last = log.read_text().splitlines()
+    assert last[-2] == "=== merge attempt 3 ==="
+    assert last[-1].startswith("daqif-dpm-merge: error: cannot prepare the merge: ") and "file" in last[-1]
+
+
+def test_the_log_header_the_worker_writes_is_not_among_the_merge_error_lines(tmp_path: Path) -> None:
+    # A merge that dies without a word must be reported by its exit status, not by the header.
+    root = tmp_path / "D"
+    (root / "products").mkdir(parents=True)
+    spec, log = root / "specification.json", root / "logs" / "merge.log"
+    setup = MergeSetup(str(root / "products" / "D"), str(spec), "{not json", "=== merge attempt 1 ===")
+
+    async def main() -> tuple[int, tuple[str, ...]]:
+        runner = LauncherMergeRunner()
+        try:
+            # A specification that fails to parse: exit 3 and its one-line error after the header.
+            result = await runner.run([str(spec), "--root", str(root)], log, setup)
+            return result.returncode, result.error_lines
+        finally:
+            runner.close()
+
+    code, lines = asyncio.run(main())
+    assert code == 3
+    assert "=== merge attempt 1 ===" not in lines and lines[-1].startswith("daqif-dpm-merge: error: ")
 
 
 def test_a_dead_launcher_fails_its_merges_and_the_next_merge_starts_a_new_one(tmp_path: Path) -> None:

@@ -186,6 +186,25 @@ def test_find_references_lists_every_kind_with_the_dataset_and_the_stored_name(t
     assert find_references(text) == []  # the merge says what is wrong with it
 
 
+def test_find_references_walks_nested_groups_once_and_never_follows_soft_links(tmp_path: Path) -> None:
+    source = tmp_path / "s.h5"
+    layout = h5py.VirtualLayout(shape=(8,), dtype=np.int64)
+    layout[:] = h5py.VirtualSource("deep.h5", "secret", shape=(8,))
+    with h5py.File(source, "w") as f:
+        f.create_virtual_dataset("a/b/c/v", layout)
+        f["a/b/c/loop"] = f["a"]  # a hard link back up: a cycle, walked once
+        f["a/b/soft"] = h5py.SoftLink("/a/b/c")  # its target is walked where it is
+        f["a/b/dangling"] = h5py.SoftLink("/nowhere")
+        f["a/t"] = np.dtype("<i4")  # a named datatype: no file reference
+        f["a/b/c/ext"] = h5py.ExternalLink("elsewhere.h5", "/x")
+        f.create_dataset("a/b/plain", data=np.arange(3))
+    found = sorted((r.object_path, r.kind, r.name) for r in find_references(source))
+    assert found == [
+        ("/a/b/c/ext", ReferenceKind.EXTERNAL_LINK, "elsewhere.h5"),
+        ("/a/b/c/v", ReferenceKind.VIRTUAL, "deep.h5"),
+    ]
+
+
 def test_resolve_names_relative_to_the_original_location_and_dot_as_the_file_itself() -> None:
     original = Path("/data/raw/run/det.h5")
     assert resolve(".", original) == original

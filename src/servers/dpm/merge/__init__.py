@@ -45,7 +45,9 @@ Data (nothing is ever decompressed or re-encoded)
     are not written twice, and its chunk sums are read from it. Its chunks, filters, object headers
     and file-format versions are therefore exactly the source's, free space included. Datasets
     of the clone whose data lie outside the file (external raw files, virtual datasets) are
-    replaced by a copy of their values, so the product holds its data itself.
+    replaced by a copy of their values, so the product holds its data itself (such a clone is
+    always copied, never moved). A moved snapshot is private to that merge attempt: every other
+    attempt collects afresh (see `hdf5._move`).
     The other sources are copied object by object: chunked datasets of fixed-size types chunk by
     chunk, raw (`read_direct_chunk` → `write_direct_chunk`: the stored bytes and each chunk's
     filter mask unchanged, with the source's creation properties: chunk shape, filter pipeline

@@ -572,9 +572,12 @@ def _clone_source(
     stack.callback(os.close, fd)
     stack.callback(digests.close)  # runs first: no worker may read `fd` once it is closed
 
-    def plan(path: str, obj: Any) -> None:
-        if not isinstance(obj, h5py.Dataset):
+    def plan(name: bytes, info: Any) -> None:
+        # Low-level: only datasets are opened (h5py's `visititems` makes an object of each).
+        if info.type != h5py.h5o.TYPE_DATASET:
             return
+        obj = h5py.Dataset(h5py.h5d.open(src.file.id, name))
+        path = name.decode("utf-8", "surrogateescape")
         target = f"{prefix}/{path}"
         dcpl = obj.id.get_create_plist()
         if dcpl.get_layout() == h5py.h5d.VIRTUAL or (
@@ -589,7 +592,7 @@ def _clone_source(
         else:
             after_copy.append(target)
 
-    src.file.visititems(plan)
+    h5py.h5o.visit(src.file.id, plan, info=True)  # each object once, by name, as `visititems`
     if movable and not recopy and _move(src, part, out):
         copied = os.fstat(fd).st_size
     else:
@@ -691,23 +694,30 @@ def _hard_link_paths(product: h5py.File, obj: h5py.Dataset) -> list[str]:
 
 
 def _reroot_soft_links(group: h5py.Group, prefix: str) -> None:
-    """Point the absolute soft links under `group` (moved to `prefix`) at their moved targets."""
+    """Point the absolute soft links under `group` (moved to `prefix`) at their moved targets.
+
+    Through h5py's low-level API (link types and values, groups opened through hard links, each
+    once): the same walk as with `Group` objects, without making one per link (README "Cost per
+    DAQ"). A link is made again as h5py makes it (UTF-8 name), at the end of its group's order."""
+    lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+    lcpl.set_char_encoding(h5py.h5t.CSET_UTF8)
+    root = prefix.encode("utf-8", "surrogateescape")
     seen: set[int] = set()
-
-    def walk(g: h5py.Group) -> None:
-        addr = h5py.h5o.get_info(g.id).addr
+    stack = [group.id]
+    while stack:
+        gid = stack.pop()
+        addr = h5py.h5o.get_info(gid).addr
         if addr in seen:
-            return
+            continue
         seen.add(addr)
-        for link_name in list(g.keys()):
-            link = g.get(link_name, getlink=True)
-            if isinstance(link, h5py.SoftLink):
-                if link.path.startswith("/"):
-                    del g[link_name]
-                    g[link_name] = h5py.SoftLink(prefix + link.path)
-            elif isinstance(link, h5py.HardLink):
-                child = g[link_name]
-                if isinstance(child, h5py.Group):
-                    walk(child)
-
-    walk(group)
+        for name in list(gid):
+            kind = gid.links.get_info(name).type
+            if kind == h5py.h5l.TYPE_SOFT:
+                target = gid.links.get_val(name)
+                if target.startswith(b"/"):
+                    gid.unlink(name)
+                    gid.links.create_soft(name, root + target, lcpl=lcpl)
+            elif kind == h5py.h5l.TYPE_HARD:
+                child = h5py.h5o.open(gid, name)
+                if h5py.h5o.get_info(child).type == h5py.h5o.TYPE_GROUP:
+                    stack.append(child)
