@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -291,21 +290,19 @@ def device_bytes(path: Path) -> tuple[int, int] | None:
     return None
 
 
-PHASE_LINE = re.compile(r"^(\S+ \S+) INFO servers\.dpm\.lifecycle: DAQ (\S+): ([A-Z_]+) ")
+# The server's one INFO line per DAQ when it ends: "DAQ <id>: COMPLETED (...); SCHEDULED 0.002 s, …".
+FINAL_LINE = re.compile(r" INFO servers\.dpm\.lifecycle: DAQ (\S+): [A-Z_]+ \(.*\); (.*)$")
+STATE_SPENT = re.compile(r"([A-Z_]+) (\d+\.\d+) s")
 
 
 def phase_seconds(log: Path) -> dict[str, dict[str, Any]]:
-    """Seconds per DAQ state (COLLECTING, MERGING, RELEASING) from the server log's transitions."""
-    stamps: dict[str, list[tuple[str, float]]] = {}
-    for line in log.read_text().splitlines():
-        found = PHASE_LINE.match(line)
-        if found:
-            when = time.mktime(time.strptime(found[1][:19], "%Y-%m-%d %H:%M:%S")) + int(found[1][20:]) / 1000
-            stamps.setdefault(found[2], []).append((found[3], when))
+    """Seconds per DAQ state (COLLECTING, MERGING, RELEASING) from the server log's line per DAQ."""
     spent: dict[str, list[float]] = {}
-    for transitions in stamps.values():
-        for (state, start), (_, end) in itertools.pairwise(transitions):
-            spent.setdefault(state.lower(), []).append(end - start)
+    for line in log.read_text().splitlines():
+        found = FINAL_LINE.search(line)
+        if found:
+            for state, seconds in STATE_SPENT.findall(found[2]):
+                spent.setdefault(state.lower(), []).append(float(seconds))
     return {state: spread(seconds) for state, seconds in spent.items()}
 
 
