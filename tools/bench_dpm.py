@@ -72,6 +72,7 @@ from daqif.dpm_client import DpmClient
 from daqif.errors import DaqException, ErrorCode
 from daqif.v1 import dpm_pb2, dpm_pb2_grpc
 from servers.common.launch import DpmOptions, DpmProcess
+from servers.common.process import system_tool
 
 ECHO_SERVER = """
 import asyncio, sys
@@ -235,17 +236,20 @@ def scratch_filesystem(kind: str, work: Path, size_bytes: int) -> Iterator[Path]
     the mount point. Unmounted, detached and deleted at the end, also on an error or Ctrl-C."""
     if os.geteuid() != 0:
         raise FilesystemUnavailable(f"--filesystem {kind} needs root (losetup and mount)")
+    tools: dict[str, str] = {}
     for tool in (MKFS[kind][0], "losetup", "mount", "umount"):
-        if shutil.which(tool) is None:
+        found = system_tool(tool)  # Debian keeps mkfs.* and losetup in /usr/sbin
+        if found is None:
             package = {"mkfs.xfs": "xfsprogs", "mkfs.btrfs": "btrfs-progs"}.get(tool, "util-linux")
             raise FilesystemUnavailable(f"--filesystem {kind}: {tool} not found (apt-get install {package})")
+        tools[tool] = found
     image = work / f"{kind}.img"
     mount_point = work / kind
     device = ""
     mounted = False
 
     def run(argv: list[str]) -> str:
-        done = subprocess.run(argv, capture_output=True, text=True)
+        done = subprocess.run([tools.get(argv[0], argv[0]), *argv[1:]], capture_output=True, text=True)
         if done.returncode != 0:
             raise FilesystemUnavailable(
                 f"--filesystem {kind}: {' '.join(argv)} failed: {done.stderr.strip()}"
@@ -263,10 +267,13 @@ def scratch_filesystem(kind: str, work: Path, size_bytes: int) -> Iterator[Path]
         mounted = True
         yield mount_point
     finally:
-        if mounted and subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(mount_point)], capture_output=True)
+        if (
+            mounted
+            and subprocess.run([tools["umount"], str(mount_point)], capture_output=True).returncode != 0
+        ):
+            subprocess.run([tools["umount"], "--lazy", str(mount_point)], capture_output=True)
         if device:
-            subprocess.run(["losetup", "--detach", device], capture_output=True)
+            subprocess.run([tools["losetup"], "--detach", device], capture_output=True)
         with contextlib.suppress(OSError):
             mount_point.rmdir()
         with contextlib.suppress(OSError):

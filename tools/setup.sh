@@ -17,7 +17,7 @@ if ((want_test)) && ! command -v chromium >/dev/null 2>&1; then
 fi
 # A DPM test loop-mounts a fresh XFS with reflinks (tests/servers/dpm/test_collect.py); so can
 # tools/bench_dpm.py --filesystem xfs.
-if ((want_test)) && ! command -v mkfs.xfs >/dev/null 2>&1; then
+if ((want_test)) && ! PATH="$PATH:/usr/sbin:/sbin" command -v mkfs.xfs >/dev/null 2>&1; then
   need_apt+=(xfsprogs)
 fi
 if ((${#need_apt[@]})); then

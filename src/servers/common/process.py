@@ -136,3 +136,15 @@ def is_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (ProcessLookupError, FileNotFoundError):
         return False
+
+
+SYSTEM_DIRS = ("/usr/sbin", "/sbin")
+"""Where Debian installs administration tools (`mkfs.xfs`, `losetup`, `filefrag`): not on a
+plain user's PATH (`/usr/local/bin:/usr/bin:/bin`), yet root may run them."""
+
+
+def system_tool(name: str) -> str | None:
+    """The path of the program `name`, searched on PATH and then in `SYSTEM_DIRS`; None if absent."""
+    import shutil
+
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", os.defpath), *SYSTEM_DIRS]))

@@ -18,6 +18,7 @@ import pytest
 
 from daqif.testing import wait_for
 from daqif.v1 import dpm_pb2
+from servers.common.process import system_tool
 from servers.dpm.merge import verify
 
 from .dpm_helpers import (
@@ -248,7 +249,10 @@ def test_the_largest_collected_copy_becomes_the_product_and_the_originals_are_un
 def _shared_bytes(path: Path) -> int:
     """Bytes of `path` in extents FIEMAP flags as shared with another file (`filefrag -v`)."""
     report = subprocess.run(
-        ["filefrag", "-v", "-b4096", str(path)], capture_output=True, text=True, check=True
+        [system_tool("filefrag") or "filefrag", "-v", "-b4096", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     shared = 0
     for line in report.stdout.splitlines():
@@ -267,7 +271,8 @@ def _xfs_with_reflinks(directory: Path) -> Iterator[Path]:
     image, mount_point = directory / "xfs.img", directory / "xfs"
     with open(image, "wb") as handle:
         handle.truncate(512 << 20)  # XFS's minimum is 300 MiB; sparse, so it costs what is written
-    for argv in (["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], ["mount", "-o", "loop", str(image)]):
+    mkfs = system_tool("mkfs.xfs") or "mkfs.xfs"  # in /usr/sbin: not on a plain user's PATH
+    for argv in ([mkfs, "-q", "-m", "reflink=1", str(image)], ["mount", "-o", "loop", str(image)]):
         if argv[0] == "mount":
             mount_point.mkdir()
             argv.append(str(mount_point))

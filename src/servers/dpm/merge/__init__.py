@@ -13,8 +13,9 @@ Modules, one concern each: `common` (names, errors, results, the log), `keywords
 `dictionaries` (the product's ESO keywords checked and formatted by the specification's
 keyword dictionaries), `checksum` (per-dataset sums and the manifest digest), `hdf5` (copying
 sources into the product), `fits` and `fits_cards` (the FITS product; cards, DICB order),
-`verify`, `plan` (`merge()` and the resolution of source files). The package imports nothing
-of the servers beyond `servers.common`, `servers.dpm.references` and `servers.dpm.dictionary`:
+`verification` (`verify()`), `plan` (`merge()` and the resolution of source files). The
+package imports nothing of the servers beyond `servers.common`, `servers.dpm.references` and
+`servers.dpm.dictionary`:
 it runs in the merge fork server (`merge_runner`), which preloads it.
 
 HDF5 product format (DESIGN §3; the decisions below are part of the format)
@@ -166,11 +167,11 @@ if TYPE_CHECKING:
         parse_card,
     )
     from servers.dpm.merge.plan import merge, resolve_references, resolve_sources
-    from servers.dpm.merge.verify import verify
+    from servers.dpm.merge.verification import verify
 
 # The package's names are imported from their module on first use (PEP 562): the server checks
 # keyword cards at QueueDaq (`keywords`, `fits_cards`) without importing h5py for `plan` and
-# `verify`, and starts without importing any of them (astropy, numpy: ~0.7 s, see
+# `verification`, and starts without importing any of them (astropy, numpy: ~0.7 s, see
 # `servers/dpm/README.md`, "Start-up").
 _MODULE_OF = {
     **dict.fromkeys(
@@ -195,14 +196,13 @@ _MODULE_OF = {
         ("ESO_NAME", "FITS_NAME", "Card", "apply_keyword_rules", "is_keyword_name", "parse_card"), "keywords"
     ),
     **dict.fromkeys(("merge", "resolve_references", "resolve_sources"), "plan"),
-    "verify": "verify",
+    "verify": "verification",
 }
 
 
 def __getattr__(name: str) -> Any:
-    # Called only for a name not bound yet. `verify` is also a submodule's name: importing
-    # `servers.dpm.merge.verify` directly would bind the module here, so import the function
-    # from this package (as every caller does), not from the submodule first.
+    # Called only for a name not bound yet. No submodule is named like a name it exports (the
+    # import of a submodule binds its module under its name here, which would hide the name).
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
