@@ -138,7 +138,11 @@ def test_sigterm_stops_it_cleanly_with_a_summary(
     sim_factory: Callable[..., SimProcess], context: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
     sim = sim_factory("--shape", "8", "8", "--rate", "500")
-    receive(receiver(context, sim.endpoint), 5)
+    sock = receiver(context, sim.endpoint)
+    receive(sock, 5)
+    # Gone, not stalled: frames queued for a receiver that is still connected but no longer reads
+    # are delivered for up to --linger (30 s) after the stop, longer than stop()'s grace.
+    sock.close(linger=0)
     assert sim.stop() == 0
     summary = sim.summary()
     assert summary.frames_sent >= 5
