@@ -65,14 +65,14 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine_facts
+from bench_common import machine_facts, process_times
 from bench_merge import time_cp, write_source
 
 from daqif.dpm_client import DpmClient
 from daqif.errors import DaqException, ErrorCode
 from daqif.v1 import dpm_pb2, dpm_pb2_grpc
 from servers.common.launch import DpmOptions, DpmProcess
-from servers.common.process import system_tool
+from servers.common.process import descendants, system_tool
 
 ECHO_SERVER = """
 import asyncio, sys
@@ -503,7 +503,7 @@ def run_small_daqs(
                 "-p",
                 str(server.pid),
             ]
-            + [a for c in _children(server.pid) for a in ("-p", str(c))],
+            + [a for c in sorted(descendants(server.pid)) for a in ("-p", str(c))],
             stderr=subprocess.DEVNULL,
         )
         time.sleep(1.0)  # strace attaches
@@ -568,17 +568,16 @@ def poll_until_archived(address: str, errors: set[str]) -> None:
 def _cpu_seconds(server_pid: int) -> dict[str, float]:
     """CPU seconds so far: the server (user, system) and the merge side (the launcher and every
     merge worker it forked, live or reaped: their times reach the launcher's `cutime`/`cstime`)."""
-    tick = os.sysconf("SC_CLK_TCK")
 
-    def times(pid: int) -> list[float]:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return [int(v) / tick for v in fields[11:15]]  # utime stime cutime cstime
-        return [0.0, 0.0, 0.0, 0.0]
+    def times(pid: int) -> tuple[float, float, float, float]:
+        try:
+            return process_times(pid)
+        except OSError:
+            return 0.0, 0.0, 0.0, 0.0
 
     server = times(server_pid)
     merge_user = merge_system = 0.0
-    for child in _children(server_pid):
+    for child in descendants(server_pid):
         t = times(child)
         merge_user += t[0] + t[2]
         merge_system += t[1] + t[3]
@@ -588,19 +587,6 @@ def _cpu_seconds(server_pid: int) -> dict[str, float]:
         "merge_user": merge_user,
         "merge_system": merge_system,
     }
-
-
-def _children(pid: int) -> list[int]:
-    """Every descendant of `pid` now (the merge launcher and its workers)."""
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        with contextlib.suppress(OSError):
-            for child in Path(f"/proc/{current}/task/{current}/children").read_text().split():
-                found.append(int(child))
-                stack.append(int(child))
-    return found
 
 
 def parse_strace_counts(path: Path) -> dict[str, int]:

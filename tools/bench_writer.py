@@ -60,7 +60,7 @@ from typing import Any
 
 import h5py
 import numpy as np
-from bench_common import machine_facts
+from bench_common import machine_facts, process_times
 
 from daqif.frame import PATTERN_PERIOD, expected_frame
 from servers.common.atomic import fsync_directory
@@ -461,8 +461,8 @@ def set_thread_nices(pid: int, nice: int) -> None:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time `pid` has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    user, system, _, _ = process_times(pid)
+    return user + system
 
 
 def sched_seconds(pid: int) -> tuple[float, float]:
