@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-message-bytes", type=int, default=-1)
     parser.add_argument("--priority-boost", type=int, default=DEFAULT_PRIORITY_BOOST)
     parser.add_argument("--verify-compressed", action="store_true")
+    parser.add_argument("--io", choices=["direct", "page-cache"], default="direct")
     parser.add_argument("--conn-fd", type=int, required=True)
     parser.add_argument("--shared-fd", type=int, required=True)
     parser.add_argument("--live-stream")
@@ -75,6 +76,7 @@ def main(argv: list[str]) -> None:
         args.endpoint, socket_kind, args.rcvhwm, args.flush_interval, conn, shared, args.max_message_bytes
     )
     worker.verify_compressed = args.verify_compressed
+    worker.direct_io = args.io == "direct"
     if args.live_stream:
         every = args.live_every
         rate = None if every is not None else (args.live_rate or DEFAULT_LIVE_RATE_HZ)
@@ -167,6 +169,7 @@ class Worker:
         self.conn = conn
         self.flush_interval = flush_interval
         self.verify_compressed = False  # decode every LZ4 block of a compressed frame (costly)
+        self.direct_io = False  # uncompressed frames past the page cache (`datapath.direct`)
         self.shared = np.frombuffer(shared, dtype=np.int64)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.SUB if socket_kind == "sub" else zmq.PULL)
@@ -402,7 +405,7 @@ class Worker:
         if self.write is not None:
             return protocol.Reply(error=f"a write is already open ({self.write.job.output_file})")
         try:
-            write = OutputFile(job, self.flush_interval)
+            write = OutputFile(job, self.flush_interval, self.direct_io)
         except DataPathError as exc:
             return protocol.Reply(error=str(exc))
         except Exception as exc:  # whatever it is, the data path stays up
