@@ -101,8 +101,9 @@ class ProcessDataPath:
     dies mid-write its file is repaired at once (`recovery.repair_file`), and the write's result
     reports the frames the repaired file holds.
 
-    The process raises its priority `priority_boost` nice levels above the caller's (when it may,
-    `worker.raise_priority`), so a busy control plane does not take the CPU frames need. With
+    While a write is open the process runs `priority_boost` nice levels above the caller's (when
+    it may, `worker.Priority`), so a busy control plane does not take the CPU frames need; between
+    writes it runs at the caller's, so the end of a write is pushed without waiting for it. With
     `verify_compressed` every LZ4 block of a bitshuffle-LZ4 frame is decoded before the frame is
     written (`daqif.frame.check_data(decode=True)`; off by default, see docs/writer.md). With
     `live` it publishes a sample of the frames it receives (`servers.writer.live`).
