@@ -128,12 +128,12 @@ def find_detector_groups(h5file: h5py.File) -> list[str]:
     return found
 
 
-def _name(raw: bytes) -> str | bytes:
-    # h5py's decoding of a name (`visititems`): UTF-8, else the byte string.
+def _name(raw: bytes) -> str:
+    # h5py's decoding of a name (`visititems`): UTF-8, else the byte string (as a path shows it).
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw
+        return str(raw)
 
 
 def _known_detector(h5file: h5py.File, group_path: str) -> DetectorInfo:
