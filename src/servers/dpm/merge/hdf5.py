@@ -456,21 +456,20 @@ def _build(
                 product, copier = _clone_source(clone, part, digests, out, stack, clone.path in movable)
                 flusher.kick()
             stack.callback(copier.close)
+            root = product.attrs  # one AttributeManager: `File.attrs` opens the root group each time
             # Reserved attributes first so a reader sees them at the top; DATASUM comes last.
-            product.attrs[ARCFILE] = outfile.name
-            product.attrs[ORIGFILE] = Path(base.source.location.path).name if base else spec.product_name
-            product.attrs[DATE] = utc_date(datetime.now(UTC))
+            root[ARCFILE] = outfile.name
+            root[ORIGFILE] = Path(base.source.location.path).name if base else spec.product_name
+            root[DATE] = utc_date(datetime.now(UTC))
             ordered = sorted(keywords.values.values(), key=lambda kw: kw.is_eso)  # value keywords, then ESO
             for kw in ordered:
-                _write_keyword(product.attrs, kw)
+                _write_keyword(root, kw)
             for name in COMMENTARY:
                 if keywords.commentary.get(name):
-                    product.attrs.create(name, keywords.commentary[name], dtype=h5py.string_dtype())
+                    root.create(name, keywords.commentary[name], dtype=h5py.string_dtype())
             rows = [[kw.name, kw.comment] for kw in ordered if kw.comment]
             if rows:
-                product.attrs.create(
-                    KEYWORD_COMMENTS, np.array(rows, dtype=object), dtype=h5py.string_dtype()
-                )
+                root.create(KEYWORD_COMMENTS, np.array(rows, dtype=object), dtype=h5py.string_dtype())
             for o in opened:
                 if o is clone:
                     continue
@@ -485,9 +484,10 @@ def _build(
             for path in copier.after_copy:  # HDF5-copied datasets: summed from the product
                 copier.sums[path] = dataset_sum(product[path], copier.buffer)
             for path, total in copier.sums.items():
-                product[path].attrs[DATASUM] = total.finish(product[path])
+                dset = product[path]
+                dset.attrs[DATASUM] = total.finish(dset)
             checksum = manifest_digest(product)
-            product.attrs[DATASUM] = checksum
+            root[DATASUM] = checksum
         return checksum, len(copier.sums), copier.bytes_copied
     finally:
         flusher.close()
@@ -604,6 +604,7 @@ def _clone_source(
     copier.sums.update(sums)
     copier.after_copy.extend(after_copy)
     copier.bytes_copied += copied
+    root = product.attrs  # one AttributeManager: `File.attrs` opens the root group each time
     if src.is_base:
         group = product
     else:
@@ -615,10 +616,10 @@ def _clone_source(
         product.move(holder, name)
         group = product[name]
         _reroot_soft_links(group, prefix)
-        _copy_attributes(product.attrs, group.attrs, src.other_attributes, out)
-    for attr in list(product.attrs):
+        _copy_attributes(root, group.attrs, src.other_attributes, out)
+    for attr in list(root):
         if not src.is_base or attr not in src.other_attributes:
-            del product.attrs[attr]
+            del root[attr]
     for path in recopy:
         where = f"{prefix}/{path}"
         parent_path, _, leaf = where.rpartition("/")
