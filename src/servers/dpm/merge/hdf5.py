@@ -593,6 +593,7 @@ def _clone_source(
             after_copy.append(target)
 
     h5py.h5o.visit(src.file.id, plan, info=True)  # each object once, by name, as `visititems`
+    soft_links = not src.is_base and has_soft_links(src.file)
     if movable and not recopy and _move(src, part, out):
         copied = os.fstat(fd).st_size
     else:
@@ -615,7 +616,8 @@ def _clone_source(
                 product.move(link, f"{holder}/{link}")
         product.move(holder, name)
         group = product[name]
-        _reroot_soft_links(group, prefix)
+        if soft_links:  # else the walk would only read (the small DAQ's source has none)
+            _reroot_soft_links(group, prefix)
         _copy_attributes(root, group.attrs, src.other_attributes, out)
     for attr in list(root):
         if not src.is_base or attr not in src.other_attributes:
@@ -692,6 +694,12 @@ def _hard_link_paths(product: h5py.File, obj: h5py.Dataset) -> list[str]:
 
     walk(product, "")
     return found
+
+
+def has_soft_links(f: h5py.File) -> bool:
+    """Whether a link below the root of `f` is a soft link (one H5Lvisit: each group once)."""
+    found = f.id.links.visit(lambda _name, info: info.type == h5py.h5l.TYPE_SOFT or None, info=True)
+    return bool(found)
 
 
 def _reroot_soft_links(group: h5py.Group, prefix: str) -> None:

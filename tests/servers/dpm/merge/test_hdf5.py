@@ -13,6 +13,7 @@ from daqif.nexus import add_nexus_entry
 from daqif.spec import load_specification
 from daqif.vds import join_writer_files
 from servers.dpm.merge import merge, resolve_sources, verify
+from servers.dpm.merge.hdf5 import has_soft_links
 
 from ..merge_samples import FRAME, frames, hdf5_source, spec_document, write_detector_file
 
@@ -81,3 +82,28 @@ def test_a_joined_file_in_a_product_plots_the_copied_frames_not_the_virtual_ones
     assert_product_plots(product, "/det/jf", expected)
     with h5py.File(product, "r") as f:  # the joined file's own view points at the copy too
         assert f["det/entry/data/data"].id == f["det/jf/data"].id
+
+
+def test_a_cloned_source_s_only_soft_link_deep_down_is_rerooted(tmp_path: Path) -> None:
+    # The clone skips the re-rooting walk only when the source has no soft link at all.
+    path = tmp_path / "deep.h5"
+    with h5py.File(path, "w") as f:
+        f["a/b/c/values"] = np.arange(3)
+        f["a/b/c/alias"] = h5py.SoftLink("/a/b/c/values")
+        f["again"] = f["a"]  # the group reached by two hard links
+        f["outside"] = h5py.ExternalLink("other.h5", "/x")
+    with h5py.File(path, "r") as f:
+        assert has_soft_links(f)
+    product = merged(tmp_path, spec_document([hdf5_source("deep", path)]))
+    with h5py.File(product, "r") as f:
+        assert f["deep/a/b/c"].get("alias", getlink=True).path == "/deep/a/b/c/values"
+        np.testing.assert_array_equal(f["deep/again/b/c/alias"][()], np.arange(3))
+
+
+def test_hard_and_external_links_are_no_soft_links(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["a/b/values"] = np.arange(3)
+        f["a/same"] = f["a/b/values"]
+        f["loop"] = f["a"]
+        f["outside"] = h5py.ExternalLink("other.h5", "/x")
+        assert not has_soft_links(f)
