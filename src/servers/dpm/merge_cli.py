@@ -1,14 +1,16 @@
 """`daqif-dpm-merge`: the standalone merge the DPM server runs, and the product checker.
 
     daqif-dpm-merge SPEC.json --root DIR [--outfile F] [--dry-run] [--report R.json]
-                    [--dictionary-dir DIR ...] [--consume-collected]
+                    [--dictionary-dir DIR ...] [--consume-collected] [--collected-only]
     daqif-dpm-merge --verify FILE
 
 The product is `<fileId>.h5` for HDF5 sources, `<fileId>.fits` for FITS sources. `--report`
 writes what the DPM raises as WARNING alerts (`{"alerts": {"unmerged:<sourceName>": "..."},
 "warnings": [...]}`) after a successful merge. `--consume-collected` (the DPM server's) says the files
 under `<root>/sources/` are snapshots private to this merge: the one an HDF5 product is cloned
-from is moved into the product, not copied, and is gone afterwards.
+from is moved into the product, not copied, and is gone afterwards. `--collected-only` (the
+server's too) reads every file source from its collected copy: a missing one is an error, never
+a read of the original, which may have changed since the snapshot.
 
 Log lines go to stdout (the server appends them to the DAQ's `logs/merge.log`); an error is one
 line on stderr and a non-zero exit, never a traceback.
@@ -90,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
         "one of them, renamed (the DPM server's merges; a retry collects afresh). Files outside "
         "<root>/sources/ are never moved",
     )
+    parser.add_argument(
+        "--collected-only",
+        action="store_true",
+        help="read every file source from its collected copy in <root>/sources/; a source without one "
+        "is an error instead of being read from its location (the DPM server's merges: an original "
+        "may have changed since the DAQ's snapshot was taken)",
+    )
     parser.add_argument("--verify", type=Path, metavar="FILE", help="recompute the checksums of a product")
     parser.add_argument(
         "--report", type=Path, metavar="FILE", help="after a merge, write its alerts and warnings as JSON"
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     outfile = args.outfile if args.outfile is not None else args.root / spec.product_name
     try:
         dictionaries = _dictionaries(spec, args.dictionary_dir)
-        sources = resolve_sources(spec, args.root)
+        sources = resolve_sources(spec, args.root, collected_only=args.collected_only)
         refs = resolve_references(spec, sources)
         collected = args.root / "sources"
         movable = {p for p in sources.values() if args.consume_collected and p.parent == collected}

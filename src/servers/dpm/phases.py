@@ -257,6 +257,8 @@ class Phases:
                 str(report),
                 # Collected copies are this attempt's own: every other attempt collects afresh.
                 "--consume-collected",
+                # Snapshots only: an original is never read by the merge (it may have changed).
+                "--collected-only",
             ]
             argv += [f"--dictionary-dir={d}" for d in self.config.dictionary_dirs]
             # The attempt's files are made by the merge process before it merges (no hop to a

@@ -609,6 +609,27 @@ def test_resolve_sources_prefers_the_workspace_copy_then_the_local_location(tmp_
     assert resolve_sources(spec, tmp_path / "ws") == {"det1": collected, "det2": Path("/data/det2.h5")}
 
 
+def test_resolve_sources_for_the_server_never_falls_back_to_an_original(tmp_path: Path) -> None:
+    # The server's merges (`--consume-collected`) read snapshots only: a source whose collected
+    # copy is missing is an error, never its location (which may have changed since).
+    (tmp_path / "ws" / "sources").mkdir(parents=True)
+    collected = tmp_path / "ws" / "sources" / "det1.h5"
+    collected.write_bytes(b"")
+    original = tmp_path / "det2.h5"
+    original.write_bytes(b"")
+    spec = load_specification(
+        spec_document([hdf5_source("det1", Path("/data/det1.h5")), hdf5_source("det2", original)])
+    )
+
+    with pytest.raises(MergeError, match=r"sources\[1\] 'det2': its collected copy .*det2.h5 is missing"):
+        resolve_sources(spec, tmp_path / "ws", collected_only=True)
+    (tmp_path / "ws" / "sources" / "det2.h5").write_bytes(b"")
+    assert resolve_sources(spec, tmp_path / "ws", collected_only=True) == {
+        "det1": collected,
+        "det2": tmp_path / "ws" / "sources" / "det2.h5",
+    }
+
+
 def test_resolve_sources_refuses_a_remote_source_without_a_collected_copy(tmp_path: Path) -> None:
     document = spec_document(
         [{"type": "hdf5File", "sourceName": "far", "location": "host.example:/data/x.h5"}]

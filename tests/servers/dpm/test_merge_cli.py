@@ -266,3 +266,19 @@ def _datasets(f: h5py.File) -> list[str]:
     found: list[str] = []
     f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
     return found
+
+
+def test_collected_only_refuses_a_source_without_a_collected_copy_and_reads_no_original(
+    tmp_path: Path,
+) -> None:
+    root, det1, det2 = _two_sources(tmp_path, collected_is_larger=True)  # det2 lies outside sources/
+    before = det1.read_bytes(), det2.read_bytes()
+
+    done = run_cli(
+        str(root / "specification.json"), "--root", str(root), "--consume-collected", "--collected-only"
+    )
+
+    assert done.returncode != 0
+    assert f"'det2': its collected copy {root / 'sources' / 'det2.h5'} is missing" in done.stderr
+    assert not (root / f"{FILE_ID}.h5").exists()
+    assert (det1.read_bytes(), det2.read_bytes()) == before  # nothing consumed by a refused merge

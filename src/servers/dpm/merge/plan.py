@@ -30,16 +30,23 @@ from servers.dpm.merge.hdf5 import (
 from servers.dpm.merge.keywords import keywords_by_priority, merge_keywords
 
 
-def resolve_sources(spec: Specification, root: Path) -> dict[str, Path]:
+def resolve_sources(spec: Specification, root: Path, *, collected_only: bool = False) -> dict[str, Path]:
     """The file to read for each file source: `<root>/sources/<sourceName>.h5` (`.fits` for a
     FITS product) when it exists (a DPM workspace after collection), else the local `location`;
-    a remote location without a collected copy is a `MergeError`."""
+    a remote location without a collected copy is a `MergeError`. With `collected_only` (the
+    DPM server's merges) a missing collected copy is a `MergeError` too: the merge never reads an
+    original, which may have changed since the DAQ's snapshot was taken."""
     files: dict[str, Path] = {}
     suffix = spec.product_format.suffix
     for source in spec.file_sources:
         collected = Path(root) / "sources" / f"{source.source_name}{suffix}"
         if collected.exists():
             files[source.source_name] = collected
+        elif collected_only:
+            raise MergeError(
+                f"{source_where(spec, source)} {source.source_name!r}: its collected copy {collected} is "
+                f"missing; the DPM collects every source before each merge (not reading {source.location})"
+            )
         elif source.location.is_remote:
             raise MergeError(
                 f"{source_where(spec, source)} {source.source_name!r}: remote location {source.location} "
