@@ -352,10 +352,10 @@ def test_a_source_is_collected_whole_with_what_it_refers_to_on_either_side_of_th
     workspace = tmp_path / "ws"
     destination = workspace / "daqs" / "D" / "sources" / "det.h5"
     confinement = collect.Confinement([roots], workspace)
-    location = Location(path=str(source))
-    done = asyncio.run(
-        collect.collect_source(location, destination, confinement=confinement, rsync_command="", remote_shell="")
+    collecting = collect.collect_source(
+        Location(path=str(source)), destination, confinement=confinement, rsync_command="", remote_shell=""
     )
+    done = asyncio.run(collecting)
     assert done.outcome == "copied" and done.size == source.stat().st_size == done.bytes
     assert file_digest(destination) == file_digest(source)
     files = references.read_manifest(references.manifest_path(destination))
