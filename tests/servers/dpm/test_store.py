@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from servers.dpm.model import Alert, DaqRecord, Severity, SourceRecord, SubState
-from servers.dpm.store import Workspace, WorkspaceBusy, checked_dir_name
+from servers.dpm.model import Alert, DaqRecord, HistoryEntry, Severity, SourceRecord, SubState
+from servers.dpm.store import Workspace, WorkspaceBusy, _encode, checked_dir_name
 
 
 def snapshot_ids(root: Path) -> list[str]:
@@ -176,3 +178,15 @@ def test_a_change_whose_directory_cannot_be_synced_is_refused_and_never_journale
         "LOST": SubState.SCHEDULED,  # its line was never written: the sync comes first
         "KEPT": SubState.RELEASING,
     }
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=40), timestamp=st.floats(min_value=1.0e9, max_value=4.0e9) | st.just(0.0))
+def test_a_journal_line_is_the_bytes_the_json_module_writes(text: str, timestamp: float) -> None:
+    changed = record(f"id{text}", seq=7)
+    changed.message = text
+    changed.timestamp = timestamp
+    changed.alerts[text] = Alert(text, Severity.WARNING, f'"{text}\\', timestamp)
+    changed.sources.append(SourceRecord(text, f"/data/{text}.h5", bytes=1 << 40, timestamp=timestamp))
+    changed.history.append(HistoryEntry(SubState.MERGING, timestamp, text))
+    assert _encode(changed) == json.dumps(changed.to_json(), separators=(",", ":")).encode()
