@@ -10,11 +10,7 @@ Either way it is written to a temporary name first and appears under its final n
 when complete. Nothing collected is fsynced: the merge of this server run reads it through the
 page cache, and the product is made durable by the merge; after a restart every source is
 collected afresh (`phases.ActiveDaq.collected_here`), so a copy a crash may have torn is never
-read. A small local source (up to `INLINE_BYTES`, with the files it refers to) is collected on
-the event loop: a copy of a few MiB in the kernel and an HDF5 walk cost less there than the hop
-to a worker thread (wake-ups, and a GIL hand-off at each of the worker's system calls; README
-"Cost per DAQ"); a larger one in one hop to a worker thread (`collect_local`), where an abort
-stops its copy at the next chunk.
+read. A local source is collected in one hop to a worker thread (`collect_local`).
 
 Then every file the collected source refers to (virtual dataset sources, external raw storage,
 external links; `references.py`) is resolved against the original's location and confined to
@@ -39,15 +35,6 @@ from daqif.spec import Location
 from servers.common.atomic import atomic_output, atomic_write_bytes, copy_file, remove_quietly
 from servers.common.paths import PathNotAllowed, confine
 from servers.dpm.transfer import TransferError, rsync, run_stoppable
-
-INLINE_BYTES = 2 << 20
-"""A local source whose bytes, with those of the files it refers to, are at most this is collected
-on the event loop (a 2 MiB copy from the page cache: well under a millisecond)."""
-_NEVER = threading.Event()  # the stop signal of a collection on the event loop: it is not stopped
-
-
-class _TooLarge(Exception):
-    """What a collection on the event loop would copy exceeds `INLINE_BYTES`."""
 
 
 @dataclass(frozen=True)
@@ -121,16 +108,10 @@ async def collect_source(
 ) -> Collected:
     """Collect `location` and the files it refers to; raise `TransferError` saying why not.
 
-    A local source of at most `INLINE_BYTES` (with what it refers to) is collected on the event
-    loop; a larger one in one hop to a worker thread (`collect_local`: the copies, the references
-    and the manifest), where a cancellation stops its copy at the next chunk.
+    A local source is collected in one hop to a worker thread (`collect_local`: the copies, the
+    references and the manifest); a cancellation stops its copy at the next chunk.
     """
     if not location.is_remote:
-        if _fits_inline(location.path):
-            try:
-                return collect_local(location, destination, confinement, _NEVER, limit=INLINE_BYTES)
-            except _TooLarge:
-                pass  # it refers to larger files: collected afresh, off the event loop
         return await run_stoppable(lambda stop: collect_local(location, destination, confinement, stop))
     from servers.dpm import references
 
@@ -151,28 +132,13 @@ def _prepare(destination: Path) -> None:
     shutil.rmtree(references.references_dir(destination), ignore_errors=True)
 
 
-def _fits_inline(path_text: str) -> bool:
-    """Whether `path_text` is at most `INLINE_BYTES` (False if it cannot be read: the collection in a
-    worker thread says why)."""
-    try:
-        return os.stat(path_text).st_size <= INLINE_BYTES
-    except OSError:
-        return False
-
-
 def collect_local(
-    location: Location,
-    destination: Path,
-    confinement: Confinement,
-    stop: threading.Event,
-    limit: int | None = None,
+    location: Location, destination: Path, confinement: Confinement, stop: threading.Event
 ) -> Collected:
-    """Collect the local source `location` and the files it refers to (blocking).
+    """Collect the local source `location` and the files it refers to (blocking; a worker thread).
 
-    With `limit`, raises `_TooLarge` before copying more bytes than that (the source and what it
-    refers to, together). Nothing is fsynced: a collected copy is read by this server run's merge
-    (through the page cache) and trusted by no other; a restart collects every source afresh
-    (`phases.Phases.merge`).
+    Nothing is fsynced: a collected copy is read by this server run's merge (through the page
+    cache) and trusted by no other; a restart collects every source afresh (`phases.Phases.merge`).
     """
     from servers.dpm import references
 
@@ -187,11 +153,7 @@ def collect_local(
         raise TransferError(f"cannot read source {path_text}: {exc.strerror}") from None
     if not os.path.isfile(source):
         raise TransferError(f"source {path_text} is not a regular file")
-    budget = limit if limit is not None else -1
-    if limit is not None and st.st_size > budget:
-        raise _TooLarge
     nbytes = _copy(source, destination, path_text, stop)
-    budget -= nbytes
     try:
         found = references.find_references(destination)
     except references.ReferenceError as exc:
@@ -214,10 +176,6 @@ def collect_local(
         real = confinement.check(str(resolved), "the file")
         if not real.is_file():
             raise TransferError(f"source {location}: {ref.describe()}, which is not a file at {resolved}")
-        if limit is not None:
-            budget -= real.stat().st_size
-            if budget < 0:
-                raise _TooLarge
         copy = refs_dir / f"{len(files)}-{resolved.name}"
         refs_dir.mkdir(exist_ok=True)
         total += _copy(real, copy, str(resolved), stop)

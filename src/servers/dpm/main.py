@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib
 import logging
 import signal
 import sys
@@ -161,7 +160,8 @@ async def serve(
     if endpoint is not None:
         endpoints["metrics"] = f"http://{host}:{endpoint.port}"
     print(ready_line("dpm", **endpoints), flush=True)
-    threading.Thread(target=_warm_up, name="dpm-warm-up", daemon=True).start()
+    # QueueDaq's keyword checks import astropy and numpy (~0.7 s): after SERVING, not before.
+    threading.Thread(target=keyword_check.warm_up, name="dpm-warm-up", daemon=True).start()
     log.info(
         "serving on %s (%s), workspace %s, allowed roots %s",
         address,
@@ -177,14 +177,6 @@ async def serve(
         await endpoint.stop()
     await dpm.stop()
     return 0
-
-
-def _warm_up() -> None:
-    """Import, after SERVING and off the event loop, what the first DAQs need: QueueDaq's keyword
-    checks (astropy, numpy: ~0.7 s) and the reference search of a collection (h5py), which runs on
-    the event loop for a small source (`collect.INLINE_BYTES`)."""
-    keyword_check.warm_up()
-    importlib.import_module("servers.dpm.references")
 
 
 def main(argv: list[str] | None = None) -> int:

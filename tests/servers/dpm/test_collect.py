@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import os
@@ -17,11 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
-from daqif.spec import Location
 from daqif.testing import wait_for
 from daqif.v1 import dpm_pb2
 from servers.common.process import system_tool
-from servers.dpm import collect
 from servers.dpm.merge import verify
 
 from .dpm_helpers import (
@@ -315,54 +312,3 @@ def test_on_xfs_the_collected_copy_shares_the_originals_extents_and_stays_a_snap
                 assert np.array_equal(f["det/det/data"][()], frames)
         finally:
             harness.close()
-
-
-def _external_source(path: Path, raw_bytes: int) -> Path:
-    """A small HDF5 source whose dataset's data is the external raw file `<name>.raw` beside it."""
-    raw = path.with_suffix(".raw")
-    raw.write_bytes(np.random.default_rng(1).integers(0, 255, raw_bytes, dtype=np.uint8).tobytes())
-    with h5py.File(path, "w") as f:
-        f.create_dataset("det/data", shape=(raw_bytes,), dtype=np.uint8, external=[(raw.name, 0, raw_bytes)])
-    return raw
-
-
-@pytest.mark.parametrize(
-    ("source_bytes", "raw_bytes"),
-    [
-        (1 << 20, 0),  # collected on the event loop
-        (collect.INLINE_BYTES + 1, 0),  # too large: in a worker thread
-        (0, 1 << 20),  # small, referring to a small file: on the event loop
-        (0, collect.INLINE_BYTES),  # small, referring to a large one: collected again in a thread
-    ],
-)
-def test_a_source_is_collected_whole_with_what_it_refers_to_on_either_side_of_the_inline_size(
-    tmp_path: Path, source_bytes: int, raw_bytes: int
-) -> None:
-    from servers.dpm import references
-    from servers.dpm.transfer import file_digest
-
-    roots = tmp_path / "data"
-    source = roots / "raw" / "det.h5"
-    source.parent.mkdir(parents=True)
-    raw = None
-    if raw_bytes:
-        raw = _external_source(source, raw_bytes)
-    else:
-        write_source(source, "det", frames=1, shape=(1, source_bytes // 2))
-    workspace = tmp_path / "ws"
-    destination = workspace / "daqs" / "D" / "sources" / "det.h5"
-    confinement = collect.Confinement([roots], workspace)
-    collecting = collect.collect_source(
-        Location(path=str(source)), destination, confinement=confinement, rsync_command="", remote_shell=""
-    )
-    done = asyncio.run(collecting)
-    assert done.outcome == "copied" and done.size == source.stat().st_size == done.bytes
-    assert file_digest(destination) == file_digest(source)
-    files = references.read_manifest(references.manifest_path(destination))
-    if raw is None:
-        assert files == {} and done.references == 0
-    else:
-        assert list(files) == ["det.raw"] and done.reference_bytes == raw_bytes
-        assert file_digest(files["det.raw"]) == file_digest(raw)
-    leftovers = [p.name for p in destination.parent.rglob(".*")]
-    assert leftovers == []
