@@ -20,7 +20,9 @@ never moves a file a receiver may hold a symlink to.
 Durability: group commit. No change is acknowledged (QueueDaq reply, published status) before
 it is durable, and a change costs no fsync of its own: every change (create, save, archive) is
 the whole record as one line of the journal. One writer thread takes every change queued
-meanwhile, appends them in one `write` and makes them durable with one `fdatasync` (an append to
+meanwhile, fsyncs the directories they name (`sync_first`: a receiver the product was linked
+into; each once per batch; a change whose directory fails is refused, its line never written),
+appends them in one `write` and makes them durable with one `fdatasync` (an append to
 an open file: no new inode, no directory to sync), answers the batch's other changes, then moves
 archived directories (a rename, not synced: the journal holds the state) and answers the
 archives; each answer is one wake-up of the caller's event loop for the whole batch (`_answer`),
