@@ -13,11 +13,15 @@ span), each run writing ``--gib`` (2 GiB: at least 2 s on this machine's disk), 
   ``copy=False`` + h5py ``write_direct_chunk``, one frame per chunk, then fsync), against its own
   simulator; timed from creating its file until it is durable;
 - **plain write**: Python ``os.pwrite`` of the same frames at the file offsets the daqif file has
-  them (read from its chunk index), then fsync: the cost of the bytes alone.
+  them (read from its chunk index), then fsync: the cost of the bytes alone, through the page cache
+  (the issue 12 baseline);
+- **plain direct**: the same frames at the same offsets with ``O_DIRECT`` from page-aligned memory,
+  4 MiB per write, then fsync: the bytes alone on the path the writer takes by default
+  (``--datapath-io direct``, docs/writer.md "Direct I/O"), without receiving or copying them.
 
 Sizes: 64 KiB (256x128 uint16), 512 KiB (512x512), 4 MiB (2048x1024), 8 MiB (2048x2048).
-Reported per size: medians with min-max of GB/s, daqif frames/s, daqif ÷ peer and daqif ÷ plain
-(ratios of the same round), the load average (1 min) at the start of each run.
+Reported per size: medians with min-max of GB/s, daqif frames/s, daqif ÷ peer, daqif ÷ plain and
+daqif ÷ plain direct (ratios of the same round), the load average (1 min) at the start of each run.
 With ``--loss-frames N``: frames lost from a PUB source at the highest rate that holds.
 
 With ``--live`` it measures only what the live preview costs: the daqif run with the writer's live
@@ -289,6 +293,56 @@ def plain_run(directory: Path, shape: tuple[int, int], offsets: list[int]) -> di
     return _throughput(len(offsets), shape, elapsed, load)
 
 
+def plain_direct_run(directory: Path, shape: tuple[int, int], offsets: list[int]) -> dict[str, Any] | None:
+    """The same frames at the same offsets with ``O_DIRECT`` from page-aligned memory, each run
+    of contiguous frames in writes of `direct.BATCH_BYTES` (as the writer's direct I/O does, minus
+    the receiving and the copy into its batch buffers), then fsync: the bytes alone on the path
+    the writer takes. None when the offsets are not aligned (the writer went through the page cache)."""
+    import mmap
+
+    from servers.writer.datapath import direct
+
+    frame_bytes = frame_bytes_of(shape)
+    if any(offset % direct.ALIGN for offset in offsets) or frame_bytes % direct.ALIGN:
+        return None
+    per_batch = direct.batch_frames(frame_bytes)
+    patterns = [expected_frame(i, shape, DTYPE).tobytes() for i in range(PATTERN_PERIOD)]
+    batches: dict[int, mmap.mmap] = {}  # first frame's pattern -> a batch of the frames after it
+    for phase in {(start + 1) % PATTERN_PERIOD for start in range(0, len(offsets), per_batch)}:
+        buffer = mmap.mmap(-1, per_batch * frame_bytes)
+        for k in range(per_batch):
+            buffer[k * frame_bytes : (k + 1) * frame_bytes] = patterns[(phase + k) % PATTERN_PERIOD]
+        batches[phase] = buffer
+    path = directory / f"plain-direct-{shape[0]}x{shape[1]}.bin"
+    os.sync()
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        index = 0
+        while index < len(offsets):
+            count = 1  # frames of this write: contiguous in the file, at most a batch
+            while (
+                count < per_batch
+                and index + count < len(offsets)
+                and offsets[index + count] == offsets[index] + count * frame_bytes
+            ):
+                count += 1
+            batch = batches.get((index + 1) % PATTERN_PERIOD)
+            if batch is None:  # a run broken where the writer's batches are not
+                raise RuntimeError(f"frame {index}'s chunk is not where a direct batch would start")
+            with memoryview(batch) as view:
+                os.pwrite(fd, view[: count * frame_bytes], offsets[index])
+            index += count
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_directory(directory)
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return _throughput(len(offsets), shape, elapsed, load)
+
+
 def frame_bytes_of(shape: tuple[int, int]) -> int:
     return shape[0] * shape[1] * np.dtype(DTYPE).itemsize
 
@@ -318,9 +372,9 @@ def throughput_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]
     for name in args.sizes.split(","):
         shape = SIZES[name]
         n = max(16, int(args.gib * 2**30 / frame_bytes_of(shape)))
-        runs: dict[str, list[dict[str, Any]]] = {"daqif": [], "peer": [], "plain_write": []}
+        order = ["daqif", "peer", "plain_write", "plain_direct"]
+        runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in order}
         offsets: list[int] = []
-        order = ["daqif", "peer", "plain_write"]
         for round_ in range(args.rounds):
             for variant in order:
                 print(f"[{name}] round {round_ + 1}: {variant}, {n} frames ...", file=sys.stderr, flush=True)
@@ -328,13 +382,21 @@ def throughput_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]
                     run, offsets = daqif_run(directory, shape, n)
                 elif variant == "peer":
                     run = peer_run(directory, shape, n)
-                else:
+                elif variant == "plain_write":
                     run = plain_run(directory, shape, offsets)
+                else:
+                    direct_run = plain_direct_run(directory, shape, offsets)
+                    if direct_run is None:  # the daqif file is not laid out for direct writes
+                        continue
+                    run = direct_run
                 runs[variant].append(run)
             order = order[1:] + order[:1]  # the plain write needs the offsets of round 1's daqif
         over_peer = [d["gb_per_s"] / p["gb_per_s"] for d, p in zip(runs["daqif"], runs["peer"], strict=True)]
         over_plain = [
             d["gb_per_s"] / p["gb_per_s"] for d, p in zip(runs["daqif"], runs["plain_write"], strict=True)
+        ]
+        over_direct = [
+            d["gb_per_s"] / p["gb_per_s"] for d, p in zip(runs["daqif"], runs["plain_direct"], strict=False)
         ]
         sizes[name] = {
             "shape": list(shape),
@@ -345,6 +407,8 @@ def throughput_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]
             "plain_write_gb_per_s": _spread([r["gb_per_s"] for r in runs["plain_write"]]),
             "daqif_over_peer": _spread(over_peer),
             "daqif_over_plain_write": _spread(over_plain),
+            "plain_direct_gb_per_s": _spread([r["gb_per_s"] for r in runs["plain_direct"]] or [float("nan")]),
+            "daqif_over_plain_direct": _spread(over_direct or [float("nan")]),
             "end_push_ms": _spread([r["end_push_ms"] for r in runs["daqif"]]),
             "load_average_1min": _spread([r["load_average_1min"] for v in runs.values() for r in v]),
             "shortest_run_s": min(r["seconds"] for v in runs.values() for r in v),
@@ -918,7 +982,8 @@ def _cell(value: dict[str, float]) -> str:
 def _table(summary: dict[str, Any]) -> str:
     """One line per size: medians with min-max, the ratios and the load beside them."""
     columns = ["daqif_gb_per_s", "peer_gb_per_s", "plain_write_gb_per_s", "daqif_over_peer"]
-    columns += ["daqif_over_plain_write", "load_average_1min"]
+    columns += ["daqif_over_plain_write", "plain_direct_gb_per_s", "daqif_over_plain_direct"]
+    columns += ["load_average_1min"]
     lines = ["size  frames/s  " + "  ".join(f"{c:18}" for c in columns) + "  push ms"]
     for name, entry in summary["sizes"].items():
         cells = "  ".join(f"{_cell(entry[c]):18}" for c in columns)

@@ -103,3 +103,24 @@ def test_a_joined_file_plots_its_virtual_dataset_by_default(tmp_path: Path) -> N
     assert_default_plot_is_the_image_stack(joined, "JF", 5, (6, 5), virtual=True)
     with h5py.File(joined, "r") as f:
         assert [int(frame[0, 0]) for frame in f["entry/data/data"][:]] == [1, 2, 3, 4, 5]
+
+
+def test_detector_groups_are_the_groups_with_3d_data_and_image_id_in_name_order() -> None:
+    with h5py.File("detectors", "w", driver="core", backing_store=False) as f:
+        for name in ("b", "a", "deep/er/c"):
+            f.create_dataset(f"{name}/data", data=np.zeros((1, 2, 2), dtype="u2"))
+            f.create_dataset(f"{name}/image_id", data=np.zeros(1, dtype="u8"))
+        f["soft/data"] = h5py.SoftLink("/a/data")  # followed, as h5py's get follows it
+        f["soft/image_id"] = h5py.SoftLink("/a/image_id")
+        f.create_dataset("flat/data", data=np.zeros((2, 2)))  # 2-D: no detector
+        f["flat/image_id"] = f["a/image_id"]
+        f["dangling/data"] = h5py.SoftLink("/nowhere")
+        f["dangling/image_id"] = f["a/image_id"]
+        f.create_group("no_ids")["data"] = f["a/data"]
+        f["nexus/data"] = f["a/data"]
+        f["nexus/image_id"] = f["a/image_id"]
+        f["nexus"].attrs["NX_class"] = "NXdata"
+        f["group_data/data"] = f.create_group("elsewhere")
+        f["group_data/image_id"] = f["a/image_id"]
+        f["alias"] = f["b"]  # one group under two names: visited once, by its first name
+        assert find_detector_groups(f) == ["/a", "/alias", "/deep/er/c", "/soft"]

@@ -66,7 +66,7 @@ from servers.writer.core import DEFAULT_SYNC_TIMEOUT, DataPathFactory, WriterCor
 from servers.writer.datapath.api import DataPathHandle
 from servers.writer.datapath.handle import ProcessDataPath, max_message_for_frames, rcvhwm_for_frames
 from servers.writer.datapath.journal import WriteJournal
-from servers.writer.datapath.protocol import DEFAULT_PRIORITY_BOOST, SocketKind
+from servers.writer.datapath.protocol import DEFAULT_PRIORITY_BOOST, FrameIO, SocketKind
 from servers.writer.group import GroupDataPath, Member, RemoteMember
 from servers.writer.grpc_service import SERVICE_NAME, WriterControlService
 from servers.writer.live import DEFAULT_LIVE_RATE_HZ, LiveError, LiveOptions, check_bindable
@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         "framed blocks is malformed, not written; costs 11-24 times the default framing check per frame",
     )
     parser.add_argument(
+        "--datapath-io",
+        choices=["direct", "page-cache"],
+        default="direct",
+        help="how uncompressed frames reach the file: 'direct' past the page cache (O_DIRECT, in "
+        "aligned batches) where the file system and the frame size (a multiple of 4096 bytes) allow "
+        "it, else through it; 'page-cache' always through it (default %(default)s)",
+    )
+    parser.add_argument(
         "--live-stream",
         metavar="tcp://HOST:PORT",
         help="publish a sample of the frames received (array-1.0) on a ZeroMQ PUB socket bound there; "
@@ -263,6 +271,7 @@ def make_datapath_factory(
     verify_compressed: bool = False,
     live: LiveOptions | None = None,
     *,
+    frame_io: FrameIO = "direct",
     workers: int = 1,
     group_members: Sequence[str] = (),
     state_dir: Path | None = None,
@@ -288,6 +297,7 @@ def make_datapath_factory(
             priority_boost=priority_boost,
             verify_compressed=verify_compressed,
             live=live,
+            frame_io=frame_io,
         )
 
     def factory(config: DaqConfig) -> DataPathHandle:
@@ -366,6 +376,7 @@ async def serve(args: argparse.Namespace) -> int:
             priority_boost=args.datapath_priority_boost,
             verify_compressed=args.verify_compressed,
             live=live,
+            frame_io=args.datapath_io,
             workers=args.workers,
             group_members=args.group_member,
             state_dir=state_dir,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from daqif.testing import wait_for
+from daqif.v1 import dpm_pb2
 from servers.dpm.merge import verify
 
 from .dpm_helpers import (
@@ -247,3 +248,57 @@ def test_rsync_children_left_by_a_kill_9_are_killed_when_the_server_starts_again
     assert f"killed pid {leftovers[0]}" in log
     client.abort_daq("HANG1")  # its new rsync hangs too: the abort kills its whole group
     wait_for(lambda: not shell_children(), 30, "the abort to kill the new remote shell")
+
+
+def test_a_merge_killed_after_it_took_the_collected_copy_is_retried_from_a_fresh_collection(
+    dpm: DpmHarness,
+) -> None:
+    # The server's merges consume the collected copy the product starts from (renamed into the
+    # part file, `--consume-collected`). A merge that dies after that must not leave the DAQ
+    # without its snapshot: the retry collects every source again from the originals.
+    first, second = dpm.data / "raw" / "first.h5", dpm.data / "raw" / "second.h5"
+    write_source(first, "first", frames=24, shape=(1024, 2048), seed=1)  # 96 MiB: the product's start
+    write_source(second, "second", frames=20, shape=(1024, 2048), seed=2)  # 80 MiB, copied by the merge
+    originals = {path: path.read_bytes() for path in (first, second)}
+    server = dpm.start()
+    client = dpm.client(server)
+    spec = make_spec("MOVED1", [hdf5_source("first", first), hdf5_source("second", second)], [dpm.receiver])
+    collected = server.workspace / "daqs" / "MOVED1" / "sources"
+    parts = server.workspace / "products" / "MOVED1"
+    client.queue_daq(spec)
+
+    def merge_that_took_the_copy() -> int | None:
+        # Frozen the moment the collected copy of `first` has become the part file.
+        if (collected / "first.h5").exists() or not any(parts.glob(".*.part")):
+            return None
+        for child in _children(server.pid):
+            for grandchild in _children(child):  # the merge launcher's children are merges
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{grandchild}/fd/1").endswith("merge.log"):
+                        os.kill(grandchild, signal.SIGSTOP)
+                        return grandchild
+        return None
+
+    merge_pid = wait_for(merge_that_took_the_copy, 120, "a merge that moved the copy", interval=0.001)
+    assert not (collected / "first.h5").exists() and (collected / "second.h5").exists()
+    os.kill(merge_pid, signal.SIGKILL)
+    status = wait_alert(client, "MOVED1", "merging")
+    assert status.substate == dpm_pb2.DAQ_SUB_STATE_MERGING and status.error
+
+    client.retry_merge_daq("MOVED1")
+    record = wait_archived(client, server, "MOVED1", timeout=180)
+    assert record["substate"] == "COMPLETED"
+    assert record["attempts"]["merge"] == 2
+    # Both sources were collected again, after the first merge began, and the second attempt
+    # started from its own fresh copy.
+    merging = next(h["timestamp"] for h in record["history"] if h["substate"] == "MERGING")
+    assert all(s["timestamp"] > merging and s["outcome"] == "copied" for s in record["sources"])
+    log = (server.workspace / "archive" / "MOVED1" / "logs" / "merge.log").read_text()
+    assert log.count("(a collected copy) moved to the product") == 2, log
+    product = dpm.receiver / "MOVED1.product.h5"
+    assert visible_files(dpm.receiver) == [product.name]
+    assert verify(product).ok
+    with h5py.File(product, "r") as f, h5py.File(first, "r") as a, h5py.File(second, "r") as b:
+        assert np.array_equal(f["first/first/data"][()], a["first/data"][()])
+        assert np.array_equal(f["second/second/data"][()], b["second/data"][()])
+    assert all(path.read_bytes() == data for path, data in originals.items())  # never touched

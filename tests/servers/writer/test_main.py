@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from daqif.testing import wait_for
 from daqif.writer_client import WriterClient, writer_state_name
 from servers.common.launch import ServerStartError, WriterOptions, WriterProcess
 
-from .conftest import DETECTOR_NAME, Simulator, WriterFactory
+from .conftest import DETECTOR_NAME, Simulator, WriterFactory, start_simulator
 
 
 def test_sync_write_longer_than_the_cap_is_refused_and_keeps_writing(
@@ -147,3 +148,33 @@ def test_a_bad_writer_group_flag_stops_the_writer_naming_it(
     assert result.returncode == 2
     assert message.format(grpc=grpc) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("flag", "direct"), [((), True), (("--datapath-io", "page-cache"), False)])
+def test_datapath_io_chooses_how_aligned_frames_reach_the_file(
+    writer_factory: WriterFactory, data_root: Path, tmp_path: Path, flag: tuple[str, ...], direct: bool
+) -> None:
+    shape = (64, 64)  # 8 KiB uint16 frames: direct I/O applies unless turned off
+    config = tmp_path / "aligned.json"
+    config.write_text(
+        json.dumps(
+            {
+                "detector_name": DETECTOR_NAME,
+                "detector_type": "eiger",
+                "bit_depth": 16,
+                "image_pixel_height": shape[0],
+                "image_pixel_width": shape[1],
+            }
+        )
+    )
+    with start_simulator(shape=shape) as sim:
+        writer = writer_factory(sim.endpoint, config=config, extra_args=flag)
+        client = StdDaqClient(url_base=writer.rest_url)
+        output = data_root / "aligned.h5"
+        client.start_writer_async({"output_file": str(output), "n_images": 50})
+        wait_for(lambda: client.get_status()["acquisition"]["state"] == "FINISHED", 60)
+    with h5py.File(output, "r") as f:
+        data = f[DETECTOR_NAME]["data"]
+        assert data.shape == (50, *shape)
+        early = data.id.get_create_plist().get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY
+        assert early is direct

@@ -288,10 +288,23 @@ def _plain_dcpl(src: h5py.Dataset, dcpl: Any) -> Any:
     return plain
 
 
-def open_source(spec: Specification, source: Hdf5FileSource, path: Path, log: MergeLog) -> OpenSource:
+PRODUCT_LIBVER = ("v108", "latest")
+"""The format bounds the product is written with (opened, created)."""
+
+
+def open_source(
+    spec: Specification, source: Hdf5FileSource, path: Path, log: MergeLog, writable: bool = False
+) -> OpenSource:
+    """Open a source and read its keywords. `writable`: a collected copy the product will be (see
+    `clone_candidate`), opened as the product is (read-write, `PRODUCT_LIBVER`) so that it is not
+    opened twice; read-only if that fails."""
     where, label = source_where(spec, source), source_label(spec, source, path)
+    handle = None
+    if writable:
+        with contextlib.suppress(OSError):
+            handle = h5py.File(path, "r+", libver=PRODUCT_LIBVER)
     try:
-        handle = h5py.File(path, "r")
+        handle = handle or h5py.File(path, "r")
     except OSError as exc:
         raise MergeError(f"{label}: cannot open {path} as an HDF5 file: {exc}") from None
     opened = OpenSource(source, where, path, handle, is_base=source is spec.target_source)
@@ -301,6 +314,18 @@ def open_source(spec: Specification, source: Hdf5FileSource, path: Path, log: Me
         handle.close()
         raise
     return opened
+
+
+def clone_candidate(spec: Specification, source_files: Mapping[str, Path]) -> Path | None:
+    """The file the HDF5 product starts as (`_build`): the base, else the largest HDF5 source (the
+    first of equal ones); None if a size cannot be read (opening that source says why)."""
+    if spec.target_source is not None:
+        return Path(source_files[spec.target_source.source_name])
+    paths = [Path(source_files[s.source_name]) for s in spec.hdf5_sources]
+    try:
+        return max(paths, key=lambda p: p.stat().st_size, default=None)
+    except OSError:
+        return None
 
 
 def _read_source_keywords(src: OpenSource, log: MergeLog) -> None:
@@ -448,29 +473,26 @@ def _build(
     try:
         with contextlib.ExitStack() as stack:
             if clone is None:
-                product = stack.enter_context(
-                    h5py.File(part, "w", libver=("v108", "latest"), track_order=True)
-                )
+                product = stack.enter_context(h5py.File(part, "w", libver=PRODUCT_LIBVER, track_order=True))
                 copier = _Copier(product, out)
             else:
                 product, copier = _clone_source(clone, part, digests, out, stack, clone.path in movable)
                 flusher.kick()
             stack.callback(copier.close)
+            root = product.attrs  # one AttributeManager: `File.attrs` opens the root group each time
             # Reserved attributes first so a reader sees them at the top; DATASUM comes last.
-            product.attrs[ARCFILE] = outfile.name
-            product.attrs[ORIGFILE] = Path(base.source.location.path).name if base else spec.product_name
-            product.attrs[DATE] = utc_date(datetime.now(UTC))
+            root[ARCFILE] = outfile.name
+            root[ORIGFILE] = Path(base.source.location.path).name if base else spec.product_name
+            root[DATE] = utc_date(datetime.now(UTC))
             ordered = sorted(keywords.values.values(), key=lambda kw: kw.is_eso)  # value keywords, then ESO
             for kw in ordered:
-                _write_keyword(product.attrs, kw)
+                _write_keyword(root, kw)
             for name in COMMENTARY:
                 if keywords.commentary.get(name):
-                    product.attrs.create(name, keywords.commentary[name], dtype=h5py.string_dtype())
+                    root.create(name, keywords.commentary[name], dtype=h5py.string_dtype())
             rows = [[kw.name, kw.comment] for kw in ordered if kw.comment]
             if rows:
-                product.attrs.create(
-                    KEYWORD_COMMENTS, np.array(rows, dtype=object), dtype=h5py.string_dtype()
-                )
+                root.create(KEYWORD_COMMENTS, np.array(rows, dtype=object), dtype=h5py.string_dtype())
             for o in opened:
                 if o is clone:
                     continue
@@ -485,9 +507,10 @@ def _build(
             for path in copier.after_copy:  # HDF5-copied datasets: summed from the product
                 copier.sums[path] = dataset_sum(product[path], copier.buffer)
             for path, total in copier.sums.items():
-                product[path].attrs[DATASUM] = total.finish(product[path])
+                dset = product[path]
+                dset.attrs[DATASUM] = total.finish(dset)
             checksum = manifest_digest(product)
-            product.attrs[DATASUM] = checksum
+            root[DATASUM] = checksum
         return checksum, len(copier.sums), copier.bytes_copied
     finally:
         flusher.close()
@@ -593,17 +616,24 @@ def _clone_source(
             after_copy.append(target)
 
     h5py.h5o.visit(src.file.id, plan, info=True)  # each object once, by name, as `visititems`
-    if movable and not recopy and _move(src, part, out):
+    soft_links = not src.is_base and has_soft_links(src.file)
+    moved = movable and not recopy and _move(src, part, out)
+    if moved:
         copied = os.fstat(fd).st_size
     else:
+        _read_only(src)  # copied as it is on disk, and read for the recopy below
         copied = copy_file(src.path, part, durable=False)  # fsynced with the whole part file
-    product = stack.enter_context(h5py.File(part, "r+", libver=("v108", "latest")))
+    if moved and src.file.mode == "r+":
+        product = stack.enter_context(src.file)  # opened as the product (`open_source`)
+    else:
+        product = stack.enter_context(h5py.File(part, "r+", libver=PRODUCT_LIBVER))
     copier = _Copier(product, out)
     stack.callback(copier.close)  # its scratch file, also when the recopy below fails
     copier.references = src.references
     copier.sums.update(sums)
     copier.after_copy.extend(after_copy)
     copier.bytes_copied += copied
+    root = product.attrs  # one AttributeManager: `File.attrs` opens the root group each time
     if src.is_base:
         group = product
     else:
@@ -614,11 +644,12 @@ def _clone_source(
                 product.move(link, f"{holder}/{link}")
         product.move(holder, name)
         group = product[name]
-        _reroot_soft_links(group, prefix)
-        _copy_attributes(product.attrs, group.attrs, src.other_attributes, out)
-    for attr in list(product.attrs):
+        if soft_links:  # else the walk would only read (the small DAQ's source has none)
+            _reroot_soft_links(group, prefix)
+        _copy_attributes(root, group.attrs, src.other_attributes, out)
+    for attr in list(root):
         if not src.is_base or attr not in src.other_attributes:
-            del product.attrs[attr]
+            del root[attr]
     for path in recopy:
         where = f"{prefix}/{path}"
         parent_path, _, leaf = where.rpartition("/")
@@ -637,18 +668,28 @@ def _clone_source(
 def _move(src: OpenSource, part: Path, out: MergeLog) -> bool:
     """Make the collected copy `src.path` the part file by a rename; False if it cannot be.
 
-    The source is closed first (HDF5 refuses to open one file twice with other flags); the hash
-    thread keeps its own descriptor of the same file. Its bytes stay where they are: only the
-    metadata the merge changes are written."""
-    src.file.close()
+    A source opened read-write (`open_source`) stays open: that handle becomes the product's. One
+    opened read-only is closed first (HDF5 refuses to open one file twice with other flags). The
+    hash thread keeps its own descriptor of the same file. Its bytes stay where they are: only
+    the metadata the merge changes are written."""
+    if src.file.mode != "r+":
+        src.file.close()
     try:
         os.rename(src.path, part)
     except OSError as exc:
         out.info(f"cannot move {src.path} to the product ({exc.strerror}); copying it")
-        src.file = h5py.File(src.path, "r")
+        _read_only(src)
         return False
     out.info(f"{src.path} (a collected copy) moved to the product: its bytes are not copied again")
     return True
+
+
+def _read_only(src: OpenSource) -> None:
+    """`src.file` open read-only (closed and opened again if it was read-write, or closed)."""
+    if src.file.id.valid and src.file.mode == "r":
+        return
+    src.file.close()
+    src.file = h5py.File(src.path, "r")
 
 
 def _add_nexus_view(product: h5py.File, copier: _Copier, log: MergeLog) -> None:
@@ -691,6 +732,12 @@ def _hard_link_paths(product: h5py.File, obj: h5py.Dataset) -> list[str]:
 
     walk(product, "")
     return found
+
+
+def has_soft_links(f: h5py.File) -> bool:
+    """Whether a link below the root of `f` is a soft link (one H5Lvisit: each group once)."""
+    found = f.id.links.visit(lambda _name, info: info.type == h5py.h5l.TYPE_SOFT or None, info=True)
+    return bool(found)
 
 
 def _reroot_soft_links(group: h5py.Group, prefix: str) -> None:

@@ -19,7 +19,14 @@ from servers.dpm.dictionary import DictionarySet
 from servers.dpm.merge.common import MergeError, MergeLog, MergeResult, source_where
 from servers.dpm.merge.dictionaries import apply_dictionaries
 from servers.dpm.merge.fits import merge_fits
-from servers.dpm.merge.hdf5 import OpenSource, check_base_names, describe_plan, open_source, write_product
+from servers.dpm.merge.hdf5 import (
+    OpenSource,
+    check_base_names,
+    clone_candidate,
+    describe_plan,
+    open_source,
+    write_product,
+)
 from servers.dpm.merge.keywords import keywords_by_priority, merge_keywords
 
 
@@ -132,8 +139,12 @@ def _merge_opened(
     dictionaries: DictionarySet | None,
     movable: Collection[Path],
 ) -> MergeResult:
+    # The collected copy the product will be renamed from is opened as the product, once.
+    clone = clone_candidate(spec, source_files) if movable and not dry_run else None
     for source in spec.hdf5_sources:
-        opened.append(open_source(spec, source, Path(source_files[source.source_name]), out))
+        path = Path(source_files[source.source_name])
+        writable = path == clone and path in movable
+        opened.append(open_source(spec, source, path, out, writable=writable))
         opened[-1].references = source_references.get(source.source_name)
     by_name = {o.source.source_name: o for o in opened}
     base = by_name[spec.target_source.source_name] if spec.target_source else None

@@ -7,14 +7,17 @@ One concern per module:
 - `protocol`: what crosses the process boundary (pipe messages, the shared counter page);
 - `worker`: the process itself (``python -m servers.writer.datapath.worker``): the receive loop;
 - `output`: one open HDF5 output file (datasets, direct chunk writes, SWMR flushes);
+- `direct`: uncompressed frames written past the page cache (``O_DIRECT``, aligned batches);
 - `writeback`: the file written back to disk while frames arrive, and made durable at its end;
 - `recovery`: making a file readable again after the process was killed mid-write.
 
 File layout and behaviour (DESIGN §4):
 
 - ``/<detector_name>/data`` ``[n_images, H, W]``, one frame per chunk, fixed extent: frame ``i`` of
-  the write is stored at chunk ``(i, 0, 0)`` with a direct chunk write straight from the received
-  ZeroMQ buffer (no copy, no numpy array).
+  the write is stored at chunk ``(i, 0, 0)``: uncompressed frames of a multiple of 4096 bytes with
+  direct I/O into storage allocated at creation (`direct`: copied once into aligned batches,
+  written past the page cache), others with a direct chunk write of HDF5 straight from the
+  received ZeroMQ buffer (no copy, no numpy array).
 - ``/<detector_name>/image_id`` and ``/<detector_name>/status`` ``[n]`` uint64, and root
   attributes ``run_id``, ``detector_name``, ``n_images``.
 - The NeXus view (`daqif.nexus`, docs/writer.md "File layout"): ``/entry`` (NXentry) with

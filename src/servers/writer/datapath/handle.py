@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from servers.common.process import kill, spawn, terminate
-from servers.writer.datapath import protocol
+from servers.writer.datapath import direct, protocol
 from servers.writer.datapath.api import (
     DataPathError,
     FrameCounters,
@@ -41,6 +41,7 @@ from servers.writer.datapath.protocol import (
     DEFAULT_PRIORITY_BOOST,
     DEFAULT_RCVHWM,
     PHASES,
+    FrameIO,
     Slot,
     SocketKind,
 )
@@ -68,8 +69,10 @@ BASE_RSS_BYTES: Final = 192 << 20
 def datapath_rss_budget(frame_nbytes: int) -> int:
     """The most resident memory the data path may use for frames of `frame_nbytes`, whatever
     the configs before (docs/writer.md, "Memory")."""
-    # A queued message holds a frame, a bitshuffle-LZ4 one at most 1/128 more (its framing).
-    return BASE_RSS_BYTES + rcvhwm_for_frames(frame_nbytes) * (frame_nbytes + frame_nbytes // 128)
+    # A queued message holds a frame, a bitshuffle-LZ4 one at most 1/128 more (its framing);
+    # a direct write has its batch buffers besides.
+    queued = rcvhwm_for_frames(frame_nbytes) * (frame_nbytes + frame_nbytes // 128)
+    return BASE_RSS_BYTES + queued + direct.buffer_bytes(frame_nbytes)
 
 
 def rcvhwm_for_frames(frame_nbytes: int, budget_bytes: int = RECEIVE_QUEUE_BYTES) -> int:
@@ -98,8 +101,9 @@ class ProcessDataPath:
     dies mid-write its file is repaired at once (`recovery.repair_file`), and the write's result
     reports the frames the repaired file holds.
 
-    The process raises its priority `priority_boost` nice levels above the caller's (when it may,
-    `worker.raise_priority`), so a busy control plane does not take the CPU frames need. With
+    While a write is open the process runs `priority_boost` nice levels above the caller's (when
+    it may, `worker.Priority`), so a busy control plane does not take the CPU frames need; between
+    writes it runs at the caller's, so the end of a write is pushed without waiting for it. With
     `verify_compressed` every LZ4 block of a bitshuffle-LZ4 frame is decoded before the frame is
     written (`daqif.frame.check_data(decode=True)`; off by default, see docs/writer.md). With
     `live` it publishes a sample of the frames it receives (`servers.writer.live`).
@@ -118,6 +122,7 @@ class ProcessDataPath:
         priority_boost: int = DEFAULT_PRIORITY_BOOST,
         verify_compressed: bool = False,
         live: LiveOptions | None = None,
+        frame_io: FrameIO = "direct",
     ) -> None:
         if socket_kind not in ("pull", "sub"):
             raise ValueError(f"socket_kind must be 'pull' or 'sub', not {socket_kind!r}")
@@ -135,6 +140,7 @@ class ProcessDataPath:
         self.priority_boost = priority_boost
         self.verify_compressed = verify_compressed
         self.live = live
+        self.frame_io: FrameIO = frame_io
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._shared_map: mmap.mmap | None = None
@@ -174,6 +180,7 @@ class ProcessDataPath:
                 f"--conn-fd={child_conn.fileno()}",
                 f"--shared-fd={shared_fd}",
                 f"--priority-boost={self.priority_boost}",
+                f"--io={self.frame_io}",
             ]
             if self.max_message_bytes is not None:
                 command.append(f"--max-message-bytes={self.max_message_bytes}")

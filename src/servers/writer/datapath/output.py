@@ -12,6 +12,7 @@ import time
 from typing import Any, Final
 
 from daqif.frame import Compression, FrameHeader
+from servers.writer.datapath import direct
 from servers.writer.datapath.api import DataPathError, WriteJob, WritePhase, WriteResult
 from servers.writer.datapath.writeback import Writeback, make_durable
 
@@ -24,9 +25,12 @@ MISMATCH_GRACE_S: Final = 0.5
 
 
 class OutputFile:
-    """One open output file: created by the constructor, filled by `append`, ended by `close`."""
+    """One open output file: created by the constructor, filled by `append`, ended by `close`.
 
-    def __init__(self, job: WriteJob, flush_interval: float) -> None:
+    With `direct_io`, uncompressed frames whose size allows it are written past the page cache
+    (`servers.writer.datapath.direct`); otherwise each frame is a direct chunk write of HDF5."""
+
+    def __init__(self, job: WriteJob, flush_interval: float, direct_io: bool = False) -> None:
         import h5py
         import numpy as np
 
@@ -53,6 +57,9 @@ class OutputFile:
         self.image_id: Any = None
         self.status: Any = None
         self.write_chunk: Any = None
+        self.frame_bytes = job.height * job.width * self.dtype.itemsize
+        self.direct_io = direct_io and direct.eligible(self.frame_bytes)
+        self.direct: direct.DirectFrames | None = None  # set when the (uncompressed) datasets are made
         buffer_len = min(job.n_images, METADATA_BUFFER)
         self.id_buffer = np.zeros(buffer_len, dtype=np.uint64)
         self.status_buffer = np.zeros(buffer_len, dtype=np.uint64)
@@ -60,7 +67,9 @@ class OutputFile:
         self.mismatch_since: float | None = None  # monotonic; first mismatched frame since a write
         self.mismatch_n_written = 0
         self.mismatch_problem = ""
-        self.file = create_file(job, h5py)
+        self.file = create_file(
+            job, h5py, direct.align_storage(job.n_images, self.frame_bytes) if self.direct_io else {}
+        )
         self.group = self.file[job.detector_name]
         try:
             self.writeback = Writeback(job.output_file)
@@ -119,8 +128,12 @@ class OutputFile:
         if self.data is None:
             self._create_datasets(compressed)
         index = self.n_written
-        # Filter mask bit 0 set = "bitshuffle not applied to this chunk".
-        self.write_chunk((index, 0, 0), data, 0 if compressed or not self.compressed else 1)
+        if self.direct is not None:
+            # A zmq.Frame's own memoryview: copying from the Frame itself crashes pyzmq 27.
+            self.direct.append(index, getattr(data, "buffer", data))
+        else:
+            # Filter mask bit 0 set = "bitshuffle not applied to this chunk".
+            self.write_chunk((index, 0, 0), data, 0 if compressed or not self.compressed else 1)
         slot = self.buffered
         self.id_buffer[slot] = header.image_id
         self.status_buffer[slot] = header.status
@@ -141,7 +154,12 @@ class OutputFile:
 
         job = self.job
         n = job.n_images
-        filters = dict(hdf5plugin.Bitshuffle(cname="lz4")) if compressed else {}
+        filters: dict[str, Any] = dict(hdf5plugin.Bitshuffle(cname="lz4")) if compressed else {}
+        direct_io = self.direct_io and not compressed
+        if direct_io:
+            import h5py
+
+            filters["dcpl"] = direct.early_allocation(h5py)
         self.data = self.group.create_dataset(
             "data",
             shape=(n, job.height, job.width),
@@ -150,6 +168,8 @@ class OutputFile:
             dtype=self.dtype,
             **filters,
         )
+        if direct_io:
+            self.direct = self._open_direct()
         meta_chunk = (min(n, 4096),)
         self.image_id = self.group.create_dataset(
             "image_id", shape=(0,), maxshape=(n,), chunks=meta_chunk, dtype=np.uint64
@@ -163,10 +183,26 @@ class OutputFile:
         self.file.swmr_mode = True
         self.next_flush = time.monotonic() + self.flush_interval
 
+    def _open_direct(self) -> direct.DirectFrames | None:
+        base = direct.check_layout(self.data, self.job.n_images, self.frame_bytes)
+        if base is None:  # not the implicit index (another HDF5?): HDF5 writes the chunks
+            log.warning(
+                "%s: the chunks are not laid out for direct I/O; writing through the page cache",
+                self.job.output_file,
+            )
+            return None
+        try:
+            return direct.DirectFrames(self.job.output_file, base, self.frame_bytes)
+        except OSError as exc:  # e.g. EINVAL: the file system has no O_DIRECT
+            log.info("%s: no direct I/O (%s); writing through the page cache", self.job.output_file, exc)
+            return None
+
     def flush(self) -> None:
-        """Make the frames written so far visible to SWMR readers."""
+        """Make the frames written so far visible to SWMR readers (once they are in the file)."""
         start, stop = self.n_flushed, self.n_written
         if stop > start:
+            if self.direct is not None:
+                self.direct.sync()
             count = self.buffered
             for dataset, buffer in ((self.image_id, self.id_buffer), (self.status, self.status_buffer)):
                 dataset.resize((stop,))
@@ -186,6 +222,10 @@ class OutputFile:
         self.flush()
         if self.n_written < self.job.n_images:
             self.data.resize((self.n_written, self.job.height, self.job.width))
+        if self.direct is not None:
+            self.direct.sync()  # every frame in the file (flush did, unless none came since)
+            self.direct.close()
+            self.direct = None
         self.writeback.stop()
         self.file.close()
         if self.writeback.error is not None:
@@ -195,6 +235,10 @@ class OutputFile:
 
     def abandon(self) -> None:
         """Close after an error, keeping whatever reached the file."""
+        if self.direct is not None:
+            with contextlib.suppress(Exception):
+                self.direct.close()
+            self.direct = None
         with contextlib.suppress(Exception):
             self.writeback.stop()
         with contextlib.suppress(Exception):
@@ -213,8 +257,9 @@ class OutputFile:
         )
 
 
-def create_file(job: WriteJob, h5py: Any) -> Any:
-    """Create the output file with its root attributes; `DataPathError` says why it cannot be."""
+def create_file(job: WriteJob, h5py: Any, options: dict[str, int] | None = None) -> Any:
+    """Create the output file with its root attributes (`options`: more h5py.File keywords);
+    `DataPathError` says why it cannot be."""
     path = job.output_file
     folder = os.path.dirname(path) or "."
     if not os.path.isabs(path):
@@ -227,7 +272,7 @@ def create_file(job: WriteJob, h5py: Any) -> Any:
         raise DataPathError(f"no permission to create files in folder {folder!r}")
     existed = os.path.exists(path)
     try:
-        handle = h5py.File(path, "w", libver="latest")
+        handle = h5py.File(path, "w", libver="latest", **(options or {}))
     except OSError as exc:
         raise DataPathError(f"cannot create {path!r}: {exc}") from None
     try:

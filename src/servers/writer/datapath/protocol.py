@@ -17,6 +17,9 @@ from typing import Final, Literal
 from servers.writer.datapath.api import WriteJob, WritePhase, WriteResult
 
 SocketKind = Literal["pull", "sub"]  # "pull" for a PUSH source, "sub" for a PUB source
+# How uncompressed frames reach the file: "direct" past the page cache where the file system and
+# the frame size allow it (`datapath.direct`), "page-cache" always through it.
+FrameIO = Literal["direct", "page-cache"]
 
 DEFAULT_RCVHWM: Final = 1000  # messages; see handle.rcvhwm_for_frames for a memory-bounded value
 DEFAULT_FLUSH_INTERVAL_S: Final = 1.0

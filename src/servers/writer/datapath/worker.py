@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-message-bytes", type=int, default=-1)
     parser.add_argument("--priority-boost", type=int, default=DEFAULT_PRIORITY_BOOST)
     parser.add_argument("--verify-compressed", action="store_true")
+    parser.add_argument("--io", choices=["direct", "page-cache"], default="direct")
     parser.add_argument("--conn-fd", type=int, required=True)
     parser.add_argument("--shared-fd", type=int, required=True)
     parser.add_argument("--live-stream")
@@ -66,15 +67,24 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_system_exit)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s daqif-datapath %(levelname)s %(message)s")
-    raise_priority(args.priority_boost)  # before ZeroMQ starts its I/O thread, which inherits it
+    priority = Priority(args.priority_boost)
+    priority.check()  # at start-up, so a missing privilege is logged before the first write
     conn = multiprocessing.connection.Connection(args.conn_fd)
     shared = mmap.mmap(args.shared_fd, protocol.SHARED_BYTES)
     os.close(args.shared_fd)
     socket_kind: SocketKind = "sub" if args.socket == "sub" else "pull"
     worker = Worker(
-        args.endpoint, socket_kind, args.rcvhwm, args.flush_interval, conn, shared, args.max_message_bytes
+        args.endpoint,
+        socket_kind,
+        args.rcvhwm,
+        args.flush_interval,
+        conn,
+        shared,
+        args.max_message_bytes,
+        priority,
     )
     worker.verify_compressed = args.verify_compressed
+    worker.direct_io = args.io == "direct"
     if args.live_stream:
         every = args.live_every
         rate = None if every is not None else (args.live_rate or DEFAULT_LIVE_RATE_HZ)
@@ -88,40 +98,74 @@ def main(argv: list[str]) -> None:
         worker.shutdown()
 
 
-def raise_priority(boost: int) -> int:
-    """Run `boost` nice levels ahead of the control plane (which started this process at its own
-    nice); returns the nice this thread runs at.
+class Priority:
+    """The data path's boost: `boost` nice levels ahead of the control plane (which started this
+    process at its own nice) while a write is open, the control plane's nice while none is.
 
-    Linux nice is per thread and inherited by threads started later: every thread running now
-    (imports start some) is raised, and ZeroMQ's I/O thread, started after, inherits it. Raising needs
-    CAP_SYS_NICE or an RLIMIT_NICE allowing it (systemd ``LimitNICE=``); without either the data
-    path stays at the control plane's nice, and says so once.
+    Boosted only while it writes: between writes the data path receives frames only to discard
+    them, and a boosted process doing that on a small machine takes the CPU the control plane
+    needs to push the end of the write it just finished (issue 12: ≤ 10 ms from the file being
+    durable to FINISHED). It is relaxed before the end is announced, and raised again at the next
+    open, before the first frame of that write.
+
+    Linux nice is per thread: every thread running at the change (ZeroMQ's I/O thread, the
+    writeback and live threads) gets it. Raising needs CAP_SYS_NICE or an RLIMIT_NICE allowing
+    it (systemd ``LimitNICE=``); `check` tries once at start-up, and without either the data
+    path stays at the control plane's nice and says so once. Lowering is always allowed.
 
     With the kernel's autogroup scheduling on (``kernel.sched_autogroup_enabled``, the default of
     most distributions) a thread's nice only weighs against the threads of its own session, and
     this process is a session of its own (`servers.common.process.spawn`): the CPU is shared
     between sessions first, so the threads' nice alone would buy nothing against the control plane
-    or the clients polling it. The session's own nice (``/proc/self/autogroup``) is raised too.
+    or the clients polling it. The session's own nice (``/proc/self/autogroup``) follows too.
     """
-    current = os.getpriority(os.PRIO_PROCESS, 0)
-    if boost <= 0:
-        return current
-    target = max(-20, current - boost)
-    try:
+
+    def __init__(self, boost: int) -> None:
+        self.base = os.getpriority(os.PRIO_PROCESS, 0)
+        self.boosted = max(-20, self.base - boost) if boost > 0 else self.base
+        self.current = self.base
+
+    def check(self) -> int:
+        """Try the boost once (at start-up) and go back to the base; returns the nice a write
+        will run at (the base when the boost is not permitted, after one warning)."""
+        if self.boosted == self.base:
+            return self.base
+        try:
+            self._apply(self.boosted)
+        except PermissionError:
+            log.warning(
+                "cannot raise the data path's priority to nice %d (needs CAP_SYS_NICE or RLIMIT_NICE, "
+                "e.g. systemd LimitNICE=%d); it runs at the control plane's nice %d, so many status "
+                "pollers can cost frames",
+                self.boosted,
+                self.boosted,
+                self.base,
+            )
+            self.boosted = self.base
+        self.relax()
+        return self.boosted
+
+    def boost(self) -> None:
+        """The nice of a write (before its first frame)."""
+        if self.current == self.boosted:
+            return
+        try:
+            self._apply(self.boosted)
+        except PermissionError:  # the privilege was there at start-up (RLIMIT_NICE lowered since?)
+            log.warning("cannot raise the data path's priority to nice %d any more", self.boosted)
+            self.boosted = self.base
+
+    def relax(self) -> None:
+        """The control plane's nice (no write open)."""
+        if self.current != self.base:
+            self._apply(self.base)
+
+    def _apply(self, nice: int) -> None:
         for thread_id in sorted(int(task) for task in os.listdir("/proc/self/task")):
-            os.setpriority(os.PRIO_PROCESS, thread_id, target)
-        raise_autogroup(target)
-    except PermissionError:
-        log.warning(
-            "cannot raise the data path's priority to nice %d (needs CAP_SYS_NICE or RLIMIT_NICE, "
-            "e.g. systemd LimitNICE=%d); it runs at the control plane's nice %d, so many status "
-            "pollers can cost frames",
-            target,
-            target,
-            current,
-        )
-        return current
-    return target
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.setpriority(os.PRIO_PROCESS, thread_id, nice)
+        raise_autogroup(nice)
+        self.current = nice
 
 
 AUTOGROUP: Final = "/proc/self/autogroup"
@@ -159,6 +203,7 @@ class Worker:
         conn: multiprocessing.connection.Connection,
         shared: Any,
         max_message_bytes: int = -1,
+        priority: Priority | None = None,
     ) -> None:
         import numpy as np
         import zmq
@@ -166,7 +211,9 @@ class Worker:
         self._zmq = zmq
         self.conn = conn
         self.flush_interval = flush_interval
+        self.priority = priority or Priority(0)
         self.verify_compressed = False  # decode every LZ4 block of a compressed frame (costly)
+        self.direct_io = False  # uncompressed frames past the page cache (`datapath.direct`)
         self.shared = np.frombuffer(shared, dtype=np.int64)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.SUB if socket_kind == "sub" else zmq.PULL)
@@ -402,13 +449,14 @@ class Worker:
         if self.write is not None:
             return protocol.Reply(error=f"a write is already open ({self.write.job.output_file})")
         try:
-            write = OutputFile(job, self.flush_interval)
+            write = OutputFile(job, self.flush_interval, self.direct_io)
         except DataPathError as exc:
             return protocol.Reply(error=str(exc))
         except Exception as exc:  # whatever it is, the data path stays up
             return protocol.Reply(error=f"cannot open {job.output_file!r}: {exc}")
         self.write_seq += 1
         self.write = write
+        self.priority.boost()
         self.next_writeback = self.bytes_written + WRITEBACK_BYTES
         self.shared[Slot.WRITE_SEQ] = self.write_seq
         self.shared[Slot.N_WRITTEN] = 0
@@ -444,6 +492,7 @@ class Worker:
         log.error("write to %s failed: %s", write.job.output_file, error)
         write.abandon()
         self.write = None
+        self.priority.relax()
         self._announce_end(write.result(interrupted=True, error=error))
 
     def _fail_mismatched_write(self, problem: str) -> None:
@@ -472,6 +521,7 @@ class Worker:
             log.error("%s", error)
             write.abandon()
         self.write = None
+        self.priority.relax()  # before the end is announced: the control plane pushes it
         self.shared[Slot.N_WRITTEN] = write.n_written
         return write.result(interrupted=interrupted or write.n_written < write.job.n_images, error=error)
 

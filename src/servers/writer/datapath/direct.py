@@ -1,0 +1,188 @@
+"""Uncompressed frames written to their chunks with direct I/O (``O_DIRECT``), past the page cache.
+
+Why (issue 12, measured on the 2-core reference VM, `tools/bench_writer.py`): writing a frame
+through the page cache costs the kernel a copy plus the page cache's own work (allocating,
+dirtying, writing back) on the cores the receive loop and the detector need; a direct write is
+a DMA from memory the process owns. ZeroMQ's receive buffers have no alignment, so each frame is
+copied once, in this process, into a page-aligned batch buffer; whole batches go to the disk on
+a thread of their own (GIL released while the kernel writes) while the next batch fills.
+
+It needs a layout where each frame's bytes have a known, aligned place in the file: the data
+dataset is created with its storage allocated at once (``H5D_ALLOC_TIME_EARLY``, no fill values
+written, no filter, fixed extent: HDF5's *implicit* chunk index, where chunk ``i`` lies at
+``base + i * frame_bytes``) and aligned (`align_storage`). `check_layout` verifies that before
+the first frame; anything else (a compressed write, a frame size not a multiple of `ALIGN`, a file
+system refusing ``O_DIRECT``) is written through the page cache as before (`output.OutputFile`).
+
+Readers see the same file: HDF5 reads the chunks at the addresses its index gives, which are the
+ones written here. A SWMR reader learns of frames from ``image_id``, and `OutputFile.flush`
+extends it only after `DirectFrames.sync` (every batch so far on the disk).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import threading
+from typing import Any, Final
+
+from servers.writer.datapath.api import DataPathError
+
+ALIGN: Final = 4096  # file offsets, lengths and buffer addresses of direct writes (>= any logical block)
+BATCH_BYTES: Final = 4 << 20  # bytes per direct write, at least one frame
+DEPTH: Final = 3  # batch buffers: one filling, up to two on their way to the disk
+
+
+def eligible(frame_bytes: int) -> bool:
+    """Whether frames of `frame_bytes` can be written directly (their chunks stay aligned)."""
+    return frame_bytes > 0 and frame_bytes % ALIGN == 0
+
+
+def batch_frames(frame_bytes: int) -> int:
+    """Frames per direct write: `BATCH_BYTES` of them, at least one."""
+    return max(1, BATCH_BYTES // frame_bytes)
+
+
+def buffer_bytes(frame_bytes: int) -> int:
+    """The memory of one write's batch buffers (part of the data path's memory budget)."""
+    return DEPTH * batch_frames(frame_bytes) * frame_bytes
+
+
+def align_storage(n_frames: int, frame_bytes: int) -> dict[str, int]:
+    """h5py.File keywords aligning the one allocation as large as the data (the implicit index
+    allocates every chunk in one block) to `ALIGN`; smaller objects (metadata, the id and
+    status chunks, compressed chunks) keep HDF5's packing."""
+    return {"alignment_threshold": n_frames * frame_bytes, "alignment_interval": ALIGN}
+
+
+def early_allocation(h5py: Any) -> Any:
+    """The data dataset's creation properties: all chunks allocated at creation, none filled."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def check_layout(dataset: Any, n_frames: int, frame_bytes: int) -> int | None:
+    """The file offset of chunk 0 when the dataset's chunks lie one after the other, aligned,
+    one frame each (the implicit index), or None."""
+    dsid = dataset.id
+    first = dsid.get_chunk_info(0)
+    last = dsid.get_chunk_info(n_frames - 1)
+    base = int(first.byte_offset)
+    if (
+        first.size != frame_bytes
+        or last.size != frame_bytes
+        or base % ALIGN
+        or int(last.byte_offset) != base + (n_frames - 1) * frame_bytes
+        or dsid.get_storage_size() != n_frames * frame_bytes
+    ):
+        return None
+    return base
+
+
+class DirectFrames:
+    """Frames `index` = 0, 1, ... of one write, copied into aligned batches and written with
+    ``O_DIRECT`` at ``base + index * frame_bytes`` by a writer thread.
+
+    Frames must come in index order without gaps (the data path appends them so). A write error
+    (a full disk, an I/O error) is raised as `DataPathError` by the next `append` or `sync`,
+    naming the frames that were not written; nothing after it is written.
+    """
+
+    def __init__(self, path: str, base: int, frame_bytes: int) -> None:
+        # OSError (EINVAL) where the file system has no direct I/O: the caller writes through
+        # the page cache instead.
+        self._fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        self.frame_bytes = frame_bytes
+        self._base = base
+        self._frames_per_batch = batch_frames(frame_bytes)
+        size = self._frames_per_batch * frame_bytes
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        for _ in range(DEPTH):
+            self._free.put(mmap.mmap(-1, size))  # anonymous maps are page-aligned
+        self._todo: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None] = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._in_flight = 0
+        self._error: str | None = None
+        self._buffer: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._filled = 0  # frames in the batch filling
+        self._first = 0  # index of its first frame
+        self._thread = threading.Thread(target=self._run, name="daqif-direct-io", daemon=True)
+        self._thread.start()
+
+    def append(self, index: int, data: Any) -> None:
+        """Copy frame `index` (a buffer of `frame_bytes`) into the batch; a full batch is queued."""
+        if self._error is not None:
+            raise DataPathError(self._error)
+        view = self._view
+        if view is None:
+            self._buffer = self._free.get()  # waits while DEPTH batches are on their way
+            view = self._view = memoryview(self._buffer)
+            self._first = index
+        start = self._filled * self.frame_bytes
+        view[start : start + self.frame_bytes] = data
+        self._filled += 1
+        if self._filled == self._frames_per_batch:
+            self._submit()
+
+    def sync(self) -> None:
+        """Write the batch filling (however few frames) and wait until every frame appended so
+        far is written; `DataPathError` when one could not be."""
+        if self._filled:
+            self._submit()
+        with self._idle:
+            while self._in_flight:
+                self._idle.wait()
+        if self._error is not None:
+            raise DataPathError(self._error)
+
+    def close(self) -> None:
+        """Stop the thread (after the writes queued) and close the descriptor; never raises for a
+        write error (`sync` reports those)."""
+        self._todo.put(None)
+        self._thread.join()
+        os.close(self._fd)
+
+    def _submit(self) -> None:
+        buffer = self._buffer
+        assert buffer is not None and self._view is not None
+        self._view.release()
+        self._view = None
+        with self._idle:
+            self._in_flight += 1
+        self._todo.put((buffer, self._first, self._filled))
+        self._buffer = None
+        self._filled = 0
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            buffer, first, count = item
+            try:
+                if self._error is None:
+                    self._write(buffer, first, count)
+            except OSError as exc:
+                self._error = (
+                    f"writing frames {first}-{first + count - 1} to the file failed: {exc}; "
+                    "no frame after them was written"
+                )
+            finally:
+                self._free.put(buffer)
+                with self._idle:
+                    self._in_flight -= 1
+                    self._idle.notify_all()
+
+    def _write(self, buffer: mmap.mmap, first: int, count: int) -> None:
+        nbytes = count * self.frame_bytes
+        offset = self._base + first * self.frame_bytes
+        done = 0
+        with memoryview(buffer) as view:
+            while done < nbytes:
+                n = os.pwrite(self._fd, view[done:nbytes], offset + done)
+                if n <= 0 or n % ALIGN:
+                    raise OSError(
+                        f"short direct write ({n} of {nbytes - done} bytes at offset {offset + done})"
+                    )
+                done += n

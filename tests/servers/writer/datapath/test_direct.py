@@ -1,0 +1,199 @@
+"""Frames written past the page cache (`servers.writer.datapath.direct`): a real data path
+process fed by a real simulator, real HDF5 files on real file systems (ext4 here; ramfs, which has
+no O_DIRECT, and a full tmpfs where root may mount them)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+
+from daqif.frame import expected_frame
+from daqif.testing import wait_for
+from servers.common.launch import SimProcess
+from servers.writer.datapath import direct
+from servers.writer.datapath.api import WritePhase
+
+from .. import test_datapath
+from ..test_datapath import (
+    DETECTOR,
+    SWMR_READER,
+    WAIT_S,
+    DataPathFactory,
+    assert_frames,
+    frames_a_swmr_reader_sees,
+    job,
+    wait_finished,
+)
+
+datapath_factory = test_datapath.datapath_factory  # the fixture, shared
+
+SHAPE = (64, 64)  # uint16: 8 KiB frames, a multiple of direct.ALIGN
+FRAME_BYTES = SHAPE[0] * SHAPE[1] * 2
+PER_BATCH = direct.BATCH_BYTES // FRAME_BYTES
+
+
+def chunk_offsets(path: Path) -> list[int]:
+    with h5py.File(path, "r") as f:
+        offsets: list[int] = []
+        f[f"{DETECTOR}/data"].id.chunk_iter(lambda info: offsets.append(info.byte_offset))
+        return offsets
+
+
+def allocated_early(path: Path) -> bool:
+    with h5py.File(path, "r") as f:
+        return bool(f[f"{DETECTOR}/data"].id.get_create_plist().get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY)
+
+
+def assert_consecutive(ids: Any, n: int) -> None:
+    assert len(ids) == n and np.array_equal(ids, np.arange(ids[0], ids[0] + n))
+
+
+@pytest.mark.parametrize("frame_io", ["direct", "page-cache"])
+def test_either_way_the_file_holds_every_frame_and_direct_chunks_lie_aligned_one_after_the_other(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path, frame_io: str
+) -> None:
+    sim = sim_factory("--shape", *map(str, SHAPE))
+    datapath = datapath_factory(sim.endpoint, frame_io=frame_io)
+    n = 2 * PER_BATCH + 77  # two whole batches and a part of one
+    path = tmp_path / f"{frame_io}.h5"
+    datapath.open_write(job(path, n, SHAPE))
+    result = wait_finished(datapath)
+    assert (result.n_written, result.interrupted, result.error) == (n, False, None)
+    assert_consecutive(assert_frames(path, n, SHAPE), n)  # every pixel as the simulator sent it
+    offsets = chunk_offsets(path)
+    assert len(offsets) == n
+    if frame_io == "direct":
+        assert allocated_early(path)
+        assert offsets[0] % direct.ALIGN == 0
+        assert offsets == [offsets[0] + i * FRAME_BYTES for i in range(n)]
+    else:
+        assert not allocated_early(path)  # HDF5 allocates each chunk as it is written
+
+
+def test_a_frame_size_that_is_not_a_multiple_of_the_block_goes_through_the_page_cache(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
+    shape = (48, 32)  # 3 KiB
+    sim = sim_factory("--shape", *map(str, shape))
+    datapath = datapath_factory(sim.endpoint, frame_io="direct")
+    datapath.open_write(job(tmp_path / "odd.h5", 300, shape))
+    assert wait_finished(datapath).n_written == 300
+    assert_consecutive(assert_frames(tmp_path / "odd.h5", 300, shape), 300)
+    assert not allocated_early(tmp_path / "odd.h5")
+
+
+def test_a_stopped_direct_write_keeps_exactly_the_frames_written(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
+    sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "2000")
+    datapath = datapath_factory(sim.endpoint)
+    path = tmp_path / "stopped.h5"
+    datapath.open_write(job(path, 100_000, SHAPE))
+    wait_for(lambda: datapath.progress().n_written >= PER_BATCH + 10, WAIT_S, "more than a batch written")
+    result = datapath.stop_write()
+    assert result is not None and result.interrupted and result.error is None
+    # The part of a batch not yet on its way when the stop came is in the file too.
+    assert_consecutive(assert_frames(path, result.n_written, SHAPE), result.n_written)
+
+
+def test_a_swmr_reader_sees_direct_frames_with_their_pixels_while_the_write_runs(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
+    sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "500")
+    datapath = datapath_factory(sim.endpoint, flush_interval=0.2)
+    path = tmp_path / "swmr.h5"
+    datapath.open_write(job(path, 100_000, SHAPE))
+    reader = subprocess.run(
+        [sys.executable, "-c", SWMR_READER, str(path), DETECTOR], capture_output=True, text=True, timeout=120
+    )
+    assert reader.returncode == 0, reader.stderr
+    seen = json.loads(reader.stdout)
+    counts = seen["counts"]
+    assert len(counts) >= 4 and counts == sorted(counts) and counts[0] > 0
+    assert datapath.progress().phase is WritePhase.WRITING
+    # The newest frame a reader is told of is already in the file (flushed after the batch).
+    last_id, pixel00, pixel11 = seen["last"]
+    expected = expected_frame(last_id, SHAPE, "uint16")
+    assert (pixel00, pixel11) == (expected[0, 0], expected[1, 1])
+    assert datapath.stop_write() is not None
+
+
+def test_kill_9_mid_direct_write_leaves_every_flushed_frame_readable(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
+    sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "2000")
+    datapath = datapath_factory(sim.endpoint, flush_interval=0.2)
+    path = tmp_path / "killed.h5"
+    datapath.open_write(job(path, 100_000, SHAPE))
+    wait_for(lambda: frames_a_swmr_reader_sees(path) > PER_BATCH, WAIT_S, "a flush after a batch")
+    assert datapath.pid is not None
+    os.kill(datapath.pid, signal.SIGKILL)
+    wait_for(lambda: not datapath.is_alive(), WAIT_S, "the process to die")
+    assert datapath.progress().phase is WritePhase.FAILED
+    with h5py.File(path, "r") as f:  # repaired: the datasets end at the last flush
+        n = f[f"{DETECTOR}/image_id"].shape[0]
+        assert f[f"{DETECTOR}/data"].shape == (n, *SHAPE)
+    assert n > PER_BATCH
+    assert_consecutive(assert_frames(path, n, SHAPE), n)
+
+
+@contextlib.contextmanager
+def mounted(fs_type: str, mount_point: Path, options: str = "") -> Iterator[Path]:
+    """A fresh `fs_type` mounted at `mount_point` for the test (root); skips where it cannot be."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system needs root")
+    mount_point.mkdir()
+    argv = ["mount", "-t", fs_type, *(["-o", options] if options else []), fs_type, str(mount_point)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount {fs_type} here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_on_a_file_system_without_direct_io_the_frames_go_through_the_page_cache(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
+    with mounted("ramfs", tmp_path / "ramfs") as folder:
+        probe = folder / "probe"
+        probe.touch()
+        with pytest.raises(OSError):  # what the data path meets there
+            os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        sim = sim_factory("--shape", *map(str, SHAPE))
+        datapath = datapath_factory(sim.endpoint)
+        n = PER_BATCH + 5
+        datapath.open_write(job(folder / "ram.h5", n, SHAPE))
+        result = wait_finished(datapath)
+        assert (result.n_written, result.error) == (n, None)
+        assert_consecutive(assert_frames(folder / "ram.h5", n, SHAPE), n)
+        datapath.close()  # before the unmount
+
+
+def test_a_full_disk_fails_the_direct_write_with_the_reason_and_the_data_path_stays_up(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
+    with mounted("tmpfs", tmp_path / "small", "size=2m") as folder:
+        sim = sim_factory("--shape", *map(str, SHAPE))
+        datapath = datapath_factory(sim.endpoint)
+        datapath.open_write(job(folder / "full.h5", 2 * PER_BATCH, SHAPE))  # 8 MiB into 2 MiB
+        result = wait_finished(datapath)
+        assert result.error is not None and "No space left on device" in result.error, result.error
+        assert "writing frames" in result.error
+        assert datapath.is_alive()
+        datapath.open_write(job(tmp_path / "next.h5", 10, SHAPE))  # the next write, elsewhere
+        assert wait_finished(datapath).n_written == 10
+        assert_consecutive(assert_frames(tmp_path / "next.h5", 10, SHAPE), 10)
+        datapath.close()
