@@ -384,13 +384,16 @@ class DataProductManager:
         await self._commit(daq)
 
     async def _commit(self, daq: ActiveDaq) -> None:
-        """Persist the record, then publish the status if it changed."""
+        """Persist the record (after the directories its steps changed), then publish the status if
+        it changed."""
+        directories = tuple(daq.unsynced)
         try:
-            await self.workspace.save(daq.record)
+            await self.workspace.save(daq.record, directories)
         except OSError as exc:
             raise DaqException.internal(
                 f"cannot persist DAQ {daq.record.id}: {exc}", id=daq.record.id
             ) from None
+        del daq.unsynced[: len(directories)]  # kept for the next change if this one failed
         self._publish(daq)
 
     def _publish(self, daq: ActiveDaq) -> None:
@@ -401,10 +404,12 @@ class DataProductManager:
 
     async def _archive(self, daq: ActiveDaq) -> None:
         r = daq.record
+        directories = tuple(daq.unsynced)
         try:
-            await self.workspace.archive(r)
+            await self.workspace.archive(r, directories)
         except OSError as exc:
             raise _persist_error(daq, exc) from None
+        del daq.unsynced[: len(directories)]
         self._archived.add(r.id)
         self._active.pop(r.id, None)
         self._publish(daq)
