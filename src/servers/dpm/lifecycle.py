@@ -384,16 +384,13 @@ class DataProductManager:
         await self._commit(daq)
 
     async def _commit(self, daq: ActiveDaq) -> None:
-        """Persist the record (after the directories its steps changed), then publish the status if
-        it changed."""
-        directories = tuple(daq.unsynced)
+        """Persist the record, then publish the status if it changed."""
         try:
-            await self.workspace.save(daq.record, directories)
+            await self.workspace.save(daq.record)
         except OSError as exc:
             raise DaqException.internal(
                 f"cannot persist DAQ {daq.record.id}: {exc}", id=daq.record.id
             ) from None
-        del daq.unsynced[: len(directories)]  # kept for the next change if this one failed
         self._publish(daq)
 
     def _publish(self, daq: ActiveDaq) -> None:
@@ -404,12 +401,10 @@ class DataProductManager:
 
     async def _archive(self, daq: ActiveDaq) -> None:
         r = daq.record
-        directories = tuple(daq.unsynced)
         try:
-            await self.workspace.archive(r, directories)
+            await self.workspace.archive(r)
         except OSError as exc:
             raise _persist_error(daq, exc) from None
-        del daq.unsynced[: len(directories)]
         self._archived.add(r.id)
         self._active.pop(r.id, None)
         self._publish(daq)

@@ -62,9 +62,6 @@ class ActiveDaq:
         self.abort_lock = asyncio.Lock()
         self.collected_here: set[str] = set()
         """Sources collected by this server run: the only collected copies a merge trusts."""
-        self.unsynced: list[str] = []
-        """Directories a step changed (a receiver holding a new link) that the store fsyncs before
-        it persists the next change of this DAQ (`store.Workspace.save`'s `sync_first`)."""
 
     @property
     def spec(self) -> Specification:
@@ -381,8 +378,6 @@ class Phases:
                 daq.set_alert(releasing_alert(receiver.index), Severity.ERROR, str(exc))
                 await self._commit(daq)
                 continue
-            if done.directory:
-                daq.unsynced.append(done.directory)  # synced before the release is persisted
             receiver.outcome = done.outcome
             receiver.released_path = done.path
             receiver.timestamp = time.time()

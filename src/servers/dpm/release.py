@@ -2,15 +2,13 @@
 
 Local receiver: hard link, else a symlink (only with `options.allowSymlink`), else a copy. Each
 is made under the hidden name `.<name>.daqif-tmp` in the receiver directory and renamed into
-place, so a receiver never sees a partial product; the store fsyncs the directory before it
-persists the release (`Released.directory`, `store.Workspace.save`'s `sync_first`), so the
-receiver holds it durably before the record (or COMPLETED) says so. A link is not fsynced itself
-(its data is the product's, fsynced by the merge); a copy is, before the rename. A link into a
-free name is made on the event loop; a copy, or a name already taken, is one hop to a worker
-thread. A receiver that already holds the product (same inode, a symlink to it, or same size and
-checksum) counts as released: after a crash the release is not repeated. Remote receiver (`host`
-set): rsync over the remote shell; rsync itself writes a hidden temporary file and renames it,
-and `--checksum` makes a repeated release a no-op.
+place, then the directory is fsynced, so a receiver never sees a partial product and holds it
+durably before COMPLETED. A link is not fsynced itself (its data is the product's, fsynced by the
+merge); a copy is, before the rename. A local release is one hop to a worker thread. A receiver that already
+holds the product (same inode, a symlink to it, or same size and checksum) counts as released:
+after a crash the release is not repeated. Remote receiver (`host` set): rsync over the remote
+shell; rsync itself writes a hidden temporary file and renames it, and `--checksum` makes a
+repeated release a no-op.
 """
 
 from __future__ import annotations
@@ -23,20 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from servers.common import roles
-from servers.common.atomic import atomic_output, copy_file, remove_quietly
+from servers.common.atomic import atomic_output, copy_file, fsync_directory, remove_quietly
 from servers.common.paths import PathNotAllowed, confine
 from servers.dpm.transfer import TransferError, rsync, run_stoppable, same_content
 
 TEMP_SUFFIX = ".daqif-tmp"
-_OWNER = roles.owner_of_this_process("daqif-dpm-server")
 
 
 @dataclass(frozen=True)
 class Released:
     outcome: str  # "hardlink", "symlink", "copy" or "rsync"
     path: str
-    directory: str = ""
-    """The local receiver directory, to be fsynced before the release is persisted ("": remote)."""
 
 
 def temp_name(name: str) -> str:
@@ -65,33 +60,18 @@ async def release_local(
 ) -> Released:
     """Deliver `product` into the receiver directory `path_text`; raise `TransferError` why not.
 
-    The receiver directory is not fsynced here: `Released.directory` names it, and the store
-    fsyncs it before it writes the record saying the receiver has the product (one fsync per
-    directory and group commit; `store.Workspace.save`'s `sync_first`).
-
-    A hard link or symlink into a directory that does not hold the name yet (the usual release)
-    is a few system calls and moves no data: made on the event loop (a hop to a worker thread
-    costs more than the work: thread wake-ups and a GIL hand-off at each of its system calls,
-    README "Cost per DAQ"). A copy, or a name already taken (its content is compared), is one
-    hop to a worker thread (`release_local_blocking`); a cancellation stops a copy at its next
-    chunk.
+    One hop to a worker thread (`release_local_blocking`); a cancellation stops a copy at its
+    next chunk.
     """
-    directory = checked_receiver(path_text, allowed_roots)
-    destination = directory / product.name
-    try:
-        linked = _link_into_free_name(product, destination, allow_symlink)
-    except OSError as exc:
-        raise TransferError(f"cannot write into receiver directory {path_text}: {exc.strerror}") from None
-    if linked is not None:
-        return Released(linked, str(destination), str(directory))
     return await run_stoppable(
         lambda stop: release_local_blocking(product, path_text, allow_symlink, allowed_roots, stop)
     )
 
 
-def checked_receiver(path_text: str, allowed_roots: Sequence[Path]) -> Path:
-    """The receiver directory `path_text`, resolved, checked and marked; `TransferError` if it may not
-    receive (outside the allowed roots, missing, not a directory, in a writer's root)."""
+def release_local_blocking(
+    product: Path, path_text: str, allow_symlink: bool, allowed_roots: Sequence[Path], stop: threading.Event
+) -> Released:
+    """`release_local`'s work: checks, our leftover removed, the link (or copy) made durable."""
     directory = confine_receiver(path_text, allowed_roots)
     if not directory.exists():
         raise TransferError(f"receiver directory {path_text} does not exist")
@@ -102,59 +82,31 @@ def checked_receiver(path_text: str, allowed_roots: Sequence[Path]) -> Path:
         raise TransferError(
             f"receiver directory {path_text} lies in {overlap.describe()}: a writer could overwrite it"
         )
-    roles.mark_quietly(directory, roles.Role.RECEIVER, _OWNER)
-    return directory
-
-
-def release_local_blocking(
-    product: Path, path_text: str, allow_symlink: bool, allowed_roots: Sequence[Path], stop: threading.Event
-) -> Released:
-    """`release_local`'s work for a copy or a name already taken: checks, our leftover removed, the
-    product linked or copied (a copy fsynced) and renamed into place; the directory is not synced."""
-    directory = checked_receiver(path_text, allowed_roots)
+    roles.mark_quietly(directory, roles.Role.RECEIVER, roles.owner_of_this_process("daqif-dpm-server"))
     destination = directory / product.name
     try:
         remove_quietly(directory / temp_name(product.name))  # left by an interrupted release
         already = _already_released(product, destination)
         if already is not None:
-            return Released(already, str(destination), str(directory))
+            return Released(already, str(destination))
         outcome = _deliver(product, destination, allow_symlink, stop)
     except OSError as exc:
         raise TransferError(f"cannot write into receiver directory {path_text}: {exc.strerror}") from None
-    return Released(outcome, str(destination), str(directory))
-
-
-def _link_into_free_name(product: Path, destination: Path, allow_symlink: bool) -> str | None:
-    """Hard link (else symlink if allowed) `product` to `destination` through the temporary name;
-    None, with nothing made, when `destination` exists or a copy is needed."""
-    if os.path.lexists(destination):
-        return None  # is it the product already? compared off the event loop
-    try:
-        # The temporary name is removed first (a leftover of an interrupted release), and on failure.
-        with atomic_output(destination, temp_name=temp_name(product.name), durable=False) as tmp:
-            outcome = _link_or_symlink(product, tmp, allow_symlink)
-            if outcome is None:
-                raise _CopyNeeded
-    except _CopyNeeded:
-        return None
-    return outcome
-
-
-class _CopyNeeded(Exception):
-    """No link can be made: the product is copied, off the event loop."""
+    return Released(outcome, str(destination))
 
 
 def _deliver(product: Path, destination: Path, allow_symlink: bool, stop: threading.Event) -> str:
-    """Link, symlink or copy `product` to `destination` atomically; return how.
+    """Link, symlink or copy `product` to `destination` atomically and durably; return how.
 
-    A link's data is the product's, fsynced by the merge; a copy is fsynced before the rename. The
-    directory is synced by the store before the release is persisted (`Released.directory`).
+    A link's data is the product's, fsynced by the merge: only the receiver directory is synced
+    after the rename. A copy is fsynced before it.
     """
     with atomic_output(destination, temp_name=temp_name(product.name), durable=False) as tmp:
         outcome = _link_or_symlink(product, tmp, allow_symlink)
         if outcome is None:
             copy_file(product, tmp, stop=stop, durable=True)
             outcome = "copy"
+    fsync_directory(destination.parent)
     return outcome
 
 

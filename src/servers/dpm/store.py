@@ -20,9 +20,7 @@ never moves a file a receiver may hold a symlink to.
 Durability: group commit. No change is acknowledged (QueueDaq reply, published status) before
 it is durable, and a change costs no fsync of its own: every change (create, save, archive) is
 the whole record as one line of the journal. One writer thread takes every change queued
-meanwhile, fsyncs the directories they name (`sync_first`: a receiver the product was linked
-into; each once per batch; a change whose directory fails is refused, its line never written),
-appends them in one `write` and makes them durable with one `fdatasync` (an append to
+meanwhile, appends them in one `write` and makes them durable with one `fdatasync` (an append to
 an open file: no new inode, no directory to sync), answers the batch's other changes, then moves
 archived directories (a rename, not synced: the journal holds the state) and answers the
 archives; each answer is one wake-up of the caller's event loop for the whole batch (`_answer`),
@@ -72,7 +70,6 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +130,6 @@ class StoreCounters:
     """Renames of status files and directories."""
     checkpoint_fsyncs: int = 0
     """`fsync` calls of the checkpoint thread (in the background)."""
-    directory_fsyncs: int = 0
-    """`fsync` calls of the directories changes asked for (`sync_first`), each once per group commit."""
 
 
 @dataclass
@@ -152,7 +147,6 @@ class _Change:
     kind: str  # "create", "save" or "archive"
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]  # of `loop`: answered there (`_resolve`)
-    directories: tuple[str, ...] = ()  # fsynced before the line is written (`sync_first`)
     error: BaseException | None = None
     answered: bool = False  # handed to `_answer` (writer thread only)
 
@@ -384,24 +378,18 @@ class Workspace:
         """Make a new DAQ durable (its journal line) and create its directory."""
         await self._submit(record.id, _encode(record), "create")
 
-    async def save(self, record: DaqRecord, sync_first: Sequence[str] = ()) -> None:
-        """Make the record as it is now durable (its status file follows at the next checkpoint).
+    async def save(self, record: DaqRecord) -> None:
+        """Make the record as it is now durable (its status file follows at the next checkpoint)."""
+        await self._submit(record.id, _encode(record), "save")
 
-        The directories `sync_first` (e.g. a receiver the product was just linked into) are
-        fsynced before the record's line is written: the record never says more than the disk
-        holds. A directory named by several changes of one group commit is fsynced once for all.
-        """
-        await self._submit(record.id, _encode(record), "save", tuple(sync_first))
-
-    async def archive(self, record: DaqRecord, sync_first: Sequence[str] = ()) -> Path:
-        """Make a final record durable (after the directories `sync_first`, as `save`); move the
-        DAQ's directory to the archive (sources removed)."""
-        await self._submit(record.id, _encode(record), "archive", tuple(sync_first))
+    async def archive(self, record: DaqRecord) -> Path:
+        """Make a final record durable; move the DAQ's directory to the archive (sources removed)."""
+        await self._submit(record.id, _encode(record), "archive")
         return self.archived_dir(record.id)
 
-    async def _submit(self, daq_id: str, data: bytes, kind: str, directories: tuple[str, ...] = ()) -> None:
+    async def _submit(self, daq_id: str, data: bytes, kind: str) -> None:
         loop = asyncio.get_running_loop()
-        change = _Change(daq_id, data, kind, loop, loop.create_future(), directories)
+        change = _Change(daq_id, data, kind, loop, loop.create_future())
         self._changes.put(change)
         await change.future
 
@@ -445,10 +433,8 @@ class Workspace:
                 return
 
     def _commit(self, batch: list[_Change]) -> None:
-        """One group commit: new directories, the directories asked for synced, one journal append +
-        fdatasync, then the archive moves."""
+        """One group commit: new directories, one journal append + fdatasync, then the archive moves."""
         ready = [c for c in batch if c.kind != "create" or self._prepare_create(c)]
-        ready = self._sync_directories(ready)
         if not ready:
             return
         assert self._journal_fd is not None, "load() opens the journal"
@@ -493,29 +479,6 @@ class Workspace:
         self._answer(ready)
         if self._journal_lines >= JOURNAL_CHECKPOINT_LINES and not self._stale:
             self._rotate_journal()
-
-    def _sync_directories(self, changes: list[_Change]) -> list[_Change]:
-        """fsync every directory `changes` name, once each; those whose directory fails are answered
-        with the error (their line is not written) and left out of the list returned."""
-        failed: dict[str, OSError] = {}
-        for directory in dict.fromkeys(d for c in changes for d in c.directories):
-            try:
-                fsync_directory(Path(directory))
-                self.counters.directory_fsyncs += 1
-            except OSError as exc:
-                failed[directory] = exc
-        if not failed:
-            return changes
-        kept = []
-        for change in changes:
-            error = next((failed[d] for d in change.directories if d in failed), None)
-            if error is None:
-                kept.append(change)
-            else:
-                change.fail(error)
-                if change.kind == "create":
-                    shutil.rmtree(self.daq_dir(change.daq_id), ignore_errors=True)
-        return kept
 
     def _prepare_create(self, change: _Change) -> bool:
         """Create a new DAQ's directory before its line is written; False (and answered) if refused."""

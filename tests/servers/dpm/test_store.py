@@ -121,65 +121,6 @@ def test_full_journal_is_checkpointed_and_removed(tmp_path: Path, monkeypatch: p
     assert len((tmp_path / "journal.3").read_bytes().splitlines()) == 1
 
 
-def test_directories_a_change_names_are_synced_once_per_group_commit_before_its_line(tmp_path: Path) -> None:
-    receiver = tmp_path / "olas"
-    receiver.mkdir()
-    workspace = tmp_path / "ws"
-
-    async def release() -> tuple[int, int]:
-        ws = Workspace(workspace)
-        ws.load()
-        records = [record(f"R{i}", seq=i + 1) for i in range(16)]
-        await asyncio.gather(*(ws.create(r) for r in records))
-        batches, synced = ws.counters.batches, ws.counters.directory_fsyncs
-        for r in records:
-            r.substate = SubState.RELEASING
-        # Sixteen DAQs released into one receiver directory: one fsync of it per group commit.
-        await asyncio.gather(*(ws.save(r, [str(receiver)]) for r in records))
-        counts = ws.counters.batches - batches, ws.counters.directory_fsyncs - synced
-        ws.close()
-        return counts
-
-    batches, synced = asyncio.run(release())
-    assert synced == batches
-    assert 1 <= batches <= 16
-    ws = Workspace(workspace)
-    loaded = ws.load()
-    ws.close()
-    assert {r.substate for r in loaded.active} == {SubState.RELEASING}
-
-
-def test_a_change_whose_directory_cannot_be_synced_is_refused_and_never_journaled(tmp_path: Path) -> None:
-    receiver = tmp_path / "olas"
-    receiver.mkdir()
-    workspace = tmp_path / "ws"
-
-    async def release() -> list[BaseException | None]:
-        ws = Workspace(workspace)
-        ws.load()
-        lost, kept = record("LOST", seq=1), record("KEPT", seq=2)
-        await ws.create(lost)
-        await ws.create(kept)
-        lost.substate = kept.substate = SubState.RELEASING
-        outcomes = await asyncio.gather(
-            ws.save(lost, [str(tmp_path / "removed-receiver")]),
-            ws.save(kept, [str(receiver)]),
-            return_exceptions=True,
-        )
-        ws.close()
-        return list(outcomes)
-
-    outcomes = asyncio.run(release())
-    assert isinstance(outcomes[0], FileNotFoundError) and outcomes[1] is None
-    ws = Workspace(workspace)
-    loaded = ws.load()
-    ws.close()
-    assert {r.id: r.substate for r in loaded.active} == {
-        "LOST": SubState.SCHEDULED,  # its line was never written: the sync comes first
-        "KEPT": SubState.RELEASING,
-    }
-
-
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(max_size=40), timestamp=st.floats(min_value=1.0e9, max_value=4.0e9) | st.just(0.0))
 def test_a_journal_line_is_the_bytes_the_json_module_writes(text: str, timestamp: float) -> None:
