@@ -521,6 +521,7 @@ def test_every_thread_of_the_data_path_runs_its_boost_while_a_write_is_open_and_
     # The data path is a session of its own: with autogroups on, the session's nice is what
     # weighs against the control plane and the clients, so it carries the boost too.
     assert _autogroup_nice(pid) in (None, boosted)
+    wait_for(lambda: datapath.progress().n_written > 0, WAIT_S, "a frame written")
     result = datapath.stop_write()
     assert result is not None and result.n_written > 0
     assert _thread_nices(pid) == {own}

@@ -146,6 +146,13 @@ class OutputFile:
         elif self.buffered == len(self.id_buffer):
             self.flush()
 
+    def kick_writeback(self) -> None:
+        """Start writing back what was written so far (`Writeback`; the data path calls it every
+        `WRITEBACK_BYTES`). Frames written directly are on their way to the disk already: no
+        page cache to write back (the final fsync flushes the device's cache once)."""
+        if self.direct is None:
+            self.writeback.kick()
+
     # -- file ------------------------------------------------------------------------------
 
     def _create_datasets(self, compressed: bool) -> None:

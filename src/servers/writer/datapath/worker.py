@@ -362,7 +362,7 @@ class Worker:
         self.bytes_written += nbytes
         if self.bytes_written >= self.next_writeback:
             self.next_writeback = self.bytes_written + WRITEBACK_BYTES
-            write.writeback.kick()
+            write.kick_writeback()
         if write.full:
             self._finish_write()
 
