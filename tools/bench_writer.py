@@ -2,7 +2,7 @@
 
 Three variants write the same frames to the same directory, interleaved (the order turns each
 round), every one timed until its file is durable (fsync'd with its folder, inside the timed
-span), each run writing ``--gib`` (2 GiB: at least 2 s on this machine's disk), after
+span), each run writing ``--gib`` (3 GiB: at least 2 s on this machine's disk since the writer went past the page cache; 2 GiB runs took 1.5 s), after
 ``os.sync()`` so no run pays for the one before:
 
 - **daqif**: a real ``daqif-writer`` (REST + gRPC control plane, data path process) and a PUSH
@@ -860,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sizes", default=",".join(SIZES), help="comma-separated subset of " + ",".join(SIZES)
     )
-    parser.add_argument("--gib", type=float, default=2.0, help="GiB written per run (default %(default)s)")
+    parser.add_argument("--gib", type=float, default=3.0, help="GiB written per run (default %(default)s)")
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds per size (default %(default)s)"
     )
