@@ -2,7 +2,8 @@
 
 Three variants write the same frames to the same directory, interleaved (the order turns each
 round), every one timed until its file is durable (fsync'd with its folder, inside the timed
-span), each run writing ``--gib`` (3 GiB: at least 2 s on this machine's disk since the writer went past the page cache; 2 GiB runs took 1.5 s), after
+span), each run writing ``--gib`` (3 GiB: at least 2 s on this machine's disk since the writer
+went past the page cache; 2 GiB runs took 1.5 s), after
 ``os.sync()`` so no run pays for the one before:
 
 - **daqif**: a real ``daqif-writer`` (REST + gRPC control plane, data path process) and a PUSH
@@ -58,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -277,20 +278,31 @@ def plain_run(directory: Path, shape: tuple[int, int], offsets: list[int]) -> di
     """Python writes the same frames at the offsets the writer's file has them, then fsyncs."""
     frames = [expected_frame(i, shape, DTYPE).tobytes() for i in range(PATTERN_PERIOD)]
     path = directory / f"plain-{shape[0]}x{shape[1]}.bin"
+
+    def write(fd: int) -> None:
+        for index, offset in enumerate(offsets):
+            os.pwrite(fd, frames[(index + 1) % PATTERN_PERIOD], offset)
+
+    elapsed, load = durable_write(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, write)
+    return _throughput(len(offsets), shape, elapsed, load)
+
+
+def durable_write(path: Path, flags: int, write: Callable[[int], None]) -> tuple[float, float]:
+    """Time `write(fd)` into a new file at `path` opened with `flags`, its fsync and its folder's,
+    after ``os.sync()``; the file is removed after. Returns the seconds and the load average at the start."""
     os.sync()
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, flags, 0o644)
     try:
-        for index, offset in enumerate(offsets):
-            os.pwrite(fd, frames[(index + 1) % PATTERN_PERIOD], offset)
+        write(fd)
         os.fsync(fd)
     finally:
         os.close(fd)
-    fsync_directory(directory)
+    fsync_directory(path.parent)
     elapsed = time.perf_counter() - start
     path.unlink()
-    return _throughput(len(offsets), shape, elapsed, load)
+    return elapsed, load
 
 
 def plain_direct_run(directory: Path, shape: tuple[int, int], offsets: list[int]) -> dict[str, Any] | None:
@@ -314,11 +326,8 @@ def plain_direct_run(directory: Path, shape: tuple[int, int], offsets: list[int]
             buffer[k * frame_bytes : (k + 1) * frame_bytes] = patterns[(phase + k) % PATTERN_PERIOD]
         batches[phase] = buffer
     path = directory / f"plain-direct-{shape[0]}x{shape[1]}.bin"
-    os.sync()
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-    try:
+
+    def write(fd: int) -> None:
         index = 0
         while index < len(offsets):
             count = 1  # frames of this write: contiguous in the file, at most a batch
@@ -334,12 +343,8 @@ def plain_direct_run(directory: Path, shape: tuple[int, int], offsets: list[int]
             with memoryview(batch) as view:
                 os.pwrite(fd, view[: count * frame_bytes], offsets[index])
             index += count
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_directory(directory)
-    elapsed = time.perf_counter() - start
-    path.unlink()
+
+    elapsed, load = durable_write(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, write)
     return _throughput(len(offsets), shape, elapsed, load)
 
 
