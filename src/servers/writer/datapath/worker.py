@@ -151,14 +151,19 @@ class Priority:
             return
         try:
             self._apply(self.boosted)
-        except PermissionError:  # the privilege was there at start-up (RLIMIT_NICE lowered since?)
-            log.warning("cannot raise the data path's priority to nice %d any more", self.boosted)
+        except OSError as exc:  # the privilege was there at start-up (RLIMIT_NICE lowered since?)
+            log.warning("cannot raise the data path's priority to nice %d any more: %s", self.boosted, exc)
             self.boosted = self.base
 
     def relax(self) -> None:
-        """The control plane's nice (no write open)."""
-        if self.current != self.base:
+        """The control plane's nice (no write open); a failure is logged, never raised (the write
+        it follows has ended: its end is announced all the same)."""
+        if self.current == self.base:
+            return
+        try:
             self._apply(self.base)
+        except OSError as exc:
+            log.warning("cannot lower the data path's priority to nice %d: %s", self.base, exc)
 
     def _apply(self, nice: int) -> None:
         for thread_id in sorted(int(task) for task in os.listdir("/proc/self/task")):
