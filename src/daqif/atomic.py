@@ -93,35 +93,66 @@ def atomic_write_json(path: Path, obj: Any, *, durable: bool = True) -> None:
 def copy_file(
     source: Path, destination: Path, *, stop: threading.Event | None = None, durable: bool = True
 ) -> int:
-    """Copy `source` to the new file `destination`; return the bytes copied.
+    """Copy `source` to the new file `destination`; return its size (the bytes of the copy).
 
     Refuses to overwrite (`FileExistsError`). Raises `CopyStopped` at the next chunk once `stop`
     is set, and `OSError` (EIO) if the source shrank while it was copied. With `durable` the copy
     is fsynced (use it inside `atomic_output`, which does that, with `durable=False`).
+
+    Holes stay holes: only the source's data ranges (``SEEK_DATA``/``SEEK_HOLE``) are copied, and
+    the copy is given the source's size. A writer's file written with direct I/O and stopped
+    early has its storage allocated for every frame it could have held (docs/writer.md, "Direct
+    I/O"): copied byte for byte, the unwritten part would become real zeros on the disk.
     """
-    copied = 0
     with open(source, "rb") as src, open(destination, "xb") as dst:
         size = os.fstat(src.fileno()).st_size
         in_kernel = _copy_file_range
-        while copied < size:
-            if stop is not None and stop.is_set():
-                raise CopyStopped(f"copy of {source} was stopped")
-            count = min(_COPY_CHUNK, size - copied)
-            try:
-                n = in_kernel(src.fileno(), dst.fileno(), copied, count)
-            except OSError as exc:
-                if in_kernel is _sendfile or exc.errno not in _FALL_BACK:
-                    raise
-                in_kernel = _sendfile
-                continue
-            if n == 0:
-                break
-            copied += n
-        if copied != size:
-            raise OSError(errno.EIO, f"copy of {source} stopped at byte {copied} of {size}: it shrank")
+        for start, end in _data_ranges(src.fileno(), size):
+            position = start
+            while position < end:
+                if stop is not None and stop.is_set():
+                    raise CopyStopped(f"copy of {source} was stopped")
+                count = min(_COPY_CHUNK, end - position)
+                try:
+                    n = in_kernel(src.fileno(), dst.fileno(), position, count)
+                except OSError as exc:
+                    if in_kernel is _sendfile or exc.errno not in _FALL_BACK:
+                        raise
+                    in_kernel = _sendfile
+                    continue
+                if n == 0:
+                    raise OSError(
+                        errno.EIO, f"copy of {source} stopped at byte {position} of {size}: it shrank"
+                    )
+                position += n
+        now = os.fstat(src.fileno()).st_size
+        if now < size:  # its end was cut off while the ranges were being found
+            raise OSError(errno.EIO, f"copy of {source} stopped at byte {now} of {size}: it shrank")
+        dst.truncate(size)  # a hole at the end (nothing after it to copy) keeps the size
         if durable:
             os.fsync(dst.fileno())
-    return copied
+    return size
+
+
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The (start, end) byte ranges of `fd` below `size` that hold data; the whole file where the
+    file system cannot tell (no ``SEEK_DATA``)."""
+    position = 0
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from here on
+                return
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield position, size
+                return
+            raise
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        position = end
 
 
 def _copy_file_range(src: int, dst: int, offset: int, count: int) -> int:

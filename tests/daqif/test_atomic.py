@@ -81,3 +81,25 @@ def _source(directory: Path) -> str:
     if not path.exists():
         path.write_bytes(b"source bytes")
     return str(path)
+
+
+def test_copy_file_keeps_holes_as_holes_and_every_byte_of_data(tmp_path: Path) -> None:
+    # The file of a direct-I/O write stopped early: storage for every frame, most never written.
+    source = tmp_path / "sparse.bin"
+    head, middle = os.urandom(64 << 10), os.urandom(4096)
+    with open(source, "wb") as f:
+        f.write(head)
+        f.seek(256 << 20)
+        f.write(middle)
+        f.truncate(512 << 20)  # and a hole at the end
+    copy = tmp_path / "copy.bin"
+
+    assert copy_file(source, copy) == 512 << 20
+    assert copy.stat().st_size == 512 << 20
+    with open(copy, "rb") as f:
+        assert f.read(len(head)) == head
+        f.seek(256 << 20)
+        assert f.read(len(middle)) == middle
+        f.seek(100 << 20)
+        assert f.read(4096) == bytes(4096)
+    assert copy.stat().st_blocks * 512 < 8 << 20, "the holes were written as zeros"
