@@ -312,3 +312,40 @@ def test_on_xfs_the_collected_copy_shares_the_originals_extents_and_stays_a_snap
                 assert np.array_equal(f["det/det/data"][()], frames)
         finally:
             harness.close()
+
+
+def test_a_stopped_direct_io_write_stays_sparse_through_collect_merge_and_release(dpm: DpmHarness) -> None:
+    # The writer's direct I/O allocates storage for every frame of a write (docs/writer.md,
+    # "Direct I/O"): stopped after 8 of 4,096 frames of 1 MiB, the file's size is 4 GiB, nearly
+    # all of it a hole. Collected, merged and released, it must not become 4 GiB of zeros.
+    from daqif.frame import decode_header, encode_daqif_header
+    from servers.writer.datapath.api import WriteJob
+    from servers.writer.datapath.output import OutputFile
+
+    source = dpm.data / "raw" / "stopped.h5"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    shape, n_images, written = (512, 1024), 4096, 8
+    job = WriteJob(
+        output_file=str(source), n_images=n_images, run_id="r1", detector_name="det",
+        height=shape[0], width=shape[1], dtype="uint16",
+    )  # fmt: skip
+    frames = np.random.default_rng(5).integers(0, 4000, size=(written, *shape), dtype=np.uint16)
+    out = OutputFile(job, 1.0, direct_io=True)
+    for i in range(written):
+        out.append(decode_header(encode_daqif_header(i, *shape, "uint16")), frames[i].tobytes())
+    assert out.direct is not None, "the frames went through direct I/O"
+    out.close()
+    apparent = source.stat().st_size
+    assert apparent > n_images * frames[0].nbytes and source.stat().st_blocks * 512 < 64 << 20
+
+    server = dpm.start()
+    client = dpm.client(server)
+    client.queue_daq(make_spec("SPARSE1", [hdf5_source("det", source)], [dpm.receiver]))
+    record = wait_archived(client, server, "SPARSE1")
+    assert record["substate"] == "COMPLETED", record["alerts"]
+    product = dpm.receiver / "SPARSE1.product.h5"
+    assert verify(product).ok
+    with h5py.File(product, "r") as f:
+        np.testing.assert_array_equal(f["det/det/data"][()], frames)
+    # The product (the collected copy, renamed, then linked) takes the frames' blocks, not the holes'.
+    assert product.stat().st_blocks * 512 < 64 << 20, product.stat()
