@@ -312,3 +312,26 @@ def substate_names(statuses: list[Any]) -> list[str]:
         if not names or names[-1] != name:
             names.append(name)
     return names
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def freeze_running_merge(server_pid: int) -> int | None:
+    """SIGSTOP a merge process of the server and return its pid, or None while none runs.
+
+    The merge launcher's children are the merges; once a merge's output goes to merge.log it
+    has set its death signal (so a frozen one still dies with the server)."""
+    import signal
+
+    for child in _children(server_pid):
+        for grandchild in _children(child):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{grandchild}/fd/1").endswith("merge.log"):
+                    os.kill(grandchild, signal.SIGSTOP)
+                    return grandchild
+    return None

@@ -4,11 +4,8 @@ merge, refusals at QueueDaq."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
-from pathlib import Path
 
 from astropy.io import fits
 
@@ -19,6 +16,7 @@ from servers.dpm.merge import verify
 from .dpm_helpers import (
     DpmHarness,
     error_of,
+    freeze_running_merge,
     hdf5_source,
     make_spec,
     visible_files,
@@ -110,13 +108,6 @@ def test_queue_daq_refuses_a_mixed_or_unrepresentable_fits_specification(dpm: Dp
     assert client.get_active_daqs() == []
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
 def test_kill_9_while_the_fits_merge_process_runs_then_the_product_is_released_once_and_valid(
     dpm: DpmHarness,
 ) -> None:
@@ -126,16 +117,7 @@ def test_kill_9_while_the_fits_merge_process_runs_then_the_product_is_released_o
     client = dpm.client(server)
     client.queue_daq(eso_spec("FKILL", dcs, write_fcs(dpm.data / "fcs.fits"), [str(dpm.receiver)]))
 
-    def merge_process() -> int | None:
-        for child in _children(server.pid):
-            for grandchild in _children(child):  # the fork server's children are merges
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{grandchild}/fd/1").endswith("merge.log"):
-                        os.kill(grandchild, signal.SIGSTOP)
-                        return grandchild
-        return None
-
-    wait_for(merge_process, 60, "a running FITS merge")
+    wait_for(lambda: freeze_running_merge(server.pid), 60, "a running FITS merge")
     server.kill()
     server.start()
     record = wait_archived(client, server, "FKILL")

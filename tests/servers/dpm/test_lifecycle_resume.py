@@ -17,6 +17,7 @@ from servers.dpm.merge import verify
 
 from .dpm_helpers import (
     DpmHarness,
+    freeze_running_merge,
     hdf5_source,
     keyword_source,
     make_spec,
@@ -156,14 +157,6 @@ def test_restart_resumes_every_queued_daq_in_queue_order(dpm: DpmHarness) -> Non
     assert visible_files(dpm.receiver) == sorted(f"{d}.product.h5" for d in ids)
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except FileNotFoundError:
-        return []
-    return [int(p) for p in text.split()]
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -181,17 +174,7 @@ def test_kill_9_during_a_running_merge_takes_the_merge_process_down_too(dpm: Dpm
     client = dpm.client(server)
     client.queue_daq(make_spec("MERGE9", [hdf5_source("big", source)], [dpm.receiver]))
 
-    def merge_process() -> int | None:
-        for child in _children(server.pid):
-            for grandchild in _children(child):  # the merge launcher's children are merges
-                # Once its output goes to merge.log, the merge has set its death signal.
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{grandchild}/fd/1").endswith("merge.log"):
-                        os.kill(grandchild, signal.SIGSTOP)
-                        return grandchild
-        return None
-
-    merge_pid = wait_for(merge_process, 60, "a running merge process")
+    merge_pid = wait_for(lambda: freeze_running_merge(server.pid), 60, "a running merge process")
     server.kill()
     wait_for(lambda: not _alive(merge_pid), 60, f"merge process {merge_pid} to die with the server")
 
@@ -271,13 +254,7 @@ def test_a_merge_killed_after_it_took_the_collected_copy_is_retried_from_a_fresh
         # Frozen the moment the collected copy of `first` has become the part file.
         if (collected / "first.h5").exists() or not any(parts.glob(".*.part")):
             return None
-        for child in _children(server.pid):
-            for grandchild in _children(child):  # the merge launcher's children are merges
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{grandchild}/fd/1").endswith("merge.log"):
-                        os.kill(grandchild, signal.SIGSTOP)
-                        return grandchild
-        return None
+        return freeze_running_merge(server.pid)
 
     merge_pid = wait_for(merge_that_took_the_copy, 120, "a merge that moved the copy", interval=0.001)
     assert not (collected / "first.h5").exists() and (collected / "second.h5").exists()

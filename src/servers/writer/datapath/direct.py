@@ -102,9 +102,7 @@ class DirectFrames:
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         for _ in range(DEPTH):
             self._free.put(mmap.mmap(-1, size))  # anonymous maps are page-aligned
-        self._todo: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None] = queue.SimpleQueue()
-        self._idle = threading.Condition()
-        self._in_flight = 0
+        self._todo: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()  # joined by `sync`
         self._error: str | None = None
         self._buffer: mmap.mmap | None = None
         self._view: memoryview | None = None
@@ -133,9 +131,7 @@ class DirectFrames:
         far is written; `DataPathError` when one could not be."""
         if self._filled:
             self._submit()
-        with self._idle:
-            while self._in_flight:
-                self._idle.wait()
+        self._todo.join()
         if self._error is not None:
             raise DataPathError(self._error)
 
@@ -151,8 +147,6 @@ class DirectFrames:
         assert buffer is not None and self._view is not None
         self._view.release()
         self._view = None
-        with self._idle:
-            self._in_flight += 1
         self._todo.put((buffer, self._first, self._filled))
         self._buffer = None
         self._filled = 0
@@ -170,9 +164,7 @@ class DirectFrames:
                 )
             finally:
                 self._free.put(buffer)
-                with self._idle:
-                    self._in_flight -= 1
-                    self._idle.notify_all()
+                self._todo.task_done()
 
     def _write(self, buffer: mmap.mmap, first: int, count: int) -> None:
         nbytes = count * self.frame_bytes
