@@ -175,10 +175,8 @@ def read_manifest(path: Path) -> dict[str, Path]:
 # -- reading virtual and external data through the collected copies --------------------------------
 
 
-def value_view(
-    dset: h5py.Dataset, files: Mapping[str, Path] | None, scratch: h5py.File, name: str
-) -> h5py.Dataset:
-    """A dataset in `scratch` that reads like `dset` but only from the files of `files`.
+def value_view(dset: h5py.Dataset, files: Mapping[str, Path] | None, path: Path) -> h5py.Dataset:
+    """A dataset that reads like `dset` but only from the files of `files`, in a new file `path`.
 
     `dset` is virtual or keeps its raw data in external files. The view has the same type,
     shape and fill value, and the same mappings, each pointing at the collected copy of the
@@ -186,6 +184,13 @@ def value_view(
     the standalone merge). Every file is named by an absolute path, so HDF5 searches no prefix
     and opens nothing else; a virtual source that is itself virtual, external or reached
     through an external link is refused, because HDF5 would follow it unchecked.
+
+    The view is written to `path` and returned open read-only (the caller closes `view.file`
+    and removes `path`): HDF5 opens a virtual dataset's sources with the access of the file that
+    holds the mapping, so sources are opened read-only, and a mapping from `dset`'s own file
+    (stored as ``"."``) reaches the file already open instead of opening it a second time with
+    other flags, which HDF5 refuses. A mapping that selects all of its source is stored without
+    the source's extent; the view gives it the extent the source dataset has.
     Raises `ReferenceError` naming the dataset and the file.
     """
     own = Path(dset.file.filename)
@@ -216,39 +221,62 @@ def value_view(
                     f"virtual dataset {dset.name} maps {stored!r}:{source_dset!r}, a printf-style pattern of "
                     "file or dataset names; only fixed names can be checked"
                 )
-            path = own if stored == "." and files is None else copy_of(stored)
-            _check_plain_source(path, source_dset, dset.name)
-            view.set_virtual(
-                dcpl.get_virtual_vspace(i),
-                os.fsencode(path),
-                source_dset.encode(),
-                dcpl.get_virtual_srcspace(i),
-            )
+            source = own.absolute() if stored == "." and files is None else copy_of(stored)
+            srcspace = dcpl.get_virtual_srcspace(i)
+            if _same_file(source, own):
+                space = _plain_source_space(dset.file, source_dset, dset.name)
+            else:
+                with h5py.File(source, "r") as f:
+                    space = _plain_source_space(f, source_dset, dset.name)
+            if srcspace.get_select_type() == h5py.h5s.SEL_ALL:
+                srcspace = space  # all of the source, at the extent it has
+            try:
+                vspace = dcpl.get_virtual_vspace(i)
+                view.set_virtual(vspace, os.fsencode(source), source_dset.encode(), srcspace)
+            except ValueError as exc:
+                raise ReferenceError(
+                    f"virtual dataset {dset.name}: mapping {i} from {source_dset!r} in {source} "
+                    f"(source shape {space.shape}): {exc}"
+                ) from None
     else:
         for i in range(dcpl.get_external_count()):
             stored, offset, size = dcpl.get_external(i)
             view.set_external(os.fsencode(copy_of(os.fsdecode(stored))), offset, size)
-    did = h5py.h5d.create(scratch.id, name.encode(), dset.id.get_type(), dset.id.get_space(), dcpl=view)
-    return h5py.Dataset(did)
+    with h5py.File(path, "w") as holder:
+        h5py.h5d.create(holder.id, b"view", dset.id.get_type(), dset.id.get_space(), dcpl=view).close()
+    held = h5py.File(path, "r")
+    view_dset = held["view"]
+    assert isinstance(view_dset, h5py.Dataset)
+    return view_dset
 
 
-def _check_plain_source(path: Path, source_dset: str, virtual: str) -> None:
-    """`source_dset` in `path` is reached by hard links and keeps its data in `path` itself."""
-    where = f"virtual dataset {virtual}: source {source_dset!r} in {path}"
-    with h5py.File(path, "r", locking=False) as f:
-        group: h5py.Group = f
-        parts = [p for p in source_dset.split("/") if p]
-        for i, part in enumerate(parts):
-            link = group.get(part, getlink=True)
-            if not isinstance(link, h5py.HardLink):
-                kind = "does not exist" if link is None else f"is reached through a {type(link).__name__}"
-                raise ReferenceError(f"{where} {kind}")
-            obj = group.get(part)
-            if i < len(parts) - 1:
-                if not isinstance(obj, h5py.Group):
-                    raise ReferenceError(f"{where} does not exist")
-                group = obj
-            elif not isinstance(obj, h5py.Dataset):
-                raise ReferenceError(f"{where} is not a dataset")
-            elif next(dataset_references(obj.id.get_create_plist(), obj.name), None) is not None:
-                raise ReferenceError(f"{where} is itself virtual or external; merge its own sources instead")
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _plain_source_space(f: h5py.File, source_dset: str, virtual: str) -> Any:
+    """The dataspace of `source_dset` in the open file `f`, checked to be reached by hard links
+    and to keep its data in `f` itself."""
+    where = f"virtual dataset {virtual}: source {source_dset!r} in {f.filename}"
+    group: h5py.Group = f
+    parts = [p for p in source_dset.split("/") if p]
+    for i, part in enumerate(parts):
+        link = group.get(part, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            kind = "does not exist" if link is None else f"is reached through a {type(link).__name__}"
+            raise ReferenceError(f"{where} {kind}")
+        obj = group.get(part)
+        if i < len(parts) - 1:
+            if not isinstance(obj, h5py.Group):
+                raise ReferenceError(f"{where} does not exist")
+            group = obj
+        elif not isinstance(obj, h5py.Dataset):
+            raise ReferenceError(f"{where} is not a dataset")
+        elif next(dataset_references(obj.id.get_create_plist(), obj.name), None) is not None:
+            raise ReferenceError(f"{where} is itself virtual or external; merge its own sources instead")
+        else:
+            return obj.id.get_space()
+    raise ReferenceError(f"{where} does not exist")  # an empty name

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from daqif.frame import expected_frame
 from daqif.spec import load_specification
 from servers.dpm.merge import (
     KEYWORD_COMMENTS,
@@ -748,6 +749,62 @@ def test_virtual_source_whose_frames_cannot_be_found_is_refused_not_zero_filled(
         sources.append(hdf5_source("big", write_detector_file(tmp_path / "big.h5", "jf", seed=3)))
     with pytest.raises(MergeError, match=r"virtual dataset /DET/data refers to 'a.h5', which is not a file"):
         run_merge(tmp_path, spec_document(sources))
+    assert not list((tmp_path / "out").glob("*.h5"))
+
+
+def _self_mapping_source(path: Path) -> np.ndarray:
+    """A file whose virtual datasets map all of a dataset: of its own (stored as "."), of a file
+    beside it (by a relative name), and of its own into rows 1-2 of a larger layout whose other
+    rows are the fill value 7. Returns the frames."""
+    data = np.stack([expected_frame(i, (4, 3), "uint16") for i in range(2)])
+    with h5py.File(path.with_name("beside.h5"), "w") as f:
+        f["raw"] = data + 100
+    with h5py.File(path, "w") as f:
+        f["det/raw"] = data
+        for name, stored, target in (("own", ".", "det/raw"), ("beside", "beside.h5", "raw")):
+            layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+            layout[:] = h5py.VirtualSource(stored, target, shape=data.shape)  # all of it: no slice
+            f["det"].create_virtual_dataset(name, layout)
+        layout = h5py.VirtualLayout(shape=(4, 4, 3), dtype=data.dtype)
+        layout[1:3] = h5py.VirtualSource(".", "det/raw", shape=data.shape)
+        f["det"].create_virtual_dataset("padded", layout, fillvalue=7)
+    return data
+
+
+@pytest.mark.parametrize("path", ["cloned", "copied"])
+def test_virtual_datasets_mapping_all_of_their_own_file_or_another_are_merged_by_value(
+    tmp_path: Path, path: str
+) -> None:
+    source = tmp_path / "raw" / "self.h5"
+    source.parent.mkdir()
+    data = _self_mapping_source(source)
+    sources = [hdf5_source("det", source)]
+    if path == "copied":  # a larger source is cloned; this one goes object by object
+        sources.append(hdf5_source("big", write_detector_file(tmp_path / "big.h5", "jf", seed=3)))
+
+    result, outfile = run_merge(tmp_path, spec_document(sources))
+
+    with h5py.File(outfile, "r") as product:
+        group = product["det/det"]
+        assert not any(group[name].is_virtual for name in ("raw", "own", "beside", "padded"))
+        assert np.array_equal(group["own"][:], data)
+        assert np.array_equal(group["beside"][:], data + 100)
+        assert np.array_equal(group["padded"][1:3], data) and (group["padded"][[0, 3]] == 7).all()
+    assert verify(outfile).ok, result
+
+
+def test_a_virtual_dataset_mapping_a_missing_dataset_of_its_own_file_is_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "self.h5"
+    with h5py.File(source, "w") as f:
+        layout = h5py.VirtualLayout(shape=(4,), dtype="uint16")
+        layout[:] = h5py.VirtualSource(".", "nothing/here", shape=(4,))
+        f.create_virtual_dataset("data", layout)
+
+    missing = r"virtual dataset /data: source 'nothing/here' in .*self.h5 does not exist"
+    with pytest.raises(MergeError, match=missing):
+        run_merge(tmp_path, spec_document([hdf5_source("det", source)]))
     assert not list((tmp_path / "out").glob("*.h5"))
 
 

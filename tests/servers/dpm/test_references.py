@@ -163,6 +163,35 @@ def test_raw_files_rewritten_in_place_after_collection_do_not_reach_the_product(
     assert verify(product).ok
 
 
+def test_virtual_datasets_over_their_own_file_and_all_of_another_are_collected_and_merged(
+    dpm: DpmHarness,
+) -> None:
+    raw = dpm.data / "raw"
+    (beside,) = _writer_files(raw, [[1, 2, 3]], seed=10)
+    source = raw / "self.h5"
+    frames = np.stack([expected_frame(i, FRAME, "uint16") for i in range(3)])
+    with h5py.File(source, "w") as f:
+        f["DET/raw"] = frames
+        for name, stored, target in (("own", ".", "DET/raw"), ("beside", beside.name, "DET/data")):
+            layout = h5py.VirtualLayout(shape=frames.shape, dtype=frames.dtype)
+            layout[:] = h5py.VirtualSource(stored, target, shape=frames.shape)  # all of it, unsliced
+            f["DET"].create_virtual_dataset(name, layout)
+    server = dpm.start()
+    client = dpm.client(server)
+    client.queue_daq(make_spec("SELF1", [hdf5_source("det", source)], [dpm.receiver]))
+
+    record = wait_archived(client, server, "SELF1")
+    assert record["substate"] == "COMPLETED", record["alerts"]
+    product = dpm.receiver / "SELF1.product.h5"
+    with h5py.File(product, "r") as f:
+        assert not f["det/DET/own"].is_virtual and not f["det/DET/beside"].is_virtual
+        assert np.array_equal(f["det/DET/own"][:], frames)
+        assert np.array_equal(
+            f["det/DET/beside"][:], np.stack([expected_frame(i + 10, FRAME, "uint16") for i in (1, 2, 3)])
+        )
+    assert verify(product).ok
+
+
 # -- in-process: listing references -------------------------------------------------------------
 
 

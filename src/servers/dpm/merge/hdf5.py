@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -102,6 +103,8 @@ class _Copier:
         self.after_copy: list[str] = []  # datasets whose sum is computed from the product
         self.bytes_copied = 0
         self._scratch: h5py.File | None = None
+        self._views: tempfile.TemporaryDirectory[str] | None = None  # files of `value_view`s
+        self._view_count = 0
 
     def copy_tree(
         self, src: h5py.Group, dst: h5py.Group, dst_path: str, link_root: str, source_name: str
@@ -182,14 +185,22 @@ class _Copier:
             did = h5py.h5d.create(dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=exact)
             self._copy_chunks(src, did, path)
         else:
-            values = src
-            if next(references.dataset_references(dcpl, src.name), None) is not None:
-                # Read only through the collected copies (a ReferenceError names dataset and file).
-                values = references.value_view(src, self.references, self._scratch_file(), self._next_name())
             did = h5py.h5d.create(
                 dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=_plain_dcpl(src, dcpl)
             )
-            self._copy_values(values, h5py.Dataset(did), path, sparse=values is src)
+            if next(references.dataset_references(dcpl, src.name), None) is None:
+                self._copy_values(src, h5py.Dataset(did), path, sparse=True)
+            else:
+                # Read only through the collected copies (a ReferenceError names dataset and file).
+                view_path = self._view_path()
+                try:
+                    values = references.value_view(src, self.references, view_path)
+                    try:
+                        self._copy_values(values, h5py.Dataset(did), path)
+                    finally:
+                        values.file.close()
+                finally:
+                    view_path.unlink(missing_ok=True)
         copied = dst[name]
         _copy_attributes(src.attrs, copied.attrs, [a for a in src.attrs if a != DATASUM], self.log)
 
@@ -222,6 +233,13 @@ class _Copier:
             self._scratch = h5py.File("daqif-merge-probe", "w", driver="core", backing_store=False)
         return self._scratch
 
+    def _view_path(self) -> Path:
+        """A new file name for a `value_view`, in a temporary directory of this copier's."""
+        if self._views is None:
+            self._views = tempfile.TemporaryDirectory(prefix="daqif-merge-views-")
+        self._view_count += 1
+        return Path(self._views.name) / f"view-{self._view_count}.h5"
+
     def _next_name(self) -> str:
         return f"p{len(self._scratch_file())}"
 
@@ -233,6 +251,9 @@ class _Copier:
         if self._scratch is not None:
             self._scratch.close()
             self._scratch = None
+        if self._views is not None:
+            self._views.cleanup()
+            self._views = None
 
     def _copy_chunks(self, src: h5py.Dataset, did: Any, path: str) -> None:
         total = self.sums[path] = DatasetSum("raw", src.dtype, src.shape, src.chunks)
