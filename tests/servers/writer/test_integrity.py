@@ -235,6 +235,44 @@ def test_a_message_larger_than_a_frame_is_dropped_by_the_socket_not_counted(
     assert_pixels_match_ids(output)
 
 
+def test_frames_still_queued_when_a_push_source_goes_away_are_all_written(
+    writer_factory: WriterFactory, data_root: Path
+) -> None:
+    """A detector that sends its last frames and exits: the frames the data path has received
+    but not yet read (its receive queue) are written, not dropped with the lost connection."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    n = 3000
+    source = ctx.socket(zmq.PUSH)
+    source.setsockopt(zmq.SNDHWM, n)  # all of them queue here while the data path is stopped
+    port = source.bind_to_random_port("tcp://127.0.0.1")
+    source.setsockopt(zmq.SNDTIMEO, 10_000)
+    writer = writer_factory(f"tcp://127.0.0.1:{port}")
+    output = data_root / "source_gone.h5"
+    write_async(writer, output, n)
+    h, w = SHAPE
+
+    def send(image_id: int) -> None:
+        frame = expected_frame(image_id, SHAPE, "uint16").tobytes()
+        source.send_multipart([encode_stddaq_header(image_id, h, w, "uint16"), frame])
+
+    send(1)
+    wait_for(lambda: rest_status(writer)["acquisition"]["stats"]["n_write_completed"] == 1)
+    pid = datapath_pid(writer)
+    os.kill(pid, signal.SIGSTOP)  # the frames pile up in the sockets while the data path sleeps
+    try:
+        for image_id in range(2, n + 1):
+            send(image_id)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    source.close(linger=30_000)
+    ctx.term()  # returns once every frame is handed to the kernel: the source is gone
+
+    wait_for(lambda: rest_status(writer)["acquisition"]["state"] == "FINISHED", timeout=60)
+    n_data, n_ids, n_status = frames_in(output)
+    assert n_data == n_ids == n_status == n
+    assert_pixels_match_ids(output)
+
+
 # -- bad requests ----------------------------------------------------------------------------------
 
 

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 BATCH: Final = 256  # frames received between looks at the command pipe and the flush clock
 MALFORMED_LOG_INTERVAL_S: Final = 5.0
+RECONNECT_GRACE_S: Final = 0.5
+"""After a lost connection, how long ZeroMQ has to say it connects again itself (it says so at
+once, with its reconnect timer) before the data path connects again explicitly."""
 
 
 def main(argv: list[str]) -> None:
@@ -232,8 +235,11 @@ class Worker:
         self.endpoint = endpoint
         self.socket.connect(endpoint)
         # ZeroMQ treats an oversized message as a protocol error and does not reconnect after one;
-        # the monitor tells us, so the stream is connected again (off the per-frame path).
-        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # the monitor tells us, so the stream is connected again (off the per-frame path). After
+        # an ordinary loss ZeroMQ reconnects by itself, keeping the frames already queued.
+        self.reconnecting_events = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECTED
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | self.reconnecting_events)
+        self.reconnect_at: float | None = None  # a lost connection ZeroMQ has not said it retries
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
@@ -271,6 +277,8 @@ class Worker:
             if ready.get(socket):
                 self._drain()
             if ready.get(self.monitor):
+                self._watch_connection()
+            if self.reconnect_at is not None and time.monotonic() >= self.reconnect_at:
                 self._reconnect()
             if (ready.get(conn_fd) or self.conn.poll(0)) and not self._handle_commands():
                 return
@@ -285,14 +293,16 @@ class Worker:
                 self._log_malformed()
 
     def _poll_timeout_ms(self) -> int:
-        """Until the next flush or mismatch deadline of the open write; 1 s when there is none."""
+        """Until the next flush or mismatch deadline of the open write, or the explicit reconnect;
+        1 s when there is none."""
         write = self.write
-        if write is None:
-            return 1000
-        deadlines = [write.next_flush] if write.dirty else []
-        mismatch = write.mismatch_deadline()
-        if mismatch is not None:
-            deadlines.append(mismatch)
+        deadlines = [] if self.reconnect_at is None else [self.reconnect_at]
+        if write is not None:
+            if write.dirty:
+                deadlines.append(write.next_flush)
+            mismatch = write.mismatch_deadline()
+            if mismatch is not None:
+                deadlines.append(mismatch)
         if not deadlines:
             return 1000
         return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
@@ -315,18 +325,49 @@ class Worker:
             handle(parts)
         self._publish()
 
-    def _reconnect(self) -> None:
-        """The connection to the source was lost: connect again at once (a lost connection is
-        reconnected by ZeroMQ, but not one it dropped for a message over ``ZMQ_MAXMSGSIZE``)."""
+    def _watch_connection(self) -> None:
+        """Read the monitor's events: a lost connection starts the grace period of
+        `RECONNECT_GRACE_S`; ZeroMQ saying it connects again ends it.
+
+        ZeroMQ keeps the frames already queued across a reconnect of its own, so the data path
+        leaves those alone: disconnecting the endpoint itself would drop every frame queued and
+        not yet read (up to the receive high-water mark), the last frames of a source that sent
+        them and went away. Only a connection ZeroMQ gave up on (an oversized message) is
+        connected again explicitly, in `_reconnect`.
+        """
         zmq = self._zmq
         while True:
             try:
-                self.monitor.recv_multipart(zmq.NOBLOCK)
+                event = self._parse_event(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
+            if event == zmq.EVENT_DISCONNECTED:
+                if self.reconnect_at is None:
+                    self.reconnect_at = time.monotonic() + RECONNECT_GRACE_S
+                log.info("the connection to %s was lost", self.endpoint)
+            elif event & self.reconnecting_events:
+                self.reconnect_at = None
+
+    @staticmethod
+    def _parse_event(parts: list[bytes]) -> int:
+        """The event number of a monitor message ([event (16 bits) + value (32 bits), address])."""
+        return int.from_bytes(parts[0][:2], "little")
+
+    def _reconnect(self) -> None:
+        """A lost connection that ZeroMQ did not say it retries (it does not reconnect after a
+        message over ``ZMQ_MAXMSGSIZE``): take every frame already queued, then connect again."""
+        zmq = self._zmq
+        self.reconnect_at = None
+        while True:
+            try:
+                parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._handle_message(parts)
+        self._publish()
         log.warning(
-            "lost the connection to %s (the source went away, or sent a message larger than a frame "
-            "can be); connecting again",
+            "lost the connection to %s and ZeroMQ does not connect again (the source sent a message "
+            "larger than a frame can be?); connecting again",
             self.endpoint,
         )
         with contextlib.suppress(zmq.ZMQError):
