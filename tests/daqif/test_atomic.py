@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -103,3 +104,31 @@ def test_copy_file_keeps_holes_as_holes_and_every_byte_of_data(tmp_path: Path) -
         f.seek(100 << 20)
         assert f.read(4096) == bytes(4096)
     assert copy.stat().st_blocks * 512 < 8 << 20, "the holes were written as zeros"
+
+
+class _CutsTheSource(threading.Event):
+    """A `stop` event that is never set; the first time the copy asks it (before its first
+    chunk), the source file is cut to `keep` bytes, as a writer truncating its file would."""
+
+    def __init__(self, source: Path, keep: int) -> None:
+        super().__init__()
+        self.source, self.keep, self.asked = source, keep, 0
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        if self.asked == 1:
+            os.truncate(self.source, self.keep)
+        return False
+
+
+@pytest.mark.parametrize("keep", [0, 4096, 3 << 20])
+def test_copy_file_of_a_source_that_shrinks_during_the_copy_is_an_eio_naming_where_it_stopped(
+    tmp_path: Path, keep: int
+) -> None:
+    source = tmp_path / "shrinking.bin"
+    source.write_bytes(os.urandom(5 << 20))
+
+    shrank = rf"copy of {source} stopped at byte {keep} of {5 << 20}: it shrank"
+    with pytest.raises(OSError, match=shrank) as exc:
+        copy_file(source, tmp_path / "copy.bin", stop=_CutsTheSource(source, keep))
+    assert exc.value.errno == errno.EIO
