@@ -97,6 +97,33 @@ def start_pub_sim(shape: tuple[int, int], rate: float, n: int, endpoint: str) ->
     )
 
 
+def run_deadline_s(n: int, shape: tuple[int, int]) -> float:
+    """How long one write of `n` frames may take: 2 minutes and 100 MB/s, far below any disk here."""
+    return 120.0 + n * frame_bytes_of(shape) / 100e6
+
+
+def wait_finished(watch: Iterator[Any], rest_url: str, n: int) -> Any:
+    """The first FINISHED or FAILED status from the `WatchStatus` stream `watch`. When the stream's
+    deadline passes first, a RuntimeError says how many of the `n` frames the writer wrote (a write
+    missing frames waits for them for ever, as std_daq's does)."""
+    import requests
+
+    from daqif.errors import DaqException
+    from daqif.writer_client import acquisition_state_name
+
+    try:
+        for status in watch:
+            if acquisition_state_name(status.acquisition.state) in ("FINISHED", "FAILED"):
+                return status
+    except DaqException as exc:
+        stats = requests.get(rest_url + "/writer/status", timeout=30).json()["writer"]["acquisition"]["stats"]
+        raise RuntimeError(
+            f"the write did not finish before its deadline ({exc}): {stats['n_write_completed']} of {n} "
+            "frames written"
+        ) from None
+    raise RuntimeError("the writer's status stream ended before the write finished")
+
+
 def wait_until(predicate: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -203,7 +230,7 @@ def daqif_run(
 
             wait_until(received, 60, "frames to reach the writer")
             time.sleep(1.0)  # the receive queue fills, as it does for the peer
-            watch = client.watch_status(timeout=3600)
+            watch = client.watch_status(timeout=run_deadline_s(n, shape))
             next(watch)  # the current status; every change follows
             os.sync()  # start from a clean page cache, as every variant does
             load = os.getloadavg()[0]
@@ -216,10 +243,8 @@ def daqif_run(
             ).json()
             if reply["status"] != "ok":
                 raise RuntimeError(f"write_async refused: {reply}")
-            for status in watch:
-                state = acquisition_state_name(status.acquisition.state)
-                if state in ("FINISHED", "FAILED"):
-                    break
+            status = wait_finished(watch, writer.rest_url, n)
+            state = acquisition_state_name(status.acquisition.state)
             elapsed = time.perf_counter() - start
             seen = time.time()
             cpu = {k: round(v - cpu_start[k], 3) for k, v in process_cpu(writer, sim).items()}
@@ -731,7 +756,7 @@ def scale_run(
         ).start(timeout=120)
         started.append(coordinator)
         with requests.Session() as rest, WriterClient(coordinator.grpc_address, timeout=None) as client:
-            watch = client.watch_status(timeout=600)
+            watch = client.watch_status(timeout=run_deadline_s(n, shape))
             next(watch)
             os.sync()
             load = os.getloadavg()[0]
@@ -747,10 +772,8 @@ def scale_run(
             # right before its first send.
             sim = start_sim(shape, "--count", str(n), "--linger", "120", endpoint=endpoint)
             start = time.perf_counter()
-            for status in watch:
-                state = acquisition_state_name(status.acquisition.state)
-                if state in ("FINISHED", "FAILED"):
-                    break
+            status = wait_finished(watch, coordinator.rest_url, n)
+            state = acquisition_state_name(status.acquisition.state)
             elapsed = time.perf_counter() - start
             if state != "FINISHED" or status.acquisition.message != "Completed.":
                 raise RuntimeError(f"the write did not complete: {status.acquisition.message}")
