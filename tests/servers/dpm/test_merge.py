@@ -793,6 +793,31 @@ def test_virtual_datasets_mapping_all_of_their_own_file_or_another_are_merged_by
     assert verify(outfile).ok, result
 
 
+@pytest.mark.parametrize("path", ["cloned", "copied"])
+def test_an_extendible_virtual_dataset_is_merged_at_its_extent(tmp_path: Path, path: str) -> None:
+    # The SWMR-friendly form: both sides unlimited, so readers see the frames as they come.
+    data = np.stack([expected_frame(i, (4, 3), "uint16") for i in range(5)])
+    with h5py.File(tmp_path / "frames.h5", "w") as f:
+        f.create_dataset("data", data=data, maxshape=(None, 4, 3), chunks=(1, 4, 3))
+    source = tmp_path / "growing.h5"
+    with h5py.File(source, "w") as f:
+        layout = h5py.VirtualLayout(shape=data.shape, maxshape=(None, 4, 3), dtype=data.dtype)
+        vsource = h5py.VirtualSource("frames.h5", "data", shape=data.shape, maxshape=(None, 4, 3))
+        layout[: h5py.h5s.UNLIMITED] = vsource[: h5py.h5s.UNLIMITED]
+        f.create_virtual_dataset("data", layout)
+    sources = [hdf5_source("det", source)]
+    if path == "copied":
+        sources.append(hdf5_source("big", write_detector_file(tmp_path / "big.h5", "jf", seed=3)))
+
+    result, outfile = run_merge(tmp_path, spec_document(sources))
+
+    with h5py.File(outfile, "r") as product:
+        merged = product["det/data"]
+        assert not merged.is_virtual and merged.maxshape == merged.shape == data.shape
+        assert np.array_equal(merged[:], data)
+    assert verify(outfile).ok, result
+
+
 def test_a_virtual_dataset_mapping_a_missing_dataset_of_its_own_file_is_refused_by_name(
     tmp_path: Path,
 ) -> None:

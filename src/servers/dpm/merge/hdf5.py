@@ -185,9 +185,8 @@ class _Copier:
             did = h5py.h5d.create(dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=exact)
             self._copy_chunks(src, did, path)
         else:
-            did = h5py.h5d.create(
-                dst.id, name.encode("utf-8"), tid, src.id.get_space(), dcpl=_plain_dcpl(src, dcpl)
-            )
+            plain = _plain_dcpl(src, dcpl)
+            did = h5py.h5d.create(dst.id, name.encode("utf-8"), tid, _fixed_space(src), dcpl=plain)
             if next(references.dataset_references(dcpl, src.name), None) is None:
                 self._copy_values(src, h5py.Dataset(did), path, sparse=True)
             else:
@@ -296,6 +295,16 @@ def _filters(dcpl: Any) -> list[tuple[int, int, tuple[int, ...]]]:
         fid, flags, values, _ = dcpl.get_filter(i)
         out.append((int(fid), int(flags), tuple(int(v) for v in values)))
     return out
+
+
+def _fixed_space(src: h5py.Dataset) -> Any:
+    """`src`'s dataspace at its current extent. A virtual dataset (or one in external files) may
+    be extendible, which a contiguous dataset in the product cannot be: the product holds the
+    data there is, so its maximum extent is its extent."""
+    space = src.id.get_space()
+    if space.get_simple_extent_type() != h5py.h5s.SIMPLE or space.shape == space.get_simple_extent_dims(True):
+        return space
+    return h5py.h5s.create_simple(space.shape, space.shape)
 
 
 def _plain_dcpl(src: h5py.Dataset, dcpl: Any) -> Any:
