@@ -241,6 +241,17 @@ def wait_archived(
     return archived_record(server, daq_id)
 
 
+def complete_one(dpm: DpmHarness, daq_id: str, sources: list[dict[str, Any]]) -> Path:
+    """Start a server, queue one DAQ of `sources` with the harness's receiver, wait until it is
+    archived COMPLETED (failing at its first ERROR alert); its product at the receiver."""
+    server = dpm.start()
+    client = dpm.client(server)
+    client.queue_daq(make_spec(daq_id, sources, [dpm.receiver]))
+    record = wait_archived(client, server, daq_id)
+    assert record["substate"] == "COMPLETED", record["alerts"]
+    return dpm.receiver / f"{daq_id}.product.h5"
+
+
 def wait_substate(client: DpmClient, daq_id: str, name: str, timeout: float = 60.0) -> Any:
     """Wait until `daq_id` is in substate `name`; return its status."""
 

@@ -24,6 +24,7 @@ from servers.dpm.merge import verify
 from .dpm_helpers import (
     REMOTE_SHELL_SHIM,
     DpmHarness,
+    complete_one,
     hdf5_source,
     make_spec,
     wait_alert,
@@ -338,12 +339,7 @@ def test_a_stopped_direct_io_write_stays_sparse_through_collect_merge_and_releas
     apparent = source.stat().st_size
     assert apparent > n_images * frames[0].nbytes and source.stat().st_blocks * 512 < 64 << 20
 
-    server = dpm.start()
-    client = dpm.client(server)
-    client.queue_daq(make_spec("SPARSE1", [hdf5_source("det", source)], [dpm.receiver]))
-    record = wait_archived(client, server, "SPARSE1")
-    assert record["substate"] == "COMPLETED", record["alerts"]
-    product = dpm.receiver / "SPARSE1.product.h5"
+    product = complete_one(dpm, "SPARSE1", [hdf5_source("det", source)])
     assert verify(product).ok
     with h5py.File(product, "r") as f:
         np.testing.assert_array_equal(f["det/det/data"][()], frames)

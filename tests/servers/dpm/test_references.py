@@ -25,6 +25,7 @@ from servers.dpm.references import ReferenceKind, find_references, resolve
 
 from .dpm_helpers import (
     DpmHarness,
+    complete_one,
     hdf5_source,
     make_spec,
     visible_files,
@@ -176,13 +177,8 @@ def test_virtual_datasets_over_their_own_file_and_all_of_another_are_collected_a
             layout = h5py.VirtualLayout(shape=frames.shape, dtype=frames.dtype)
             layout[:] = h5py.VirtualSource(stored, target, shape=frames.shape)  # all of it, unsliced
             f["DET"].create_virtual_dataset(name, layout)
-    server = dpm.start()
-    client = dpm.client(server)
-    client.queue_daq(make_spec("SELF1", [hdf5_source("det", source)], [dpm.receiver]))
+    product = complete_one(dpm, "SELF1", [hdf5_source("det", source)])
 
-    record = wait_archived(client, server, "SELF1")
-    assert record["substate"] == "COMPLETED", record["alerts"]
-    product = dpm.receiver / "SELF1.product.h5"
     with h5py.File(product, "r") as f:
         assert not f["det/DET/own"].is_virtual and not f["det/DET/beside"].is_virtual
         assert np.array_equal(f["det/DET/own"][:], frames)
