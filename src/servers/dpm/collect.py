@@ -27,7 +27,7 @@ import asyncio
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ class Collected:
     """Outcome of collecting one source. `size`/`mtime_ns` are the original's (-1 if remote).
 
     `references` files it refers to were collected with it, `reference_bytes` in all.
+    `stored_bytes`: the disk space the copies take (`stored_bytes_of`), which a hole does not.
     """
 
     outcome: str  # "copied" or "rsync"
@@ -51,6 +52,22 @@ class Collected:
     mtime_ns: int
     references: int = 0
     reference_bytes: int = 0
+    stored_bytes: int = -1
+
+
+def stored_bytes_of(paths: Iterable[Path]) -> int:
+    """The disk space the files `paths` take: per file its allocated blocks, at most its size.
+
+    A writer's file written with direct I/O and stopped early has the size of every frame it
+    could have held and the blocks of the frames it holds (docs/writer.md, "Direct I/O"); the
+    copies keep the holes, and so does the product. At most the size: a file system may count
+    blocks allocated ahead of the end (XFS's speculative preallocation) that a copy does not get.
+    """
+    total = 0
+    for path in paths:
+        st = os.stat(path)
+        total += min(st.st_size, st.st_blocks * 512)
+    return total
 
 
 @dataclass(frozen=True)
@@ -120,7 +137,8 @@ async def collect_source(
     files, extra = await _collect_remote_references(location, destination, rsync_command, remote_shell)
     data = references.manifest_bytes(str(location), files)
     await asyncio.to_thread(atomic_write_bytes, references.manifest_path(destination), data, durable=False)
-    return Collected(done.outcome, destination, done.bytes, done.size, done.mtime_ns, len(files), extra)
+    stored = await asyncio.to_thread(stored_bytes_of, {destination, *files.values()})
+    return Collected("rsync", destination, done.bytes, -1, -1, len(files), extra, stored)
 
 
 def _prepare(destination: Path) -> None:
@@ -185,7 +203,8 @@ def collect_local(
         atomic_write_bytes(references.manifest_path(destination), data, durable=False)
     except OSError as exc:
         raise TransferError(f"cannot collect {path_text} into {destination}: {exc.strerror}") from None
-    return Collected("copied", destination, nbytes, st.st_size, st.st_mtime_ns, len(files), total)
+    stored = stored_bytes_of({destination, *files.values()})
+    return Collected("copied", destination, nbytes, st.st_size, st.st_mtime_ns, len(files), total, stored)
 
 
 def _copy(source: Path, destination: Path, path_text: str, stop: threading.Event) -> int:

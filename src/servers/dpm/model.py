@@ -102,6 +102,9 @@ class SourceRecord:
     references: int = 0
     """Files the source refers to (virtual, external data) collected with it."""
     reference_bytes: int = 0
+    stored_bytes: int = -1
+    """The disk space the collected copies take (holes take none); -1 in records written before
+    2026-12-02, for which `bytes` + `reference_bytes` stand in."""
 
     @property
     def collected(self) -> bool:

@@ -209,6 +209,7 @@ class Phases:
         source.mtime_ns = done.mtime_ns
         source.references = done.references
         source.reference_bytes = done.reference_bytes
+        source.stored_bytes = done.stored_bytes
         source.timestamp = time.time()
         daq.record.clear_alert(collecting_alert(source.source_name))
         daq.collected_here.add(source.source_name)
@@ -417,13 +418,16 @@ def _merge_alerts(report: Path) -> dict[str, str]:
 
 
 def product_bytes(record: DaqRecord) -> int:
-    """The expected size of the product: the bytes collected (sources and the files they refer to).
+    """The disk space the product is expected to take: that of the collected copies (sources and
+    the files they refer to, `SourceRecord.stored_bytes`).
 
     The merge copies what was collected and unallocated storage stays unallocated, so this
     bounds the product, except where virtual datasets map the same data more than once (the
     merge then writes it once per mapping; a disk that fills during the merge is ERROR `merging`).
+    A stopped direct-I/O write of a million frames is a file of a million frames' size with the
+    blocks of the frames written: the product needs those blocks, not its size.
     """
-    return sum(s.bytes + s.reference_bytes for s in record.sources)
+    return sum(s.stored_bytes if s.stored_bytes >= 0 else s.bytes + s.reference_bytes for s in record.sources)
 
 
 def _still_there(source: SourceRecord) -> bool:

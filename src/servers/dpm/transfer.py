@@ -147,7 +147,9 @@ def rsync_argv(rsync_command: str, remote_shell: str, source: str, destination: 
 
     `--` ends the options, so no operand is read as one (QueueDaq already refuses hosts and
     paths starting with `-`); `--protect-args` sends the remote path to the remote rsync as
-    data, never through the remote shell's word splitting and globbing.
+    data, never through the remote shell's word splitting and globbing. `--sparse` keeps holes as
+    holes: a stopped direct-I/O write is mostly hole (docs/writer.md, "Direct I/O"), and rsync
+    would otherwise write its whole size in zeros.
     """
     return [
         *shlex.split(rsync_command),
@@ -156,6 +158,7 @@ def rsync_argv(rsync_command: str, remote_shell: str, source: str, destination: 
         "--protect-args",
         "--times",
         "--checksum",
+        "--sparse",
         "--",
         source,
         destination,

@@ -241,10 +241,13 @@ def wait_archived(
     return archived_record(server, daq_id)
 
 
-def complete_one(dpm: DpmHarness, daq_id: str, sources: list[dict[str, Any]]) -> Path:
-    """Start a server, queue one DAQ of `sources` with the harness's receiver, wait until it is
-    archived COMPLETED (failing at its first ERROR alert); its product at the receiver."""
-    server = dpm.start()
+def complete_one(
+    dpm: DpmHarness, daq_id: str, sources: list[dict[str, Any]], config: dict[str, Any] | None = None
+) -> Path:
+    """Start a server (with `config`), queue one DAQ of `sources` with the harness's receiver,
+    wait until it is archived COMPLETED (failing at its first ERROR alert); its product at the
+    receiver."""
+    server = dpm.start(config)
     client = dpm.client(server)
     client.queue_daq(make_spec(daq_id, sources, [dpm.receiver]))
     record = wait_archived(client, server, daq_id)

@@ -315,17 +315,16 @@ def test_on_xfs_the_collected_copy_shares_the_originals_extents_and_stays_a_snap
             harness.close()
 
 
-def test_a_stopped_direct_io_write_stays_sparse_through_collect_merge_and_release(dpm: DpmHarness) -> None:
-    # The writer's direct I/O allocates storage for every frame of a write (docs/writer.md,
-    # "Direct I/O"): stopped after 8 of 4,096 frames of 1 MiB, the file's size is 4 GiB, nearly
-    # all of it a hole. Collected, merged and released, it must not become 4 GiB of zeros.
+def _stopped_direct_io_write(source: Path, n_images: int = 4096, written: int = 8) -> np.ndarray:
+    """A writer's file of 1 MiB frames written with direct I/O and stopped after `written` of
+    `n_images` frames: its size is that of `n_images` frames, nearly all of it a hole (the writer
+    allocates storage for every frame of a write: docs/writer.md, "Direct I/O"). The frames."""
     from daqif.frame import decode_header, encode_daqif_header
     from servers.writer.datapath.api import WriteJob
     from servers.writer.datapath.output import OutputFile
 
-    source = dpm.data / "raw" / "stopped.h5"
     source.parent.mkdir(parents=True, exist_ok=True)
-    shape, n_images, written = (512, 1024), 4096, 8
+    shape = (512, 1024)
     job = WriteJob(
         output_file=str(source), n_images=n_images, run_id="r1", detector_name="det",
         height=shape[0], width=shape[1], dtype="uint16",
@@ -336,12 +335,51 @@ def test_a_stopped_direct_io_write_stays_sparse_through_collect_merge_and_releas
         out.append(decode_header(encode_daqif_header(i, *shape, "uint16")), frames[i].tobytes())
     assert out.direct is not None, "the frames went through direct I/O"
     out.close()
-    apparent = source.stat().st_size
-    assert apparent > n_images * frames[0].nbytes and source.stat().st_blocks * 512 < 64 << 20
+    assert source.stat().st_size > n_images * frames[0].nbytes and source.stat().st_blocks * 512 < 64 << 20
+    return frames
 
-    product = complete_one(dpm, "SPARSE1", [hdf5_source("det", source)])
+
+def _assert_sparse_product(product: Path, frames: np.ndarray) -> None:
     assert verify(product).ok
     with h5py.File(product, "r") as f:
         np.testing.assert_array_equal(f["det/det/data"][()], frames)
-    # The product (the collected copy, renamed, then linked) takes the frames' blocks, not the holes'.
+    # The frames' blocks, not the holes'.
     assert product.stat().st_blocks * 512 < 64 << 20, product.stat()
+
+
+def test_a_stopped_direct_io_write_stays_sparse_through_collect_merge_and_release(dpm: DpmHarness) -> None:
+    # Collected, merged and released, a 4 GiB file of 8 MiB of frames must not become 4 GiB of zeros.
+    source = dpm.data / "raw" / "stopped.h5"
+    frames = _stopped_direct_io_write(source)
+
+    _assert_sparse_product(complete_one(dpm, "SPARSE1", [hdf5_source("det", source)]), frames)
+
+
+def test_a_stopped_direct_io_write_collected_over_rsync_stays_sparse(
+    dpm: DpmHarness, remote_shell: str
+) -> None:
+    remote = dpm.base / "detector-host" / "stopped.h5"
+    frames = _stopped_direct_io_write(remote)
+
+    sources = [hdf5_source("det", f"detector-host:{remote}")]
+    product = complete_one(dpm, "SPARSE2", sources, {"rsync_remote_shell": remote_shell})
+    _assert_sparse_product(product, frames)
+
+
+def test_a_stopped_direct_io_write_larger_than_the_workspace_disk_is_merged_by_its_frames(
+    dpm: DpmHarness,
+) -> None:
+    # A 64 MiB disk for a product of 4 GiB in size and 8 MiB in blocks: the DPM waits for the
+    # space the product takes, not for its size (it would wait for ever).
+    from .dpm_helpers import small_tmpfs
+
+    source = dpm.data / "raw" / "stopped.h5"
+    frames = _stopped_direct_io_write(source)
+    with small_tmpfs(dpm.base / "server0", dpm, size="64m"):
+        server = dpm.start({"free_space_reserve_bytes": 16 << 20, "storage_report_interval_s": 0.1})
+        client = dpm.client(server)
+        client.queue_daq(make_spec("SPARSE3", [hdf5_source("det", source)], [dpm.receiver]))
+        record = wait_archived(client, server, "SPARSE3", timeout=60)
+        assert record["substate"] == "COMPLETED" and record["alerts"] == [], record["alerts"]
+        assert 0 < record["sources"][0]["stored_bytes"] < 64 << 20
+    _assert_sparse_product(dpm.receiver / "SPARSE3.product.h5", frames)
