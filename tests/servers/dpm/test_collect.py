@@ -315,7 +315,7 @@ def test_on_xfs_the_collected_copy_shares_the_originals_extents_and_stays_a_snap
             harness.close()
 
 
-def _stopped_direct_io_write(source: Path, n_images: int = 4096, written: int = 8) -> np.ndarray:
+def _stopped_direct_io_write(source: Path, n_images: int = 1024, written: int = 8) -> np.ndarray:
     """A writer's file of 1 MiB frames written with direct I/O and stopped after `written` of
     `n_images` frames: its size is that of `n_images` frames, nearly all of it a hole (the writer
     allocates storage for every frame of a write: docs/writer.md, "Direct I/O"). The frames."""
@@ -348,7 +348,7 @@ def _assert_sparse_product(product: Path, frames: np.ndarray) -> None:
 
 
 def test_a_stopped_direct_io_write_stays_sparse_through_collect_merge_and_release(dpm: DpmHarness) -> None:
-    # Collected, merged and released, a 4 GiB file of 8 MiB of frames must not become 4 GiB of zeros.
+    # Collected, merged and released, a 1 GiB file of 8 MiB of frames must not become 1 GiB of zeros.
     source = dpm.data / "raw" / "stopped.h5"
     frames = _stopped_direct_io_write(source)
 
@@ -369,7 +369,7 @@ def test_a_stopped_direct_io_write_collected_over_rsync_stays_sparse(
 def test_a_stopped_direct_io_write_larger_than_the_workspace_disk_is_merged_by_its_frames(
     dpm: DpmHarness,
 ) -> None:
-    # A 64 MiB disk for a product of 4 GiB in size and 8 MiB in blocks: the DPM waits for the
+    # A 64 MiB disk for a product of 1 GiB in size and 8 MiB in blocks: the DPM waits for the
     # space the product takes, not for its size (it would wait for ever).
     from .dpm_helpers import small_tmpfs
 

@@ -11,8 +11,9 @@ It needs a layout where each frame's bytes have a known, aligned place in the fi
 dataset is created with its storage allocated at once (``H5D_ALLOC_TIME_EARLY``, no fill values
 written, no filter, fixed extent: HDF5's *implicit* chunk index, where chunk ``i`` lies at
 ``base + i * frame_bytes``) and aligned (`align_storage`). `check_layout` verifies that before
-the first frame; anything else (a compressed write, a frame size not a multiple of `ALIGN`, a file
-system refusing ``O_DIRECT``) is written through the page cache as before (`output.OutputFile`).
+the first frame; anything else (a compressed write, a frame size not a multiple of `ALIGN`, a
+write larger than the free space (`fits_on_disk`), a file system refusing ``O_DIRECT``) is written
+through the page cache as before (`output.OutputFile`).
 
 Readers see the same file: HDF5 reads the chunks at the addresses its index gives, which are the
 ones written here. A SWMR reader learns of frames from ``image_id``, and `OutputFile.flush`
@@ -37,6 +38,22 @@ DEPTH: Final = 3  # batch buffers: one filling, up to two on their way to the di
 def eligible(frame_bytes: int) -> bool:
     """Whether frames of `frame_bytes` can be written directly (their chunks stay aligned)."""
     return frame_bytes > 0 and frame_bytes % ALIGN == 0
+
+
+def fits_on_disk(path: str, n_frames: int, frame_bytes: int) -> bool:
+    """Whether all `n_frames` frames fit in the free space of the file system `path` goes to.
+
+    The direct layout gives the file the size of every frame of the write at once (the storage
+    is allocated, the blocks come only with the frames). A write larger than the free space could
+    never be completed, so it is one meant to be stopped (std_daq's "n_images as large as you
+    like"): it goes through the page cache, whose file grows with the frames, instead of leaving a
+    file of a size no disk here holds (up to the file system's limit: 20 TB is ext4's EFBIG).
+    """
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False  # the folder is not there: creating the file says so
+    return n_frames * frame_bytes <= st.f_bavail * st.f_frsize
 
 
 def batch_frames(frame_bytes: int) -> int:

@@ -59,6 +59,14 @@ class OutputFile:
         self.write_chunk: Any = None
         self.frame_bytes = job.height * job.width * self.dtype.itemsize
         self.direct_io = direct_io and direct.eligible(self.frame_bytes)
+        if self.direct_io and not direct.fits_on_disk(job.output_file, job.n_images, self.frame_bytes):
+            log.info(
+                "%s: %d frames of %d bytes are more than the free space; writing through the page cache",
+                job.output_file,
+                job.n_images,
+                self.frame_bytes,
+            )
+            self.direct_io = False
         self.direct: direct.DirectFrames | None = None  # set when the (uncompressed) datasets are made
         buffer_len = min(job.n_images, METADATA_BUFFER)
         self.id_buffer = np.zeros(buffer_len, dtype=np.uint64)

@@ -185,10 +185,14 @@ def test_on_a_file_system_without_direct_io_the_frames_go_through_the_page_cache
 def test_a_full_disk_fails_the_direct_write_with_the_reason_and_the_data_path_stays_up(
     sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
 ) -> None:
-    with mounted("tmpfs", tmp_path / "small", "size=2m") as folder:
-        sim = sim_factory("--shape", *map(str, SHAPE))
+    with mounted("tmpfs", tmp_path / "small", "size=12m") as folder:
+        sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "1000")
         datapath = datapath_factory(sim.endpoint)
-        datapath.open_write(job(folder / "full.h5", 2 * PER_BATCH, SHAPE))  # 8 MiB into 2 MiB
+        datapath.open_write(job(folder / "full.h5", 2 * PER_BATCH, SHAPE))  # 8 MiB: it fits, for now
+        # Something else takes the disk before the first batch (half a second of frames) is full.
+        st = os.statvfs(folder)
+        with open(folder / "other", "wb") as other:
+            os.posix_fallocate(other.fileno(), 0, st.f_bavail * st.f_frsize - (256 << 10))
         result = wait_finished(datapath)
         assert result.error is not None and "No space left on device" in result.error, result.error
         assert "writing frames" in result.error
@@ -197,3 +201,22 @@ def test_a_full_disk_fails_the_direct_write_with_the_reason_and_the_data_path_st
         assert wait_finished(datapath).n_written == 10
         assert_consecutive(assert_frames(tmp_path / "next.h5", 10, SHAPE), 10)
         datapath.close()
+
+
+def test_a_write_larger_than_the_free_space_goes_through_the_page_cache_and_its_file_grows_with_it(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+) -> None:
+    # std_daq's "n_images as large as you like, then stop": a direct write would give the file the
+    # size of all 100,000 frames (800 MiB) on a 16 MiB disk at once.
+    with mounted("tmpfs", tmp_path / "small", "size=16m") as folder:
+        sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "2000")
+        datapath = datapath_factory(sim.endpoint)
+        path = folder / "stopped.h5"
+        datapath.open_write(job(path, 100_000, SHAPE))
+        wait_for(lambda: datapath.progress().n_written >= 200, WAIT_S, "frames written")
+        result = datapath.stop_write()
+        assert result is not None and result.interrupted and result.error is None
+        assert not allocated_early(path)
+        assert path.stat().st_size < 8 << 20
+        assert_consecutive(assert_frames(path, result.n_written, SHAPE), result.n_written)
+        datapath.close()  # before the unmount
