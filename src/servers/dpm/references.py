@@ -245,8 +245,10 @@ def value_view(dset: h5py.Dataset, files: Mapping[str, Path] | None, path: Path)
     with h5py.File(path, "w") as holder:
         h5py.h5d.create(holder.id, b"view", dset.id.get_type(), dset.id.get_space(), dcpl=view).close()
     held = h5py.File(path, "r")
-    view_dset = held["view"]
-    assert isinstance(view_dset, h5py.Dataset)
+    view_dset = held.get("view")
+    if not isinstance(view_dset, h5py.Dataset):
+        held.close()
+        raise ReferenceError(f"the view of {dset.name} in {path} cannot be read back")
     return view_dset
 
 
