@@ -40,8 +40,14 @@ def eligible(frame_bytes: int) -> bool:
     return frame_bytes > 0 and frame_bytes % ALIGN == 0
 
 
+MAX_FILE_BYTES: Final = 8 << 40
+"""The largest file the direct layout makes (8 TiB): ext4's largest file is 16 TiB, and HDF5 does
+not recover from a write past it (`File too large`) when it flushes its metadata."""
+
+
 def fits_on_disk(path: str, n_frames: int, frame_bytes: int) -> bool:
-    """Whether all `n_frames` frames fit in the free space of the file system `path` goes to.
+    """Whether all `n_frames` frames fit in the free space of the file system `path` goes to
+    (and in `MAX_FILE_BYTES`).
 
     The direct layout gives the file the size of every frame of the write at once (the storage
     is allocated, the blocks come only with the frames). A write larger than the free space could
@@ -53,7 +59,7 @@ def fits_on_disk(path: str, n_frames: int, frame_bytes: int) -> bool:
         st = os.statvfs(os.path.dirname(os.path.abspath(path)))
     except OSError:
         return False  # the folder is not there: creating the file says so
-    return n_frames * frame_bytes <= st.f_bavail * st.f_frsize
+    return n_frames * frame_bytes <= min(st.f_bavail * st.f_frsize, MAX_FILE_BYTES)
 
 
 def batch_frames(frame_bytes: int) -> int:

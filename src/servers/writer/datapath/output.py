@@ -61,7 +61,8 @@ class OutputFile:
         self.direct_io = direct_io and direct.eligible(self.frame_bytes)
         if self.direct_io and not direct.fits_on_disk(job.output_file, job.n_images, self.frame_bytes):
             log.info(
-                "%s: %d frames of %d bytes are more than the free space; writing through the page cache",
+                "%s: %d frames of %d bytes are more than the free space (or 8 TiB); writing through the "
+                "page cache",
                 job.output_file,
                 job.n_images,
                 self.frame_bytes,

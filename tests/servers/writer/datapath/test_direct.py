@@ -220,3 +220,12 @@ def test_a_write_larger_than_the_free_space_goes_through_the_page_cache_and_its_
         assert path.stat().st_size < 8 << 20
         assert_consecutive(assert_frames(path, result.n_written, SHAPE), result.n_written)
         datapath.close()  # before the unmount
+
+
+def test_fits_on_disk_weighs_the_whole_write_against_the_free_space_of_its_folder(tmp_path: Path) -> None:
+    st = os.statvfs(tmp_path)
+    free_frames = st.f_bavail * st.f_frsize // FRAME_BYTES
+    path = str(tmp_path / "w.h5")
+    assert direct.fits_on_disk(path, 1000, FRAME_BYTES)
+    assert not direct.fits_on_disk(path, free_frames + 10**6, FRAME_BYTES)
+    assert not direct.fits_on_disk(str(tmp_path / "missing" / "w.h5"), 1, FRAME_BYTES)
