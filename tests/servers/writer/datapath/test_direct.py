@@ -55,6 +55,13 @@ def allocated_early(path: Path) -> bool:
         return bool(f[f"{DETECTOR}/data"].id.get_create_plist().get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY)
 
 
+def fed_datapath(
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, *sim_args: str
+) -> Any:
+    """A data path fed by a simulator of `SHAPE` frames (`sim_args`: e.g. its rate)."""
+    return datapath_factory(sim_factory("--shape", *map(str, SHAPE), *sim_args).endpoint)
+
+
 def assert_consecutive(ids: Any, n: int) -> None:
     assert len(ids) == n and np.array_equal(ids, np.arange(ids[0], ids[0] + n))
 
@@ -172,8 +179,7 @@ def test_on_a_file_system_without_direct_io_the_frames_go_through_the_page_cache
         probe.touch()
         with pytest.raises(OSError):  # what the data path meets there
             os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
-        sim = sim_factory("--shape", *map(str, SHAPE))
-        datapath = datapath_factory(sim.endpoint)
+        datapath = fed_datapath(sim_factory, datapath_factory)
         n = PER_BATCH + 5
         datapath.open_write(job(folder / "ram.h5", n, SHAPE))
         result = wait_finished(datapath)
@@ -186,8 +192,7 @@ def test_a_full_disk_fails_the_direct_write_with_the_reason_and_the_data_path_st
     sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
 ) -> None:
     with mounted("tmpfs", tmp_path / "small", "size=12m") as folder:
-        sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "1000")
-        datapath = datapath_factory(sim.endpoint)
+        datapath = fed_datapath(sim_factory, datapath_factory, "--rate", "1000")
         datapath.open_write(job(folder / "full.h5", 2 * PER_BATCH, SHAPE))  # 8 MiB: it fits, for now
         # Something else takes the disk before the first batch (half a second of frames) is full.
         st = os.statvfs(folder)
@@ -209,8 +214,7 @@ def test_a_write_larger_than_the_free_space_goes_through_the_page_cache_and_its_
     # std_daq's "n_images as large as you like, then stop": a direct write would give the file the
     # size of all 100,000 frames (800 MiB) on a 16 MiB disk at once.
     with mounted("tmpfs", tmp_path / "small", "size=16m") as folder:
-        sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "2000")
-        datapath = datapath_factory(sim.endpoint)
+        datapath = fed_datapath(sim_factory, datapath_factory, "--rate", "2000")
         path = folder / "stopped.h5"
         datapath.open_write(job(path, 100_000, SHAPE))
         wait_for(lambda: datapath.progress().n_written >= 200, WAIT_S, "frames written")
