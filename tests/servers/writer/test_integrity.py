@@ -29,6 +29,7 @@ from daqif.frame import (
 )
 from daqif.testing import wait_for
 from servers.common.launch import WriterProcess
+from servers.supervisor import free_port
 
 from .conftest import (
     DETECTOR_NAME,
@@ -268,6 +269,40 @@ def test_frames_still_queued_when_a_push_source_goes_away_are_all_written(
     ctx.term()  # returns once every frame is handed to the kernel: the source is gone
 
     wait_for(lambda: rest_status(writer)["acquisition"]["state"] == "FINISHED", timeout=60)
+    n_data, n_ids, n_status = frames_in(output)
+    assert n_data == n_ids == n_status == n
+    assert_pixels_match_ids(output)
+
+
+def test_a_source_that_restarts_mid_write_is_connected_again_and_the_write_completes(
+    writer_factory: WriterFactory, data_root: Path
+) -> None:
+    """A detector restarted during a write binds the same endpoint again: ZeroMQ reconnects the
+    data path by itself, and the frames of both runs of the source are written."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    writer = writer_factory(endpoint)
+    output = data_root / "source_restarted.h5"
+    n = 200
+    write_async(writer, output, n)
+    h, w = SHAPE
+    for first, last in ((1, 100), (101, n)):
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        source = ctx.socket(zmq.PUSH)
+        source.setsockopt(zmq.SNDTIMEO, 10_000)
+        source.bind(endpoint)
+        for image_id in range(first, last + 1):
+            frame = expected_frame(image_id, SHAPE, "uint16").tobytes()
+            source.send_multipart([encode_stddaq_header(image_id, h, w, "uint16"), frame])
+
+        def written(upto: int = last) -> bool:
+            return bool(rest_status(writer)["acquisition"]["stats"]["n_write_completed"] == upto)
+
+        wait_for(written)
+        source.close(linger=10_000)
+        ctx.term()  # the source goes away; the next run binds the endpoint again
+
+    wait_for(lambda: rest_status(writer)["acquisition"]["state"] == "FINISHED")
     n_data, n_ids, n_status = frames_in(output)
     assert n_data == n_ids == n_status == n
     assert_pixels_match_ids(output)
