@@ -55,14 +55,14 @@ def repair_file(job: WriteJob) -> int:
                 data = group.create_dataset(
                     "data",
                     shape=(0, job.height, job.width),
-                    maxshape=(max(1, job.n_images), job.height, job.width),
+                    maxshape=(None, job.height, job.width),
                     chunks=(1, job.height, job.width),
                     dtype=np.dtype(job.dtype),
                 )
             n_frames = min(n_frames, int(data.shape[0]))
             for name in ("image_id", "status"):
                 if name not in group:
-                    group.create_dataset(name, shape=(0,), maxshape=(max(1, job.n_images),), dtype=np.uint64)
+                    group.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(4096,), dtype=np.uint64)
             for dataset in (data, group["image_id"], group["status"]):
                 if dataset.shape[0] != n_frames:
                     dataset.resize(n_frames, axis=0)

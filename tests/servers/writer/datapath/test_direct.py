@@ -208,20 +208,25 @@ def test_a_full_disk_fails_the_direct_write_with_the_reason_and_the_data_path_st
         datapath.close()
 
 
+@pytest.mark.parametrize("n_images", [100_000, 10**10])
 def test_a_write_larger_than_the_free_space_goes_through_the_page_cache_and_its_file_grows_with_it(
-    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path, n_images: int
 ) -> None:
     # std_daq's "n_images as large as you like, then stop": a direct write would give the file the
-    # size of all 100,000 frames (800 MiB) on a 16 MiB disk at once.
+    # size of all its frames (800 MiB for 100,000) on a 16 MiB disk at once. Through the page cache
+    # the dataset grows with the frames: with a fixed maximum of 10^10 frames HDF5 would first make
+    # a chunk index of 10^10 entries (minutes, the data path deaf meanwhile).
     with mounted("tmpfs", tmp_path / "small", "size=16m") as folder:
         datapath = fed_datapath(sim_factory, datapath_factory, "--rate", "2000")
         path = folder / "stopped.h5"
-        datapath.open_write(job(path, 100_000, SHAPE))
+        datapath.open_write(job(path, n_images, SHAPE))
         wait_for(lambda: datapath.progress().n_written >= 200, WAIT_S, "frames written")
         result = datapath.stop_write()
         assert result is not None and result.interrupted and result.error is None
         assert not allocated_early(path)
         assert path.stat().st_size < 8 << 20
+        with h5py.File(path, "r") as f:
+            assert f[f"{DETECTOR}/data"].maxshape[0] is None
         assert_consecutive(assert_frames(path, result.n_written, SHAPE), result.n_written)
         datapath.close()  # before the unmount
 
