@@ -10,7 +10,8 @@ before. A run shorter than ``--min-run-s`` (2 s) is named in a warning and in th
 - **daqif**: a real ``daqif-writer`` (REST + gRPC control plane, data path process) and a PUSH
   simulator over TCP loopback; timed from REST ``write_async`` until gRPC ``WatchStatus`` shows
   the acquisition FINISHED (the writer fsyncs before it says so). ``end_push_ms`` is the time from
-  the data path's stop time (file durable) to the client seeing FINISHED;
+  the data path's stop time (file durable) to the client seeing FINISHED. ``--datapath-io
+  page-cache`` runs it through the page cache (the path compressed frames take);
 - **peer**: ``tools/bench_peer.py``, the writer a user would write by hand (pyzmq PULL
   ``copy=False`` + h5py ``write_direct_chunk``, one frame per chunk, then fsync), against its own
   simulator; timed from creating its file until it is durable;
@@ -181,13 +182,18 @@ def detector_config(directory: Path, shape: tuple[int, int]) -> Path:
 
 
 def daqif_run(
-    directory: Path, shape: tuple[int, int], n: int, live_rate: float | None = None
+    directory: Path,
+    shape: tuple[int, int],
+    n: int,
+    live_rate: float | None = None,
+    datapath_io: str = "direct",
 ) -> tuple[dict[str, Any], list[int]]:
     """A real writer (REST + gRPC + data path) records `n` frames from a PUSH simulator: timed from
     REST ``write_async`` until gRPC ``WatchStatus`` shows FINISHED (the file is durable then).
     Returns the run and the file offsets of the chunks (for the plain write). With `live_rate`
     the writer publishes its live stream at that rate and a viewer reads ``/daq/live`` (MJPEG)
-    all along, so the control plane encodes a JPEG of every sample."""
+    all along, so the control plane encodes a JPEG of every sample. `datapath_io` is the writer's
+    ``--datapath-io``."""
     import threading
 
     import requests
@@ -197,9 +203,9 @@ def daqif_run(
 
     path = directory / f"daqif-{shape[0]}x{shape[1]}.h5"
     sim = start_sim(shape)
-    live_args: tuple[str, ...] = ()
+    live_args: tuple[str, ...] = ("--datapath-io", datapath_io)
     if live_rate is not None:
-        live_args = ("--live-stream", f"tcp://127.0.0.1:{free_port()}", "--live-rate", str(live_rate))
+        live_args += ("--live-stream", f"tcp://127.0.0.1:{free_port()}", "--live-rate", str(live_rate))
     writer = WriterProcess(
         WriterOptions(
             stream=sim.endpoint,
@@ -410,7 +416,7 @@ def throughput_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]
             for variant in order:
                 print(f"[{name}] round {round_ + 1}: {variant}, {n} frames ...", file=sys.stderr, flush=True)
                 if variant == "daqif":
-                    run, offsets = daqif_run(directory, shape, n)
+                    run, offsets = daqif_run(directory, shape, n, datapath_io=args.datapath_io)
                 elif variant == "peer":
                     run = peer_run(directory, shape, n)
                 elif variant == "plain_write":
@@ -891,6 +897,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gib", type=float, default=5.0, help="GiB written per run (default %(default)s)")
     parser.add_argument(
+        "--datapath-io",
+        choices=("direct", "page-cache"),
+        default="direct",
+        help="the daqif writer's --datapath-io (default %(default)s): page-cache measures the path "
+        "compressed frames take",
+    )
+    parser.add_argument(
         "--min-run-s",
         type=float,
         default=2.0,
@@ -937,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with bench_directory(args.dir) as directory:
         summary["machine"] = machine_facts(directory)
+        summary["datapath_io"] = args.datapath_io
         summary["sizes"] = throughput_main(args, directory)
         summary["runs_under_min"] = short_runs(summary["sizes"], args.min_run_s)
         if args.loss_frames:
