@@ -221,7 +221,7 @@ def value_view(dset: h5py.Dataset, files: Mapping[str, Path] | None, path: Path)
                     f"virtual dataset {dset.name} maps {stored!r}:{source_dset!r}, a printf-style pattern of "
                     "file or dataset names; only fixed names can be checked"
                 )
-            source = own.absolute() if stored == "." and files is None else copy_of(stored)
+            source = copy_of(stored)  # "." without a manifest: `resolve` gives `dset`'s own file
             srcspace = dcpl.get_virtual_srcspace(i)
             if _same_file(source, own):
                 space = _plain_source_space(dset.file, source_dset, dset.name)

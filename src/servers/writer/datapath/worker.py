@@ -307,8 +307,8 @@ class Worker:
             return 1000
         return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
 
-    def _drain(self) -> None:
-        """Receive and handle up to BATCH queued messages."""
+    def _drain(self) -> bool:
+        """Receive and handle up to BATCH queued messages; True when BATCH were (more may wait)."""
         zmq = self._zmq
         recv = self.socket.recv_multipart
         noblock = zmq.NOBLOCK
@@ -321,9 +321,11 @@ class Worker:
             try:
                 parts = recv(noblock, copy=False)
             except zmq.Again:
-                break
+                self._publish()
+                return False
             handle(parts)
         self._publish()
+        return True
 
     def _watch_connection(self) -> None:
         """Read the monitor's events: a lost connection starts the grace period of
@@ -335,10 +337,12 @@ class Worker:
         them and went away. Only a connection ZeroMQ gave up on (an oversized message) is
         connected again explicitly, in `_reconnect`.
         """
+        from zmq.utils.monitor import parse_monitor_message
+
         zmq = self._zmq
         while True:
             try:
-                event = self._parse_event(self.monitor.recv_multipart(zmq.NOBLOCK))
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))["event"]
             except zmq.Again:
                 break
             if event == zmq.EVENT_DISCONNECTED:
@@ -348,23 +352,13 @@ class Worker:
             elif event & self.reconnecting_events:
                 self.reconnect_at = None
 
-    @staticmethod
-    def _parse_event(parts: list[bytes]) -> int:
-        """The event number of a monitor message ([event (16 bits) + value (32 bits), address])."""
-        return int.from_bytes(parts[0][:2], "little")
-
     def _reconnect(self) -> None:
         """A lost connection that ZeroMQ did not say it retries (it does not reconnect after a
         message over ``ZMQ_MAXMSGSIZE``): take every frame already queued, then connect again."""
         zmq = self._zmq
         self.reconnect_at = None
-        while True:
-            try:
-                parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            self._handle_message(parts)
-        self._publish()
+        while self._drain():
+            pass
         log.warning(
             "lost the connection to %s and ZeroMQ does not connect again (the source sent a message "
             "larger than a frame can be?); connecting again",
