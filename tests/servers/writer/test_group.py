@@ -53,6 +53,17 @@ def sync_write_while_sim_sends(coordinator: WriterProcess, sim_factory: Any, por
     return replies[0]
 
 
+FRAME_BYTES = int(np.prod(SHAPE)) * 2  # uint16
+
+
+def bytes_written_by(pid: int) -> int:
+    """Bytes process `pid` passed to write calls so far (`/proc/PID/io` wchar). Frames of `SHAPE`
+    (not a multiple of the direct I/O alignment) go through the page cache, one write per frame
+    as it arrives; the data path writes nothing else of that size while a write is open."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["wchar"])
+
+
 def wait_both_recording(coordinator: WriterProcess, member: WriterProcess) -> None:
     """Until the member and the coordinator's own data path both wrote frames: PUSH deals only to
     the connections already up, and each data path connects within its own reconnect interval."""
@@ -263,17 +274,19 @@ def test_stop_stops_every_member_and_keeps_what_was_written(
 def test_a_local_worker_killed_mid_write_fails_the_write_naming_it(
     writer_factory: WriterFactory, sim_factory: Any, tcp_port: int, data_root: Path
 ) -> None:
-    import os
-    import signal
-
     coordinator = writer_factory(f"tcp://127.0.0.1:{tcp_port}", workers=2)
     path = data_root / "worker.h5"
     StdDaqClient(url_base=coordinator.rest_url).start_writer_async(
         {"output_file": str(path), "n_images": 100_000}
     )
+    worker_0, worker_1 = sorted(coordinator.data_path_pids())  # worker 1 is the one started last
+    before = bytes_written_by(worker_0)
     sim_factory("--shape", *map(str, SHAPE), "--rate", "400", port=tcp_port)
+    # PUSH deals only to the connections already up: until worker 0 has connected (within its own
+    # reconnect interval), every frame goes to worker 1, and killing it would leave no frame.
+    wait_for(lambda: bytes_written_by(worker_0) - before >= 5 * FRAME_BYTES)
     wait_for(lambda: rest_status(coordinator)["acquisition"]["stats"]["n_write_completed"] >= 20)
-    os.kill(max(coordinator.data_path_pids()), signal.SIGKILL)  # the one started last: worker 1
+    os.kill(worker_1, signal.SIGKILL)
 
     ended = wait_for(lambda: (s := rest_status(coordinator))["state"] != "WRITING" and s)
     assert ended["state"] == "UNKNOWN"  # one of its own data paths is gone, until stop restarts them
