@@ -71,8 +71,7 @@ from bench_common import machine_facts, process_times
 
 from daqif.frame import PATTERN_PERIOD, expected_frame
 from servers.common.atomic import fsync_directory
-from servers.common.launch import SimOptions, SimProcess
-from servers.supervisor import free_port
+from servers.common.launch import SimOptions, SimProcess, free_port
 from servers.writer.datapath.api import WriteJob, WritePhase, WriteResult
 from servers.writer.datapath.handle import ProcessDataPath, rcvhwm_for_frames
 

@@ -14,8 +14,9 @@ of an environment where daqif is installed — no conftest needed:
             {"output_file": str(writer.data_root / "raw" / "x.h5"), "n_images": 10})
 
 Fixtures (function scope; each starts fresh processes in a temporary directory and stops them
-afterwards; every server binds port 0 and the fixture learns the port it got from the server's
-ready line, so parallel runs never race for a port; each server's log is in `data_root/logs/`):
+afterwards; every server gets a port the launcher picks, free and below the kernel's ephemeral range
+(so a `.restart()` finds it free again: `servers.common.launch`), and the fixture learns it from the
+server's ready line; each server's log is in `data_root/logs/`):
 
 - `dpm_server`  → `DpmServer`: `.address`, `.client` (a `DpmClient`), `.data_root`, `.workspace`,
   `.receiver_dir`, `.metrics_url` (its Prometheus `/metrics`); `.kill()` (SIGKILL, for crash
@@ -85,8 +86,8 @@ TEST_DETECTOR: dict[str, object] = {
 def _config(data_root: Path, simulate: bool = True, tls: ServerTls | None = None) -> SystemConfig:
     from servers.system import SystemConfig
 
-    # Port 0 everywhere: each server binds a free port and reports it in its ready line, so
-    # parallel test runs never race for a port.
+    # Port 0 everywhere: the launcher picks each a free port (below the ephemeral range) and the
+    # server reports it in its ready line; a start that lost a port to a parallel run is tried again.
     config = SystemConfig(
         data_root=data_root,
         dpm_port=0,

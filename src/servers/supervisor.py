@@ -12,7 +12,6 @@ and not restarted, and the others keep running.
 
 from __future__ import annotations
 
-import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -22,15 +21,6 @@ from typing import Any, TextIO
 
 from servers.common.commands import ServerOptions
 from servers.common.launch import ServerProcess, ServerStartError
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on `host` (for an address nothing listens on; a
-    server to start takes port 0 and reports the port it bound instead)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from daqif.testing import TEST_DETECTOR, Writer
-from servers.supervisor import free_port
+from servers.common.launch import free_port
 
 DETECTOR_NAME = TEST_DETECTOR["detector_name"]
 

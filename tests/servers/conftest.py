@@ -6,8 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from servers.common.launch import SimOptions, SimProcess
-from servers.supervisor import free_port
+from servers.common.launch import SimOptions, SimProcess, free_port
 
 SimFactory = Callable[..., SimProcess]
 

@@ -3,12 +3,15 @@
 `DpmOptions`, `WriterOptions` and `SimOptions` mirror the servers' flags (`None`: the server's own
 default, so each default lives in one place, the server); `Command` is any other program that prints
 a ready line. `pinned(ready)` gives the same options asking for the ports a ready line reported,
-which is how the launcher (`servers.common.launch`) restarts a server on the same ports.
+which is how the launcher (`servers.common.launch`) restarts a server on the same ports;
+`with_ports(choose)` gives them with every port left to the server (0, `*`) chosen by `choose`,
+which is how the launcher picks the ports of a first start (`launch.free_port`).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol, Self
 
@@ -16,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from servers.common.ready import ReadyLine
 from servers.common.tls import ServerTls
+
+PortChooser = Callable[[str | None], int]
+"""A free port on an interface (`None`: the server's default, loopback)."""
 
 
 class ServerOptions(Protocol):
@@ -34,9 +40,17 @@ class ServerOptions(Protocol):
         """These options with every port replaced by the one `ready` reports (for a restart)."""
         ...
 
+    def with_ports(self, choose: PortChooser) -> Self:
+        """These options with every port left to the server (0, `*`) replaced by `choose(host)`."""
+        ...
+
 
 class _Options(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _chosen(port: int | None, host: str | None, choose: PortChooser) -> int | None:
+    return choose(host) if port == 0 else port
 
 
 def _flag(argv: list[str], flag: str, value: object) -> None:
@@ -85,6 +99,14 @@ class DpmOptions(_Options):
         if self.metrics_port is not None:
             update["metrics_port"] = ready.port("metrics")
         return self.model_copy(update=update)
+
+    def with_ports(self, choose: PortChooser) -> Self:
+        return self.model_copy(
+            update={
+                "port": _chosen(self.port, self.host, choose),
+                "metrics_port": _chosen(self.metrics_port, self.host, choose),
+            }
+        )
 
 
 class WriterOptions(_Options):
@@ -154,6 +176,14 @@ class WriterOptions(_Options):
     def pinned(self, ready: ReadyLine) -> Self:
         return self.model_copy(update={"rest_port": ready.port("rest"), "grpc_port": ready.port("grpc")})
 
+    def with_ports(self, choose: PortChooser) -> Self:
+        return self.model_copy(
+            update={
+                "rest_port": _chosen(self.rest_port, self.host, choose),
+                "grpc_port": _chosen(self.grpc_port, self.host, choose),
+            }
+        )
+
 
 class SimOptions(_Options):
     """The command line of `daqif-sim` (`None`: the simulator's own default)."""
@@ -200,6 +230,15 @@ class SimOptions(_Options):
     def pinned(self, ready: ReadyLine) -> Self:
         return self.model_copy(update={"endpoint": ready.address("stream")})
 
+    def with_ports(self, choose: PortChooser) -> Self:
+        # Only `tcp://HOST:*` (or `:0`) leaves the port to the simulator; ipc:// and inproc:// have none.
+        scheme, _, rest = self.endpoint.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme != "tcp" or port not in ("*", "0"):
+            return self
+        interface = "0.0.0.0" if host == "*" else host.strip("[]")
+        return self.model_copy(update={"endpoint": f"tcp://{host}:{choose(interface)}"})
+
 
 class WebOptions(_Options):
     """The command line of the status page (`python -m servers.web.main`, what `daqif web` runs)."""
@@ -227,6 +266,9 @@ class WebOptions(_Options):
     def pinned(self, ready: ReadyLine) -> Self:
         return self.model_copy(update={"port": ready.port("http")})
 
+    def with_ports(self, choose: PortChooser) -> Self:
+        return self.model_copy(update={"port": _chosen(self.port, self.host, choose)})
+
 
 class Command(_Options):
     """Any program that prints a ready line naming itself `server` (tools, tests of the launcher)."""
@@ -240,4 +282,7 @@ class Command(_Options):
         return list(self.argv)
 
     def pinned(self, ready: ReadyLine) -> Self:
+        return self
+
+    def with_ports(self, choose: PortChooser) -> Self:
         return self

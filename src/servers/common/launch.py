@@ -8,9 +8,13 @@ servers' tests and the benchmarks all use it.
 
 Each server's command line is built in one place, from typed options (`servers.common.commands`:
 `DpmOptions`, `WriterOptions`, `SimOptions`; `Command` for any other program that prints a ready
-line; re-exported here). A port of
-0 (the default here) lets the server pick a free one: the launcher learns every bound port from the
-server's ready line (`servers.common.ready`), so nothing races for a free port, and `restart()`
+line; re-exported here). A port of 0 (the default here) is a free one the launcher picks
+(`free_port`) below the kernel's ephemeral range, never one the kernel chose: the kernel lends
+ephemeral ports to outgoing connections, so a port it gave a server may be some client's source
+port by the time the server restarts on it (and that client's TIME_WAIT holds it for a minute). A
+first start whose chosen port was taken by someone else meanwhile is tried again with other ports;
+a restart whose port is busy is tried again on the same ports until its timeout. The launcher
+learns every bound port from the server's ready line (`servers.common.ready`), and `restart()`
 asks for the same ports again.
 
 The child is started by `servers.common.process.spawn` (a new session, no `preexec_fn`); its stdout
@@ -25,12 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
+import random
 import socket
 import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Generic, Self, TypeVar
@@ -53,11 +59,21 @@ __all__ = [
     "SimProcess",
     "WriterOptions",
     "WriterProcess",
+    "free_port",
     "port_in_use",
 ]
 
 TAIL_LINES = 40
 """How many of a child's last output lines the launcher keeps (for errors and summaries)."""
+
+BIND_RETRY_S = 0.25
+"""Pause before a start whose port was busy is tried again (a restart: within its `timeout`)."""
+
+FIRST_START_ATTEMPTS = 5
+"""Starts with freshly chosen ports before a first start whose chosen port was busy gives up."""
+
+PORTS_BELOW_EPHEMERAL = 12_000
+"""How many ports below the kernel's ephemeral range `free_port` picks from."""
 
 
 class ServerStartError(RuntimeError):
@@ -142,14 +158,49 @@ class ServerProcess(Generic[OptionsT]):
     def start(self, timeout: float = 60.0) -> Self:
         """Start the server and return once it printed its ready line.
 
-        A second start (after `stop` or `kill`) asks for the ports the first start bound. Raises
-        `ServerStartError` (with the end of its output) if it exits first, prints a malformed ready
-        line or is not ready within `timeout` seconds; it is not left running then.
+        A port of 0 is one `free_port` chooses; a second start (after `stop` or `kill`) asks for the
+        ports the first start bound. A start that cannot bind such a port is tried again (see the
+        module's notes). Raises `ServerStartError` (with the end of its output) if it exits first,
+        prints a malformed ready line or is not ready within `timeout` seconds; it is not left
+        running then.
         """
         if self.running:
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
-        options = self.options if self._first_ready is None else self.options.pinned(self._first_ready)
-        argv = options.command()
+        first = self._first_ready
+        deadline = time.monotonic() + timeout
+        attempts = 0
+        last_busy: ServerStartError | None = None
+        while True:
+            attempts += 1
+            options = self.options.with_ports(free_port) if first is None else self.options.pinned(first)
+            argv = options.command()
+            run = self._spawn(argv)
+            try:
+                self._wait_ready(run, argv, deadline, timeout)
+                break
+            except ServerStartError as exc:
+                # A port the launcher chose was taken between its check and the server's bind: the
+                # next start chooses others. A restart's port is busy: whoever holds it (a process
+                # of the last run not yet gone, a client the kernel lent it to) lets it go in time.
+                if first is not None:
+                    busy = _cannot_bind(run, _ports(options))
+                    retry = busy and time.monotonic() + BIND_RETRY_S < deadline
+                else:
+                    busy = _cannot_bind(run, _ports(options) - _ports(self.options))
+                    retry = busy and attempts < FIRST_START_ATTEMPTS
+                if busy:
+                    last_busy = exc
+                if not retry:
+                    if attempts > 1:  # the last start may have run out of time before it could say so
+                        raise ServerStartError(f"{last_busy or exc} (after {attempts} starts)") from None
+                    raise
+                time.sleep(BIND_RETRY_S)
+        assert run.ready is not None
+        if self._first_ready is None:
+            self._first_ready = run.ready
+        return self
+
+    def _spawn(self, argv: Sequence[str]) -> _Run:
         log: IO[bytes] | None = None
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -161,14 +212,9 @@ class ServerProcess(Generic[OptionsT]):
                 log.close()
             raise
         run = self._run = _Run(child, log, self.on_line)
-        self._wait_ready(run, argv, timeout)
-        assert run.ready is not None
-        if self._first_ready is None:
-            self._first_ready = run.ready
-        return self
+        return run
 
-    def _wait_ready(self, run: _Run, argv: Sequence[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait_ready(self, run: _Run, argv: Sequence[str], deadline: float, timeout: float) -> None:
         # The child's exit is polled: a grandchild holding the pipe open would hide the end of file.
         while not run.said_ready.wait(0.05):
             code = run.process.poll()
@@ -350,6 +396,66 @@ def port_in_use(host: str, port: int) -> bool:
                 return True
             raise
     return False
+
+
+def free_port(host: str | None = "127.0.0.1") -> int:
+    """A TCP port nothing uses on `host` (`None`: loopback) at the moment, below the kernel's
+    ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`).
+
+    The kernel hands out ports of that range to outgoing connections and to binds of port 0 only,
+    so a port below it stays free until a server binds it by number, and again after that server
+    stops (a restart). It is checked with a bind without SO_REUSEADDR: a port some connection
+    still holds in TIME_WAIT is not free either. Falls back to a port the kernel picks when the
+    range leaves no room below it.
+    """
+    host = host or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low = _ephemeral_low()
+    first = max(1024, low - PORTS_BELOW_EPHEMERAL)
+    pick = random.SystemRandom()  # not the `random` module's state (hypothesis seeds it per test)
+    for _ in range(64 if low - first >= 1000 else 0):
+        port = pick.randrange(first, low)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            return port
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        chosen: int = probe.getsockname()[1]
+        return chosen
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default range: 32768-60999
+
+
+def _ports(options: ServerOptions) -> set[int]:
+    """Every port number `options` put on their command line (0, `*`: none)."""
+    ports: set[int] = set()
+    argv = options.command()
+    for flag, value in itertools.pairwise(argv):
+        if flag.endswith("port") and value.isdigit():
+            ports.add(int(value))
+        elif flag == "--endpoint" and value.rpartition(":")[2].isdigit():
+            ports.add(int(value.rpartition(":")[2]))
+    ports.discard(0)
+    return ports
+
+
+def _cannot_bind(run: _Run, ports: Iterable[int]) -> bool:
+    """The child exited saying it cannot bind one of `ports` (every daqif server's wording:
+    `servers.common.grpc_server.cannot_bind`, the simulator's and the live stream's)."""
+    if run.process.poll() is None:
+        return False
+    lines = [line for line in run.tail if ": cannot bind " in line]
+    return any(f":{port}:" in line or f":{port} " in line for line in lines for port in ports)
 
 
 def _how(code: int) -> str:

@@ -24,9 +24,9 @@ from daqif.errors import DaqException, ErrorCode
 from daqif.tls import TlsConfig
 from daqif.v1 import dpm_pb2
 from daqif.writer_client import WriterClient
+from servers.common.launch import free_port
 from servers.common.process import descendants, is_alive
 from servers.common.ready import ReadyLine, is_ready_line, parse_ready_line
-from servers.supervisor import free_port
 
 
 class Serve:

@@ -5,7 +5,9 @@ is reported with its output; command lines built from typed options."""
 from __future__ import annotations
 
 import socket
+import struct
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -23,6 +25,7 @@ from servers.common.launch import (
     SimProcess,
     WriterOptions,
     WriterProcess,
+    free_port,
     port_in_use,
 )
 from servers.common.process import is_alive
@@ -203,3 +206,114 @@ def test_port_in_use_sees_a_listener_and_not_a_free_port() -> None:
         port = listener.getsockname()[1]
         assert port_in_use("127.0.0.1", port)
     assert not port_in_use("127.0.0.1", port)
+
+
+def ephemeral_range() -> tuple[int, int]:
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return int(low), int(high)
+
+
+def test_free_port_is_below_the_ephemeral_range_and_not_held_even_in_time_wait() -> None:
+    low, _ = ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= port < low for port in ports) and len(ports) > 1
+    # A client's connection that ended first on its side holds its port in TIME_WAIT for a minute:
+    # a server started on it could not bind it, so it is not free.
+    port = free_port()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.socket()
+        client.bind(("127.0.0.1", port))
+        client.connect(listener.getsockname())
+        accepted, _ = listener.accept()
+        client.close()
+        accepted.close()
+    for _ in range(100):
+        assert free_port() != port
+
+
+def test_options_leave_no_port_to_the_server_once_the_launcher_chose_them(tmp_path: Path) -> None:
+    def choose(host: str | None) -> int:
+        return {None: 20001, "127.0.0.1": 20002, "0.0.0.0": 20003, "::1": 20004}[host]
+
+    writer = WriterOptions(stream="tcp://h:1", data_root=tmp_path, grpc_port=7).with_ports(choose)
+    assert (writer.rest_port, writer.grpc_port) == (20001, 7)
+    dpm = DpmOptions(metrics_port=0).with_ports(choose)
+    assert (dpm.port, dpm.metrics_port) == (20001, 20001)
+    assert DpmOptions().with_ports(choose).metrics_port is None  # no metrics endpoint stays none
+    assert SimOptions().with_ports(choose).endpoint == "tcp://127.0.0.1:20002"
+    assert SimOptions(endpoint="tcp://*:0").with_ports(choose).endpoint == "tcp://*:20003"
+    assert SimOptions(endpoint="tcp://[::1]:*").with_ports(choose).endpoint == "tcp://[::1]:20004"
+    assert SimOptions(endpoint="ipc:///tmp/x").with_ports(choose).endpoint == "ipc:///tmp/x"
+    assert SimOptions(endpoint="tcp://127.0.0.1:5").with_ports(choose).endpoint == "tcp://127.0.0.1:5"
+
+
+def test_a_server_on_port_0_gets_a_port_the_kernel_never_lends_to_a_connection(tmp_path: Path) -> None:
+    low, _ = ephemeral_range()
+    options = DpmOptions(workspace=tmp_path / "ws", allowed_roots=(tmp_path,), metrics_port=0)
+    with DpmProcess(options) as dpm:
+        assert dpm.ready.port("grpc") < low and dpm.ready.port("metrics") < low
+        assert serving(dpm.address)
+
+
+def test_a_restart_whose_port_a_client_holds_waits_until_the_client_lets_it_go(tmp_path: Path) -> None:
+    # The kernel lent the stopped server's metrics port to another process's connection (the
+    # port was in its ephemeral range, or that process bound it): the restart tries again until
+    # the connection is gone, then serves on the same ports.
+    options = DpmOptions(workspace=tmp_path / "ws", allowed_roots=(tmp_path,), metrics_port=0)
+    dpm = DpmProcess(options, log_file=tmp_path / "dpm.log").start()
+    try:
+        first = dpm.ready
+        dpm.stop()
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            client = socket.socket()
+            client.bind(("127.0.0.1", first.port("metrics")))
+            client.connect(listener.getsockname())
+            # It ends with a reset, so no TIME_WAIT holds the port after it.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            threading.Timer(2.0, client.close).start()
+            dpm.start(timeout=60)
+        assert dpm.ready == first
+        assert f"cannot bind the Prometheus metrics to 127.0.0.1:{first.port('metrics')}" in dpm.log_text()
+        assert requests.get(f"http://127.0.0.1:{first.port('metrics')}/metrics", timeout=10).ok
+    finally:
+        dpm.stop()
+
+
+def test_a_restart_whose_port_stays_busy_fails_at_its_timeout_naming_the_port(tmp_path: Path) -> None:
+    options = DpmOptions(workspace=tmp_path / "ws", allowed_roots=(tmp_path,))
+    dpm = DpmProcess(options).start()
+    port = dpm.ready.port("grpc")
+    dpm.stop()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen(1)
+        with pytest.raises(ServerStartError) as info:
+            dpm.start(timeout=4)
+    message = str(info.value)
+    assert f"cannot bind the DPM gRPC services to 127.0.0.1:{port}" in message
+    assert "starts)" in message and not dpm.running
+
+
+def test_a_first_start_whose_chosen_port_was_taken_meanwhile_tries_other_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race of two launchers choosing one port, made certain: the first choice is taken
+    # between the launcher's check and the server's bind.
+    import servers.common.launch as launch
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen(1)
+        choices = iter([taken.getsockname()[1]])
+        monkeypatch.setattr(launch, "free_port", lambda host=None: next(choices, None) or free_port(host))
+        dpm = DpmProcess(
+            DpmOptions(workspace=tmp_path / "ws", allowed_roots=(tmp_path,)), log_file=tmp_path / "log"
+        )
+        with dpm:
+            assert dpm.ready.port("grpc") != taken.getsockname()[1]
+            assert serving(dpm.address)
+        assert f"127.0.0.1:{taken.getsockname()[1]}" in dpm.log_text()  # the first try said so

@@ -154,8 +154,14 @@ def test_the_page_follows_a_daq_to_completed_and_survives_server_restarts(
 
 def test_the_page_shows_the_writers_live_preview(tmp_path: Path, browser: Chromium) -> None:
     from servers.common.commands import WebOptions
-    from servers.common.launch import ServerProcess, SimOptions, SimProcess, WriterOptions, WriterProcess
-    from servers.supervisor import free_port
+    from servers.common.launch import (
+        ServerProcess,
+        SimOptions,
+        SimProcess,
+        WriterOptions,
+        WriterProcess,
+        free_port,
+    )
 
     live = f"tcp://127.0.0.1:{free_port()}"
     data_root = tmp_path / "data"

@@ -16,8 +16,7 @@ import pytest
 import requests
 
 from daqif.testing import wait_for
-from servers.common.launch import SimOptions, SimProcess, WriterOptions, WriterProcess
-from servers.supervisor import free_port
+from servers.common.launch import SimOptions, SimProcess, WriterOptions, WriterProcess, free_port
 
 SHAPE = (48, 32)
 DETECTOR_NAME = "TESTDET"

@@ -19,8 +19,7 @@ from std_daq_client import StdDaqAdminException, StdDaqClient
 
 from daqif.frame import expected_frame
 from daqif.testing import wait_for
-from servers.common.launch import WriterProcess
-from servers.supervisor import free_port
+from servers.common.launch import WriterProcess, free_port
 from servers.writer.group import part_path
 
 from .conftest import DETECTOR_NAME, SHAPE, RedisServer, WriterFactory, rest_status

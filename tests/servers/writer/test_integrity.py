@@ -28,8 +28,7 @@ from daqif.frame import (
     expected_frame,
 )
 from daqif.testing import wait_for
-from servers.common.launch import WriterProcess
-from servers.supervisor import free_port
+from servers.common.launch import WriterProcess, free_port
 
 from .conftest import (
     DETECTOR_NAME,

@@ -16,8 +16,7 @@ import requests
 import zmq
 
 from daqif.frame import expected_frame
-from servers.common.launch import SimOptions, SimProcess, WriterProcess
-from servers.supervisor import free_port
+from servers.common.launch import SimOptions, SimProcess, WriterProcess, free_port
 from servers.writer.live import HTYPE, LiveError, LiveFrame, LiveOptions, decode_live_message
 
 from .conftest import DETECTOR_NAME, SHAPE, WriterFactory

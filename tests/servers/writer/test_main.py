@@ -137,7 +137,7 @@ def test_second_writer_on_a_busy_grpc_port_exits_non_zero_naming_the_port(
 def test_a_bad_writer_group_flag_stops_the_writer_naming_it(
     tmp_path: Path, flags: list[str], message: str
 ) -> None:
-    from servers.supervisor import free_port
+    from servers.common.launch import free_port
 
     grpc = str(free_port())
     argv = [sys.executable, "-m", "servers.writer.main", "--stream", "tcp://127.0.0.1:1"]

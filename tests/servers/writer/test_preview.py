@@ -11,8 +11,7 @@ import requests
 from PIL import Image
 
 from daqif.testing import wait_for
-from servers.common.launch import WriterProcess
-from servers.supervisor import free_port
+from servers.common.launch import WriterProcess, free_port
 from servers.writer.preview import MAX_PREVIEW_SIDE, MJPEG_BOUNDARY, display_pixels
 
 from .conftest import SHAPE, Simulator, WriterFactory

@@ -12,8 +12,7 @@ import redis
 from std_daq_client import StdDaqClient
 
 from daqif.testing import wait_for
-from servers.common.launch import WriterProcess
-from servers.supervisor import free_port
+from servers.common.launch import WriterProcess, free_port
 
 from .conftest import RedisServer, Simulator, WriterFactory, stop_process
 

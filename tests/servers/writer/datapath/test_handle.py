@@ -9,8 +9,7 @@ from pathlib import Path
 
 import requests
 
-from servers.common.launch import SimOptions, SimProcess
-from servers.supervisor import free_port
+from servers.common.launch import SimOptions, SimProcess, free_port
 from servers.writer.datapath.handle import datapath_rss_budget
 
 from ..conftest import WriterFactory
