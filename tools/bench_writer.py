@@ -80,7 +80,11 @@ SIZES: dict[str, tuple[int, int]] = {
     "512KiB": (512, 512),
     "4MiB": (2048, 1024),
     "8MiB": (2048, 2048),
+    # Not multiples of 4096 bytes (no O_DIRECT: batches through the page cache), not in the default run:
+    "63KiB": (252, 128),  # 64,512 bytes
+    "eiger500k": (514, 1030),  # 1,058,840 bytes, an Eiger 500k module with its gap pixels
 }
+DEFAULT_SIZES = ("64KiB", "512KiB", "4MiB", "8MiB")
 DTYPE = "uint16"
 
 
@@ -409,6 +413,8 @@ def throughput_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]
         shape = SIZES[name]
         n = max(16, int(args.gib * 2**30 / frame_bytes_of(shape)))
         order = ["daqif", "peer", "plain_write", "plain_direct"]
+        if args.also_page_cache:
+            order.insert(1, "daqif_page_cache")
         runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in order}
         offsets: list[int] = []
         for round_ in range(args.rounds):
@@ -416,6 +422,8 @@ def throughput_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]
                 print(f"[{name}] round {round_ + 1}: {variant}, {n} frames ...", file=sys.stderr, flush=True)
                 if variant == "daqif":
                     run, offsets = daqif_run(directory, shape, n, datapath_io=args.datapath_io)
+                elif variant == "daqif_page_cache":
+                    run, _ = daqif_run(directory, shape, n, datapath_io="page-cache")
                 elif variant == "peer":
                     run = peer_run(directory, shape, n)
                 elif variant == "plain_write":
@@ -446,11 +454,30 @@ def throughput_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]
             "plain_direct_gb_per_s": _spread([r["gb_per_s"] for r in runs["plain_direct"]] or [float("nan")]),
             "daqif_over_plain_direct": _spread(over_direct or [float("nan")]),
             "end_push_ms": _spread([r["end_push_ms"] for r in runs["daqif"]]),
+            **_over_page_cache(runs),
             "load_average_1min": _spread([r["load_average_1min"] for v in runs.values() for r in v]),
             "shortest_run_s": min(r["seconds"] for v in runs.values() for r in v),
             "runs": runs,
         }
     return sizes
+
+
+def _over_page_cache(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The `--also-page-cache` figures (none without it)."""
+    if "daqif_page_cache" not in runs:
+        return {}
+    over = [
+        d["gb_per_s"] / p["gb_per_s"] for d, p in zip(runs["daqif"], runs["daqif_page_cache"], strict=True)
+    ]
+    cache_over_peer = [
+        c["gb_per_s"] / p["gb_per_s"] for c, p in zip(runs["daqif_page_cache"], runs["peer"], strict=True)
+    ]
+    return {
+        "daqif_page_cache_gb_per_s": _spread([r["gb_per_s"] for r in runs["daqif_page_cache"]]),
+        "daqif_page_cache_frames_per_s": _spread([r["frames_per_s"] for r in runs["daqif_page_cache"]]),
+        "daqif_over_daqif_page_cache": _spread(over),
+        "daqif_page_cache_over_peer": _spread(cache_over_peer),
+    }
 
 
 def live_main(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
@@ -892,7 +919,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", type=Path, help="where files are written (default: a temporary directory)")
     parser.add_argument(
-        "--sizes", default=",".join(SIZES), help="comma-separated subset of " + ",".join(SIZES)
+        "--sizes",
+        default=",".join(DEFAULT_SIZES),
+        help="comma-separated subset of " + ",".join(SIZES) + " (default %(default)s)",
     )
     parser.add_argument("--gib", type=float, default=5.0, help="GiB written per run (default %(default)s)")
     parser.add_argument(
@@ -901,6 +930,12 @@ def main(argv: list[str] | None = None) -> int:
         default="direct",
         help="the daqif writer's --datapath-io (default %(default)s): page-cache measures the path "
         "compressed frames take",
+    )
+    parser.add_argument(
+        "--also-page-cache",
+        action="store_true",
+        help="one more variant in every round: the writer with --datapath-io page-cache (HDF5 writes "
+        "each frame's chunk), and the ratio of the writer to it",
     )
     parser.add_argument(
         "--min-run-s",
@@ -1049,6 +1084,8 @@ def _table(summary: dict[str, Any]) -> str:
     """One line per size: medians with min-max, the ratios and the load beside them."""
     columns = ["daqif_gb_per_s", "peer_gb_per_s", "plain_write_gb_per_s", "daqif_over_peer"]
     columns += ["daqif_over_plain_write", "plain_direct_gb_per_s", "daqif_over_plain_direct"]
+    if any("daqif_over_daqif_page_cache" in entry for entry in summary["sizes"].values()):
+        columns += ["daqif_page_cache_gb_per_s", "daqif_page_cache_over_peer", "daqif_over_daqif_page_cache"]
     columns += ["load_average_1min"]
     lines = ["size  frames/s  " + "  ".join(f"{c:18}" for c in columns) + "  push ms"]
     for name, entry in summary["sizes"].items():
