@@ -56,9 +56,9 @@ FRAME_BYTES = int(np.prod(SHAPE)) * 2  # uint16
 
 
 def bytes_written_by(pid: int) -> int:
-    """Bytes process `pid` passed to write calls so far (`/proc/PID/io` wchar). Frames of `SHAPE`
-    (not a multiple of the direct I/O alignment) go through the page cache, one write per frame
-    as it arrives; the data path writes nothing else of that size while a write is open."""
+    """Bytes process `pid` passed to write calls so far (`/proc/PID/io` wchar): a data path's
+    frames reach its file in batches, at the latest at each flush (about once a second), and it
+    writes nothing else of their size while a write is open."""
     fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
     return int(fields["wchar"])
 

@@ -11,17 +11,19 @@ It needs a layout where each frame's bytes have a known, aligned place in the fi
 dataset is created with its storage allocated at once (``H5D_ALLOC_TIME_EARLY``, no fill values
 written, no filter, fixed extent: HDF5's *implicit* chunk index, where chunk ``i`` lies at
 ``base + i * frame_bytes``) and aligned (`align_storage`). `check_layout` verifies that before
-the first frame; anything else (a compressed write, a frame size not a multiple of `ALIGN`, a
-write larger than the free space (`fits_on_disk`), a file system refusing ``O_DIRECT``) is written
-through the page cache as before (`output.OutputFile`).
+the first frame; anything else (a compressed write, a write larger than the free space
+(`fits_on_disk`), a file system refusing ``O_DIRECT``) is written through the page cache as before
+(`output.OutputFile`). Any frame size: the frames are one stream of bytes from an aligned `base`,
+written in whole blocks (`DirectFrames`), so a frame need not start on a block (an Eiger 500k frame
+is 1030 x 514 x 2 = 1,058,840 bytes, 8 times an odd number).
 
-Tried and left (session 9): frames of other sizes written in batches into this layout through the
+Tried and left (session 9): frames of such sizes written in batches into this layout through the
 page cache (`pwritev` of the received buffers, or a copy into the batch buffers first) ran at
 0.54-0.73x the speed of HDF5 appending each frame's chunk to a dataset that grows (1030 x 514 x 2
 and 64,512-byte frames, `tools/bench_writer.py --also-page-cache`, 3 interleaved rounds). The cause
 is the layout, not the batching: one synchronous `pwrite` per frame into it ran at 0.67 GB/s
 against HDF5's 0.99. Buffered writes into the holes of a file that already has its full size cost
-ext4 more than writes that extend a file.
+ext4 more than writes that extend a file; written directly, the same frames are fast.
 
 Readers see the same file: HDF5 reads the chunks at the addresses its index gives, which are the
 ones written here. A SWMR reader learns of frames from ``image_id``, and `OutputFile.flush`
@@ -41,11 +43,6 @@ from servers.writer.datapath.api import DataPathError
 ALIGN: Final = 4096  # file offsets, lengths and buffer addresses of direct writes (>= any logical block)
 BATCH_BYTES: Final = 4 << 20  # bytes per direct write, at least one frame
 DEPTH: Final = 3  # batch buffers: one filling, up to two on their way to the disk
-
-
-def eligible(frame_bytes: int) -> bool:
-    """Whether frames of `frame_bytes` can be written directly (their chunks stay aligned)."""
-    return frame_bytes > 0 and frame_bytes % ALIGN == 0
 
 
 MAX_FILE_BYTES: Final = 8 << 40
@@ -78,9 +75,15 @@ def batch_frames(frame_bytes: int) -> int:
     return max(1, BATCH_BYTES // frame_bytes)
 
 
+def batch_capacity(frame_bytes: int) -> int:
+    """Bytes of one batch buffer: a batch of frames after the bytes carried from the one before
+    (less than `ALIGN`), in whole blocks."""
+    return -(-(batch_frames(frame_bytes) * frame_bytes + ALIGN - 1) // ALIGN) * ALIGN
+
+
 def buffer_bytes(frame_bytes: int) -> int:
     """The memory of one write's batch buffers (part of the data path's memory budget)."""
-    return DEPTH * batch_frames(frame_bytes) * frame_bytes
+    return DEPTH * batch_capacity(frame_bytes)
 
 
 def align_storage(n_frames: int, frame_bytes: int) -> dict[str, int]:
@@ -120,6 +123,15 @@ class DirectFrames:
     """Frames `index` = 0, 1, ... of one write, copied into aligned batches and written with
     ``O_DIRECT`` at ``base + index * frame_bytes`` by a writer thread.
 
+    The frames lie one after the other from `base` (aligned), so they are written as one stream
+    of bytes: a batch goes to the disk as its whole `ALIGN` blocks, and the bytes after its last
+    whole block (frame sizes that are not a multiple of `ALIGN`, most detector geometries) are
+    carried to the start of the next batch, which is written from that block on. `sync` writes
+    the carried bytes too, through the page cache (less than a block: a direct write is of whole
+    blocks, and the block after the frames may hold HDF5's metadata); the next batch writes that
+    block again, directly, with the same bytes and more (the kernel writes the cached page back
+    and drops it first).
+
     Frames must come in index order without gaps (the data path appends them so). A write error
     (a full disk, an I/O error) is raised as `DataPathError` by the next `append` or `sync`,
     naming the frames that were not written; nothing after it is written.
@@ -129,19 +141,24 @@ class DirectFrames:
         # OSError (EINVAL) where the file system has no direct I/O: the caller writes through
         # the page cache instead.
         self._fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        try:
+            self._tail_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)  # for the carried bytes
+        except OSError:
+            os.close(self._fd)
+            raise
         self.frame_bytes = frame_bytes
         self._base = base
         self._frames_per_batch = batch_frames(frame_bytes)
-        size = self._frames_per_batch * frame_bytes
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         for _ in range(DEPTH):
-            self._free.put(mmap.mmap(-1, size))  # anonymous maps are page-aligned
+            self._free.put(mmap.mmap(-1, batch_capacity(frame_bytes)))  # anonymous maps are page-aligned
         self._todo: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()  # joined by `sync`
         self._error: str | None = None
         self._buffer: mmap.mmap | None = None
         self._view: memoryview | None = None
-        self._filled = 0  # frames in the batch filling
-        self._first = 0  # index of its first frame
+        self._filled = 0  # bytes in the batch filling, the carried ones first
+        self._frames = 0  # frames appended to it
+        self._offset = base  # where its first byte goes (aligned)
         self._thread = threading.Thread(target=self._run, name="daqif-direct-io", daemon=True)
         self._thread.start()
 
@@ -153,62 +170,85 @@ class DirectFrames:
         if view is None:
             self._buffer = self._free.get()  # waits while DEPTH batches are on their way
             view = self._view = memoryview(self._buffer)
-            self._first = index
-        start = self._filled * self.frame_bytes
+        start = self._filled
         view[start : start + self.frame_bytes] = data
-        self._filled += 1
-        if self._filled == self._frames_per_batch:
+        self._filled = start + self.frame_bytes
+        self._frames += 1
+        if self._frames == self._frames_per_batch:
             self._submit()
 
     def sync(self) -> None:
-        """Write the batch filling (however few frames) and wait until every frame appended so
-        far is written; `DataPathError` when one could not be."""
+        """Write every frame appended so far (the batch filling, however few frames) and wait
+        until they are in the file; `DataPathError` when one could not be."""
         if self._filled:
             self._submit()
         self._todo.join()
         if self._error is not None:
             raise DataPathError(self._error)
+        if self._filled:  # the carried bytes, less than a block
+            assert self._view is not None
+            try:
+                _write_all(self._tail_fd, self._view[: self._filled], self._offset)
+            except OSError as exc:
+                self._error = self._failed(self._offset, self._filled, exc)
+                raise DataPathError(self._error) from None
 
     def close(self) -> None:
-        """Stop the thread (after the writes queued) and close the descriptor; never raises for a
-        write error (`sync` reports those)."""
+        """Stop the thread (after the writes queued) and close the descriptors; never raises for
+        a write error (`sync` reports those)."""
         self._todo.put(None)
         self._thread.join()
+        if self._view is not None:
+            self._view.release()
+            self._view = None
         os.close(self._fd)
+        os.close(self._tail_fd)
 
     def _submit(self) -> None:
-        buffer = self._buffer
-        assert buffer is not None and self._view is not None
-        self._view.release()
-        self._view = None
-        self._todo.put((buffer, self._first, self._filled))
-        self._buffer = None
-        self._filled = 0
+        """Queue the whole blocks of the batch filling; the bytes after them start the next one."""
+        buffer, view = self._buffer, self._view
+        assert buffer is not None and view is not None
+        whole = self._filled - self._filled % ALIGN
+        self._frames = 0
+        if whole == 0:  # less than a block so far: it stays where it is
+            return
+        carried = self._filled - whole
+        following: mmap.mmap | None = None
+        if carried:
+            following = self._free.get()
+            following[:carried] = buffer[whole : self._filled]
+        view.release()
+        self._todo.put((buffer, self._offset, whole))
+        self._offset += whole
+        self._filled = carried
+        self._buffer = following
+        self._view = memoryview(following) if following is not None else None
+
+    def _failed(self, offset: int, nbytes: int, exc: OSError) -> str:
+        first = (offset - self._base) // self.frame_bytes
+        last = (offset + nbytes - 1 - self._base) // self.frame_bytes
+        return f"writing frames {first}-{last} to the file failed: {exc}; no frame after them was written"
 
     def _run(self) -> None:
         while (item := self._todo.get()) is not None:
-            buffer, first, count = item
+            buffer, offset, nbytes = item
             try:
                 if self._error is None:
-                    self._write(buffer, first, count)
+                    with memoryview(buffer) as view:
+                        _write_all(self._fd, view[:nbytes], offset, direct=True)
             except OSError as exc:
-                self._error = (
-                    f"writing frames {first}-{first + count - 1} to the file failed: {exc}; "
-                    "no frame after them was written"
-                )
+                self._error = self._failed(offset, nbytes, exc)
             finally:
                 self._free.put(buffer)
                 self._todo.task_done()
 
-    def _write(self, buffer: mmap.mmap, first: int, count: int) -> None:
-        nbytes = count * self.frame_bytes
-        offset = self._base + first * self.frame_bytes
-        done = 0
-        with memoryview(buffer) as view:
-            while done < nbytes:
-                n = os.pwrite(self._fd, view[done:nbytes], offset + done)
-                if n <= 0 or n % ALIGN:
-                    raise OSError(
-                        f"short direct write ({n} of {nbytes - done} bytes at offset {offset + done})"
-                    )
-                done += n
+
+def _write_all(fd: int, data: memoryview, offset: int, *, direct: bool = False) -> None:
+    """`pwrite` all of `data` at `offset` (a direct write's every part a multiple of `ALIGN`)."""
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0 or (direct and n % ALIGN):
+            what = "direct write" if direct else "write"
+            raise OSError(f"short {what} ({n} of {len(data) - done} bytes at offset {offset + done})")
+        done += n

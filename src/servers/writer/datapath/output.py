@@ -29,8 +29,9 @@ GROW_FRAMES: Final = 4096
 class OutputFile:
     """One open output file: created by the constructor, filled by `append`, ended by `close`.
 
-    With `direct_io`, uncompressed frames whose size allows it are written past the page cache
-    (`servers.writer.datapath.direct`); otherwise each frame is a direct chunk write of HDF5."""
+    With `direct_io`, uncompressed frames are written past the page cache where the file system
+    allows it (`servers.writer.datapath.direct`); otherwise each frame is a direct chunk write of
+    HDF5."""
 
     def __init__(self, job: WriteJob, flush_interval: float, direct_io: bool = False) -> None:
         import h5py
@@ -61,7 +62,7 @@ class OutputFile:
         self.status: Any = None
         self.write_chunk: Any = None
         self.frame_bytes = job.height * job.width * self.dtype.itemsize
-        self.direct_io = direct_io and direct.eligible(self.frame_bytes)
+        self.direct_io = direct_io
         if self.direct_io and not direct.fits_on_disk(job.output_file, job.n_images, self.frame_bytes):
             log.info(
                 "%s: %d frames of %d bytes are more than the free space (or 8 TiB); writing through the "

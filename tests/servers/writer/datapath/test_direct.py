@@ -17,6 +17,8 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from daqif.frame import expected_frame
 from daqif.testing import wait_for
@@ -88,39 +90,97 @@ def test_either_way_the_file_holds_every_frame_and_direct_chunks_lie_aligned_one
         assert not allocated_early(path)  # HDF5 allocates each chunk as it is written
 
 
-def test_a_frame_size_that_is_not_a_multiple_of_the_block_goes_through_the_page_cache(
+ODD_SHAPE = (48, 33)  # uint16: 3,168 bytes = 32 x 99, so the bytes carried between batches vary
+ODD_BYTES = ODD_SHAPE[0] * ODD_SHAPE[1] * 2
+ODD_PER_BATCH = direct.BATCH_BYTES // ODD_BYTES
+SHAPES = pytest.mark.parametrize(("shape", "per_batch"), [(SHAPE, PER_BATCH), (ODD_SHAPE, ODD_PER_BATCH)])
+
+
+def test_a_frame_size_that_is_not_a_multiple_of_the_block_is_written_directly_as_one_stream(
     sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
 ) -> None:
-    shape = (48, 32)  # 3 KiB
-    sim = sim_factory("--shape", *map(str, shape))
+    # Most detector geometries (an Eiger 500k frame is 1030 x 514 x 2 bytes): the chunks lie one
+    # after the other from an aligned base, and every pixel of three batches is as it was sent.
+    sim = sim_factory("--shape", *map(str, ODD_SHAPE))
     datapath = datapath_factory(sim.endpoint, frame_io="direct")
-    datapath.open_write(job(tmp_path / "odd.h5", 300, shape))
-    assert wait_finished(datapath).n_written == 300
-    assert_consecutive(assert_frames(tmp_path / "odd.h5", 300, shape), 300)
-    assert not allocated_early(tmp_path / "odd.h5")
+    n = 2 * ODD_PER_BATCH + 77
+    path = tmp_path / "odd.h5"
+    datapath.open_write(job(path, n, ODD_SHAPE))
+    assert wait_finished(datapath).n_written == n
+    assert_consecutive(assert_frames(path, n, ODD_SHAPE), n)
+    assert allocated_early(path)
+    offsets = chunk_offsets(path)
+    assert offsets[0] % direct.ALIGN == 0
+    assert offsets == [offsets[0] + i * ODD_BYTES for i in range(n)]
 
 
-def test_a_stopped_direct_write_keeps_exactly_the_frames_written(
-    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    frame_bytes=st.integers(1, 3 * direct.ALIGN),
+    batch_bytes=st.integers(1, 16 * direct.ALIGN),
+    steps=st.lists(st.one_of(st.integers(1, 40), st.just(0)), min_size=1, max_size=12),
+)
+def test_direct_frames_of_any_size_land_as_one_stream_whatever_the_syncs_between_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, frame_bytes: int, batch_bytes: int, steps: list[int]
 ) -> None:
-    sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "2000")
+    # `steps`: runs of frames appended, 0 = a sync (a flush of the data path) in between; small
+    # batches (`batch_bytes`), so that full batches carry bytes too. The bytes before the frames
+    # and after them (HDF5's, in a real file) stay as they were.
+    monkeypatch.setattr(direct, "BATCH_BYTES", batch_bytes)
+    path = tmp_path / f"stream-{frame_bytes}.bin"
+    base = 2 * direct.ALIGN
+    n = sum(steps)
+    before, after = b"\xa5" * base, b"\x5a" * direct.ALIGN
+    path.write_bytes(before + bytes(n * frame_bytes) + after)
+    frames = [bytes([(i * 7 + k) % 251 for k in range(frame_bytes)]) for i in range(min(n, 251))]
+    writer = direct.DirectFrames(str(path), base, frame_bytes)
+    index = 0
+    for step in steps:
+        if step == 0:
+            writer.sync()
+            written = path.read_bytes()[base : base + index * frame_bytes]
+            assert written == b"".join(frames[i % 251] for i in range(index))  # all so far, at once
+        for _ in range(step):
+            writer.append(index, frames[index % 251])
+            index += 1
+    writer.sync()
+    writer.close()
+    content = path.read_bytes()
+    assert content[:base] == before and content[base + n * frame_bytes :] == after
+    assert content[base : base + n * frame_bytes] == b"".join(frames[i % 251] for i in range(n))
+
+
+@SHAPES
+def test_a_stopped_direct_write_keeps_exactly_the_frames_written(
+    sim_factory: Callable[..., SimProcess],
+    datapath_factory: DataPathFactory,
+    tmp_path: Path,
+    shape: tuple[int, int],
+    per_batch: int,
+) -> None:
+    sim = sim_factory("--shape", *map(str, shape), "--rate", "4000")
     datapath = datapath_factory(sim.endpoint)
     path = tmp_path / "stopped.h5"
-    datapath.open_write(job(path, 100_000, SHAPE))
-    wait_for(lambda: datapath.progress().n_written >= PER_BATCH + 10, WAIT_S, "more than a batch written")
+    datapath.open_write(job(path, 100_000, shape))
+    wait_for(lambda: datapath.progress().n_written >= per_batch + 10, WAIT_S, "more than a batch written")
     result = datapath.stop_write()
     assert result is not None and result.interrupted and result.error is None
     # The part of a batch not yet on its way when the stop came is in the file too.
-    assert_consecutive(assert_frames(path, result.n_written, SHAPE), result.n_written)
+    assert_consecutive(assert_frames(path, result.n_written, shape), result.n_written)
 
 
+@SHAPES
 def test_a_swmr_reader_sees_direct_frames_with_their_pixels_while_the_write_runs(
-    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+    sim_factory: Callable[..., SimProcess],
+    datapath_factory: DataPathFactory,
+    tmp_path: Path,
+    shape: tuple[int, int],
+    per_batch: int,
 ) -> None:
-    sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "500")
+    sim = sim_factory("--shape", *map(str, shape), "--rate", "500")
     datapath = datapath_factory(sim.endpoint, flush_interval=0.2)
     path = tmp_path / "swmr.h5"
-    datapath.open_write(job(path, 100_000, SHAPE))
+    datapath.open_write(job(path, 100_000, shape))
     reader = subprocess.run(
         [sys.executable, "-c", SWMR_READER, str(path), DETECTOR], capture_output=True, text=True, timeout=120
     )
@@ -131,28 +191,33 @@ def test_a_swmr_reader_sees_direct_frames_with_their_pixels_while_the_write_runs
     assert datapath.progress().phase is WritePhase.WRITING
     # The newest frame a reader is told of is already in the file (flushed after the batch).
     last_id, pixel00, pixel11 = seen["last"]
-    expected = expected_frame(last_id, SHAPE, "uint16")
+    expected = expected_frame(last_id, shape, "uint16")
     assert (pixel00, pixel11) == (expected[0, 0], expected[1, 1])
     assert datapath.stop_write() is not None
 
 
+@SHAPES
 def test_kill_9_mid_direct_write_leaves_every_flushed_frame_readable(
-    sim_factory: Callable[..., SimProcess], datapath_factory: DataPathFactory, tmp_path: Path
+    sim_factory: Callable[..., SimProcess],
+    datapath_factory: DataPathFactory,
+    tmp_path: Path,
+    shape: tuple[int, int],
+    per_batch: int,
 ) -> None:
-    sim = sim_factory("--shape", *map(str, SHAPE), "--rate", "2000")
+    sim = sim_factory("--shape", *map(str, shape), "--rate", "4000")
     datapath = datapath_factory(sim.endpoint, flush_interval=0.2)
     path = tmp_path / "killed.h5"
-    datapath.open_write(job(path, 100_000, SHAPE))
-    wait_for(lambda: frames_a_swmr_reader_sees(path) > PER_BATCH, WAIT_S, "a flush after a batch")
+    datapath.open_write(job(path, 100_000, shape))
+    wait_for(lambda: frames_a_swmr_reader_sees(path) > per_batch, WAIT_S, "a flush after a batch")
     assert datapath.pid is not None
     os.kill(datapath.pid, signal.SIGKILL)
     wait_for(lambda: not datapath.is_alive(), WAIT_S, "the process to die")
     assert datapath.progress().phase is WritePhase.FAILED
     with h5py.File(path, "r") as f:  # repaired: the datasets end at the last flush
         n = f[f"{DETECTOR}/image_id"].shape[0]
-        assert f[f"{DETECTOR}/data"].shape == (n, *SHAPE)
-    assert n > PER_BATCH
-    assert_consecutive(assert_frames(path, n, SHAPE), n)
+        assert f[f"{DETECTOR}/data"].shape == (n, *shape)
+    assert n > per_batch
+    assert_consecutive(assert_frames(path, n, shape), n)
 
 
 @contextlib.contextmanager
